@@ -1,0 +1,328 @@
+"""The `graphopt` command. Turns every error into one line on stderr and an exit code:
+0 success, 1 a gate or parity budget failed, 2 bad input or usage, 3 internal error,
+130 interrupted."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from graphopt import __version__
+from graphopt.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    DataError,
+    GateFailed,
+    GraphoptError,
+    UsageError,
+)
+
+logger = logging.getLogger("graphopt")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message} (see --help)")
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-q", "--quiet", action="store_true", help="only errors on stderr")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+
+
+def _add_data(parser: argparse.ArgumentParser, flag: str = "--data") -> None:
+    parser.add_argument(flag, metavar="DATA", help=".npz (samples on axis 0), folder of .npz, or ONNX "
+                        "test_data_set_* folder; default: seeded random inputs (weaker evidence)")
+    parser.add_argument("--batch-size", type=int, default=1, help="samples per run for a stacked .npz (default 1)")
+    parser.add_argument("--shape", action="append", default=[], metavar="NAME=D1,D2,...",
+                        help="concrete shape of a dynamic input for random feeds (repeatable)")
+    parser.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: all cores)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of random feeds (default 0)")
+
+
+def _add_thresholds(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("thresholds (each optional; only stated ones are checked)")
+    group.add_argument("--min-cosine", type=float, help="mean per-sample cosine similarity to the base, at least")
+    group.add_argument("--max-abs", type=float, help="largest absolute output difference, at most")
+    group.add_argument("--min-top1", type=float, help="argmax agreement along the last axis, at least")
+    group.add_argument("--max-latency-ratio", type=float, help="candidate/base median latency, at most")
+    group.add_argument("--max-size-ratio", type=float, help="candidate/base file size, at most")
+
+
+def _thresholds(args: argparse.Namespace) -> Any:
+    from graphopt.verify.gate import Thresholds
+
+    return Thresholds(
+        min_cosine=args.min_cosine,
+        max_abs=args.max_abs,
+        min_top1=args.min_top1,
+        max_latency_ratio=args.max_latency_ratio,
+        max_size_ratio=args.max_size_ratio,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="graphopt", description="Compress, verify and package ONNX models.")
+    parser.add_argument("--version", action="version", version=f"graphopt {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("inspect", help="signature, opsets, ops, parameters and files of a model")
+    p.add_argument("model")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_common(p)
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("optimize", help="run a recipe of passes, verify the result, write it")
+    p.add_argument("model")
+    p.add_argument("-o", "--output", required=True, help="output .onnx (never the input)")
+    p.add_argument("--recipe", default="lossless", help="built-in recipe name or a .toml file (default lossless)")
+    p.add_argument("--report", help="write the JSON report here")
+    p.add_argument("--no-latency", action="store_true", help="skip the before/after latency measurement")
+    p.add_argument("--external-data", action=argparse.BooleanOptionalAction, default=None,
+                   help="store weights in OUTPUT.data (default: as the input, or above ~1.8 GB)")
+    _add_data(p)
+    _add_thresholds(p)
+    _add_common(p)
+    p.set_defaults(func=cmd_optimize)
+
+    p = sub.add_parser("check", help="CI gate: compare a candidate with its base against thresholds")
+    p.add_argument("base")
+    p.add_argument("candidate")
+    p.add_argument("--latency", action="store_true", help="measure latency even without --max-latency-ratio")
+    p.add_argument("--json", dest="json_out", metavar="FILE", help="write the JSON report")
+    p.add_argument("--junit", metavar="FILE", help="write JUnit XML (one testcase per threshold)")
+    p.add_argument("--markdown", metavar="FILE", help="write a Markdown summary for a pull request")
+    _add_data(p)
+    _add_thresholds(p)
+    _add_common(p)
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("bench", help="latency of one model in onnxruntime")
+    p.add_argument("model")
+    p.add_argument("--runs", type=int, default=100, help="timed runs (default 100, at most 30 s)")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--json", dest="json_out", metavar="FILE", help="write the result as JSON")
+    _add_data(p)
+    _add_common(p)
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("recipes", help="list built-in recipes and passes")
+    _add_common(p)
+    p.set_defaults(func=cmd_recipes)
+    return parser
+
+
+# -- commands -------------------------------------------------------------------------------
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from graphopt.describe import describe, format_text
+    from graphopt.io import load_model
+    from graphopt.report import to_json
+
+    info = describe(load_model(args.model))
+    sys.stdout.write(to_json(info) if args.json else format_text(info) + "\n")
+    return EXIT_OK
+
+
+def cmd_optimize(args: argparse.Namespace) -> int:
+    from graphopt.optimize import OptimizeOptions, optimize
+    from graphopt.report import checks_text, to_json, write_text
+    from graphopt.verify.feeds import parse_shape_overrides
+
+    options = OptimizeOptions(
+        recipe=args.recipe,
+        data=args.data,
+        batch_size=args.batch_size,
+        shapes=parse_shape_overrides(args.shape),
+        thresholds=_thresholds(args),
+        measure_latency=not args.no_latency,
+        threads=args.threads,
+        external_data=args.external_data,
+        seed=args.seed,
+    )
+    _refuse_same_path(args.model, args.output)
+    try:
+        report = optimize(args.model, args.output, options)
+    except GateFailed as exc:
+        if args.report and getattr(exc, "report", None):
+            write_text(args.report, to_json(exc.report))
+        raise
+    if args.report:
+        write_text(args.report, to_json(report))
+    if not args.quiet:
+        print(_optimize_summary(report))
+        print(checks_text(report["verification"]["checks"]))
+    return EXIT_OK
+
+
+def _refuse_same_path(model: str, output: str) -> None:
+    if Path(model).resolve() == Path(output).resolve():
+        raise UsageError(f"{output}: output path equals the input; choose another -o")
+
+
+def _optimize_summary(report: dict[str, Any]) -> str:
+    verification = report["verification"]
+    lines = [
+        f"wrote {report['output']}: {report['output_bytes']:,} bytes "
+        f"({report['output_bytes'] / report['input_bytes']:.3f}× of {report['input_bytes']:,}) "
+        f"with recipe '{report['recipe']['name']}' in {report['seconds']:.1f}s",
+        f"parity on {verification['data']['samples']} samples ({verification['data']['source']}): "
+        f"max abs {verification['parity']['max_abs']:.3g}, cosine mean {verification['parity']['cosine_mean']:.6f}",
+    ]
+    if verification.get("latency"):
+        lat = verification["latency"]
+        lines.append(f"latency: {lat['a']['median_ms']:.2f} ms → {lat['b']['median_ms']:.2f} ms "
+                     f"(ratio {lat['ratio']:.3f}, {lat['threads']} threads, interleaved)")
+    return "\n".join(lines)
+
+
+def _load_pair_feeds(args: argparse.Namespace, base: Any, candidate: Any) -> Any:
+    from graphopt.verify.feeds import input_specs, load_feeds, parse_shape_overrides
+
+    specs = input_specs(base.model)
+    cand_specs = input_specs(candidate.model)
+    if [(s.name, s.dtype) for s in specs] != [(s.name, s.dtype) for s in cand_specs]:
+        raise DataError(
+            f"{Path(args.candidate).name} takes inputs {[s.describe() for s in cand_specs]}, "
+            f"{Path(args.base).name} takes {[s.describe() for s in specs]}"
+        )
+    return load_feeds(args.data, specs, batch_size=args.batch_size,
+                      shapes=parse_shape_overrides(args.shape), seed=args.seed)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from graphopt.io import load_model
+    from graphopt.report import check_markdown, checks_text, junit_xml, to_json, write_text
+    from graphopt.verify.compare import compare_files
+
+    started = time.perf_counter()
+    base, candidate = load_model(args.base), load_model(args.candidate)
+    feeds = _load_pair_feeds(args, base, candidate)
+    thresholds = _thresholds(args)
+    comparison = compare_files(
+        base.path, candidate.path, feeds,
+        thresholds=thresholds,
+        base_bytes=base.file_bytes,
+        candidate_bytes=candidate.file_bytes,
+        measure_latency=args.latency or thresholds.needs_latency(),
+        threads=args.threads,
+    )
+    data = comparison.to_dict()
+    if args.json_out:
+        write_text(args.json_out, to_json(data))
+    if args.junit:
+        write_text(args.junit, junit_xml(comparison.checks, suite="graphopt.check",
+                                         seconds=time.perf_counter() - started))
+    if args.markdown:
+        write_text(args.markdown, check_markdown(data))
+    if not args.quiet:
+        print(checks_text(data["checks"]))
+    failed = [c for c in comparison.checks if not c.passed]
+    if failed:
+        raise GateFailed("check failed: " + "; ".join(f"{c.name}: {c.message}" for c in failed))
+    if not args.quiet:
+        print(f"check passed ({len(comparison.checks)} checks, {feeds.samples} samples"
+              + (", random inputs" if feeds.synthetic else "") + ")")
+    return EXIT_OK
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from graphopt.io import load_model
+    from graphopt.report import to_json, write_text
+    from graphopt.verify.feeds import input_specs, load_feeds, parse_shape_overrides
+    from graphopt.verify.latency import measure, peak_memory
+    from graphopt.verify.runtime import default_threads, make_session
+
+    loaded = load_model(args.model)
+    feeds = load_feeds(args.data, input_specs(loaded.model), batch_size=args.batch_size,
+                       shapes=parse_shape_overrides(args.shape), seed=args.seed)
+    threads = args.threads or default_threads()
+    with peak_memory() as peak:
+        session = make_session(loaded.path, optimize=True, threads=threads)
+        stats = measure(session, feeds.feeds, warmup=args.warmup, runs=args.runs, max_seconds=30.0)
+    result = {"model": str(loaded.path), "threads": threads, "batch_size": args.batch_size,
+              "data": feeds.describe(), **vars(stats), "peak_rss_mib": peak()}
+    if args.json_out:
+        write_text(args.json_out, to_json(result))
+    peak_text = f", peak RSS {result['peak_rss_mib']:.0f} MiB" if result["peak_rss_mib"] else ""
+    print(f"{loaded.path.name}: median {stats.median_ms:.3f} ms, p90 {stats.p90_ms:.3f} ms over {stats.runs} runs "
+          f"({threads} threads{peak_text}; {'random inputs' if feeds.synthetic else feeds.source})")
+    return EXIT_OK
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from graphopt.passes import available_passes, get_pass
+    from graphopt.recipe import builtin_recipes, load_recipe
+
+    print("recipes:")
+    for name in builtin_recipes():
+        recipe = load_recipe(name)
+        print(f"  {name:<16} {' → '.join(p.name for p in recipe.passes)}: {recipe.description}")
+    print("passes:")
+    for name in available_passes():
+        print(f"  {name:<16} {get_pass(name).summary}")
+    return EXIT_OK
+
+
+# -- entry point ----------------------------------------------------------------------------
+
+
+def _configure_logging(quiet: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter())
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    logger.propagate = False
+
+
+class _Formatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = "graphopt: warning: " if record.levelno >= logging.WARNING else "graphopt: "
+        return prefix + record.getMessage()
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split()) or "unknown error"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        args = build_parser().parse_args(argv)
+        _configure_logging(args.quiet)
+        func: Callable[[argparse.Namespace], int] = args.func
+        return func(args)
+    except GraphoptError as exc:
+        return _fail(exc, f"graphopt: {_one_line(str(exc))}", exc.exit_code, debug)
+    except KeyboardInterrupt:
+        print("graphopt: interrupted; nothing was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        return _fail(exc, f"graphopt: {where}{exc.strerror or exc}", EXIT_BAD_INPUT, debug)
+    except MemoryError as exc:
+        return _fail(exc, "graphopt: out of memory", EXIT_INTERNAL, debug)
+    except Exception as exc:  # the last line of defence: a bug must still be one line
+        return _fail(exc, f"graphopt: internal error: {type(exc).__name__}: {_one_line(str(exc))[:300]} "
+                     "(rerun with --debug for the traceback)", EXIT_INTERNAL, debug)
+
+
+def _fail(exc: BaseException, line: str, code: int, debug: bool) -> int:
+    if debug:
+        traceback.print_exception(exc, file=sys.stderr)
+    print(line, file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""The one error hierarchy of graphopt.
+
+The library raises these and never prints or exits; the CLI turns each into one line on
+stderr and the exit code its class carries (documented in README):
+
+- 1: a gate or a parity budget failed (:class:`GateFailed`)
+- 2: bad input or usage (:class:`InputError` and subclasses)
+- 3: internal error (:class:`GraphoptError` itself, :class:`PassFailed`)
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_GATE_FAILED = 1
+EXIT_BAD_INPUT = 2
+EXIT_INTERNAL = 3
+EXIT_INTERRUPTED = 130
+
+
+class GraphoptError(Exception):
+    """Base of every error graphopt raises on purpose."""
+
+    exit_code = EXIT_INTERNAL
+
+
+class InputError(GraphoptError):
+    """The user gave something graphopt cannot work with."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class UsageError(InputError):
+    """Wrong command-line or API usage (for example: output path equal to input path)."""
+
+
+class InvalidModelError(InputError):
+    """The file is not a valid ONNX model (not protobuf, truncated, dangling input, NaN weights…)."""
+
+
+class UnsafeModelError(InvalidModelError):
+    """The model tries to reach outside its folder (external data paths, links)."""
+
+
+class RecipeError(InputError):
+    """A recipe is malformed: unknown pass, unknown option, wrong option type."""
+
+
+class DataError(InputError):
+    """Input data (feeds, calibration data) does not match what the model expects."""
+
+
+class PassFailed(GraphoptError):
+    """A pass produced an invalid model: a bug in graphopt or an unsupported model."""
+
+
+class GateFailed(GraphoptError):
+    """A measured value missed a stated threshold; ``failures`` names each one."""
+
+    exit_code = EXIT_GATE_FAILED
+
+    def __init__(self, message: str, failures: list[str] | None = None):
+        super().__init__(message)
+        self.failures = list(failures or [])

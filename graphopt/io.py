@@ -1,0 +1,262 @@
+"""Safe loading and atomic saving of ONNX models.
+
+Loading checks everything a stranger's file could do wrong *before* any tensor is read:
+external data must stay inside the model's folder (no absolute paths, ``..``, symlinks or
+hard links) and must be long enough; the graph must be well formed; weights must be finite.
+
+Saving never leaves a partial file: the model (and its external data) is written into a
+hidden staging folder beside the target, fsynced, optionally verified, and only then
+renamed into place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
+
+import onnx
+import onnx_ir as ir
+from google.protobuf.message import DecodeError
+
+from graphopt import validation
+from graphopt.errors import InvalidModelError, UnsafeModelError, UsageError
+
+logger = logging.getLogger(__name__)
+
+# Protobuf cannot serialize 2 GiB; leave headroom for the graph itself.
+EXTERNAL_DATA_THRESHOLD_BYTES = 1_800_000_000
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+    """A model and what it was read from."""
+
+    model: ir.Model
+    path: Path
+    files: tuple[Path, ...]  # the .onnx file and every external data file it reads
+    has_external_data: bool
+
+    @property
+    def file_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.files)
+
+
+def load_model(path: str | os.PathLike) -> LoadedModel:
+    """Load a model from a stranger safely; raise InvalidModelError/UnsafeModelError otherwise."""
+    path = Path(path)
+    proto = _parse(path)
+    data_files = check_external_data(proto, path)
+    validation.check_structure(proto, path)
+    model = ir.serde.deserialize_model(proto)
+    ir.external_data.set_base_dir(model.graph, str(path.parent))
+    if data_files and weights_nbytes(model) <= EXTERNAL_DATA_THRESHOLD_BYTES:
+        # In memory, passes and checks never depend on where the data files are.
+        ir.external_data.load_to_model(model)
+    validation.check_finite_weights(model, path.name)
+    return LoadedModel(model, path, (path, *data_files), bool(data_files))
+
+
+def _parse(path: Path) -> onnx.ModelProto:
+    if not path.exists():
+        raise InvalidModelError(f"{path}: no such file")
+    if not path.is_file():
+        raise InvalidModelError(f"{path}: not a regular file")
+    if path.stat().st_size == 0:
+        raise InvalidModelError(f"{path}: empty file")
+    try:
+        proto = onnx.load_model(str(path), load_external_data=False)
+    except (DecodeError, ValueError, RuntimeError, UnicodeDecodeError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InvalidModelError(
+            f"{path}: not an ONNX model (protobuf parse failed: {reason})"
+        ) from None
+    if not proto.HasField("graph") or proto.ir_version <= 0:
+        raise InvalidModelError(f"{path}: not an ONNX model (no graph or no IR version)")
+    return proto
+
+
+# -- external data --------------------------------------------------------------------------
+
+
+def check_external_data(proto: onnx.ModelProto, model_path: Path) -> tuple[Path, ...]:
+    """Refuse any external-data reference that leaves the model folder or is too short.
+
+    Returns the distinct data files the model reads. Nothing is read from them.
+    """
+    base = model_path.parent.resolve()
+    files: dict[Path, None] = {}
+    for tensor in validation.iter_tensors(proto):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        files[_check_one_external(tensor, base, model_path.name)] = None
+    return tuple(files)
+
+
+def _check_one_external(tensor: onnx.TensorProto, base: Path, model_name: str) -> Path:
+    where = f"{model_name}: tensor '{tensor.name}'"
+    info = {entry.key: entry.value for entry in tensor.external_data}
+    location = info.get("location", "")
+    if not location:
+        raise InvalidModelError(f"{where}: external data has no location")
+    normalized = location.replace("\\", "/")
+    if os.path.isabs(location) or normalized.startswith("/") or (len(location) > 1 and location[1] == ":"):
+        raise UnsafeModelError(f"{where}: external data path '{location}' is absolute (outside the model folder)")
+    if ".." in PurePosixPath(normalized).parts:
+        raise UnsafeModelError(f"{where}: external data path '{location}' uses '..' (outside the model folder)")
+
+    target = base
+    for part in PurePosixPath(normalized).parts:
+        target = target / part
+        if target.is_symlink():
+            raise UnsafeModelError(f"{where}: external data path '{location}' goes through a symlink")
+    if not target.resolve().is_relative_to(base):
+        raise UnsafeModelError(f"{where}: external data path '{location}' resolves outside the model folder")
+    if not target.exists():
+        raise InvalidModelError(f"{where}: external data file '{location}' does not exist")
+    if not target.is_file():
+        raise InvalidModelError(f"{where}: external data '{location}' is not a regular file")
+    stat = target.stat()
+    if stat.st_nlink > 1:
+        raise UnsafeModelError(f"{where}: external data file '{location}' is a hard link (shared with another path)")
+
+    try:
+        offset = int(info.get("offset", "0"))
+        length = int(info["length"]) if "length" in info else None
+    except ValueError:
+        raise InvalidModelError(f"{where}: external data offset/length are not integers") from None
+    needed = validation.tensor_nbytes(tensor)
+    if offset < 0 or (length is not None and length < 0):
+        raise InvalidModelError(f"{where}: negative external data offset or length")
+    if length is not None and needed is not None and length != needed:
+        raise InvalidModelError(
+            f"{where}: external data length {length} does not match its shape and type ({needed} bytes)"
+        )
+    span = length if length is not None else needed
+    if span is not None and offset + span > stat.st_size:
+        raise InvalidModelError(
+            f"{where}: external data file '{location}' is too short "
+            f"(needs bytes {offset}..{offset + span}, file has {stat.st_size})"
+        )
+    return target
+
+
+# -- saving ---------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class StagedModel:
+    """A model written into a staging folder, not yet visible at its final path."""
+
+    final_path: Path
+    staging_dir: Path
+    external_data: bool
+
+    @property
+    def model_path(self) -> Path:
+        return self.staging_dir / self.final_path.name
+
+    @property
+    def data_name(self) -> str:
+        return self.final_path.name + ".data"
+
+    def staged_files(self) -> list[Path]:
+        files = [self.staging_dir / self.data_name] if self.external_data else []
+        return [*files, self.model_path]
+
+    def size_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.staged_files())
+
+    def commit(self) -> list[Path]:
+        """Move the staged files into place: data first, so the model never points at old data."""
+        written = []
+        for staged in self.staged_files():
+            final = self.final_path.parent / staged.name
+            os.replace(staged, final)
+            written.append(final)
+        _fsync_dir(self.final_path.parent)
+        return written
+
+
+def _refuse_overwriting_inputs(out: Path, external: bool, protected: tuple[Path, ...]) -> None:
+    outputs = [out] + ([out.with_name(out.name + ".data")] if external else [])
+    for candidate in outputs:
+        for source in protected:
+            same = candidate.resolve() == source.resolve() or (
+                candidate.exists() and source.exists() and os.path.samefile(candidate, source)
+            )
+            if same:
+                raise UsageError(f"{candidate}: output would overwrite the input file {source}")
+
+
+@contextlib.contextmanager
+def staged_save(
+    model: ir.Model,
+    path: str | os.PathLike,
+    *,
+    external_data: bool | None = None,
+    protected: tuple[Path, ...] = (),
+) -> Iterator[StagedModel]:
+    """Write ``model`` into a staging folder beside ``path``; commit only if the block succeeds.
+
+    ``external_data=None`` picks external data when the weights exceed ~1.8 GB.
+    ``protected`` lists files that must never be overwritten (the input model and its data).
+    On any exception — including KeyboardInterrupt — the staging folder is removed and
+    nothing appears at ``path``.
+    """
+    path = Path(path)
+    if external_data is None:
+        external_data = weights_nbytes(model) > EXTERNAL_DATA_THRESHOLD_BYTES
+    _refuse_overwriting_inputs(path, external_data, protected)
+    if not path.parent.is_dir():
+        raise UsageError(f"{path}: output folder {path.parent} does not exist")
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".graphopt-tmp", dir=path.parent))
+    try:
+        staged = StagedModel(path, staging, external_data)
+        _write(model, staged)
+        yield staged
+        staged.commit()
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def save_model(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None = None,
+               protected: tuple[Path, ...] = ()) -> Path:
+    """Atomically write ``model`` to ``path`` (see :func:`staged_save`)."""
+    with staged_save(model, path, external_data=external_data, protected=protected):
+        pass
+    return Path(path)
+
+
+def _write(model: ir.Model, staged: StagedModel) -> None:
+    if staged.external_data:
+        ir.save(model, staged.model_path, external_data=staged.data_name)
+    else:
+        _inline_external_tensors(model)
+        ir.save(model, staged.model_path)
+    for file in staged.staged_files():
+        with open(file, "rb+") as handle:
+            os.fsync(handle.fileno())
+
+
+def _inline_external_tensors(model: ir.Model) -> None:
+    """Make an inline save possible for a model loaded with external data."""
+    ir.external_data.load_to_model(model)
+
+
+def weights_nbytes(model: ir.Model) -> int:
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

@@ -1,0 +1,17 @@
+"""Graph passes. Importing this package registers every built-in pass."""
+
+from graphopt.passes import cleanup, lift_constants, simplify, upgrade_opset  # noqa: F401  (registration)
+from graphopt.passes.base import GraphoptPass, PassResult
+from graphopt.passes.pipeline import Pipeline, PipelineResult, StepRecord
+from graphopt.passes.registry import available_passes, get_pass, register
+
+__all__ = [
+    "GraphoptPass",
+    "PassResult",
+    "Pipeline",
+    "PipelineResult",
+    "StepRecord",
+    "available_passes",
+    "get_pass",
+    "register",
+]

@@ -1,0 +1,58 @@
+"""What every graphopt pass is: an onnx-ir pass with a registry name, typed options and counts."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import onnx_ir as ir
+
+
+@dataclasses.dataclass
+class PassResult(ir.passes.PassResult):
+    """onnx-ir's result plus what the pass counted and anything the user should know."""
+
+    changes: dict[str, int] = dataclasses.field(default_factory=dict)
+    notes: list[str] = dataclasses.field(default_factory=list)
+    details: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class NoOptions:
+    """For passes that take no options."""
+
+
+class GraphoptPass(ir.passes.PassBase):
+    """Base of graphopt passes.
+
+    Subclasses set ``name`` (the registry and recipe name, verb-noun), ``summary``, an
+    ``Options`` dataclass (keyword-only, typed, with defaults) and ``in_place``. A pass is
+    constructed from keyword options: ``SimplifyPass(check_n=2)``; an unknown keyword is
+    a TypeError naming the valid ones.
+    """
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    Options: ClassVar[type] = NoOptions
+    in_place: ClassVar[bool] = True  # type: ignore[misc]
+
+    def __init__(self, **options: Any) -> None:
+        valid = {f.name for f in dataclasses.fields(self.Options)}
+        unknown = sorted(set(options) - valid)
+        if unknown:
+            raise TypeError(
+                f"pass '{self.name}' has no option {', '.join(unknown)}; "
+                f"valid options: {', '.join(sorted(valid)) or '(none)'}"
+            )
+        self.options = self.Options(**options)
+
+    @property
+    def changes_input(self) -> bool:  # type: ignore[override]
+        return self.in_place
+
+    def options_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.options)
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.options_dict().items())
+        return f"{type(self).__name__}({args})"

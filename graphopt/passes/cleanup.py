@@ -1,0 +1,72 @@
+"""Remove what does not contribute to the outputs: dead nodes, unused or duplicate
+initializers, Identity nodes, unused functions and opsets."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import onnx_ir as ir
+from onnx_ir.passes import common
+
+from graphopt.passes.base import GraphoptPass, PassResult
+from graphopt.passes.registry import register
+
+
+@register
+class CleanupPass(GraphoptPass):
+    name = "cleanup"
+    summary = "remove dead nodes, Identity, unused and duplicate initializers, unused functions"
+
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Options:
+        keep_value_info: bool = False
+        """Keep the types and shapes recorded for intermediate tensors. onnxruntime infers them
+        itself; dropping them keeps a simplified model from growing."""
+
+    def call(self, model: ir.Model) -> PassResult:
+        nodes_before = _count_nodes(model)
+        inits_before = _count_initializers(model)
+        steps = (
+            common.IdentityEliminationPass(),
+            common.DeduplicateHashedInitializersPass(),
+            common.RemoveUnusedNodesPass(),
+            common.RemoveUnusedFunctionsPass(),
+            common.RemoveUnusedOpsetsPass(),
+        )
+        for step in steps:
+            step(model)
+        changes = {
+            "nodes removed": nodes_before - _count_nodes(model),
+            "initializers removed": inits_before - _count_initializers(model),
+            "value infos dropped": 0 if self.options.keep_value_info else _drop_value_info(model),
+        }
+        # onnx-ir reports "modified" for opset bookkeeping too; only real removals count.
+        return PassResult(model, modified=any(changes.values()), changes=changes)
+
+
+def _drop_value_info(model: ir.Model) -> int:
+    """Forget types and shapes of intermediate values (graph inputs and outputs keep theirs)."""
+    dropped = 0
+    for graph in (model.graph, *model.graph.subgraphs()):
+        boundary = {id(v) for v in (*graph.inputs, *graph.outputs)}
+        for node in graph:
+            for value in node.outputs:
+                if id(value) in boundary or (value.type is None and value.shape is None):
+                    continue
+                value.type = None
+                value.shape = None
+                dropped += 1
+    return dropped
+
+
+def _count_nodes(model: ir.Model) -> int:
+    return sum(1 for _ in ir.traversal.RecursiveGraphIterator(model.graph))
+
+
+def _count_initializers(model: ir.Model) -> int:
+    total = len(model.graph.initializers)
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        for attr in node.attributes.values():
+            if attr.type == ir.AttributeType.GRAPH:
+                total += len(attr.value.initializers)
+    return total

@@ -1,0 +1,129 @@
+"""Run passes in order, check the model after each one, and record what each changed."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import onnx_ir as ir
+
+from graphopt.errors import GraphoptError, PassFailed
+from graphopt.passes.base import GraphoptPass, PassResult
+
+logger = logging.getLogger(__name__)
+
+ModelCheck = Callable[[ir.Model], None]
+
+
+@dataclasses.dataclass
+class StepRecord:
+    """What one pass did, as it goes into the JSON report."""
+
+    name: str
+    options: dict[str, Any]
+    modified: bool
+    seconds: float
+    nodes_before: int
+    nodes_after: int
+    weight_bytes_before: int
+    weight_bytes_after: int
+    changes: dict[str, int]
+    op_delta: dict[str, int]
+    notes: list[str]
+    details: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class PipelineResult:
+    model: ir.Model
+    steps: list[StepRecord]
+
+    @property
+    def modified(self) -> bool:
+        return any(step.modified for step in self.steps)
+
+
+def op_histogram(model: ir.Model) -> Counter[str]:
+    return Counter(node.op_type for node in ir.traversal.RecursiveGraphIterator(model.graph))
+
+
+def weight_bytes(model: ir.Model) -> int:
+    """Bytes of initializers plus Constant-node tensors (where many exporters keep weights)."""
+    total = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if node.op_type == "Constant":
+            attr = node.attributes.get("value")
+            if attr is not None and isinstance(attr.value, ir.TensorProtocol):
+                total += attr.value.nbytes
+    return total
+
+
+class Pipeline:
+    """An ordered list of passes; ``check`` runs after every pass that modified the model."""
+
+    def __init__(self, passes: Sequence[GraphoptPass], *, check: ModelCheck | None = None) -> None:
+        self.passes = list(passes)
+        self.check = check
+
+    def run(self, model: ir.Model) -> PipelineResult:
+        steps = []
+        for index, pass_ in enumerate(self.passes, start=1):
+            model, record = self._run_one(pass_, model)
+            steps.append(record)
+            summary = ", ".join(f"{k} {v}" for k, v in record.changes.items() if v) or "no change"
+            logger.info("[%d/%d] %s: %s (%.2fs)", index, len(self.passes), pass_.name, summary, record.seconds)
+            for note in record.notes:
+                logger.warning("%s: %s", pass_.name, note)
+        return PipelineResult(model, steps)
+
+    def _run_one(self, pass_: GraphoptPass, model: ir.Model) -> tuple[ir.Model, StepRecord]:
+        ops_before, bytes_before = op_histogram(model), weight_bytes(model)
+        start = time.perf_counter()
+        try:
+            result = pass_(model)
+        except GraphoptError:
+            raise
+        except ir.passes.InvariantError as exc:
+            raise PassFailed(f"pass '{pass_.name}': {_cause(exc)}") from exc
+        except Exception as exc:  # a bug or an unsupported model: name the pass, keep the cause
+            raise PassFailed(f"pass '{pass_.name}' failed: {type(exc).__name__}: {_cause(exc)}") from exc
+        if result.modified and self.check is not None:
+            try:
+                self.check(result.model)
+            except GraphoptError as exc:
+                raise PassFailed(f"pass '{pass_.name}' produced an invalid model: {exc}") from exc
+        seconds = time.perf_counter() - start
+        ops_after = op_histogram(result.model)
+        delta = {op: ops_after[op] - ops_before[op] for op in sorted(ops_before | ops_after)}
+        record = StepRecord(
+            name=pass_.name,
+            options=pass_.options_dict(),
+            modified=result.modified,
+            seconds=round(seconds, 4),
+            nodes_before=sum(ops_before.values()),
+            nodes_after=sum(ops_after.values()),
+            weight_bytes_before=bytes_before,
+            weight_bytes_after=weight_bytes(result.model),
+            changes=dict(getattr(result, "changes", {})),
+            op_delta={op: d for op, d in delta.items() if d},
+            notes=list(getattr(result, "notes", [])),
+            details=dict(getattr(result, "details", {})),
+        )
+        return result.model, record
+
+
+def _cause(exc: BaseException) -> str:
+    while exc.__cause__ is not None and not str(exc):
+        exc = exc.__cause__
+    text = str(exc) or type(exc).__name__
+    return text.strip().splitlines()[0]
+
+
+__all__ = ["Pipeline", "PipelineResult", "StepRecord", "PassResult", "op_histogram", "weight_bytes"]

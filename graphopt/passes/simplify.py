@@ -1,0 +1,111 @@
+"""Simplify the graph with onnxsim: constant folding, shape inference, fusions.
+
+onnxsim is a large C++ optimizer and occasionally fails or miscompiles a model. Such a
+failure is not the user's problem: the step is skipped with a note in the report and the
+pipeline goes on with the untouched model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import logging
+
+import onnx
+import onnx_ir as ir
+
+from graphopt.io import EXTERNAL_DATA_THRESHOLD_BYTES, weights_nbytes
+from graphopt.passes.base import GraphoptPass, PassResult
+from graphopt.passes.registry import register
+
+logger = logging.getLogger(__name__)
+
+
+@register
+class SimplifyPass(GraphoptPass):
+    name = "simplify"
+    summary = "onnxsim: fold constants, infer shapes, fuse ops (skipped with a note if it fails)"
+    in_place = False
+
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Options:
+        check_n: int = 2
+        """Random feeds on which the simplified model must match the original (max abs below
+        ``tolerance``, both run in onnxruntime with optimizations off); 0 skips the check."""
+        tolerance: float = 1e-4
+        fuse_bn: bool = True
+        """Fold BatchNormalization into the preceding Conv."""
+
+    def call(self, model: ir.Model) -> PassResult:
+        if weights_nbytes(model) > EXTERNAL_DATA_THRESHOLD_BYTES:
+            return self._skipped(model, "model is too large for onnxsim (protobuf limit of 2 GB)")
+        import onnxsim
+
+        proto = ir.serde.serialize_model(model)
+        before = proto.SerializeToString(deterministic=True)
+        try:
+            with _quiet():
+                simplified, _ = onnxsim.simplify(
+                    proto,
+                    check_n=0,  # onnxsim's own check cannot feed dynamic shapes; ours below can
+                    skip_fuse_bn=not self.options.fuse_bn,
+                    initializers_as_constants=False,
+                )
+        except Exception as exc:  # onnxsim raises many types, all mean "could not simplify"
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            return self._skipped(model, f"onnxsim failed ({reason[:200]}); step skipped")
+        _drop_onnxsim_metadata(simplified)
+        if _without_value_info(simplified) == _without_value_info(proto):
+            return PassResult(model.clone(), modified=False)
+        new_model = ir.serde.deserialize_model(simplified)
+        mismatch = self._outputs_differ(model, before, simplified)
+        if mismatch:
+            return self._skipped(model, f"onnxsim changed the outputs ({mismatch}); step skipped")
+        folded = len(model.graph) - len(new_model.graph)
+        return PassResult(new_model, modified=True, changes={"nodes removed": folded})
+
+    def _outputs_differ(self, model: ir.Model, before: bytes, after: onnx.ModelProto) -> str | None:
+        """A reason when the simplified model's outputs differ on random feeds, else None."""
+        if self.options.check_n <= 0:
+            return None
+        from graphopt.errors import GraphoptError
+        from graphopt.verify.feeds import input_specs, random_feeds
+        from graphopt.verify.parity import compare_outputs, run_outputs
+        from graphopt.verify.runtime import make_session
+
+        try:
+            feeds = random_feeds(input_specs(model), shapes={}, seed=0, count=self.options.check_n).feeds
+            reference = run_outputs(make_session(before, optimize=False, threads=1), feeds)
+            candidate = run_outputs(make_session(after.SerializeToString(), optimize=False, threads=1), feeds)
+            parity = compare_outputs(reference, candidate)
+        except GraphoptError as exc:
+            return str(exc)
+        if parity.shape_mismatches or parity.new_nonfinite or parity.max_abs > self.options.tolerance:
+            return f"max abs {parity.max_abs:.3g} on random feeds"
+        return None
+
+    def _skipped(self, model: ir.Model, note: str) -> PassResult:
+        return PassResult(model.clone(), modified=False, notes=[note])
+
+
+def _drop_onnxsim_metadata(proto: onnx.ModelProto) -> None:
+    """onnxsim stamps kilobytes of audit metadata; graphopt's report records the changes."""
+    kept = [p for p in proto.metadata_props if not p.key.startswith("onnxsim.")]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
+
+
+def _without_value_info(proto: onnx.ModelProto) -> bytes:
+    """The model's bytes minus inferred shapes, which onnxsim adds even when it changes nothing."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    del copy.graph.value_info[:]
+    return copy.SerializeToString(deterministic=True)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """onnxsim prints progress to stdout; the library must not."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        yield

@@ -1,0 +1,45 @@
+"""Upgrade the default-domain opset with onnx's version converter.
+
+Quantization needs opset >= 13 (per-channel QuantizeLinear/DequantizeLinear ``axis``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import onnx
+import onnx_ir as ir
+
+from graphopt.errors import PassFailed
+from graphopt.passes.base import GraphoptPass, PassResult
+from graphopt.passes.registry import register
+
+
+@register
+class UpgradeOpsetPass(GraphoptPass):
+    name = "upgrade-opset"
+    summary = "raise the default-domain opset with onnx's version converter (never lowers it)"
+    in_place = False
+
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Options:
+        target: int = 13
+        """Opset to reach; models already at or above it are left alone."""
+
+    def call(self, model: ir.Model) -> PassResult:
+        current = model.opset_imports.get("", 1)
+        if current >= self.options.target:
+            return PassResult(model.clone(), modified=False)
+        proto = ir.serde.serialize_model(model)
+        try:
+            converted = onnx.version_converter.convert_version(proto, self.options.target)
+        except Exception as exc:  # the converter raises bare RuntimeErrors naming the op
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise PassFailed(
+                f"cannot upgrade opset {current} -> {self.options.target}: {reason}"
+            ) from exc
+        return PassResult(
+            ir.serde.deserialize_model(converted),
+            modified=True,
+            changes={"opset from": current, "opset to": self.options.target},
+        )

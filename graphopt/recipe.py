@@ -1,0 +1,154 @@
+"""Recipes: TOML files naming an ordered list of passes with typed options.
+
+```toml
+description = "what it is for"
+never_larger = true      # refuse a result larger than the input
+max_abs = 1e-4           # default parity budget (max abs difference) when writing
+min_cosine = 0.999       # default parity budget (cosine per sample)
+
+[[steps]]
+pass = "simplify"
+check_n = 2
+```
+Built-in recipes live in ``graphopt/recipes/``; a path to a ``.toml`` file works too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+import typing
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from graphopt.errors import RecipeError
+from graphopt.passes import GraphoptPass, get_pass
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+_TOP_LEVEL_KEYS = {"description", "steps", "never_larger", "max_abs", "min_cosine"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    name: str
+    description: str
+    passes: tuple[GraphoptPass, ...]
+    never_larger: bool = False
+    max_abs: float | None = None
+    min_cosine: float | None = None
+
+
+def builtin_recipes() -> list[str]:
+    folder = resources.files("graphopt.recipes")
+    return sorted(p.name.removesuffix(".toml") for p in folder.iterdir() if p.name.endswith(".toml"))
+
+
+def load_recipe(name_or_path: str | Path) -> Recipe:
+    """A built-in recipe by name, or a TOML file by path."""
+    text, name = _recipe_text(str(name_or_path))
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise RecipeError(f"recipe '{name}': invalid TOML: {exc}") from None
+    return parse_recipe(data, name)
+
+
+def _recipe_text(name_or_path: str) -> tuple[str, str]:
+    if name_or_path in builtin_recipes():
+        resource = resources.files("graphopt.recipes").joinpath(f"{name_or_path}.toml")
+        return resource.read_text(encoding="utf-8"), name_or_path
+    path = Path(name_or_path)
+    if path.suffix == ".toml":
+        if not path.is_file():
+            raise RecipeError(f"recipe file '{path}' does not exist")
+        return path.read_text(encoding="utf-8"), str(path)
+    raise RecipeError(
+        f"unknown recipe '{name_or_path}'; built-in recipes: {', '.join(builtin_recipes())} (or a .toml path)"
+    )
+
+
+def parse_recipe(data: dict[str, Any], name: str) -> Recipe:
+    unknown = sorted(set(data) - _TOP_LEVEL_KEYS)
+    if unknown:
+        raise RecipeError(
+            f"recipe '{name}': unknown key {', '.join(unknown)}; valid keys: {', '.join(sorted(_TOP_LEVEL_KEYS))}"
+        )
+    steps = data.get("steps")
+    if not isinstance(steps, list) or not steps:
+        raise RecipeError(f"recipe '{name}': needs at least one [[steps]] table")
+    passes = tuple(_build_step(step, index, name) for index, step in enumerate(steps, start=1))
+    return Recipe(
+        name=name,
+        description=_typed(data, "description", str, name, ""),
+        passes=passes,
+        never_larger=_typed(data, "never_larger", bool, name, False),
+        max_abs=_typed(data, "max_abs", float, name, None),
+        min_cosine=_typed(data, "min_cosine", float, name, None),
+    )
+
+
+def _typed(data: dict[str, Any], key: str, kind: type, name: str, default: Any) -> Any:
+    if key not in data:
+        return default
+    value = data[key]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        raise RecipeError(f"recipe '{name}': '{key}' must be {kind.__name__}, got {value!r}")
+    return value
+
+
+def _build_step(step: Any, index: int, recipe: str) -> GraphoptPass:
+    where = f"recipe '{recipe}', step {index}"
+    if not isinstance(step, dict) or "pass" not in step:
+        raise RecipeError(f"{where}: each [[steps]] table needs a 'pass' key")
+    pass_cls = get_pass(step["pass"])
+    options = {k: v for k, v in step.items() if k != "pass"}
+    fields = {f.name: f for f in dataclasses.fields(pass_cls.Options)}
+    unknown = sorted(set(options) - set(fields))
+    if unknown:
+        raise RecipeError(
+            f"{where} ({pass_cls.name}): unknown key {', '.join(unknown)}; "
+            f"valid keys: {', '.join(['pass', *sorted(fields)])}"
+        )
+    hints = typing.get_type_hints(pass_cls.Options)
+    checked = {key: _check_option(value, hints[key], f"{where} ({pass_cls.name}), '{key}'") for key, value in options.items()}
+    return pass_cls(**checked)
+
+
+def _check_option(value: Any, hint: Any, where: str) -> Any:
+    """Check a TOML value against a dataclass field's annotation."""
+    origin = typing.get_origin(hint)
+    if origin is typing.Literal:
+        if value not in typing.get_args(hint):
+            choices = ", ".join(repr(a) for a in typing.get_args(hint))
+            raise RecipeError(f"{where} must be one of {choices}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arm in typing.get_args(hint):
+            if arm is type(None):
+                continue
+            try:
+                return _check_option(value, arm, where)
+            except RecipeError as exc:
+                errors.append(str(exc))
+        raise RecipeError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if origin in (tuple, list):
+        if not isinstance(value, list):
+            raise RecipeError(f"{where} must be a list, got {value!r}")
+        (item,) = typing.get_args(hint)[:1] or (Any,)
+        return tuple(_check_option(v, item, where) for v in value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is Any:
+        return value
+    if isinstance(hint, type) and (not isinstance(value, hint) or (hint is not bool and isinstance(value, bool))):
+        raise RecipeError(f"{where} must be {hint.__name__}, got {value!r}")
+    return value

@@ -1,0 +1,94 @@
+"""Compare a candidate model file with its base on the same feeds: parity, latency, size."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+from graphopt.verify import latency as latency_mod
+from graphopt.verify.feeds import FeedSet
+from graphopt.verify.gate import CheckResult, Thresholds, evaluate
+from graphopt.verify.parity import ParityReport, compare_outputs, run_outputs
+from graphopt.verify.runtime import default_threads, make_session
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Comparison:
+    base: Path
+    candidate: Path
+    feeds: FeedSet
+    parity: ParityReport
+    latency: latency_mod.ABLatency | None
+    base_bytes: int
+    candidate_bytes: int
+    checks: list[CheckResult]
+    peak_rss_mib: float | None
+
+    @property
+    def size_ratio(self) -> float:
+        return self.candidate_bytes / self.base_bytes
+
+    @property
+    def passed(self) -> bool:
+        return all(check.passed for check in self.checks)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "base": str(self.base),
+            "candidate": str(self.candidate),
+            "passed": self.passed,
+            "data": self.feeds.describe(),
+            "base_bytes": self.base_bytes,
+            "candidate_bytes": self.candidate_bytes,
+            "size_ratio": self.size_ratio,
+            "parity": self.parity.to_dict(),
+            "latency": self.latency.to_dict() if self.latency else None,
+            "checks": [c.to_dict() for c in self.checks],
+            "peak_rss_mib": self.peak_rss_mib,
+        }
+
+
+def reference_outputs(base: Path, feeds: FeedSet) -> list[dict[str, Any]]:
+    """The base model's outputs with graph optimizations off: the ground truth."""
+    return run_outputs(make_session(base, optimize=False), feeds.feeds)
+
+
+def compare_files(
+    base: Path,
+    candidate: Path,
+    feeds: FeedSet,
+    *,
+    thresholds: Thresholds,
+    base_bytes: int,
+    candidate_bytes: int,
+    measure_latency: bool = True,
+    threads: int | None = None,
+    reference: list[dict[str, Any]] | None = None,
+    extra_checks: list[CheckResult] | None = None,
+) -> Comparison:
+    """Parity of ``candidate`` (as deployed: optimizations on) against ``base`` (optimizations
+    off), and, when asked, their interleaved latency ratio with optimizations on."""
+    threads = threads or default_threads()
+    with latency_mod.peak_memory() as peak:
+        if reference is None:
+            logger.info("running the base model on %d feeds (reference, optimizations off)", len(feeds.feeds))
+            reference = reference_outputs(base, feeds)
+        candidate_session = make_session(candidate, optimize=True, threads=threads)
+        logger.info("running the candidate on %d feeds", len(feeds.feeds))
+        parity = compare_outputs(reference, run_outputs(candidate_session, feeds.feeds))
+        ab = None
+        if measure_latency:
+            logger.info("measuring latency (interleaved A/B, %d threads)", threads)
+            base_session = make_session(base, optimize=True, threads=threads)
+            ab = latency_mod.compare_interleaved(base_session, candidate_session, feeds.feeds, threads=threads)
+    checks = evaluate(
+        thresholds,
+        parity,
+        latency_ratio=ab.ratio if ab else None,
+        size_ratio=candidate_bytes / base_bytes,
+    ) + list(extra_checks or [])
+    return Comparison(base, candidate, feeds, parity, ab, base_bytes, candidate_bytes, checks, peak())

@@ -1,0 +1,272 @@
+"""Input data for verification and calibration, in every format graphopt accepts.
+
+- an ``.npz`` with one array per model input, samples stacked on axis 0 (fed in batches);
+- a folder of ``.npz`` files, each one complete feed (scalar or state inputs);
+- ONNX test-data folders (``test_data_set_*/input_*.pb``);
+- nothing: seeded random feeds from the model's signature, marked as weaker evidence.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import zipfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from onnx import numpy_helper
+
+from graphopt.errors import DataError
+
+Feed = dict[str, np.ndarray]
+
+# Dynamic non-batch dimensions without a --shape override get this size.
+DEFAULT_DYNAMIC_DIM = 64
+# A random feed bigger than this is almost certainly an absurd declared shape.
+MAX_RANDOM_INPUT_BYTES = 1 << 30
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+    name: str
+    dtype: np.dtype
+    shape: tuple[int | str | None, ...]
+
+    def describe(self) -> str:
+        dims = ",".join("?" if d is None else str(d) for d in self.shape)
+        return f"{self.name}: {self.dtype}[{dims}]"
+
+
+@dataclasses.dataclass
+class FeedSet:
+    """Feeds ready for ``session.run``, and where they came from."""
+
+    feeds: list[Feed]
+    source: str
+    synthetic: bool  # random data from the signature: weaker evidence
+
+    @property
+    def samples(self) -> int:
+        return sum(_batch_len(feed) for feed in self.feeds)
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "source": self.source,
+            "synthetic": self.synthetic,
+            "feeds": len(self.feeds),
+            "samples": self.samples,
+            "evidence": "weak (random inputs)" if self.synthetic else "data",
+        }
+
+
+def _batch_len(feed: Feed) -> int:
+    first = next(iter(feed.values()), None)
+    return int(first.shape[0]) if first is not None and first.ndim > 0 else 1
+
+
+def input_specs(model: ir.Model) -> list[InputSpec]:
+    """The inputs a caller must feed (initializers listed as inputs are not among them)."""
+    specs = []
+    for value in model.graph.inputs:
+        if value.name in model.graph.initializers:
+            continue
+        dtype = value.dtype.numpy() if value.dtype is not None else np.dtype(np.float32)
+        shape = tuple(
+            d if isinstance(d, int) else (str(d) if d is not None and str(d) else None)
+            for d in (value.shape.dims if value.shape is not None else ())
+        )
+        specs.append(InputSpec(value.name or "", np.dtype(dtype), shape))
+    return specs
+
+
+def parse_shape_overrides(items: Sequence[str]) -> dict[str, tuple[int, ...]]:
+    """``["x=1,3,320,320"]`` → ``{"x": (1, 3, 320, 320)}``."""
+    shapes = {}
+    for item in items:
+        name, sep, dims = item.partition("=")
+        try:
+            if not sep or not name:
+                raise ValueError
+            shapes[name] = tuple(int(d) for d in dims.split(","))
+        except ValueError:
+            raise DataError(f"--shape '{item}': expected NAME=D1,D2,... with integer dimensions") from None
+    return shapes
+
+
+def load_feeds(
+    source: str | Path | None,
+    specs: Sequence[InputSpec],
+    *,
+    batch_size: int = 1,
+    shapes: Mapping[str, Sequence[int]] | None = None,
+    seed: int = 0,
+    random_samples: int = 8,
+    extra_keys: Sequence[str] = (),
+) -> FeedSet:
+    """Feeds from ``source`` (any supported format) or random ones when it is None.
+
+    ``extra_keys`` are arrays an ``.npz`` may carry besides inputs (labels) and that are
+    not fed to the model.
+    """
+    if batch_size < 1:
+        raise DataError(f"batch size must be >= 1, got {batch_size}")
+    if source is None:
+        return random_feeds(specs, shapes=shapes or {}, seed=seed, count=random_samples)
+    path = Path(source)
+    if not path.exists():
+        raise DataError(f"{path}: no such file or folder")
+    if path.is_file():
+        arrays = read_npz(path)
+        return FeedSet(batched_feeds(arrays, specs, batch_size, str(path), extra_keys), str(path), False)
+    if _is_test_data_folder(path):
+        return FeedSet(_test_data_feeds(path, specs), str(path), False)
+    files = sorted(path.glob("*.npz"))
+    if not files:
+        raise DataError(f"{path}: folder holds neither .npz files nor test_data_set_* folders")
+    feeds = []
+    for file in files:
+        arrays = {k: v for k, v in read_npz(file).items() if k not in extra_keys}
+        _check_feed(arrays, specs, file.name, batched=False)
+        feeds.append(arrays)
+    return FeedSet(feeds, str(path), False)
+
+
+def read_npz(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {key: data[key] for key in data.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise DataError(f"{path}: not a readable .npz file ({exc})") from None
+
+
+def batched_feeds(
+    arrays: Mapping[str, np.ndarray],
+    specs: Sequence[InputSpec],
+    batch_size: int,
+    where: str,
+    extra_keys: Sequence[str] = (),
+) -> list[Feed]:
+    inputs = {k: v for k, v in arrays.items() if k not in extra_keys}
+    _check_feed(inputs, specs, where, batched=True)
+    counts = {name: array.shape[0] for name, array in inputs.items()}
+    if len(set(counts.values())) > 1:
+        raise DataError(f"{where}: inputs hold different sample counts {counts}; stack samples on axis 0")
+    total = next(iter(counts.values()))
+    if total == 0:
+        raise DataError(f"{where}: holds no samples")
+    fixed_batch = {s.shape[0] for s in specs if s.shape and isinstance(s.shape[0], int)}
+    if len(fixed_batch) == 1:  # a model exported with a static batch takes only that size
+        (batch_size,) = fixed_batch
+        total -= total % batch_size
+        if total == 0:
+            raise DataError(f"{where}: fewer samples than the model's fixed batch size {batch_size}")
+    return [
+        {name: np.ascontiguousarray(array[start : start + batch_size]) for name, array in inputs.items()}
+        for start in range(0, total, batch_size)
+    ]
+
+
+def _check_feed(arrays: Mapping[str, np.ndarray], specs: Sequence[InputSpec], where: str, *, batched: bool) -> None:
+    expected = {spec.name: spec for spec in specs}
+    wanted = "; ".join(spec.describe() for spec in specs)
+    missing = sorted(set(expected) - set(arrays))
+    extra = sorted(set(arrays) - set(expected))
+    if missing or extra:
+        problems = []
+        if missing:
+            problems.append(f"missing {', '.join(missing)}")
+        if extra:
+            problems.append(f"unknown {', '.join(extra)}")
+        raise DataError(f"{where}: {' and '.join(problems)}; the model expects {wanted}")
+    for name, array in arrays.items():
+        spec = expected[name]
+        if array.dtype != spec.dtype:
+            raise DataError(f"{where}: input '{name}' is {array.dtype}, the model expects {spec.describe()}")
+        if spec.shape and array.ndim != len(spec.shape):
+            raise DataError(
+                f"{where}: input '{name}' has shape {list(array.shape)}, the model expects {spec.describe()}"
+            )
+        for axis, (got, want) in enumerate(zip(array.shape, spec.shape)):
+            if batched and axis == 0:
+                continue
+            if isinstance(want, int) and got != want:
+                raise DataError(
+                    f"{where}: input '{name}' has shape {list(array.shape)}, the model expects {spec.describe()}"
+                )
+
+
+def _is_test_data_folder(path: Path) -> bool:
+    return path.name.startswith("test_data_set_") or any(path.glob("test_data_set_*"))
+
+
+def _test_data_feeds(path: Path, specs: Sequence[InputSpec]) -> list[Feed]:
+    sets = [path] if path.name.startswith("test_data_set_") else sorted(path.glob("test_data_set_*"))
+    feeds = []
+    for folder in sets:
+        files = sorted(folder.glob("input_*.pb"), key=lambda p: int(p.stem.split("_")[-1]))
+        if len(files) != len(specs):
+            raise DataError(
+                f"{folder}: {len(files)} input_*.pb files, the model expects {len(specs)} inputs "
+                f"({'; '.join(s.describe() for s in specs)})"
+            )
+        feed = {}
+        for file, spec in zip(files, specs):
+            tensor = onnx.TensorProto()
+            try:
+                tensor.ParseFromString(file.read_bytes())
+                array = numpy_helper.to_array(tensor)
+            except Exception as exc:  # protobuf and numpy_helper raise various types
+                raise DataError(f"{file}: not a TensorProto ({exc})") from None
+            feed[tensor.name or spec.name] = array
+        _check_feed(feed, specs, folder.name, batched=False)
+        feeds.append(feed)
+    return feeds
+
+
+def random_feeds(
+    specs: Sequence[InputSpec], *, shapes: Mapping[str, Sequence[int]], seed: int, count: int
+) -> FeedSet:
+    """Seeded random feeds from the signature; dynamic dims: batch 1, others 64 or ``shapes``."""
+    unknown = sorted(set(shapes) - {s.name for s in specs})
+    if unknown:
+        raise DataError(f"--shape names unknown input {', '.join(unknown)}; inputs: {', '.join(s.name for s in specs)}")
+    rng = np.random.default_rng(seed)
+    concrete = {spec.name: _concrete_shape(spec, shapes.get(spec.name)) for spec in specs}
+    feeds = [{spec.name: _random_array(rng, spec, concrete[spec.name]) for spec in specs} for _ in range(count)]
+    described = ", ".join(f"{n}={list(s)}" for n, s in concrete.items())
+    return FeedSet(feeds, f"random (seed {seed}; {described})", True)
+
+
+def _concrete_shape(spec: InputSpec, override: Sequence[int] | None) -> tuple[int, ...]:
+    if override is not None:
+        if spec.shape and len(override) != len(spec.shape):
+            raise DataError(f"--shape {spec.name}: {len(override)} dims given, the model expects {spec.describe()}")
+        for got, want in zip(override, spec.shape):
+            if isinstance(want, int) and got != want:
+                raise DataError(f"--shape {spec.name}={list(override)} conflicts with {spec.describe()}")
+        shape = tuple(override)
+    else:
+        shape = tuple(
+            d if isinstance(d, int) else (1 if axis == 0 else DEFAULT_DYNAMIC_DIM) for axis, d in enumerate(spec.shape)
+        )
+    nbytes = math.prod(shape) * spec.dtype.itemsize
+    if any(d < 0 for d in shape) or nbytes > MAX_RANDOM_INPUT_BYTES:
+        raise DataError(
+            f"input '{spec.name}' declares shape {list(shape)} ({nbytes / 2**30:.1f} GiB per feed); "
+            "give real data or --shape"
+        )
+    return shape
+
+
+def _random_array(rng: np.random.Generator, spec: InputSpec, shape: tuple[int, ...]) -> np.ndarray:
+    if np.issubdtype(spec.dtype, np.floating):
+        return rng.standard_normal(shape).astype(spec.dtype)
+    if spec.dtype == np.bool_:
+        return rng.random(shape) < 0.5
+    if np.issubdtype(spec.dtype, np.integer):
+        # Small non-negative values stay valid as token ids, indices and masks.
+        return rng.integers(0, 2, size=shape).astype(spec.dtype)
+    raise DataError(f"input '{spec.name}' has type {spec.dtype}; random feeds cannot be made for it, give --data")

@@ -1,0 +1,84 @@
+"""Thresholds on measured evidence: what `graphopt check` and `optimize`'s budgets enforce."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from graphopt.verify.parity import ParityReport
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Thresholds:
+    """Each threshold is optional; only stated ones are checked.
+
+    ``min_cosine`` applies to the mean per-sample cosine similarity (worst output);
+    ``max_abs`` to the largest absolute difference; ``min_top1`` to the argmax agreement
+    along the last axis; the ratios are candidate over base.
+    """
+
+    min_cosine: float | None = None
+    max_abs: float | None = None
+    min_top1: float | None = None
+    max_latency_ratio: float | None = None
+    max_size_ratio: float | None = None
+
+    def stated(self) -> dict[str, float]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    def needs_latency(self) -> bool:
+        return self.max_latency_ratio is not None
+
+
+@dataclasses.dataclass
+class CheckResult:
+    name: str
+    threshold: float | None
+    measured: float | None
+    passed: bool
+    message: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.6g}"
+
+
+def evaluate(
+    thresholds: Thresholds,
+    parity: ParityReport,
+    *,
+    latency_ratio: float | None = None,
+    size_ratio: float | None = None,
+) -> list[CheckResult]:
+    """One result per stated threshold, plus the checks that always apply (same output
+    shapes, no NaN/Inf appearing in the candidate)."""
+    results = [
+        CheckResult("output_shapes", None, None, not parity.shape_mismatches,
+                    "; ".join(parity.shape_mismatches) or "all outputs have the reference's shapes"),
+        CheckResult("no_new_nonfinite", 0, parity.new_nonfinite, parity.new_nonfinite == 0,
+                    f"{parity.new_nonfinite} NaN/Inf values appear in the candidate"),
+    ]
+    bounds = [
+        ("min_cosine", "cosine (mean per sample)", parity.cosine_mean, thresholds.min_cosine, ">="),
+        ("max_abs", "max abs difference", parity.max_abs, thresholds.max_abs, "<="),
+        ("min_top1", "top-1 agreement", parity.top1, thresholds.min_top1, ">="),
+        ("max_latency_ratio", "latency ratio", latency_ratio, thresholds.max_latency_ratio, "<="),
+        ("max_size_ratio", "size ratio", size_ratio, thresholds.max_size_ratio, "<="),
+    ]
+    for name, label, measured, threshold, op in bounds:
+        if threshold is None:
+            continue
+        if measured is None:
+            results.append(CheckResult(name, threshold, None, False, f"{label} could not be measured"))
+            continue
+        passed = measured >= threshold if op == ">=" else measured <= threshold
+        results.append(CheckResult(name, threshold, measured, passed,
+                                   f"{label} {_fmt(measured)} (required {op} {_fmt(threshold)})"))
+    return results
+
+
+def failures(results: list[CheckResult]) -> list[CheckResult]:
+    return [r for r in results if not r.passed]

@@ -1,0 +1,117 @@
+"""Latency of onnxruntime sessions: warm-up, repeated runs, median and p90, and an
+interleaved A/B mode whose ratio survives a noisy machine (both models see the same noise)."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from graphopt.verify.feeds import Feed
+
+
+@dataclasses.dataclass
+class LatencyStats:
+    median_ms: float
+    p90_ms: float
+    mean_ms: float
+    runs: int
+
+    @classmethod
+    def from_seconds(cls, times: Sequence[float]) -> LatencyStats:
+        ms = np.asarray(times) * 1e3
+        return cls(float(np.median(ms)), float(np.percentile(ms, 90)), float(ms.mean()), len(ms))
+
+
+@dataclasses.dataclass
+class ABLatency:
+    a: LatencyStats
+    b: LatencyStats
+    threads: int
+
+    @property
+    def ratio(self) -> float:
+        """B's median over A's median, from interleaved runs."""
+        return self.b.median_ms / self.a.median_ms if self.a.median_ms > 0 else float("inf")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"a": dataclasses.asdict(self.a), "b": dataclasses.asdict(self.b),
+                "ratio": self.ratio, "threads": self.threads, "mode": "interleaved"}
+
+
+def _timed_run(session: Any, feed: Feed) -> float:
+    start = time.perf_counter()
+    session.run(None, feed)
+    return time.perf_counter() - start
+
+
+def measure(
+    session: Any, feeds: Sequence[Feed], *, warmup: int = 3, runs: int = 50, max_seconds: float = 10.0
+) -> LatencyStats:
+    """Median and p90 over up to ``runs`` runs (at least 5), stopping after ``max_seconds``."""
+    for i in range(warmup):
+        _timed_run(session, feeds[i % len(feeds)])
+    times: list[float] = []
+    deadline = time.perf_counter() + max_seconds
+    while len(times) < runs and (len(times) < 5 or time.perf_counter() < deadline):
+        times.append(_timed_run(session, feeds[len(times) % len(feeds)]))
+    return LatencyStats.from_seconds(times)
+
+
+def compare_interleaved(
+    session_a: Any,
+    session_b: Any,
+    feeds: Sequence[Feed],
+    *,
+    threads: int,
+    warmup: int = 3,
+    rounds: int = 50,
+    max_seconds: float = 20.0,
+) -> ABLatency:
+    """Run A, B, A, B … on the same feeds; each round's pair shares the machine's state."""
+    for i in range(warmup):
+        _timed_run(session_a, feeds[i % len(feeds)])
+        _timed_run(session_b, feeds[i % len(feeds)])
+    times_a: list[float] = []
+    times_b: list[float] = []
+    deadline = time.perf_counter() + max_seconds
+    while len(times_a) < rounds and (len(times_a) < 5 or time.perf_counter() < deadline):
+        feed = feeds[len(times_a) % len(feeds)]
+        if len(times_a) % 2:  # alternate who goes first so caches favour neither
+            times_b.append(_timed_run(session_b, feed))
+            times_a.append(_timed_run(session_a, feed))
+        else:
+            times_a.append(_timed_run(session_a, feed))
+            times_b.append(_timed_run(session_b, feed))
+    return ABLatency(LatencyStats.from_seconds(times_a), LatencyStats.from_seconds(times_b), threads)
+
+
+_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def _peak_rss_kib() -> int | None:
+    with contextlib.suppress(OSError, ValueError):
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return None
+
+
+@contextlib.contextmanager
+def peak_memory() -> Iterator[Callable[[], float | None]]:
+    """Peak resident memory (MiB) of this process during the block, where Linux lets us reset
+    the high-water mark; yields a callable that returns it (None where it cannot be measured)."""
+    reset = False
+    with contextlib.suppress(OSError):
+        _CLEAR_REFS.write_text("5")
+        reset = True
+    result: list[float | None] = [None]
+    yield lambda: result[0]
+    peak = _peak_rss_kib()
+    result[0] = peak / 1024 if reset and peak is not None else None

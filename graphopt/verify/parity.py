@@ -1,0 +1,152 @@
+"""How far a candidate model's outputs are from a reference model's, per output."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from graphopt.errors import DataError
+from graphopt.verify.feeds import Feed
+
+# Relative error is measured against max(|reference|, this fraction of the output's scale),
+# so that values near zero do not turn rounding noise into huge ratios.
+_REL_FLOOR = 1e-3
+
+
+@dataclasses.dataclass
+class OutputParity:
+    name: str
+    max_abs: float
+    mean_abs: float
+    max_rel: float
+    cosine_mean: float
+    cosine_min: float
+    top1: float | None  # agreement of argmax along the last axis; None where it means nothing
+    new_nonfinite: int  # NaN/Inf in the candidate where the reference is finite
+    shape_mismatch: str | None = None
+
+
+@dataclasses.dataclass
+class ParityReport:
+    outputs: list[OutputParity]
+    samples: int
+
+    @property
+    def max_abs(self) -> float:
+        return max(o.max_abs for o in self.outputs)
+
+    @property
+    def cosine_min(self) -> float:
+        return min(o.cosine_min for o in self.outputs)
+
+    @property
+    def cosine_mean(self) -> float:
+        return min(o.cosine_mean for o in self.outputs)
+
+    @property
+    def top1(self) -> float | None:
+        values = [o.top1 for o in self.outputs if o.top1 is not None]
+        return min(values) if values else None
+
+    @property
+    def new_nonfinite(self) -> int:
+        return sum(o.new_nonfinite for o in self.outputs)
+
+    @property
+    def shape_mismatches(self) -> list[str]:
+        return [f"{o.name}: {o.shape_mismatch}" for o in self.outputs if o.shape_mismatch]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "samples": self.samples,
+            "max_abs": self.max_abs,
+            "cosine_mean": self.cosine_mean,
+            "cosine_min": self.cosine_min,
+            "top1": self.top1,
+            "new_nonfinite": self.new_nonfinite,
+            "outputs": [dataclasses.asdict(o) for o in self.outputs],
+        }
+
+
+def run_outputs(session: Any, feeds: Sequence[Feed]) -> list[dict[str, np.ndarray]]:
+    names = [o.name for o in session.get_outputs()]
+    results = []
+    for feed in feeds:
+        try:
+            values = session.run(names, feed)
+        except Exception as exc:  # onnxruntime's errors carry the offending input in their text
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise DataError(f"onnxruntime could not run the model on the given data: {first[:300]}") from None
+        results.append(dict(zip(names, values)))
+    return results
+
+
+def compare_outputs(
+    reference: Sequence[dict[str, np.ndarray]], candidate: Sequence[dict[str, np.ndarray]]
+) -> ParityReport:
+    if not reference:
+        raise DataError("no feeds to compare on")
+    ref_names, cand_names = list(reference[0]), list(candidate[0])
+    if set(ref_names) != set(cand_names):
+        raise DataError(f"the models have different outputs: {ref_names} vs {cand_names}")
+    outputs = [_compare_one(name, [r[name] for r in reference], [c[name] for c in candidate]) for name in ref_names]
+    samples = sum(_rows(r[ref_names[0]]) for r in reference)
+    return ParityReport(outputs, samples)
+
+
+def _rows(array: np.ndarray) -> int:
+    return int(array.shape[0]) if array.ndim > 0 else 1
+
+
+def _per_sample(array: np.ndarray) -> np.ndarray:
+    return array.reshape(_rows(array), -1).astype(np.float64)
+
+
+def _compare_one(name: str, refs: list[np.ndarray], cands: list[np.ndarray]) -> OutputParity:
+    for r, c in zip(refs, cands):
+        if r.shape != c.shape:
+            return OutputParity(name, np.inf, np.inf, np.inf, -1.0, -1.0, 0.0, 0, f"shape {list(c.shape)} != {list(r.shape)}")
+    ref = np.concatenate([_per_sample(r) for r in refs])
+    cand = np.concatenate([_per_sample(c) for c in cands])
+    ref_finite = np.isfinite(ref)
+    new_nonfinite = int(np.count_nonzero(ref_finite & ~np.isfinite(cand)))
+    both = ref_finite & np.isfinite(cand)
+    diff = np.where(both, np.abs(ref - cand), 0.0)
+    scale = float(np.max(np.abs(np.where(ref_finite, ref, 0.0)), initial=0.0))
+    floor = max(_REL_FLOOR * scale, np.finfo(np.float32).tiny)
+    rel = diff / np.maximum(np.abs(np.where(ref_finite, ref, 0.0)), floor)
+    cosines = _cosines(np.where(both, ref, 0.0), np.where(both, cand, 0.0))
+    max_abs = float(diff.max(initial=0.0)) if not new_nonfinite else float("inf")
+    return OutputParity(
+        name=name,
+        max_abs=max_abs,
+        mean_abs=float(diff.mean()) if diff.size else 0.0,
+        max_rel=float(rel.max(initial=0.0)),
+        cosine_mean=float(cosines.mean()),
+        cosine_min=float(cosines.min()),
+        top1=_top1(refs, cands),
+        new_nonfinite=new_nonfinite,
+    )
+
+
+def _cosines(ref: np.ndarray, cand: np.ndarray) -> np.ndarray:
+    dot = np.einsum("ij,ij->i", ref, cand)
+    norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1)
+    identical = np.all(ref == cand, axis=1)  # both zero vectors count as a perfect match
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cos = np.where(norms > 0, dot / np.where(norms > 0, norms, 1.0), 0.0)
+    return np.clip(np.where(identical, 1.0, cos), -1.0, 1.0)
+
+
+def _top1(refs: list[np.ndarray], cands: list[np.ndarray]) -> float | None:
+    if refs[0].ndim == 0 or refs[0].shape[-1] < 2 or not np.issubdtype(refs[0].dtype, np.floating):
+        return None
+    agree = total = 0
+    for r, c in zip(refs, cands):
+        same = np.argmax(r, axis=-1) == np.argmax(c, axis=-1)
+        agree += int(np.count_nonzero(same))
+        total += same.size
+    return agree / total

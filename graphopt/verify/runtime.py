@@ -1,0 +1,64 @@
+"""onnxruntime sessions. The only module of graphopt's core that imports onnxruntime,
+and only when a function here is called."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnx_ir as ir
+
+from graphopt.errors import InvalidModelError
+from graphopt.io import EXTERNAL_DATA_THRESHOLD_BYTES, weights_nbytes
+
+
+def _ort() -> Any:
+    import onnxruntime
+
+    return onnxruntime
+
+
+def default_threads() -> int:
+    return os.cpu_count() or 1
+
+
+def make_session(model: str | os.PathLike | bytes, *, optimize: bool = True, threads: int | None = None) -> Any:
+    """An onnxruntime CPU session. ``optimize=False`` turns graph optimizations off, so that a
+    reference run cannot hide a broken rewrite behind the runtime's own fusions."""
+    ort = _ort()
+    options = ort.SessionOptions()
+    options.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    options.intra_op_num_threads = threads or default_threads()
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    source = model if isinstance(model, bytes) else str(model)
+    try:
+        return ort.InferenceSession(source, sess_options=options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types (Fail, InvalidGraph…)
+        where = "model" if isinstance(model, bytes) else Path(model).name
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise InvalidModelError(f"{where}: onnxruntime cannot load it: {first[:300]}") from None
+
+
+def check_loadable(model: ir.Model) -> None:
+    """The model passes onnx's checker and onnxruntime creates a session for it.
+
+    Models whose weights exceed the protobuf limit are checked after they are written.
+    """
+    if weights_nbytes(model) > EXTERNAL_DATA_THRESHOLD_BYTES:
+        return
+    proto = ir.serde.serialize_model(model)
+    try:
+        onnx.checker.check_model(proto)
+    except onnx.checker.ValidationError as exc:
+        first = (str(exc).strip().splitlines() or ["invalid"])[0]
+        raise InvalidModelError(f"ONNX checker: {first}") from None
+    make_session(proto.SerializeToString(), optimize=False, threads=1)
+
+
+def onnxruntime_version() -> str:
+    return _ort().__version__
