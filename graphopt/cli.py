@@ -282,6 +282,9 @@ def _configure_logging(quiet: bool) -> None:
     logger.handlers[:] = [handler]
     logger.setLevel(logging.WARNING if quiet else logging.INFO)
     logger.propagate = False
+    # Libraries underneath (onnx-ir, onnxsim) log warnings of their own; without a root
+    # handler Python would print them raw. graphopt's report says what matters.
+    logging.getLogger().addHandler(logging.NullHandler())
 
 
 class _Formatter(logging.Formatter):

@@ -58,7 +58,7 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
     if data_files and weights_nbytes(model) <= EXTERNAL_DATA_THRESHOLD_BYTES:
         # In memory, passes and checks never depend on where the data files are.
         ir.external_data.load_to_model(model)
-    validation.check_finite_weights(model, path.name)
+    validation.check_finite_weights(model, str(path))
     return LoadedModel(model, path, (path, *data_files), bool(data_files))
 
 
@@ -94,11 +94,13 @@ def check_external_data(proto: onnx.ModelProto, model_path: Path) -> tuple[Path,
     for tensor in validation.iter_tensors(proto):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
-        files[_check_one_external(tensor, base, model_path.name)] = None
+        location = _check_one_external(tensor, base, str(model_path))
+        files[model_path.parent / location] = None
     return tuple(files)
 
 
-def _check_one_external(tensor: onnx.TensorProto, base: Path, model_name: str) -> Path:
+def _check_one_external(tensor: onnx.TensorProto, base: Path, model_name: str) -> str:
+    """The tensor's data location, once it is known to be safe and long enough."""
     where = f"{model_name}: tensor '{tensor.name}'"
     info = {entry.key: entry.value for entry in tensor.external_data}
     location = info.get("location", "")
@@ -143,7 +145,7 @@ def _check_one_external(tensor: onnx.TensorProto, base: Path, model_name: str) -
             f"{where}: external data file '{location}' is too short "
             f"(needs bytes {offset}..{offset + span}, file has {stat.st_size})"
         )
-    return target
+    return normalized
 
 
 # -- saving ---------------------------------------------------------------------------------
@@ -166,8 +168,9 @@ class StagedModel:
         return self.final_path.name + ".data"
 
     def staged_files(self) -> list[Path]:
-        files = [self.staging_dir / self.data_name] if self.external_data else []
-        return [*files, self.model_path]
+        """Data file first (when tensors went to it), the model last."""
+        data = self.staging_dir / self.data_name
+        return [*([data] if data.exists() else []), self.model_path]
 
     def size_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.staged_files())
@@ -234,14 +237,32 @@ def save_model(model: ir.Model, path: str | os.PathLike, *, external_data: bool 
 
 
 def _write(model: ir.Model, staged: StagedModel) -> None:
-    if staged.external_data:
-        ir.save(model, staged.model_path, external_data=staged.data_name)
-    else:
-        _inline_external_tensors(model)
-        ir.save(model, staged.model_path)
+    with _no_initializer_value_info(model):
+        if staged.external_data:
+            ir.save(model, staged.model_path, external_data=staged.data_name)
+        else:
+            _inline_external_tensors(model)
+            ir.save(model, staged.model_path)
     for file in staged.staged_files():
         with open(file, "rb+") as handle:
             os.fsync(handle.fileno())
+
+
+@contextlib.contextmanager
+def _no_initializer_value_info(model: ir.Model) -> Iterator[None]:
+    """onnx-ir writes a value_info entry per initializer, repeating what the tensor already
+    says; leaving them out keeps an unchanged model from growing on save."""
+    graph_inputs = {id(v) for v in model.graph.inputs}
+    saved = []
+    for value in model.graph.initializers.values():
+        if id(value) not in graph_inputs and (value.type is not None or value.shape is not None):
+            saved.append((value, value.type, value.shape))
+            value.type, value.shape = None, None
+    try:
+        yield
+    finally:
+        for value, type_, shape in saved:
+            value.type, value.shape = type_, shape
 
 
 def _inline_external_tensors(model: ir.Model) -> None:

@@ -75,7 +75,7 @@ def check_structure(proto: onnx.ModelProto, path: Path) -> None:
     The onnx checker gets the path, not the proto: given a proto it resolves external data
     against the current directory instead of the model's folder.
     """
-    name = path.name
+    name = str(path)
     if not any(op.domain in ("", "ai.onnx") for op in proto.opset_import):
         raise InvalidModelError(f"{name}: model declares no default-domain opset (opset_import is empty)")
     if not proto.graph.output:

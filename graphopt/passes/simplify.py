@@ -34,6 +34,9 @@ class SimplifyPass(GraphoptPass):
         """Random feeds on which the simplified model must match the original (max abs below
         ``tolerance``, both run in onnxruntime with optimizations off); 0 skips the check."""
         tolerance: float = 1e-4
+        max_growth: float = 1.0
+        """Skip the step when folding makes the model larger than this factor (models that
+        build weights at run time with ConstantOfShape would otherwise balloon)."""
         fuse_bn: bool = True
         """Fold BatchNormalization into the preceding Conv."""
 
@@ -50,14 +53,20 @@ class SimplifyPass(GraphoptPass):
                     proto,
                     check_n=0,  # onnxsim's own check cannot feed dynamic shapes; ours below can
                     skip_fuse_bn=not self.options.fuse_bn,
-                    initializers_as_constants=False,
+                    initializers_as_constants=True,  # weights are foldable, not runtime inputs
                 )
         except Exception as exc:  # onnxsim raises many types, all mean "could not simplify"
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             return self._skipped(model, f"onnxsim failed ({reason[:200]}); step skipped")
         _drop_onnxsim_metadata(simplified)
-        if _without_value_info(simplified) == _without_value_info(proto):
+        old_bytes, new_bytes = _without_value_info(proto), _without_value_info(simplified)
+        if new_bytes == old_bytes:
             return PassResult(model.clone(), modified=False)
+        if len(new_bytes) > self.options.max_growth * len(old_bytes):
+            return self._skipped(
+                model, f"onnxsim would grow the model from {len(old_bytes):,} to {len(new_bytes):,} bytes "
+                f"(constant folding materializes tensors); step skipped",
+            )
         new_model = ir.serde.deserialize_model(simplified)
         mismatch = self._outputs_differ(model, before, simplified)
         if mismatch:

@@ -1,0 +1,91 @@
+"""Shared helpers: tiny inline models and onnxruntime runs with optimizations off."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 17
+
+
+def make_model(
+    nodes: Sequence[onnx.NodeProto],
+    inputs: Sequence[onnx.ValueInfoProto],
+    outputs: Sequence[onnx.ValueInfoProto],
+    initializers: Sequence[np.ndarray | onnx.TensorProto] = (),
+    *,
+    opset: int = OPSET,
+    names: Sequence[str] = (),
+) -> onnx.ModelProto:
+    """A checked ModelProto; numpy initializers are named by ``names`` in order."""
+    tensors = [
+        t if isinstance(t, onnx.TensorProto) else numpy_helper.from_array(t, name)
+        for t, name in zip(initializers, list(names) + [""] * len(initializers))
+    ]
+    graph = helper.make_graph(list(nodes), "test", list(inputs), list(outputs), tensors)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
+    onnx.checker.check_model(model)
+    return model
+
+
+def tensor(name: str, shape: Sequence[int | str | None], dtype: int = TensorProto.FLOAT) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, dtype, list(shape))
+
+
+def save(model: onnx.ModelProto | ir.Model, path: Path) -> Path:
+    if isinstance(model, ir.Model):
+        ir.save(model, path)
+    else:
+        onnx.save(model, path)
+    return path
+
+
+def run(model: onnx.ModelProto | ir.Model | Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Outputs in onnxruntime with graph optimizations off, so it cannot mask a broken rewrite."""
+    import onnxruntime as ort
+
+    if isinstance(model, ir.Model):
+        model = ir.serde.serialize_model(model)
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+def linear_model(rng: np.random.Generator, *, k: int = 8, n: int = 4) -> onnx.ModelProto:
+    """X[N,k] → MatMul(W) → Add(b) → Relu → Y[N,n]."""
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    b = rng.standard_normal(n).astype(np.float32)
+    return make_model(
+        [
+            helper.make_node("MatMul", ["X", "W"], ["h"], name="matmul"),
+            helper.make_node("Add", ["h", "b"], ["z"], name="add"),
+            helper.make_node("Relu", ["z"], ["Y"], name="relu"),
+        ],
+        [tensor("X", ["N", k])],
+        [tensor("Y", ["N", n])],
+        [w, b],
+        names=["W", "b"],
+    )
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)
+
+
+def ppocr_det_path() -> Path:
+    """The real PP-OCRv4 detection model shipped in the rapidocr-onnxruntime wheel."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("rapidocr_onnxruntime")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("rapidocr-onnxruntime is not installed (pip install --no-deps rapidocr-onnxruntime)")
+    return Path(next(iter(spec.submodule_search_locations))) / "models" / "ch_PP-OCRv4_det_infer.onnx"

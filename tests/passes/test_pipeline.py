@@ -1,0 +1,67 @@
+"""Pipeline: per-pass records, validity check after each pass, failures named by pass."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import onnx_ir as ir
+import pytest
+
+from graphopt.errors import InvalidModelError, PassFailed
+from graphopt.passes import GraphoptPass, PassResult, Pipeline, get_pass
+from graphopt.verify.runtime import check_loadable
+from tests.conftest import linear_model
+
+
+class BreakGraphPass(GraphoptPass):
+    """Deletes the first node's producer link: a deliberately broken rewrite."""
+
+    name = "break-graph"
+    summary = "test only"
+
+    def call(self, model: ir.Model) -> PassResult:
+        node = next(iter(model.graph))
+        model.graph.remove(node, safe=False)
+        return PassResult(model, modified=True)
+
+
+class CrashPass(GraphoptPass):
+    name = "crash"
+    summary = "test only"
+
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Options:
+        message: str = "boom"
+
+    def call(self, model: ir.Model) -> PassResult:
+        raise ZeroDivisionError(self.options.message)
+
+
+def test_records_each_step(rng):
+    model = ir.serde.deserialize_model(linear_model(rng))
+    steps = [get_pass("lift-constants")(), get_pass("cleanup")()]
+    result = Pipeline(steps, check=check_loadable).run(model)
+    assert [s.name for s in result.steps] == ["lift-constants", "cleanup"]
+    record = result.steps[0]
+    assert record.nodes_before == record.nodes_after == 3
+    assert record.weight_bytes_before == record.weight_bytes_after == (8 * 4 + 4) * 4
+    assert record.seconds >= 0 and record.op_delta == {}
+
+
+def test_a_pass_that_breaks_the_model_is_named(rng):
+    model = ir.serde.deserialize_model(linear_model(rng))
+    with pytest.raises(PassFailed, match="pass 'break-graph' produced an invalid model"):
+        Pipeline([BreakGraphPass()], check=check_loadable).run(model)
+
+
+def test_an_unexpected_exception_is_named_by_pass(rng):
+    model = ir.serde.deserialize_model(linear_model(rng))
+    with pytest.raises(PassFailed, match=r"pass 'crash' failed: ZeroDivisionError: kaput"):
+        Pipeline([CrashPass(message="kaput")]).run(model)
+
+
+def test_check_loadable_refuses_a_dangling_graph(rng):
+    model = ir.serde.deserialize_model(linear_model(rng))
+    model.graph.remove(next(iter(model.graph)), safe=False)
+    with pytest.raises(InvalidModelError):
+        check_loadable(model)

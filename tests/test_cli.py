@@ -1,0 +1,134 @@
+"""The CLI: results, reports, and every error path as one stderr line with its exit code."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from graphopt.cli import main
+from tests.conftest import linear_model, save
+from tests.hostile.corpus import build_corpus
+
+COMMANDS = {
+    "inspect": lambda model, out: ["inspect", str(model)],
+    "optimize": lambda model, out: ["optimize", str(model), "-o", str(out / "out.onnx"), "--no-latency"],
+    "check": lambda model, out: ["check", str(model), str(model), "--json", str(out / "r.json")],
+    "bench": lambda model, out: ["bench", str(model), "--runs", "5", "--json", str(out / "r.json")],
+}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return build_corpus(tmp_path_factory.mktemp("hostile") / "corpus")
+
+
+@pytest.fixture
+def model_path(tmp_path, rng):
+    return save(linear_model(rng), tmp_path / "model.onnx")
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert "Traceback" not in err[0]
+    return err[0]
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_hostile_models_exit_2_with_one_line_and_no_output(command, corpus, tmp_path, capsys):
+    for case in corpus:
+        if command == "inspect" and case.name == "absurd-dims":
+            continue  # inspect only describes a model; the declaration itself is legal
+        out = tmp_path / case.name
+        out.mkdir()
+        assert main([*COMMANDS[command](case.model, out), "-q"]) == 2, case.name
+        line = one_line_error(capsys).lower()
+        expected = case.expect if case.name != "absurd-dims" else ("declares shape",)
+        assert any(word in line for word in expected), (case.name, line)
+        assert list(out.iterdir()) == [], case.name
+
+
+def test_subprocess_error_has_no_traceback(corpus, tmp_path):
+    case = next(c for c in corpus if c.name == "external-dotdot")
+    proc = subprocess.run([sys.executable, "-m", "graphopt", "optimize", str(case.model), "-o",
+                           str(tmp_path / "o.onnx")], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert "'../secret.bin' uses '..'" in proc.stderr
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_inspect_json(model_path, capsys):
+    assert main(["inspect", str(model_path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["inputs"] == [{"name": "X", "dtype": "float", "shape": ["N", 8]}]
+    assert info["ops"] == {"Add": 1, "MatMul": 1, "Relu": 1}
+    assert info["parameters"] == 8 * 4 + 4
+    assert info["opsets"] == {"ai.onnx": 17}
+    assert info["largest_tensors"][0]["name"] == "W"
+
+
+def test_optimize_writes_model_and_report(model_path, tmp_path, capsys):
+    out, report = tmp_path / "out.onnx", tmp_path / "report.json"
+    assert main(["optimize", str(model_path), "-o", str(out), "--report", str(report), "--no-latency"]) == 0
+    data = json.loads(report.read_text())
+    assert data["written"] and out.exists()
+    assert [s["name"] for s in data["steps"]] == ["simplify", "lift-constants", "cleanup"]
+    assert data["verification"]["data"]["synthetic"] is True
+    assert data["verification"]["parity"]["max_abs"] <= 1e-4
+    assert data["output_bytes"] <= data["input_bytes"]
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_missed_budget_exits_1_writes_no_model_but_the_report(model_path, tmp_path, capsys):
+    out, report = tmp_path / "out.onnx", tmp_path / "report.json"
+    code = main(["optimize", str(model_path), "-o", str(out), "--report", str(report), "--no-latency",
+                 "--max-size-ratio", "0.5", "-q"])
+    assert code == 1
+    assert "size ratio" in one_line_error(capsys)
+    assert not out.exists()
+    assert json.loads(report.read_text())["written"] is False
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "report.json"]
+
+
+def test_output_equal_to_input_exits_2_and_keeps_input(model_path, capsys):
+    before = model_path.read_bytes()
+    assert main(["optimize", str(model_path), "-o", str(model_path)]) == 2
+    assert "output path equals the input" in one_line_error(capsys)
+    assert model_path.read_bytes() == before
+
+
+def test_usage_error_is_one_line(capsys):
+    assert main(["optimize", "--bogus"]) == 2
+    assert "see --help" in one_line_error(capsys)
+
+
+def test_interrupt_exits_130_and_writes_nothing(model_path, tmp_path, monkeypatch, capsys):
+    import graphopt.optimize
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(graphopt.optimize, "optimize", interrupted)
+    assert main(["optimize", str(model_path), "-o", str(tmp_path / "o.onnx")]) == 130
+    assert "interrupted" in one_line_error(capsys)
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_unknown_recipe_exits_2(model_path, tmp_path, capsys):
+    assert main(["optimize", str(model_path), "-o", str(tmp_path / "o.onnx"), "--recipe", "turbo"]) == 2
+    assert "unknown recipe 'turbo'" in one_line_error(capsys)
+
+
+def test_data_with_wrong_input_name_exits_2(model_path, tmp_path, capsys):
+    data = tmp_path / "d.npz"
+    np.savez(data, x=np.zeros((2, 8), np.float32))
+    assert main(["optimize", str(model_path), "-o", str(tmp_path / "o.onnx"), "--data", str(data)]) == 2
+    line = one_line_error(capsys)
+    assert "missing X" in line and "X: float32[N,8]" in line
+    assert not Path(tmp_path / "o.onnx").exists()

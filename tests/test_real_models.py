@@ -1,0 +1,84 @@
+"""Real third-party models shipped in packages: the acceptance runs of the foundation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from graphopt.cli import main
+from tests.conftest import ppocr_det_path, run
+
+pytestmark = pytest.mark.slow
+LIGHT = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
+
+
+def test_ppocr_det_lossless_on_rendered_text(tmp_path):
+    from benchmarks.datasets import render_text_images
+
+    model = tmp_path / "det.onnx"
+    model.write_bytes(ppocr_det_path().read_bytes())
+    images = render_text_images(4, seed=3)
+    np.savez(tmp_path / "images.npz", x=images)
+    out, report = tmp_path / "out.onnx", tmp_path / "report.json"
+    code = main(["optimize", str(model), "-o", str(out), "--recipe", "lossless", "--data",
+                 str(tmp_path / "images.npz"), "--report", str(report), "--no-latency", "-q"])
+    assert code == 0
+    assert out.stat().st_size <= model.stat().st_size
+    for image in images:
+        feed = {"x": image[None]}
+        np.testing.assert_allclose(run(out, feed)[0], run(model, feed)[0], atol=1e-4, rtol=0)
+    steps = {s["name"]: s for s in json.loads(report.read_text())["steps"]}
+    assert steps["lift-constants"]["changes"]["constants lifted"] > 100  # weights sat in Constant nodes
+    assert steps["simplify"]["op_delta"]["BatchNormalization"] == -3  # folded into the convolutions
+
+
+@pytest.mark.parametrize("name", ["light_squeezenet", "light_resnet50", "light_inception_v1"])
+def test_old_opset_zoo_models_stay_exact(name, tmp_path, capsys):
+    """IR 3 models whose weights are built at run time by ConstantOfShape: folding would
+    balloon them, so simplify must step aside and the file must not grow."""
+    source = LIGHT / f"{name}.onnx"
+    out = tmp_path / "out.onnx"
+    assert main(["optimize", str(source), "-o", str(out), "--no-latency", "-q"]) == 0
+    assert out.stat().st_size <= source.stat().st_size
+    x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    graph = onnx.load(source).graph
+    name_in = next(i.name for i in graph.input if i.name not in {t.name for t in graph.initializer})
+    np.testing.assert_allclose(run(out, {name_in: x})[0], run(source, {name_in: x})[0], atol=1e-5, rtol=0)
+
+
+def test_dynamo_export_with_external_data(tmp_path, capsys):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("onnxscript")
+
+    class Mlp(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.hidden = torch.nn.Linear(64, 256)
+            self.out = torch.nn.Linear(256, 10)
+
+        def forward(self, x):
+            return self.out(torch.relu(self.hidden(x)))
+
+    torch.manual_seed(0)
+    path = tmp_path / "mlp.onnx"
+    torch.onnx.export(Mlp().eval(), (torch.randn(2, 64),), str(path), dynamo=True,
+                      dynamic_shapes=({0: torch.export.Dim("batch")},))
+    assert (tmp_path / "mlp.onnx.data").exists()
+    capsys.readouterr()
+
+    assert main(["inspect", str(path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    (data_file,) = info["external_data_files"]
+    assert data_file["path"] == "mlp.onnx.data" and data_file["bytes"] >= (64 * 256 + 256 * 10) * 4
+    assert info["inputs"][0]["shape"] == ["batch", 64]
+
+    out = tmp_path / "opt" / "mlp.onnx"
+    out.parent.mkdir()
+    assert main(["optimize", str(path), "-o", str(out), "--no-latency", "-q"]) == 0
+    assert sorted(p.name for p in out.parent.iterdir()) == ["mlp.onnx", "mlp.onnx.data"]
+    x = np.random.default_rng(1).standard_normal((3, 64)).astype(np.float32)
+    np.testing.assert_array_equal(run(out, {"x": x})[0], run(path, {"x": x})[0])
