@@ -3,8 +3,8 @@ checked against numbers worked out by hand."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import onnx
