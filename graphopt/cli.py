@@ -30,7 +30,7 @@ logger = logging.getLogger("graphopt")
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{self.prog}: {message} (see --help)")
+        raise UsageError(f"{self.prog.removeprefix('graphopt').strip() or 'usage'}: {message} (see --help)")
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -38,13 +38,21 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def _add_data(parser: argparse.ArgumentParser, flag: str = "--data") -> None:
     parser.add_argument(flag, metavar="DATA", help=".npz (samples on axis 0), folder of .npz, or ONNX "
                         "test_data_set_* folder; default: seeded random inputs (weaker evidence)")
-    parser.add_argument("--batch-size", type=int, default=1, help="samples per run for a stacked .npz (default 1)")
+    parser.add_argument("--batch-size", type=_positive_int, default=1,
+                        help="samples per run: stacked .npz, or the batch axis of random feeds (default 1)")
     parser.add_argument("--shape", action="append", default=[], metavar="NAME=D1,D2,...",
                         help="concrete shape of a dynamic input for random feeds (repeatable)")
-    parser.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: all cores)")
+    parser.add_argument("--threads", type=_positive_int, default=None, help="onnxruntime threads (default: all cores)")
     parser.add_argument("--seed", type=int, default=0, help="seed of random feeds (default 0)")
 
 
@@ -107,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="latency of one model in onnxruntime")
     p.add_argument("model")
-    p.add_argument("--runs", type=int, default=100, help="timed runs (default 100, at most 30 s)")
+    p.add_argument("--runs", type=_positive_int, default=100, help="timed runs (default 100, at most 30 s)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--json", dest="json_out", metavar="FILE", help="write the result as JSON")
     _add_data(p)
@@ -150,6 +158,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     _refuse_same_path(args.model, args.output)
+    _check_output_folders(args.report)
     try:
         report = optimize(args.model, args.output, options)
     except GateFailed as exc:
@@ -185,6 +194,13 @@ def _optimize_summary(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _check_output_folders(*paths: str | None) -> None:
+    """Fail before the work, not halfway through writing the reports."""
+    for path in paths:
+        if path and not Path(path).parent.is_dir():
+            raise UsageError(f"{path}: folder {Path(path).parent} does not exist")
+
+
 def _load_pair_feeds(args: argparse.Namespace, base: Any, candidate: Any) -> Any:
     from graphopt.verify.feeds import input_specs, load_feeds, parse_shape_overrides
 
@@ -205,6 +221,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from graphopt.verify.compare import compare_files
 
     started = time.perf_counter()
+    _check_output_folders(args.json_out, args.junit, args.markdown)
     base, candidate = load_model(args.base), load_model(args.candidate)
     feeds = _load_pair_feeds(args, base, candidate)
     thresholds = _thresholds(args)
@@ -242,6 +259,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from graphopt.verify.latency import measure, peak_memory
     from graphopt.verify.runtime import default_threads, make_session
 
+    _check_output_folders(args.json_out)
     loaded = load_model(args.model)
     feeds = load_feeds(args.data, input_specs(loaded.model), batch_size=args.batch_size,
                        shapes=parse_shape_overrides(args.shape), seed=args.seed)
@@ -249,7 +267,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     with peak_memory() as peak:
         session = make_session(loaded.path, optimize=True, threads=threads)
         stats = measure(session, feeds.feeds, warmup=args.warmup, runs=args.runs, max_seconds=30.0)
-    result = {"model": str(loaded.path), "threads": threads, "batch_size": args.batch_size,
+    result = {"model": str(loaded.path), "threads": threads, "batch_size": feeds.batch_size,
               "data": feeds.describe(), **vars(stats), "peak_rss_mib": peak()}
     if args.json_out:
         write_text(args.json_out, to_json(result))

@@ -49,6 +49,10 @@ class FeedSet:
     synthetic: bool  # random data from the signature: weaker evidence
 
     @property
+    def batch_size(self) -> int:
+        return _batch_len(self.feeds[0]) if self.feeds else 0
+
+    @property
     def samples(self) -> int:
         return sum(_batch_len(feed) for feed in self.feeds)
 
@@ -114,7 +118,7 @@ def load_feeds(
     if batch_size < 1:
         raise DataError(f"batch size must be >= 1, got {batch_size}")
     if source is None:
-        return random_feeds(specs, shapes=shapes or {}, seed=seed, count=random_samples)
+        return random_feeds(specs, shapes=shapes or {}, seed=seed, count=random_samples, batch_size=batch_size)
     path = Path(source)
     if not path.exists():
         raise DataError(f"{path}: no such file or folder")
@@ -136,10 +140,13 @@ def load_feeds(
 
 def read_npz(path: Path) -> dict[str, np.ndarray]:
     try:
-        with np.load(path, allow_pickle=False) as data:
-            return {key: data[key] for key in data.files}
+        data = np.load(path, allow_pickle=False)
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise DataError(f"{path}: not a readable .npz file ({exc})") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise DataError(f"{path}: a single array, not a .npz archive with one array per model input")
+    with data:
+        return {key: data[key] for key in data.files}
 
 
 def batched_feeds(
@@ -151,9 +158,18 @@ def batched_feeds(
 ) -> list[Feed]:
     inputs = {k: v for k, v in arrays.items() if k not in extra_keys}
     _check_feed(inputs, specs, where, batched=True)
+    scalars = sorted(name for name, array in inputs.items() if array.ndim == 0)
+    if scalars:
+        raise DataError(
+            f"{where}: input {', '.join(scalars)} holds a single value, not samples stacked on axis 0; "
+            "for scalar inputs give a folder of .npz files, one complete feed each"
+        )
     counts = {name: array.shape[0] for name, array in inputs.items()}
     if len(set(counts.values())) > 1:
-        raise DataError(f"{where}: inputs hold different sample counts {counts}; stack samples on axis 0")
+        raise DataError(
+            f"{where}: inputs hold different sample counts {counts}; stack samples on axis 0 "
+            f"(the model expects {_signature(specs)})"
+        )
     total = next(iter(counts.values()))
     if total == 0:
         raise DataError(f"{where}: holds no samples")
@@ -169,9 +185,13 @@ def batched_feeds(
     ]
 
 
+def _signature(specs: Sequence[InputSpec]) -> str:
+    return "; ".join(spec.describe() for spec in specs)
+
+
 def _check_feed(arrays: Mapping[str, np.ndarray], specs: Sequence[InputSpec], where: str, *, batched: bool) -> None:
     expected = {spec.name: spec for spec in specs}
-    wanted = "; ".join(spec.describe() for spec in specs)
+    wanted = _signature(specs)
     missing = sorted(set(expected) - set(arrays))
     extra = sorted(set(arrays) - set(expected))
     if missing or extra:
@@ -198,15 +218,23 @@ def _check_feed(arrays: Mapping[str, np.ndarray], specs: Sequence[InputSpec], wh
                 )
 
 
+def _index(path: Path) -> int:
+    """``test_data_set_10`` and ``input_2.pb`` sort by their number, not as text."""
+    suffix = path.stem.rsplit("_", 1)[-1]
+    if not suffix.isdigit():
+        raise DataError(f"{path}: expected a numbered name like input_0.pb or test_data_set_0")
+    return int(suffix)
+
+
 def _is_test_data_folder(path: Path) -> bool:
     return path.name.startswith("test_data_set_") or any(path.glob("test_data_set_*"))
 
 
 def _test_data_feeds(path: Path, specs: Sequence[InputSpec]) -> list[Feed]:
-    sets = [path] if path.name.startswith("test_data_set_") else sorted(path.glob("test_data_set_*"))
+    sets = [path] if path.name.startswith("test_data_set_") else sorted(path.glob("test_data_set_*"), key=_index)
     feeds = []
     for folder in sets:
-        files = sorted(folder.glob("input_*.pb"), key=lambda p: int(p.stem.split("_")[-1]))
+        files = sorted(folder.glob("input_*.pb"), key=_index)
         if len(files) != len(specs):
             raise DataError(
                 f"{folder}: {len(files)} input_*.pb files, the model expects {len(specs)} inputs "
@@ -227,20 +255,26 @@ def _test_data_feeds(path: Path, specs: Sequence[InputSpec]) -> list[Feed]:
 
 
 def random_feeds(
-    specs: Sequence[InputSpec], *, shapes: Mapping[str, Sequence[int]], seed: int, count: int
+    specs: Sequence[InputSpec],
+    *,
+    shapes: Mapping[str, Sequence[int]],
+    seed: int,
+    count: int,
+    batch_size: int = 1,
 ) -> FeedSet:
-    """Seeded random feeds from the signature; dynamic dims: batch 1, others 64 or ``shapes``."""
+    """Seeded random feeds from the signature; dynamic dims: ``batch_size`` on axis 0, 64
+    elsewhere, unless ``shapes`` gives them."""
     unknown = sorted(set(shapes) - {s.name for s in specs})
     if unknown:
-        raise DataError(f"--shape names unknown input {', '.join(unknown)}; inputs: {', '.join(s.name for s in specs)}")
+        raise DataError(f"--shape names unknown input {', '.join(unknown)}; the model expects {_signature(specs)}")
     rng = np.random.default_rng(seed)
-    concrete = {spec.name: _concrete_shape(spec, shapes.get(spec.name)) for spec in specs}
+    concrete = {spec.name: _concrete_shape(spec, shapes.get(spec.name), batch_size) for spec in specs}
     feeds = [{spec.name: _random_array(rng, spec, concrete[spec.name]) for spec in specs} for _ in range(count)]
     described = ", ".join(f"{n}={list(s)}" for n, s in concrete.items())
     return FeedSet(feeds, f"random (seed {seed}; {described})", True)
 
 
-def _concrete_shape(spec: InputSpec, override: Sequence[int] | None) -> tuple[int, ...]:
+def _concrete_shape(spec: InputSpec, override: Sequence[int] | None, batch_size: int) -> tuple[int, ...]:
     if override is not None:
         if spec.shape and len(override) != len(spec.shape):
             raise DataError(f"--shape {spec.name}: {len(override)} dims given, the model expects {spec.describe()}")
@@ -250,7 +284,8 @@ def _concrete_shape(spec: InputSpec, override: Sequence[int] | None) -> tuple[in
         shape = tuple(override)
     else:
         shape = tuple(
-            d if isinstance(d, int) else (1 if axis == 0 else DEFAULT_DYNAMIC_DIM) for axis, d in enumerate(spec.shape)
+            d if isinstance(d, int) else (batch_size if axis == 0 else DEFAULT_DYNAMIC_DIM)
+            for axis, d in enumerate(spec.shape)
         )
     nbytes = math.prod(shape) * spec.dtype.itemsize
     if any(d < 0 for d in shape) or nbytes > MAX_RANDOM_INPUT_BYTES:

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from graphopt.errors import UsageError
 from graphopt.verify.feeds import Feed
 
 
@@ -53,12 +54,14 @@ def _timed_run(session: Any, feed: Feed) -> float:
 def measure(
     session: Any, feeds: Sequence[Feed], *, warmup: int = 3, runs: int = 50, max_seconds: float = 10.0
 ) -> LatencyStats:
-    """Median and p90 over up to ``runs`` runs (at least 5), stopping after ``max_seconds``."""
+    """Median and p90 over up to ``runs`` runs, stopping after ``max_seconds`` once 5 are done."""
+    if runs < 1 or warmup < 0:
+        raise UsageError(f"need runs >= 1 and warmup >= 0, got runs={runs}, warmup={warmup}")
     for i in range(warmup):
         _timed_run(session, feeds[i % len(feeds)])
     times: list[float] = []
     deadline = time.perf_counter() + max_seconds
-    while len(times) < runs and (len(times) < 5 or time.perf_counter() < deadline):
+    while len(times) < runs and (len(times) < min(5, runs) or time.perf_counter() < deadline):
         times.append(_timed_run(session, feeds[len(times) % len(feeds)]))
     return LatencyStats.from_seconds(times)
 

@@ -102,7 +102,7 @@ def _rows(array: np.ndarray) -> int:
 
 
 def _per_sample(array: np.ndarray) -> np.ndarray:
-    return array.reshape(_rows(array), -1).astype(np.float64)
+    return array.reshape(_rows(array), int(np.prod(array.shape[1:]))).astype(np.float64)
 
 
 def _compare_one(name: str, refs: list[np.ndarray], cands: list[np.ndarray]) -> OutputParity:
@@ -125,8 +125,8 @@ def _compare_one(name: str, refs: list[np.ndarray], cands: list[np.ndarray]) -> 
         max_abs=max_abs,
         mean_abs=float(diff.mean()) if diff.size else 0.0,
         max_rel=float(rel.max(initial=0.0)),
-        cosine_mean=float(cosines.mean()),
-        cosine_min=float(cosines.min()),
+        cosine_mean=float(cosines.mean()) if cosines.size else 1.0,  # nothing to disagree on
+        cosine_min=float(cosines.min()) if cosines.size else 1.0,
         top1=_top1(refs, cands),
         new_nonfinite=new_nonfinite,
     )
@@ -142,7 +142,8 @@ def _cosines(ref: np.ndarray, cand: np.ndarray) -> np.ndarray:
 
 
 def _top1(refs: list[np.ndarray], cands: list[np.ndarray]) -> float | None:
-    if refs[0].ndim == 0 or refs[0].shape[-1] < 2 or not np.issubdtype(refs[0].dtype, np.floating):
+    # A class axis needs a sample axis before it; argmax over the batch axis means nothing.
+    if refs[0].ndim < 2 or refs[0].shape[-1] < 2 or not np.issubdtype(refs[0].dtype, np.floating):
         return None
     agree = total = 0
     for r, c in zip(refs, cands):

@@ -79,5 +79,5 @@ def test_onnxsim_result_that_changes_outputs_is_refused(rng, monkeypatch):
 
 
 def test_unknown_option_names_the_valid_ones():
-    with pytest.raises(TypeError, match="valid options: check_n, fuse_bn, tolerance"):
+    with pytest.raises(TypeError, match="valid options: check_n, fuse_bn, max_growth, tolerance"):
         get_pass("simplify")(check=3)

@@ -176,8 +176,6 @@ def test_no_feeds_are_refused() -> None:
         compare_outputs([], [])
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="parity._per_sample: reshape(0, -1) fails on an empty output (e.g. zero detections)")
 def test_empty_outputs_compare_as_equal() -> None:
     boxes = np.zeros((0, 4), dtype=np.float32)  # a detector that found nothing, on both sides
 
