@@ -150,4 +150,4 @@ def _top1(refs: list[np.ndarray], cands: list[np.ndarray]) -> float | None:
         same = np.argmax(r, axis=-1) == np.argmax(c, axis=-1)
         agree += int(np.count_nonzero(same))
         total += same.size
-    return agree / total
+    return agree / total if total else None
