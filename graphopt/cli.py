@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="output .onnx (never the input)")
     p.add_argument("--recipe", default="lossless", help="built-in recipe name or a .toml file (default lossless)")
     p.add_argument("--report", help="write the JSON report here")
+    p.add_argument("--calib", metavar="DATA", help="calibration data (any --data format) for quantization recipes")
+    p.add_argument("--cache-dir", help="per-machine speed profile cache (default ~/.cache/graphopt)")
     p.add_argument("--no-latency", action="store_true", help="skip the before/after latency measurement")
     p.add_argument("--external-data", action=argparse.BooleanOptionalAction, default=None,
                    help="store weights in OUTPUT.data (default: as the input, or above ~1.8 GB)")
@@ -122,6 +124,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_bench)
 
+    p = sub.add_parser("package", help="edge bundle: .onnx, verified .ort, operator config, manifest")
+    p.add_argument("model")
+    p.add_argument("-o", "--output", required=True, help="bundle.zip, or a folder (never the input)")
+    p.add_argument("--target", help="built-in target name or a .toml file: operator allow-list, opset range")
+    p.add_argument("--report", help="optimize --report JSON to embed in the manifest")
+    p.add_argument("--max-abs", type=float, default=1e-4,
+                   help="largest .ort vs .onnx output difference, at most (default 1e-4)")
+    p.add_argument("--data", metavar="DATA", help=".npz (samples on axis 0), folder of .npz, or ONNX "
+                   "test_data_set_* folder; default: seeded random inputs (weaker evidence)")
+    p.add_argument("--batch-size", type=_positive_int, default=1, help="samples per run (default 1)")
+    p.add_argument("--shape", action="append", default=[], metavar="NAME=D1,D2,...",
+                   help="concrete shape of a dynamic input for random feeds (repeatable)")
+    p.add_argument("--threads", type=_positive_int, default=1,
+                   help="onnxruntime threads of the verification (default 1, so the manifest does not "
+                   "depend on the machine's core count)")
+    p.add_argument("--seed", type=int, default=0, help="seed of random feeds (default 0)")
+    _add_common(p)
+    p.set_defaults(func=cmd_package)
+
     p = sub.add_parser("recipes", help="list built-in recipes and passes")
     _add_common(p)
     p.set_defaults(func=cmd_recipes)
@@ -149,6 +170,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     options = OptimizeOptions(
         recipe=args.recipe,
         data=args.data,
+        calib=args.calib,
+        cache_dir=args.cache_dir,
         batch_size=args.batch_size,
         shapes=parse_shape_overrides(args.shape),
         thresholds=_thresholds(args),
@@ -274,6 +297,31 @@ def cmd_bench(args: argparse.Namespace) -> int:
     peak_text = f", peak RSS {result['peak_rss_mib']:.0f} MiB" if result["peak_rss_mib"] else ""
     print(f"{loaded.path.name}: median {stats.median_ms:.3f} ms, p90 {stats.p90_ms:.3f} ms over {stats.runs} runs "
           f"({threads} threads{peak_text}; {'random inputs' if feeds.synthetic else feeds.source})")
+    return EXIT_OK
+
+
+def cmd_package(args: argparse.Namespace) -> int:
+    from graphopt.package import PackageOptions, package
+    from graphopt.verify.feeds import parse_shape_overrides
+
+    options = PackageOptions(
+        data=args.data,
+        batch_size=args.batch_size,
+        shapes=parse_shape_overrides(args.shape),
+        seed=args.seed,
+        threads=args.threads,
+        max_abs=args.max_abs,
+        target=args.target,
+        report=args.report,
+    )
+    manifest = package(args.model, args.output, options)
+    if not args.quiet:
+        verification = manifest["verification"]
+        print(f"wrote {args.output}: manifest.json, {', '.join(f['path'] for f in manifest['files'])}")
+        print(f"{manifest['ort']['file']} matches {manifest['model']['file']}: max abs "
+              f"{verification['parity']['max_abs']:.3g} (budget {verification['max_abs_budget']:.3g}) on "
+              f"{verification['data']['samples']} samples"
+              + (" of random inputs" if verification["data"]["synthetic"] else f" from {verification['data']['source']}"))
     return EXIT_OK
 
 

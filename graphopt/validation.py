@@ -157,16 +157,20 @@ def _check_acyclic(graph: onnx.GraphProto, name: str, available: set[str]) -> No
 
 
 def check_finite_weights(model: ir.Model, name: str) -> None:
-    """NaN or Inf in a float weight poisons every pass and every output."""
+    """NaN in any float constant, or Inf in a weight, poisons every pass and every output.
+
+    A single-element ±Inf constant is allowed: exporters use it as a mask fill value
+    (attention masks, ``where(mask, x, -inf)``)."""
     for tensor_name, tensor in _constant_tensors(model.graph):
         if tensor.dtype not in _FLOAT_TYPES:
             continue
         flat = tensor.numpy().reshape(-1)
         for start in range(0, flat.size, 1 << 24):
             chunk = flat[start : start + (1 << 24)].astype(np.float32)
-            if not np.isfinite(chunk).all():
-                kind = "NaN" if np.isnan(chunk).any() else "Inf"
-                raise InvalidModelError(f"{name}: weight '{tensor_name}' contains {kind} values")
+            if np.isnan(chunk).any():
+                raise InvalidModelError(f"{name}: weight '{tensor_name}' contains NaN values")
+            if flat.size > 1 and np.isinf(chunk).any():
+                raise InvalidModelError(f"{name}: weight '{tensor_name}' contains Inf values")
 
 
 def _constant_tensors(graph: ir.Graph) -> Iterator[tuple[str, ir.TensorProtocol]]:

@@ -1,6 +1,7 @@
 """Graph passes. Importing this package registers every built-in pass."""
 
-from graphopt.passes import cleanup, lift_constants, simplify, upgrade_opset  # noqa: F401  (registration)
+from graphopt.passes import cleanup, lift_constants, quantize, simplify, upgrade_opset  # noqa: F401  (registration)
+from graphopt.passes import quantize_codebook  # noqa: F401  (registration)
 from graphopt.passes.base import GraphoptPass, PassResult
 from graphopt.passes.pipeline import Pipeline, PipelineResult, StepRecord
 from graphopt.passes.registry import available_passes, get_pass, register

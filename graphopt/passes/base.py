@@ -17,6 +17,17 @@ class PassResult(ir.passes.PassResult):
     details: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
+@dataclasses.dataclass(frozen=True)
+class PassContext:
+    """What a run gives every pass besides the model: calibration feeds (``--calib``), the
+    thread count for any measurement, and a folder for per-machine caches."""
+
+    calibration: Any = None  # graphopt.verify.feeds.FeedSet
+    threads: int | None = None
+    cache_dir: str | None = None
+    budget: Any = None  # graphopt.verify.gate.Thresholds the result must meet
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class NoOptions:
     """For passes that take no options."""
@@ -45,6 +56,15 @@ class GraphoptPass(ir.passes.PassBase):
                 f"valid options: {', '.join(sorted(valid)) or '(none)'}"
             )
         self.options = self.Options(**options)
+        self.context = PassContext()
+
+    def calibration_feeds(self) -> Any:
+        """The calibration FeedSet; a DataError naming this pass when the run has none."""
+        from graphopt.errors import DataError
+
+        if self.context.calibration is None:
+            raise DataError(f"pass '{self.name}' needs calibration data: give --calib DATA")
+        return self.context.calibration
 
     @property
     def changes_input(self) -> bool:  # type: ignore[override]

@@ -12,7 +12,7 @@ from typing import Any
 import onnx_ir as ir
 
 from graphopt.errors import GraphoptError, PassFailed
-from graphopt.passes.base import GraphoptPass, PassResult
+from graphopt.passes.base import GraphoptPass, PassContext, PassResult
 
 logger = logging.getLogger(__name__)
 
@@ -68,9 +68,13 @@ def weight_bytes(model: ir.Model) -> int:
 class Pipeline:
     """An ordered list of passes; ``check`` runs after every pass that modified the model."""
 
-    def __init__(self, passes: Sequence[GraphoptPass], *, check: ModelCheck | None = None) -> None:
+    def __init__(
+        self, passes: Sequence[GraphoptPass], *, check: ModelCheck | None = None, context: PassContext | None = None
+    ) -> None:
         self.passes = list(passes)
         self.check = check
+        for pass_ in self.passes:
+            pass_.context = context or PassContext()
 
     def run(self, model: ir.Model) -> PipelineResult:
         steps = []

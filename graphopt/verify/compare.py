@@ -77,13 +77,13 @@ def compare_files(
         if reference is None:
             logger.info("running the base model on %d feeds (reference, optimizations off)", len(feeds.feeds))
             reference = reference_outputs(base, feeds)
-        candidate_session = make_session(candidate, optimize=True, threads=threads, spinning=not measure_latency)
+        candidate_session = make_session(candidate, optimize=True, threads=threads)
         logger.info("running the candidate on %d feeds", len(feeds.feeds))
         parity = compare_outputs(reference, run_outputs(candidate_session, feeds.feeds))
         ab = None
         if measure_latency:
             logger.info("measuring latency (interleaved A/B, %d threads)", threads)
-            base_session = make_session(base, optimize=True, threads=threads, spinning=False)
+            base_session = make_session(base, optimize=True, threads=threads)
             ab = latency_mod.compare_interleaved(base_session, candidate_session, feeds.feeds, threads=threads)
     checks = evaluate(
         thresholds,

@@ -42,7 +42,7 @@ class ABLatency:
 
     def to_dict(self) -> dict[str, Any]:
         return {"a": dataclasses.asdict(self.a), "b": dataclasses.asdict(self.b),
-                "ratio": self.ratio, "threads": self.threads, "mode": "interleaved"}
+                "ratio": self.ratio, "threads": self.threads, "mode": "interleaved blocks"}
 
 
 def _timed_run(session: Any, feed: Feed) -> float:
@@ -75,23 +75,29 @@ def compare_interleaved(
     warmup: int = 3,
     rounds: int = 50,
     max_seconds: float = 20.0,
+    block: int = 3,
 ) -> ABLatency:
-    """Run A, B, A, B … on the same feeds; each round's pair shares the machine's state."""
+    """Alternate short blocks of runs, A then B then B then A …, on the same feeds.
+
+    Both sessions keep onnxruntime's default idle-thread spinning (as deployed). The first
+    run of each block is discarded: it shares the cores with the other session's threads
+    still spinning down. Alternating the order of the blocks cancels what remains.
+    """
     for i in range(warmup):
         _timed_run(session_a, feeds[i % len(feeds)])
         _timed_run(session_b, feeds[i % len(feeds)])
-    times_a: list[float] = []
-    times_b: list[float] = []
+    times = {"a": [], "b": []}
+    sessions = {"a": session_a, "b": session_b}
     deadline = time.perf_counter() + max_seconds
-    while len(times_a) < rounds and (len(times_a) < 5 or time.perf_counter() < deadline):
-        feed = feeds[len(times_a) % len(feeds)]
-        if len(times_a) % 2:  # alternate who goes first so caches favour neither
-            times_b.append(_timed_run(session_b, feed))
-            times_a.append(_timed_run(session_a, feed))
-        else:
-            times_a.append(_timed_run(session_a, feed))
-            times_b.append(_timed_run(session_b, feed))
-    return ABLatency(LatencyStats.from_seconds(times_a), LatencyStats.from_seconds(times_b), threads)
+    index = 0
+    while len(times["a"]) < rounds and (len(times["a"]) < 5 or time.perf_counter() < deadline):
+        order = ("a", "b") if (index // block) % 2 == 0 else ("b", "a")
+        for key in order:
+            _timed_run(sessions[key], feeds[index % len(feeds)])  # discarded: see docstring
+            for offset in range(block):
+                times[key].append(_timed_run(sessions[key], feeds[(index + offset) % len(feeds)]))
+        index += block
+    return ABLatency(LatencyStats.from_seconds(times["a"]), LatencyStats.from_seconds(times["b"]), threads)
 
 
 _STATUS = Path("/proc/self/status")

@@ -24,13 +24,9 @@ def default_threads() -> int:
     return os.cpu_count() or 1
 
 
-def make_session(
-    model: str | os.PathLike | bytes, *, optimize: bool = True, threads: int | None = None, spinning: bool = True
-) -> Any:
+def make_session(model: str | os.PathLike | bytes, *, optimize: bool = True, threads: int | None = None) -> Any:
     """An onnxruntime CPU session. ``optimize=False`` turns graph optimizations off, so that a
-    reference run cannot hide a broken rewrite behind the runtime's own fusions.
-    ``spinning=False`` stops idle worker threads from busy-waiting: two sessions timed in
-    turn would otherwise steal cores from each other."""
+    reference run cannot hide a broken rewrite behind the runtime's own fusions."""
     ort = _ort()
     options = ort.SessionOptions()
     options.graph_optimization_level = (
@@ -39,8 +35,6 @@ def make_session(
     options.intra_op_num_threads = threads or default_threads()
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    if not spinning:
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     source = model if isinstance(model, bytes) else str(model)
     try:
         return ort.InferenceSession(source, sess_options=options, providers=["CPUExecutionProvider"])

@@ -249,7 +249,7 @@ def test_ab_ratio_with_a_zero_median_base_is_infinite() -> None:
 @pytest.fixture
 def linear_session(save: Callable[[onnx.ModelProto, str], Path]) -> Any:
     # X float[N,4] → MatMul W → Add b → Y
-    return make_session(save(linear_model(), "linear.onnx"), optimize=True, threads=1, spinning=False)
+    return make_session(save(linear_model(), "linear.onnx"), optimize=True, threads=1)
 
 
 def test_measure_returns_ordered_statistics(linear_session: Any) -> None:
@@ -265,7 +265,7 @@ def test_measure_returns_ordered_statistics(linear_session: Any) -> None:
 def test_interleaved_comparison_times_both_sessions_alike(
     linear_session: Any, save: Callable[[onnx.ModelProto, str], Path]
 ) -> None:
-    other = make_session(save(linear_model(1.5), "other.onnx"), optimize=True, threads=1, spinning=False)
+    other = make_session(save(linear_model(1.5), "other.onnx"), optimize=True, threads=1)
     feeds = load_feeds(None, specs_of(linear_model()), random_samples=2).feeds
 
     ab = compare_interleaved(linear_session, other, feeds, threads=1, warmup=1, rounds=6)
@@ -273,4 +273,4 @@ def test_interleaved_comparison_times_both_sessions_alike(
     assert ab.a.runs == ab.b.runs == 6
     assert ab.a.median_ms <= ab.a.p90_ms and ab.b.median_ms <= ab.b.p90_ms
     assert math.isfinite(ab.ratio) and ab.ratio > 0
-    assert ab.to_dict()["mode"] == "interleaved" and ab.to_dict()["threads"] == 1
+    assert ab.to_dict()["mode"] == "interleaved blocks" and ab.to_dict()["threads"] == 1

@@ -1,0 +1,354 @@
+"""`graphopt package`: a verified, reproducible edge bundle of one model.
+
+Load (safely) → check the target → stage beside the output: the ``.onnx`` copied byte-exact
+with its external data, an ORT-format copy and the required-operators ``.config`` from
+onnxruntime's own converter → verify that the ``.ort`` computes what the ``.onnx`` computes →
+``SUMMARY.txt`` and ``manifest.json`` → commit atomically, as a zip or a folder.
+
+Packaging the same model twice gives the same bytes: zip members have fixed dates, order and
+permissions; the manifest holds no dates and no absolute paths; and the ``.ort`` is rewritten
+into a canonical form, because onnxruntime serializes one of its tables from a hash map
+whose order changes from process to process (see ``graphopt.targets.ortformat``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import zipfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from graphopt import __version__
+from graphopt.describe import describe
+from graphopt.errors import GateFailed, InputError, UsageError
+from graphopt.io import LoadedModel, load_model
+from graphopt.report import to_json
+from graphopt.targets import Target, check_model, load_target
+from graphopt.targets.ortformat import convert_to_ort
+
+logger = logging.getLogger(__name__)
+
+BUNDLE_FORMAT = "graphopt-bundle/1"
+MANIFEST = "manifest.json"
+SUMMARY = "SUMMARY.txt"
+DEFAULT_MAX_ABS = 1e-4
+_ZIP_DATE = (1980, 1, 1, 0, 0, 0)
+_FILE_MODE = 0o644
+_DIR_MODE = 0o755
+_MODEL_KEYS = ("ir_version", "producer", "opsets", "inputs", "outputs", "nodes", "ops", "parameters")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PackageOptions:
+    data: str | Path | None = None
+    batch_size: int = 1
+    shapes: Mapping[str, Sequence[int]] = dataclasses.field(default_factory=dict)
+    seed: int = 0
+    # One thread by default: the parity numbers in the manifest must not depend on the core count.
+    threads: int = 1
+    max_abs: float = DEFAULT_MAX_ABS
+    target: str | Path | None = None
+    report: str | Path | None = None
+
+
+def package(model_path: str | os.PathLike, output: str | os.PathLike, options: PackageOptions) -> dict[str, Any]:
+    """Write the bundle of ``model_path`` to ``output`` (``.zip``: a zip file; otherwise a
+    folder) and return its manifest. Nothing is written unless the ``.ort`` loads in
+    onnxruntime and matches the ``.onnx`` within ``options.max_abs`` (else GateFailed)."""
+    from graphopt.verify.feeds import input_specs, load_feeds
+
+    out = Path(output)
+    as_zip = out.suffix.lower() == ".zip"
+    target = load_target(options.target) if options.target is not None else None
+    _check_output(out, as_zip, [Path(model_path), *(Path(p) for p in (options.report, options.data) if p)])
+    loaded = load_model(model_path)
+    _check_output(out, as_zip, list(loaded.files))
+    if target is not None:
+        check_model(target, loaded.model, loaded.path.name)
+    report = _load_report(Path(options.report)) if options.report else None
+    feeds = load_feeds(options.data, input_specs(loaded.model), batch_size=options.batch_size,
+                       shapes=options.shapes, seed=options.seed)
+    if options.data is not None:
+        feeds.source = Path(feeds.source).name  # the manifest names nothing of the machine
+
+    # Absolute: the converter runs in a folder of its own.
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".graphopt-tmp", dir=out.parent)).resolve()
+    try:
+        bundle = staging / "bundle"
+        names = _bundle_names(loaded)
+        _copy_model(loaded, bundle, names["model"])
+        conversion = _convert(bundle / names["model"], bundle, names, target, staging / "convert")
+        verification = _verify(bundle / names["model"], bundle / names["ort"], feeds, options)
+        manifest = _manifest(loaded, names, target, conversion, verification, report)
+        files = [_file_entry(bundle, name) for name in _bundle_files(bundle)]
+        (bundle / SUMMARY).write_text(_summary_text(manifest, files), encoding="utf-8")
+        manifest["files"] = [_file_entry(bundle, SUMMARY), *files]
+        (bundle / MANIFEST).write_text(to_json(manifest), encoding="utf-8")
+        _normalize_tree(bundle)
+        if as_zip:
+            _write_zip(bundle, staging / "bundle.zip")
+            os.replace(staging / "bundle.zip", out)
+        else:
+            _commit_folder(bundle, out, staging / "previous")
+        _fsync_dir(out.parent)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return manifest
+
+
+# -- output ----------------------------------------------------------------------------------
+
+
+def _check_output(out: Path, as_zip: bool, inputs: list[Path]) -> None:
+    """Refuse an output that would overwrite or swallow an input, or replace a stranger's folder."""
+    for source in inputs:
+        if out.resolve() == source.resolve() or (out.exists() and source.exists() and os.path.samefile(out, source)):
+            raise UsageError(f"{out}: output would overwrite the input file {source}")
+        if not as_zip and source.resolve().is_relative_to(out.resolve()):
+            raise UsageError(f"{out}: output folder holds the input file {source}; choose another -o")
+    if not out.parent.is_dir():
+        raise UsageError(f"{out}: output folder {out.parent} does not exist")
+    if as_zip and out.is_dir():
+        raise UsageError(f"{out}: is a folder; a .zip output must be a file")
+    if not as_zip and out.exists() and not _is_replaceable_folder(out):
+        raise UsageError(f"{out}: exists and is not a graphopt bundle folder; choose another -o or remove it")
+
+
+def _is_replaceable_folder(path: Path) -> bool:
+    if not path.is_dir() or path.is_symlink():
+        return False
+    if not any(path.iterdir()):
+        return True
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        return json.loads((path / MANIFEST).read_text(encoding="utf-8")).get("format") == BUNDLE_FORMAT
+    return False
+
+
+def _commit_folder(bundle: Path, out: Path, previous: Path) -> None:
+    """Rename the staged folder into place; an earlier bundle there moves into staging first
+    (and is deleted with it)."""
+    if out.exists():
+        if not _is_replaceable_folder(out):  # it changed since the first check
+            raise UsageError(f"{out}: exists and is not a graphopt bundle folder; choose another -o or remove it")
+        os.rename(out, previous)
+    try:
+        os.rename(bundle, out)
+    except BaseException:
+        if previous.exists():
+            os.rename(previous, out)
+        raise
+
+
+def _write_zip(bundle: Path, path: Path) -> None:
+    """Stored (not deflated) members: the bytes do not depend on the zlib build, and an app can
+    read the .ort straight out of the zip. Fixed date, permissions and order."""
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as archive:
+        for name in _bundle_files(bundle):
+            info = zipfile.ZipInfo(name, date_time=_ZIP_DATE)
+            info.create_system = 3  # Unix, so that external_attr carries the permissions
+            info.external_attr = (0o100000 | _FILE_MODE) << 16
+            info.file_size = (bundle / name).stat().st_size
+            with open(bundle / name, "rb") as source, archive.open(info, "w") as member:
+                shutil.copyfileobj(source, member, 1 << 20)
+    _fsync(path)
+
+
+def _bundle_files(bundle: Path) -> list[str]:
+    """Manifest and summary first, then every other file by path."""
+    rest = sorted(p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file())
+    return [name for name in (MANIFEST, SUMMARY) if name in rest] + [n for n in rest if n not in (MANIFEST, SUMMARY)]
+
+
+def _normalize_tree(bundle: Path) -> None:
+    for path in sorted(bundle.rglob("*")):
+        os.chmod(path, _DIR_MODE if path.is_dir() else _FILE_MODE)
+        if path.is_file():
+            _fsync(path)
+    os.chmod(bundle, _DIR_MODE)
+
+
+# -- staging ---------------------------------------------------------------------------------
+
+
+def _bundle_names(loaded: LoadedModel) -> dict[str, str]:
+    # onnxruntime's converter only takes files ending in .onnx.
+    model = loaded.path.name if loaded.path.suffix.lower() == ".onnx" else loaded.path.name + ".onnx"
+    stem = model[: -len(".onnx")]
+    names = {"model": model, "ort": f"{stem}.ort", "config": f"{stem}.required_operators_and_types.config"}
+    taken = {MANIFEST, SUMMARY, names["ort"], names["config"]}
+    for data in loaded.files[1:]:
+        relative = data.relative_to(loaded.path.parent).as_posix()
+        if relative in taken:
+            raise InputError(f"{loaded.path}: external data file '{relative}' has the name of a bundle file")
+    return names
+
+
+def _copy_model(loaded: LoadedModel, bundle: Path, name: str) -> None:
+    """The .onnx and its external data, byte for byte, at the same relative paths."""
+    bundle.mkdir()
+    shutil.copyfile(loaded.path, bundle / name)
+    for data in loaded.files[1:]:
+        target = bundle / data.relative_to(loaded.path.parent)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(data, target)
+
+
+def _convert(model: Path, bundle: Path, names: dict[str, str], target: Target | None, work: Path) -> dict[str, Any]:
+    level = target.optimization_level if target else "all"
+    platform = target.platform if target else None
+    logger.info("converting %s to ORT format (optimization level %s)", model.name, level)
+    return convert_to_ort(model, ort_path=bundle / names["ort"], config_path=bundle / names["config"],
+                          level=level, platform=platform, work=work)
+
+
+# -- verification ----------------------------------------------------------------------------
+
+
+def _verify(onnx_path: Path, ort_path: Path, feeds: Any, options: PackageOptions) -> dict[str, Any]:
+    """The .ort as deployed (optimizations on) against the .onnx with optimizations off, the
+    reference. Against the .onnx as onnxruntime optimizes it too: where only the first differs,
+    onnxruntime's own fusions (int8 QDQ kernels round differently) make the difference, not the
+    conversion, and the error says so."""
+    from graphopt.verify.gate import Thresholds, evaluate, failures
+    from graphopt.verify.parity import compare_outputs, run_outputs
+    from graphopt.verify.runtime import make_session
+
+    logger.info("verifying %s against %s on %s", ort_path.name, onnx_path.name, feeds.source)
+    outputs = {
+        name: run_outputs(make_session(path, optimize=optimize, threads=options.threads), feeds.feeds)
+        for name, path, optimize in (("reference", onnx_path, False), ("optimized", onnx_path, True),
+                                     ("ort", ort_path, True))
+    }
+    parity = compare_outputs(outputs["reference"], outputs["ort"])
+    as_optimized = compare_outputs(outputs["optimized"], outputs["ort"])
+    checks = evaluate(Thresholds(max_abs=options.max_abs), parity)
+    failed = failures(checks)
+    if failed:
+        hint = ""
+        if as_optimized.max_abs <= options.max_abs:
+            hint = (f"; against {onnx_path.name} as onnxruntime optimizes it: max abs {as_optimized.max_abs:.3g}, "
+                    "so onnxruntime's own fusions make the difference, not the conversion (--max-abs accepts it)")
+        raise GateFailed(f"bundle not written: {ort_path.name} differs from {onnx_path.name} (optimizations off): "
+                         + "; ".join(c.message for c in failed) + hint, [c.name for c in failed])
+    return {
+        "data": feeds.describe(),
+        "threads": options.threads,
+        "max_abs_budget": options.max_abs,
+        "parity": parity.to_dict(),
+        "optimized_onnx": {"max_abs": as_optimized.max_abs, "cosine_min": as_optimized.cosine_min},
+        "checks": [c.to_dict() for c in checks],
+        "passed": True,
+    }
+
+
+# -- manifest and summary --------------------------------------------------------------------
+
+
+def _load_report(path: Path) -> dict[str, Any]:
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UsageError(f"{path}: cannot read the optimization report ({exc})") from None
+    if not isinstance(report, dict):
+        raise UsageError(f"{path}: not an optimization report (expected a JSON object)")
+    return _without_absolute_paths(report)
+
+
+def _without_absolute_paths(value: Any) -> Any:
+    """Absolute paths become file names: a manifest names nothing of the machine that built it."""
+    if isinstance(value, dict):
+        return {k: _without_absolute_paths(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_absolute_paths(v) for v in value]
+    if isinstance(value, str) and os.path.isabs(value):
+        return Path(value).name
+    return value
+
+
+def _manifest(loaded: LoadedModel, names: dict[str, str], target: Target | None, conversion: dict[str, Any],
+              verification: dict[str, Any], report: dict[str, Any] | None) -> dict[str, Any]:
+    from graphopt.verify.runtime import onnxruntime_version
+
+    info = describe(loaded)
+    return {
+        "format": BUNDLE_FORMAT,
+        "graphopt": __version__,
+        "onnxruntime": onnxruntime_version(),
+        "model": {"file": names["model"], **{key: info[key] for key in _MODEL_KEYS},
+                  "external_data": [f.relative_to(loaded.path.parent).as_posix() for f in loaded.files[1:]]},
+        "ort": {"file": names["ort"], "config": names["config"], **conversion},
+        "target": target.to_dict() if target else None,
+        "verification": verification,
+        "optimization": report,
+    }
+
+
+def _file_entry(bundle: Path, name: str) -> dict[str, Any]:
+    digest = hashlib.sha256()
+    with open(bundle / name, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return {"path": name, "bytes": (bundle / name).stat().st_size, "sha256": digest.hexdigest()}
+
+
+def _signature(value: dict[str, Any]) -> str:
+    dims = "?" if value["shape"] is None else ",".join("?" if d is None else str(d) for d in value["shape"])
+    return f"{value['name']}: {value['dtype']}[{dims}]"
+
+
+def _summary_text(manifest: dict[str, Any], files: list[dict[str, Any]]) -> str:
+    model, ort, verification = manifest["model"], manifest["ort"], manifest["verification"]
+    parity, data = verification["parity"], verification["data"]
+    target = manifest["target"]
+    lines = [
+        f"graphopt edge bundle of {model['file']} (graphopt {manifest['graphopt']}, "
+        f"onnxruntime {manifest['onnxruntime']})",
+        "",
+        *(f"input   {_signature(v)}" for v in model["inputs"]),
+        *(f"output  {_signature(v)}" for v in model["outputs"]),
+        "opsets  " + ", ".join(f"{d} {v}" for d, v in model["opsets"].items()),
+        f"target  {target['name']}: {target['description']}" if target else "target  none (no operator allow-list)",
+        "",
+        "files",
+        *(f"  {f['path']:<48} {f['bytes']:>12,} bytes  sha256 {f['sha256'][:16]}…" for f in files),
+        "",
+        f"{ort['file']}: ORT format, optimization level '{ort['optimization_level']}', "
+        f"platform {ort['platform'] or 'any'}",
+        f"minimal onnxruntime build: --minimal_build --include_ops_by_config {ort['config']} "
+        "--enable_reduced_operator_type_support",
+        "operators  " + ", ".join(ort["operators"]),
+        "",
+        f"verification: {ort['file']} (optimizations on) against {model['file']} (optimizations off) on "
+        f"{data['samples']} samples from {data['source']}" + (" — random inputs, weak evidence" if data["synthetic"]
+                                                              else ""),
+        f"  max abs {parity['max_abs']:.3g} (budget {verification['max_abs_budget']:.3g}), "
+        f"cosine min {parity['cosine_min']:.6f}",
+        f"  against {model['file']} as onnxruntime optimizes it: max abs "
+        f"{verification['optimized_onnx']['max_abs']:.3g}",
+        "",
+        "manifest.json lists every file with its size and sha256.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+

@@ -1,0 +1,144 @@
+"""Per-machine speed profile of int8 layer forms, cached so that choices are reproducible.
+
+For each layer *signature* (op kind, weight shape, input shape, attributes) a one-node model
+is timed in its float form and its int8 compute form (dynamic for MatMul/Gemm, QDQ for
+Conv/ConvTranspose) in interleaved blocks. Results are stored in a JSON cache keyed by CPU,
+onnxruntime version and thread count: the first run on a machine measures, every later run
+reads the same numbers and so writes the same bytes. The one-node int8 form pays its
+conversions on both sides, which a chain of quantized layers would share: the profile errs
+towards float, never towards a slower model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from graphopt.passes.quantize.targets import WeightUse
+
+logger = logging.getLogger(__name__)
+
+PROFILE_VERSION = 1
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("GRAPHOPT_CACHE_DIR") or Path.home() / ".cache" / "graphopt")
+
+
+def machine_key(threads: int) -> str:
+    import onnxruntime
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu} | onnxruntime {onnxruntime.__version__} | {threads} threads | v{PROFILE_VERSION}"
+
+
+def signature(use: WeightUse, input_shape: tuple[int, ...], mode: str) -> str:
+    attrs = {k: (list(v.value) if isinstance(v.value, (list, tuple)) else v.value)
+             for k, v in sorted(use.node.attributes.items())}
+    text = json.dumps([use.kind, mode, list(use.weight.const_value.shape.numpy()), list(input_shape), attrs],
+                      sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+class SpeedProfile:
+    """``speedup(use, shape, mode)``: float time / int8 time for that layer signature."""
+
+    def __init__(self, cache_dir: Path, threads: int) -> None:
+        self.path = cache_dir / "speed-profile.json"
+        self.threads = threads
+        self.key = machine_key(threads)
+        self.measured = 0
+        self.reused = 0
+        self._data = self._read()
+
+    def _read(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def save(self) -> None:
+        if not self.measured:
+            return
+        from graphopt.report import to_json, write_text
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_text(self.path, to_json(self._data))
+
+    def timings(self, use: WeightUse, input_shape: tuple[int, ...], mode: str) -> dict[str, float]:
+        entries = self._data.setdefault(self.key, {})
+        sig = signature(use, input_shape, mode)
+        if sig not in entries:
+            entries[sig] = _measure(use, input_shape, mode, self.threads)
+            self.measured += 1
+        else:
+            self.reused += 1
+        return entries[sig]
+
+
+def _one_node_models(use: WeightUse, input_shape: tuple[int, ...], mode: str) -> tuple[bytes, bytes]:
+    """The layer alone, float and int8, with its real weight and bias."""
+    from graphopt.passes.quantize.dynamic import _ActivationQuantizer, encode_dynamic
+    from graphopt.passes.quantize.static import ActivationParams, _QdqInserter, encode_static
+    from graphopt.passes.quantize.targets import weight_use
+
+    def build() -> tuple[ir.Model, WeightUse]:
+        x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(input_shape))
+        inputs: list[ir.Value | None] = [x]
+        graph = ir.Graph([x], [], nodes=[], opset_imports={"": 17}, name="layer")
+        for index, value in enumerate(use.node.inputs[1:], start=1):
+            if value is None or value.const_value is None:
+                inputs.append(None)
+                continue
+            copy = ir.Value(name=f"c{index}", const_value=ir.tensor(value.const_value.numpy(), name=f"c{index}"))
+            graph.register_initializer(copy)
+            inputs.append(copy)
+        attrs = {k: v for k, v in use.node.attributes.items()}
+        node = ir.Node("", use.kind, inputs, attributes=list(attrs.values()), name="layer")
+        graph.append(node)
+        node.outputs[0].name = "y"
+        node.outputs[0].dtype = ir.DataType.FLOAT
+        graph.outputs.append(node.outputs[0])
+        model = ir.Model(graph, ir_version=8)
+        found, _ = weight_use(node, graph)
+        return model, found
+
+    float_model, _ = build()
+    int8_model, layer = build()
+    if mode == "dynamic":
+        encode_dynamic(int8_model.graph, layer, _ActivationQuantizer(int8_model.graph), layer.node.inputs[0])
+    else:
+        params = ActivationParams(scale=0.02, zero_point=128)
+        encode_static(int8_model.graph, layer, _QdqInserter(int8_model.graph), params, params)
+    return (ir.serde.serialize_model(float_model).SerializeToString(),
+            ir.serde.serialize_model(int8_model).SerializeToString())
+
+
+def _measure(use: WeightUse, input_shape: tuple[int, ...], mode: str, threads: int) -> dict[str, float]:
+    from graphopt.verify.latency import compare_interleaved
+    from graphopt.verify.runtime import make_session
+
+    float_bytes, int8_bytes = _one_node_models(use, input_shape, mode)
+    rng = np.random.default_rng(0)
+    feeds = [{"x": rng.standard_normal(input_shape).astype(np.float32)} for _ in range(4)]
+    ab = compare_interleaved(make_session(float_bytes, threads=threads), make_session(int8_bytes, threads=threads),
+                             feeds, threads=threads, rounds=30, max_seconds=3.0)
+    logger.debug("profiled %s %s %s: %.3f ms float, %.3f ms int8", use.kind, mode, input_shape,
+                 ab.a.median_ms, ab.b.median_ms)
+    return {"float_ms": round(ab.a.median_ms, 5), "int8_ms": round(ab.b.median_ms, 5)}

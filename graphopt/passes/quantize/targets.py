@@ -1,0 +1,134 @@
+"""Which weights can be quantized, and small graph-editing helpers shared by the
+quantization passes. Knows op semantics (where the weight is, which axis is the output
+channel); knows nothing about modes."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+
+import numpy as np
+import onnx_ir as ir
+
+WEIGHT_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "Gather")
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightUse:
+    """One node reading one constant float weight."""
+
+    node: ir.Node
+    input_index: int
+    weight: ir.Value
+    channel_axis: int  # the output-channel axis of the weight tensor
+
+    @property
+    def kind(self) -> str:
+        return self.node.op_type
+
+    @property
+    def name(self) -> str:
+        return self.node.name or self.weight.name or "?"
+
+
+def _constant_float(value: ir.Value | None, graph: ir.Graph) -> bool:
+    return (
+        value is not None
+        and value.const_value is not None
+        and value.name in graph.initializers
+        and not value.is_graph_input()
+        and value.const_value.dtype == ir.DataType.FLOAT
+    )
+
+
+def weight_use(node: ir.Node, graph: ir.Graph) -> tuple[WeightUse | None, str]:
+    """The node's quantizable weight, or None and the reason it has none."""
+    if node.domain not in ("", "ai.onnx"):
+        return None, "not a default-domain op"
+    op, inputs = node.op_type, node.inputs
+    if op == "Gather":
+        data = inputs[0]
+        if not _constant_float(data, graph) or len(data.const_value.shape) != 2:
+            return None, "data is not a constant 2-D float table"
+        if node.attributes.get_int("axis", 0) != 0:
+            return None, "gathers along an axis other than 0"
+        return WeightUse(node, 0, data, 0), ""
+    if op not in WEIGHT_OPS or len(inputs) < 2:
+        return None, f"{op} has no weight input"
+    weight = inputs[1]
+    if not _constant_float(weight, graph):
+        return None, "weight is not a constant float initializer"
+    ndim = len(weight.const_value.shape)
+    if op == "MatMul":
+        if ndim != 2:
+            return None, "MatMul weight is not 2-D"
+        if _constant_float(inputs[0], graph):
+            return None, "both MatMul inputs are constant"
+        return WeightUse(node, 1, weight, 1), ""
+    if op == "Gemm":
+        return WeightUse(node, 1, weight, 0 if node.attributes.get_int("transB", 0) else 1), ""
+    if op == "Conv":
+        return WeightUse(node, 1, weight, 0), ""
+    return WeightUse(node, 1, weight, 1), ""  # ConvTranspose: [C_in, C_out/group, k…]
+
+
+def weight_uses(graph: ir.Graph, ops: Iterable[str], min_elements: int) -> tuple[list[WeightUse], dict[str, str]]:
+    """Quantizable uses in the main graph and, for the rest of the weight ops, why not."""
+    wanted = set(ops)
+    uses, skipped = [], {}
+    for node in graph:
+        if node.op_type not in wanted:
+            continue
+        use, reason = weight_use(node, graph)
+        if use is None:
+            skipped[node.name or node.op_type] = reason
+        elif use.weight.const_value.size < min_elements:
+            skipped[use.name] = f"weight has {use.weight.const_value.size} elements (< {min_elements})"
+        else:
+            uses.append(use)
+    return uses, skipped
+
+
+def initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """Register a new initializer under a name not used yet in the graph."""
+    value = ir.Value(name=unique_name(graph, name), const_value=ir.tensor(array))
+    value.const_value.name = value.name
+    graph.register_initializer(value)
+    return value
+
+
+def unique_name(graph: ir.Graph, base: str) -> str:
+    taken = _names(graph)
+    name, index = base, 1
+    while name in taken:
+        name = f"{base}_{index}"
+        index += 1
+    return name
+
+
+def _names(graph: ir.Graph) -> set[str]:
+    names = set(graph.initializers)
+    names.update(v.name for v in graph.inputs if v.name)
+    for node in graph:
+        names.update(v.name for v in node.outputs if v.name)
+    return names
+
+
+def first_consumer(value: ir.Value, graph: ir.Graph) -> ir.Node:
+    consumers = set(id(n) for n in value.consumers())
+    return next(node for node in graph if id(node) in consumers)
+
+
+def column_importance(use: WeightUse, input_meansq: np.ndarray | None) -> np.ndarray | None:
+    """Per element of one output channel (flattened as quantize_symmetric sees it), the mean
+    square of the input channel that element multiplies — or None where that mapping is not
+    a plain broadcast (grouped convolutions, transposed convolutions, embedding tables)."""
+    if input_meansq is None:
+        return None
+    shape = use.weight.const_value.shape.numpy()
+    if use.kind == "Conv" and use.node.attributes.get_int("group", 1) == 1 and shape[1] == input_meansq.size:
+        return np.repeat(input_meansq, int(np.prod(shape[2:])))
+    if use.kind in ("MatMul", "Gemm"):
+        inputs = shape[0] if use.channel_axis == 1 else shape[1]
+        return input_meansq if inputs == input_meansq.size else None
+    return None
