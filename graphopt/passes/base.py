@@ -26,6 +26,7 @@ class PassContext:
     threads: int | None = None
     cache_dir: str | None = None
     budget: Any = None  # graphopt.verify.gate.Thresholds the result must meet
+    activation_stats: Any = None  # name -> TensorStats measured on the float model, reused by trials
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -57,6 +58,16 @@ class GraphoptPass(ir.passes.PassBase):
             )
         self.options = self.Options(**options)
         self.context = PassContext()
+
+    def activation_stats(self, model: Any, names: list[str]) -> dict[str, Any]:
+        """Calibration statistics of ``names``: from the run's cache (statistics of the float
+        model, shared by the automatic mode's trials) or measured now."""
+        from graphopt.passes.quantize.calibrate import collect
+
+        cached = self.context.activation_stats or {}
+        if all(name in cached for name in names):
+            return {name: cached[name] for name in names}
+        return collect(model, names, self.calibration_feeds().feeds, threads=self.context.threads)
 
     def calibration_feeds(self) -> Any:
         """The calibration FeedSet; a DataError naming this pass when the run has none."""

@@ -56,7 +56,9 @@ logger = logging.getLogger(__name__)
 WEIGHT_INPUT = {"MatMul": 1, "Gemm": 1, "Conv": 1, "ConvTranspose": 1, "Gather": 0}
 """Op type → index of the input that holds its weight (Gather: the embedding table)."""
 
-MIN_OPSET = 13  # the floor of graphopt's quantization passes (upgrade-opset's default target)
+# The rebuild's ops all exist at opset 11; 13 is the floor of graphopt's quantization passes
+# (upgrade-opset's default target) and the lowest opset the rebuild is tested at.
+MIN_OPSET = 13
 CODEBOOK_TAG = "graphopt.codebook"  # tensor metadata marking a codebook, so it is never re-encoded
 _FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE)
 _LLOYD_ITERATIONS = 100  # from the cube-root start, more changes the error by < 1%
@@ -64,7 +66,8 @@ _DENSITY_BINS = 4096
 
 
 class OpsetTooOld(InputError, ir.passes.PreconditionError):
-    """The model's opset lacks an op form the rebuild needs (exit 2, not an internal error)."""
+    """The model's opset is below MIN_OPSET: a precondition to onnx-ir, bad input (exit 2) to the
+    CLI, not an internal error."""
 
 
 @register
@@ -104,21 +107,23 @@ class QuantizeCodebookPass(GraphoptPass):
         taken = _value_names(graph)
         encoded: list[dict[str, Any]] = []
         skipped: list[dict[str, str]] = []
+        notes: list[str] = []
         for weight, axis in _candidates(graph, self.options.ops):
-            reason = _refusal(weight, graph, self.options)
-            if reason:
-                skipped.append({"name": weight.name or "", "reason": reason})
-                continue
-            rebuild = _plan_rebuild(weight, axis if self.options.per_channel else None, self.options, taken)
-            before, after = rebuild.detail["bytes_before"], rebuild.detail["bytes_after"]
-            if after >= before:
-                reason = f"its encoding would take {after} bytes, not fewer than its {before}"
-                skipped.append({"name": weight.name or "", "reason": reason})
+            refusal = _refusal(weight, graph, self.options)
+            rebuild = None
+            if refusal is None:
+                rebuild = _plan_rebuild(weight, axis if self.options.per_channel else None, self.options, taken)
+                before, after = rebuild.detail["bytes_before"], rebuild.detail["bytes_after"]
+                if after >= before:
+                    refusal = _Refusal(f"its encoding would take {after} bytes, not fewer than its {before}", warn=True)
+            if refusal is not None:
+                skipped.append({"name": weight.name or "", "reason": refusal.reason})
+                if refusal.warn:
+                    notes.append(f"weight '{weight.name}' left as float: {refusal.reason}")
                 continue
             _install(graph, weight, rebuild)
             encoded.append(rebuild.detail)
             logger.debug("encoded %s: %s", weight.name, rebuild.detail)
-        notes = [f"weight '{s['name']}' left as float: {s['reason']}" for s in skipped if _worth_a_note(s["reason"])]
         if any(True for _ in graph.subgraphs()):
             notes.append("If/Loop/Scan bodies are left untouched")
         changes = {
@@ -170,7 +175,8 @@ def _candidates(graph: ir.Graph, ops: tuple[str, ...]) -> Iterator[tuple[ir.Valu
 
 
 def _channel_axis(node: ir.Node, weight: ir.Value) -> int | None:
-    rank = len(weight.shape) if weight.shape is not None else 0
+    shape = weight.const_value.shape if weight.const_value is not None else weight.shape
+    rank = len(shape) if shape is not None else 0
     if rank < 2:
         return None
     if node.op_type == "MatMul":
@@ -185,46 +191,52 @@ def _channel_axis(node: ir.Node, weight: ir.Value) -> int | None:
     return rank - 1 if gather_axis != rank - 1 else 0
 
 
-def _refusal(weight: ir.Value, graph: ir.Graph, options: Any) -> str | None:
+@dataclasses.dataclass(frozen=True)
+class _Refusal:
+    reason: str
+    warn: bool = False
+    """Worth a note in the report: the user probably expected this weight to be encoded. Small,
+    integer, excluded and run-time weights are left alone by design."""
+
+
+def _refusal(weight: ir.Value, graph: ir.Graph, options: Any) -> _Refusal | None:
     """Why ``weight`` must stay as it is, or None when it can be encoded."""
     if weight.is_graph_input():
-        return "is a graph input, so its value is only known at run time"
+        return _Refusal("is a graph input, so its value is only known at run time")
     for pattern in options.exclude:
         names = [weight.name or "", *(node.name or "" for node in weight.consumers())]
         if any(fnmatch.fnmatchcase(name, pattern) for name in names):
-            return f"matches exclude pattern '{pattern}'"
-    tensor = weight.const_value if weight.is_initializer() else _constant_node_tensor(weight)
+            return _Refusal(f"matches exclude pattern '{pattern}'")
+    tensor = _constant_tensor(weight)
     if tensor is None:
-        return "is not a constant tensor"
+        return _Refusal("is not a constant tensor")
     if CODEBOOK_TAG in tensor.metadata_props:
-        return "is a codebook written by quantize-codebook"
+        return _Refusal("is a codebook written by quantize-codebook")
     if tensor.dtype not in _FLOAT_TYPES:
-        return f"has dtype {tensor.dtype.name}, not float16/float32/float64"
+        return _Refusal(f"has dtype {tensor.dtype.name}, not float16/float32/float64")
     if tensor.size < options.min_elements:
-        return f"has {tensor.size} elements, fewer than min_elements={options.min_elements}"
+        return _Refusal(f"has {tensor.size} elements, fewer than min_elements={options.min_elements}")
     if not weight.is_initializer():
-        return "is a Constant node's output, not an initializer (run lift-constants first)"
+        return _Refusal("is a Constant node's output, not an initializer (run lift-constants first)", warn=True)
     if weight.is_graph_output():
-        return "is a graph output"
+        return _Refusal("is a graph output", warn=True)
     for use in weight.uses():
         node = use.node
         if node.graph is not graph:
-            return f"is read inside a subgraph (node '{node.name}'), which this pass leaves untouched"
+            return _Refusal(f"is read inside a subgraph (node '{node.name}'), which this pass leaves untouched", warn=True)
         if node.op_type not in options.ops or WEIGHT_INPUT[node.op_type] != use.idx:
-            return f"is also read by node '{node.name}' ({node.op_type} input {use.idx}), not as a weight"
+            return _Refusal(f"is also read by node '{node.name}' ({node.op_type} input {use.idx}), not as a weight", warn=True)
     if not np.all(np.isfinite(tensor.numpy())):
-        return "holds NaN or Inf"
+        return _Refusal("holds NaN or Inf", warn=True)
     return None
 
 
-def _constant_node_tensor(weight: ir.Value) -> ir.TensorProtocol | None:
+def _constant_tensor(weight: ir.Value) -> ir.TensorProtocol | None:
+    """An initializer's tensor, or the tensor of the Constant node producing ``weight``."""
+    if weight.is_initializer():
+        return weight.const_value
     attribute = weight.producer().attributes.get("value") if weight.producer() is not None else None
     return attribute.value if attribute is not None and isinstance(attribute.value, ir.TensorProtocol) else None
-
-
-def _worth_a_note(reason: str) -> bool:
-    """Small, integer and run-time weights are skipped by design; anything else deserves a warning."""
-    return not reason.startswith(("has ", "is a codebook", "is a graph input", "is not a constant", "matches"))
 
 
 # --------------------------------------------------------------------------- codebooks

@@ -165,10 +165,8 @@ class QuantizeDynamicPass(GraphoptPass):
                           details={"layers": layers, "skipped": skipped})
 
     def _activation_channel_max(self, model: ir.Model, uses: list[WeightUse]) -> dict[str, np.ndarray]:
-        from graphopt.passes.quantize.calibrate import collect
-
         names = sorted({u.node.inputs[0].name for u in uses if u.node.inputs[0].name})
-        stats = collect(model, names, self.calibration_feeds().feeds, threads=self.context.threads)
+        stats = self.activation_stats(model, names)
         return {name: s.channel_absmax for name, s in stats.items() if s.channel_absmax is not None}
 
 

@@ -17,7 +17,6 @@ from typing import Any, Literal
 import numpy as np
 import onnx_ir as ir
 
-from graphopt.errors import PassFailed
 from graphopt.passes.base import GraphoptPass, PassResult
 from graphopt.passes.quantize.calibrate import RangeMethod, TensorStats, activation_range, collect
 from graphopt.passes.quantize.numeric import QuantizedWeight, quantize_bias, quantize_symmetric, relative_error
@@ -171,8 +170,10 @@ class QuantizeStaticPass(GraphoptPass):
 
     def requires(self, model: ir.Model) -> None:
         if model.opset_imports.get("", 1) < 13:
-            raise PassFailed(f"quantize-static needs opset >= 13 (model has {model.opset_imports.get('', 1)}); "
-                             "run upgrade-opset first")
+            raise ir.passes.PreconditionError(
+                f"quantize-static needs opset >= 13 (model has {model.opset_imports.get('', 1)}); "
+                "run upgrade-opset first"
+            )
 
     def call(self, model: ir.Model) -> PassResult:
         graph = model.graph

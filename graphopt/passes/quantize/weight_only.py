@@ -102,8 +102,6 @@ class QuantizeWeightsPass(GraphoptPass):
     def _input_energy(self, model: ir.Model, uses: list[WeightUse]) -> dict[str, np.ndarray]:
         if not self.options.activation_aware or self.context.calibration is None:
             return {}
-        from graphopt.passes.quantize.calibrate import collect
-
         names = sorted({u.node.inputs[0].name for u in uses if u.kind != "Gather" and u.node.inputs[0].name})
-        stats = collect(model, names, self.context.calibration.feeds, threads=self.context.threads)
+        stats = self.activation_stats(model, names)
         return {name: s.channel_meansq for name, s in stats.items() if s.channel_meansq is not None}
