@@ -96,14 +96,14 @@ class QuantizeInt8Pass(GraphoptPass):
         fallback = 0
         if cosine < target and compute:
             fallback, cosine = self._fall_back(model, choices, compute, tune, judge, reference, target)
-        _apply(model, choices, self._static, tune, self.options, self.context)
+        applied = _apply(model, choices, self._static, tune, self.options, self.context)
         by_mode = {mode: sum(c.mode == mode for c in choices) for mode in ("dynamic", "static", "weight-only")}
         return PassResult(
             model,
             modified=True,
             changes={**{f"{m} layers": n for m, n in by_mode.items()}, "fell back for accuracy": fallback},
             details={
-                "layers": [dataclasses.asdict(c) for c in choices],
+                "layers": [{**dataclasses.asdict(c), **_numbers(applied.get(c.node, {}))} for c in choices],
                 "skipped": skipped,
                 "held_out_cosine": cosine,
                 "target_cosine": target,
@@ -201,16 +201,17 @@ class _StaticParams:
 
 
 def _apply(model: ir.Model, choices: list[LayerChoice], static: _StaticParams, tune: list[dict],
-           options: Any, context: PassContext) -> None:
+           options: Any, context: PassContext) -> dict[str, dict[str, Any]]:
     """Rewrite ``model`` as ``choices`` say: static layers, then dynamic, then weight-only
-    ("float" choices stay untouched)."""
+    ("float" choices stay untouched). Returns each rewritten layer's report by node name."""
     from graphopt.verify.feeds import FeedSet
 
     inner = dataclasses.replace(context, calibration=FeedSet(list(tune), "calibration (tuning part)", False),
                                 threads=1)
     static_nodes = {c.node for c in choices if c.mode == "static"}
+    reports: list[dict[str, Any]] = []
     if static_nodes:
-        apply_static(model.graph, static.for_graph(model.graph, static_nodes))
+        reports += apply_static(model.graph, static.for_graph(model.graph, static_nodes))
     dynamic = tuple(c.node for c in choices if c.mode == "dynamic")
     weight_only = tuple(c.node for c in choices if c.mode == "weight-only")
     steps: list[GraphoptPass] = []
@@ -222,7 +223,15 @@ def _apply(model: ir.Model, choices: list[LayerChoice], static: _StaticParams, t
         steps.append(QuantizeWeightsPass(nodes=weight_only, min_elements=options.min_elements))
     for step in steps:
         step.context = inner
-        step(model)
+        reports += step(model).details["layers"]
+    return {str(entry.get("node") or (entry.get("nodes") or [""])[0]): entry for entry in reports}
+
+
+def _numbers(entry: dict[str, Any]) -> dict[str, Any]:
+    """The quantization parameters and weight error a sub-pass reported for one layer."""
+    keys = ("input_scale", "input_zero_point", "output_scale", "weight_relative_error", "relative_error",
+            "smoothed", "scale_min", "scale_max", "bias_overflow_channels")
+    return {key: entry[key] for key in keys if key in entry}
 
 
 def _outputs(model: ir.Model, feeds: list[dict], *, optimize: bool = True) -> list[np.ndarray]:
