@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="output .onnx (never the input)")
     p.add_argument("--recipe", default="lossless", help="built-in recipe name or a .toml file (default lossless)")
     p.add_argument("--report", help="write the JSON report here")
+    p.add_argument("--html", metavar="FILE", help="per-layer precision page with a sensitivity chart "
+                   "(measures every int8 layer's sensitivity: one model build and run per layer)")
+    p.add_argument("--layers-markdown", metavar="FILE", help="per-layer precision table in Markdown (as --html)")
     p.add_argument("--calib", metavar="DATA", help="calibration data (any --data format) for quantization recipes")
     p.add_argument("--cache-dir", help="per-machine speed profile cache (default ~/.cache/graphopt)")
     p.add_argument("--no-latency", action="store_true", help="skip the before/after latency measurement")
@@ -179,21 +182,34 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         threads=args.threads,
         external_data=args.external_data,
         seed=args.seed,
+        progress=not args.quiet and sys.stderr.isatty(),
+        analyze=bool(args.html or args.layers_markdown),
     )
     _refuse_same_path(args.model, args.output)
-    _check_output_folders(args.report)
+    _check_output_folders(args.report, args.html, args.layers_markdown)
     try:
         report = optimize(args.model, args.output, options)
     except GateFailed as exc:
-        if args.report and getattr(exc, "report", None):
-            write_text(args.report, to_json(exc.report))
+        if getattr(exc, "report", None):
+            _write_optimize_reports(args, exc.report)
         raise
-    if args.report:
-        write_text(args.report, to_json(report))
+    _write_optimize_reports(args, report)
     if not args.quiet:
         print(_optimize_summary(report))
         print(checks_text(report["verification"]["checks"]))
     return EXIT_OK
+
+
+def _write_optimize_reports(args: argparse.Namespace, report: dict[str, Any]) -> None:
+    from graphopt.layer_report import layers_html, layers_markdown
+    from graphopt.report import to_json, write_text
+
+    if args.report:
+        write_text(args.report, to_json(report))
+    if args.html:
+        write_text(args.html, layers_html(report))
+    if args.layers_markdown:
+        write_text(args.layers_markdown, layers_markdown(report))
 
 
 def _refuse_same_path(model: str, output: str) -> None:

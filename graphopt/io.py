@@ -15,8 +15,10 @@ import contextlib
 import dataclasses
 import logging
 import os
+import re
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
@@ -31,6 +33,15 @@ logger = logging.getLogger(__name__)
 
 # Protobuf cannot serialize 2 GiB; leave headroom for the graph itself.
 EXTERNAL_DATA_THRESHOLD_BYTES = 1_800_000_000
+
+# Linux's PATH_MAX and NAME_MAX; longer locations cannot be opened anyway ("File name too long").
+_MAX_LOCATION_BYTES = 4096
+_MAX_NAME_BYTES = 255
+
+# A staging folder of a run that was killed (SIGKILL, power loss) cannot be removed by that
+# run; the next run writing the same output removes it once it is this old and the process
+# named in it is gone.
+STALE_STAGING_SECONDS = 300
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +117,14 @@ def _check_one_external(tensor: onnx.TensorProto, base: Path, model_name: str) -
     location = info.get("location", "")
     if not location:
         raise InvalidModelError(f"{where}: external data has no location")
+    if any(ord(char) < 32 for char in location):
+        raise InvalidModelError(f"{where}: external data path {_shown(location)} contains control characters")
+    if len(location.encode("utf-8", "surrogatepass")) > _MAX_LOCATION_BYTES or any(
+        len(part.encode("utf-8", "surrogatepass")) > _MAX_NAME_BYTES for part in location.replace("\\", "/").split("/")
+    ):
+        raise InvalidModelError(
+            f"{where}: external data path {_shown(location)} is too long ({len(location)} characters)"
+        )
     normalized = location.replace("\\", "/")
     if os.path.isabs(location) or normalized.startswith("/") or (len(location) > 1 and location[1] == ":"):
         raise UnsafeModelError(f"{where}: external data path '{location}' is absolute (outside the model folder)")
@@ -146,6 +165,12 @@ def _check_one_external(tensor: onnx.TensorProto, base: Path, model_name: str) -
             f"(needs bytes {offset}..{offset + span}, file has {stat.st_size})"
         )
     return normalized
+
+
+def _shown(location: str) -> str:
+    """A stranger's path, printable on one line and short enough to read."""
+    text = repr(location)
+    return text if len(text) <= 80 else text[:60] + "…" + text[-12:]
 
 
 # -- saving ---------------------------------------------------------------------------------
@@ -218,7 +243,8 @@ def staged_save(
     _refuse_overwriting_inputs(path, external_data, protected)
     if not path.parent.is_dir():
         raise UsageError(f"{path}: output folder {path.parent} does not exist")
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".graphopt-tmp", dir=path.parent))
+    remove_stale_staging(path)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}-", suffix=".graphopt-tmp", dir=path.parent))
     try:
         staged = StagedModel(path, staging, external_data)
         _write(model, staged)
@@ -226,6 +252,38 @@ def staged_save(
         staged.commit()
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def remove_stale_staging(path: Path, *, older_than: float = STALE_STAGING_SECONDS) -> list[Path]:
+    """Remove staging folders of ``path`` left by killed runs: older than ``older_than``
+    seconds and, when the folder names its process (``.NAME.PID-XXXX.graphopt-tmp``), that
+    process no longer runs. Only this output's folders are touched."""
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(?:(\d+)-)?[a-z0-9_]+\.graphopt-tmp")
+    removed = []
+    now = time.time()
+    for entry in path.parent.iterdir() if path.parent.is_dir() else ():
+        match = pattern.fullmatch(entry.name)
+        if not match or entry.is_symlink() or not entry.is_dir():
+            continue
+        with contextlib.suppress(OSError):
+            if now - entry.stat().st_mtime < older_than or (match[1] and _process_alive(int(match[1]))):
+                continue
+            shutil.rmtree(entry)
+            removed.append(entry)
+            logger.info("removed %s, left by an interrupted run", entry.name)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def save_model(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None = None,

@@ -41,6 +41,8 @@ class OptimizeOptions:
     threads: int | None = None
     external_data: bool | None = None
     seed: int = 0
+    progress: bool = False
+    analyze: bool = False
 
 
 def _budget(recipe: Recipe, user: Thresholds) -> Thresholds:
@@ -73,7 +75,8 @@ def optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, opti
 
     thresholds = _budget(recipe, options.thresholds)
     context = PassContext(calibration=calibration, threads=options.threads, budget=thresholds,
-                          cache_dir=str(options.cache_dir) if options.cache_dir else None)
+                          cache_dir=str(options.cache_dir) if options.cache_dir else None,
+                          progress=options.progress, analyze=options.analyze)
     result = Pipeline(recipe.passes, check=check_loadable, context=context).run(loaded.model)
     # A model that came with external data keeps it; otherwise external data above ~1.8 GB.
     external = True if options.external_data is None and loaded.has_external_data else options.external_data

@@ -27,6 +27,8 @@ class PassContext:
     cache_dir: str | None = None
     budget: Any = None  # graphopt.verify.gate.Thresholds the result must meet
     activation_stats: Any = None  # name -> TensorStats measured on the float model, reused by trials
+    progress: bool = False  # show progress bars on stderr (the CLI on a terminal)
+    analyze: bool = False  # passes may spend extra time to explain their choices (layer reports)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

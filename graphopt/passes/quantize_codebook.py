@@ -29,7 +29,10 @@ Modes:
 
 ``per_channel`` gives each output channel its own codebook (a flat ``[C·K]`` codebook indexed by
 ``channel·K + index``); the channel is the output axis of the consumer (MatMul: last, Gemm: by
-``transB``, Conv: 0, ConvTranspose: 1, Gather: the feature axis, last).
+``transB``, Conv: 0, ConvTranspose: 1, Gather: the feature axis, last, so an embedding table
+gets one codebook per feature rather than one per token). A weight whose encoding (indices,
+codebooks and the rebuild's constants) would not be smaller than the weight stays float: wide
+per-channel codebooks can outweigh short channels.
 
 Only the main graph is rewritten: If/Loop/Scan bodies are left untouched, and so are weights
 read from inside them.

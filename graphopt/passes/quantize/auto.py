@@ -21,7 +21,7 @@ from typing import Any, Literal
 import numpy as np
 import onnx_ir as ir
 
-from graphopt.errors import PassFailed
+from graphopt.errors import GateFailed, PassFailed
 from graphopt.passes.base import GraphoptPass, PassContext, PassResult
 from graphopt.passes.quantize.calibrate import collect
 from graphopt.passes.quantize.dynamic import QuantizeDynamicPass, dynamic_refusal
@@ -73,6 +73,9 @@ class QuantizeInt8Pass(GraphoptPass):
         smooth_min_outlier: float = 8.0
         method: Literal["minmax", "percentile", "entropy", "mse"] = "percentile"
         min_elements: int = 1024
+        sensitivity: bool = False
+        """Measure every int8-compute layer's sensitivity for the report even when the
+        budget is met without fallback (costs one model build and run per layer)."""
 
     def requires(self, model: ir.Model) -> None:
         if model.opset_imports.get("", 1) < 13:
@@ -94,8 +97,16 @@ class QuantizeInt8Pass(GraphoptPass):
         compute = [c for c in choices if c.mode in ("dynamic", "static")]
         cosine = self._judge(model, choices, tune, judge, reference)
         fallback = 0
+        if compute and (cosine < target or self.options.sensitivity or self.context.analyze):
+            self._measure_sensitivity(model, choices, compute, tune, judge, reference)
         if cosine < target and compute:
             fallback, cosine = self._fall_back(model, choices, compute, tune, judge, reference, target)
+        if cosine < target:
+            raise GateFailed(
+                f"budget cannot be met: the best reachable held-out cosine is {cosine:.6f} "
+                f"(target {target:.6f}, with {fallback} of {len(compute)} int8-compute layers weight-only)",
+                ["min_cosine"],
+            )
         applied = _apply(model, choices, self._static, tune, self.options, self.context)
         by_mode = {mode: sum(c.mode == mode for c in choices) for mode in ("dynamic", "static", "weight-only")}
         return PassResult(
@@ -147,17 +158,24 @@ class QuantizeInt8Pass(GraphoptPass):
         _apply(candidate, choices, self._static, tune, self.options, self.context)
         return _cosine(reference, _outputs(candidate, judge))
 
-    def _fall_back(self, model, choices, compute, tune, judge, reference, target) -> tuple[int, float]:
-        logger.info("int8: held-out cosine below %.4f; measuring per-layer sensitivity of %d layers",
-                    target, len(compute))
+    def _measure_sensitivity(self, model, choices, compute, tune, judge, reference) -> None:
+        """Held-out cosine with only that layer in its int8 compute form, everything else float."""
+        logger.info("int8: measuring the sensitivity of %d layers (one model build and run each)", len(compute))
         float_plan = [dataclasses.replace(c, mode="float") for c in choices]
         probe = judge[:8]  # ranking needs less evidence than the final judgement
-        for choice in compute:
+        for choice in _progress(compute, "sensitivity", self.context.progress):
             single = [dataclasses.replace(c, mode=choice.mode) if c.node == choice.node else c for c in float_plan]
             candidate = model.clone()
             _apply(candidate, single, self._static, tune, self.options, self.context)
             choice.sensitivity = _cosine(reference[:8], _outputs(candidate, probe, optimize=False))
-        ranking = sorted(compute, key=lambda c: c.sensitivity)
+
+    def _fall_back(self, model, choices, compute, tune, judge, reference, target) -> tuple[int, float]:
+        """Fall back the layers that cost the most accuracy per millisecond they save."""
+        def damage_per_ms(choice: LayerChoice) -> float:
+            saved = max((choice.float_ms or 0.0) - (choice.int8_ms or 0.0), 1e-6)
+            return (1.0 - choice.sensitivity) / saved
+
+        ranking = sorted(compute, key=damage_per_ms, reverse=True)
         low, high, best = 0, len(ranking), None
         while low < high:  # the smallest number of fallbacks that meets the target
             middle = (low + high) // 2
@@ -171,7 +189,8 @@ class QuantizeInt8Pass(GraphoptPass):
         if best is None or best[0] != count:
             best = (count, self._judge(model, self._with_fallback(choices, ranking[:count]), tune, judge, reference))
         for choice in ranking[:count]:
-            choice.mode, choice.reason = "weight-only", f"too sensitive (alone: cosine {choice.sensitivity:.5f})"
+            choice.mode = "weight-only"
+            choice.reason = f"fell back for accuracy (alone in int8: cosine {choice.sensitivity:.5f})"
         return best
 
     @staticmethod
@@ -251,6 +270,15 @@ def _cosine(reference: list[np.ndarray], candidate: list[np.ndarray]) -> float:
             norm = np.linalg.norm(r) * np.linalg.norm(c)
             values.append(1.0 if np.array_equal(r, c) else (float(r @ c / norm) if norm > 0 else 0.0))
     return float(np.mean(values))
+
+
+def _progress(items: list, label: str, enabled: bool):
+    """A progress bar on stderr when the caller asked for one (the CLI, on a terminal)."""
+    if not enabled:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc=label, unit="layer", leave=False)
 
 
 def _cores() -> int:

@@ -1,0 +1,140 @@
+"""Per-layer quantization reports for people: Markdown and a self-contained HTML page with a
+bar chart of sensitivity per layer. Built from the JSON report `optimize` writes."""
+
+from __future__ import annotations
+
+import html
+from typing import Any
+
+_MODE_COLOURS = {"dynamic": "#3b82f6", "static": "#10b981", "weight-only": "#f59e0b", "float": "#9ca3af"}
+
+
+def quantization_layers(report: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The per-layer table of the last step that has one, and that step's details."""
+    for step in reversed(report.get("steps", [])):
+        layers = step.get("details", {}).get("layers")
+        if layers and any("mode" in layer for layer in layers):
+            return layers, step["details"]
+    return [], {}
+
+
+def _damage(layer: dict[str, Any]) -> float | None:
+    sensitivity = layer.get("sensitivity")
+    return None if sensitivity is None else max(0.0, 1.0 - sensitivity)
+
+
+def most_sensitive(layers: list[dict[str, Any]], count: int = 5) -> list[dict[str, Any]]:
+    measured = [layer for layer in layers if layer.get("sensitivity") is not None]
+    return sorted(measured, key=lambda layer: layer["sensitivity"])[:count]
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def layers_markdown(report: dict[str, Any]) -> str:
+    layers, details = quantization_layers(report)
+    if not layers:
+        return "No per-layer quantization table in this report.\n"
+    lines = [
+        f"### Per-layer precision — `{report.get('output', '')}`",
+        "",
+        f"Held-out cosine {_fmt(details.get('held_out_cosine'), 6)} (target {_fmt(details.get('target_cosine'), 6)}) "
+        f"on {details.get('held_out_feeds')} held-out calibration feeds.",
+        "",
+    ]
+    top = most_sensitive(layers)
+    if top:
+        lines.append("Most sensitive layers (cosine with only that layer in int8): "
+                     + ", ".join(f"`{layer['node']}` {_fmt(layer['sensitivity'], 6)}" for layer in top) + ".")
+        lines.append("")
+    lines += [
+        "| layer | op | mode | sensitivity (cosine alone) | float ms | int8 ms | reason |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for layer in layers:
+        lines.append(
+            f"| `{layer['node']}` | {layer['kind']} | {layer['mode']} | {_fmt(layer.get('sensitivity'), 6)} | "
+            f"{_fmt(layer.get('float_ms'))} | {_fmt(layer.get('int8_ms'))} | {layer.get('reason', '')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def layers_html(report: dict[str, Any]) -> str:
+    """A page that needs nothing but a browser: inline CSS and SVG, no scripts."""
+    layers, details = quantization_layers(report)
+    title = f"graphopt — per-layer precision of {html.escape(str(report.get('output', 'model')))}"
+    measured = [layer for layer in layers if _damage(layer) is not None]
+    chart = _bar_chart(measured) if measured else "<p>Sensitivity was not measured (run with --html or a budget).</p>"
+    top = most_sensitive(layers)
+    top_html = "".join(
+        f"<li><code>{html.escape(layer['node'])}</code> — cosine {layer['sensitivity']:.6f} alone in "
+        f"{html.escape(layer['mode'] if layer['mode'] != 'weight-only' else 'int8')}; now {html.escape(layer['mode'])}</li>"
+        for layer in top
+    )
+    rows = "".join(
+        "<tr>"
+        f"<td><code>{html.escape(layer['node'])}</code></td><td>{html.escape(layer['kind'])}</td>"
+        f"<td><span class='mode' style='background:{_MODE_COLOURS.get(layer['mode'], '#999')}'>"
+        f"{html.escape(layer['mode'])}</span></td>"
+        f"<td>{_fmt(layer.get('sensitivity'), 6)}</td><td>{_fmt(layer.get('float_ms'))}</td>"
+        f"<td>{_fmt(layer.get('int8_ms'))}</td><td>{html.escape(str(layer.get('reason', '')))}</td>"
+        "</tr>"
+        for layer in layers
+    )
+    verification = report.get("verification", {})
+    parity = verification.get("parity", {})
+    summary = (
+        f"Size {report.get('output_bytes', 0):,} of {report.get('input_bytes', 0):,} bytes; "
+        f"cosine mean {_fmt(parity.get('cosine_mean'), 6)} on {verification.get('data', {}).get('samples', '?')} samples "
+        f"({html.escape(str(verification.get('data', {}).get('source', '')))}); held-out cosine during the search "
+        f"{_fmt(details.get('held_out_cosine'), 6)}, target {_fmt(details.get('target_cosine'), 6)}."
+    )
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<style>
+body{{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2rem;color:#111;max-width:1100px}}
+table{{border-collapse:collapse;font-size:13px;width:100%}} td,th{{border-bottom:1px solid #e5e7eb;padding:4px 8px;text-align:left}}
+th{{background:#f3f4f6}} code{{font-size:12px}} .mode{{color:#fff;border-radius:4px;padding:1px 6px}}
+.legend span{{display:inline-block;margin-right:1rem}} .legend i{{display:inline-block;width:12px;height:12px;margin-right:4px;vertical-align:middle}}
+</style></head><body>
+<h1>Per-layer precision</h1>
+<p>{summary}</p>
+<h2>Most sensitive layers</h2><ol>{top_html or '<li>not measured</li>'}</ol>
+<h2>Sensitivity per layer</h2>
+<p>Bar length: 1 − cosine to the float model when only that layer runs in its int8 form (log scale).</p>
+<div class="legend">{''.join(f'<span><i style="background:{c}"></i>{m}</span>' for m, c in _MODE_COLOURS.items())}</div>
+{chart}
+<h2>All layers</h2>
+<table><tr><th>layer</th><th>op</th><th>mode</th><th>sensitivity</th><th>float ms</th><th>int8 ms</th><th>reason</th></tr>
+{rows}</table>
+</body></html>
+"""
+
+
+def _bar_chart(layers: list[dict[str, Any]]) -> str:
+    import math
+
+    damages = [max(_damage(layer) or 0.0, 1e-9) for layer in layers]
+    low, high = math.log10(min(damages)), math.log10(max(damages))
+    span = max(high - low, 1e-9)
+    row, label_width, bar_width = 18, 420, 560
+    bars = []
+    for index, (layer, damage) in enumerate(zip(layers, damages)):
+        y = index * row
+        length = 4 + (bar_width - 4) * (math.log10(damage) - low) / span
+        colour = _MODE_COLOURS.get(layer["mode"], "#999")
+        name = html.escape(layer["node"][-60:])
+        bars.append(
+            f'<text x="{label_width - 6}" y="{y + 13}" text-anchor="end" font-size="11">{name}</text>'
+            f'<rect x="{label_width}" y="{y + 3}" width="{length:.1f}" height="{row - 6}" fill="{colour}">'
+            f"<title>{html.escape(layer['node'])}: 1 − cosine = {damage:.3g}</title></rect>"
+            f'<text x="{label_width + length + 4:.1f}" y="{y + 13}" font-size="10">{damage:.2g}</text>'
+        )
+    height = row * len(layers) + 4
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{label_width + bar_width + 60}" height="{height}" '
+            f'role="img" aria-label="sensitivity per layer">{"".join(bars)}</svg>')
