@@ -115,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", metavar="FILE", help="write a Markdown summary for a pull request")
     _add_data(p)
     _add_thresholds(p)
+    _add_cv_gate(p)
     _add_common(p)
     p.set_defaults(func=cmd_check)
 
@@ -145,6 +146,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of random feeds (default 0)")
     _add_common(p)
     p.set_defaults(func=cmd_package)
+
+    p = sub.add_parser("evaluate", help="cross-validated cost of compression on labelled data (folds, CI, McNemar)",
+                       description="Score MODEL and its compressed form (or --candidate) on held-out parts of "
+                       "labelled data. With --recipe, each fold compresses the model calibrated and verified on "
+                       "its training part only. Reports per-fold metrics, mean ± std, the paired difference "
+                       "(candidate − base) with a 95%% bootstrap interval, and McNemar's test.")
+    p.add_argument("model")
+    p.add_argument("--data", required=True, metavar="DATA.npz",
+                   help=".npz: one array per model input plus the labels, samples on axis 0")
+    p.add_argument("--labels", metavar="KEY", help="the labels' array in --data (integers; not needed for cosine)")
+    split = p.add_mutually_exclusive_group(required=True)
+    split.add_argument("--holdout", type=float, metavar="FRACTION", help="one shuffled split holding out FRACTION")
+    split.add_argument("--folds", type=int, metavar="K", help="K-fold cross-validation")
+    order = p.add_mutually_exclusive_group()
+    order.add_argument("--stratified", action="store_true", help="keep the class ratios in every part")
+    order.add_argument("--cyclic", action="store_true", help="K contiguous folds in data order (with --folds)")
+    against = p.add_mutually_exclusive_group(required=True)
+    against.add_argument("--recipe", help="compress in each fold with this recipe (name or .toml)")
+    against.add_argument("--candidate", metavar="MODEL", help="compare with this given model")
+    p.add_argument("--metric", default="accuracy", choices=["accuracy", "top5", "f1", "cosine"],
+                   help="accuracy / top5 (argmax over the last axis), macro f1, or cosine to the base "
+                   "per sample (default accuracy)")
+    p.add_argument("--output", metavar="NAME", help="model output to score (default: the first)")
+    p.add_argument("--json", dest="json_out", metavar="FILE", help="write the result as JSON (format: README)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split and the bootstrap (default 0)")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="samples per run (default 64)")
+    p.add_argument("--resamples", type=_positive_int, default=2000, help="bootstrap resamples (default 2000)")
+    p.add_argument("--threads", type=_positive_int, default=None, help="onnxruntime threads (default: all cores)")
+    p.add_argument("--cache-dir", help="per-machine speed profile cache (default ~/.cache/graphopt)")
+    _add_common(p)
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("recipes", help="list built-in recipes and passes")
     _add_common(p)
@@ -251,7 +283,8 @@ def _load_pair_feeds(args: argparse.Namespace, base: Any, candidate: Any) -> Any
             f"{Path(args.base).name} takes {[s.describe() for s in specs]}"
         )
     return load_feeds(args.data, specs, batch_size=args.batch_size,
-                      shapes=parse_shape_overrides(args.shape), seed=args.seed)
+                      shapes=parse_shape_overrides(args.shape), seed=args.seed,
+                      extra_keys=[args.labels] if getattr(args, "labels", None) else ())
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -261,6 +294,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     _check_output_folders(args.json_out, args.junit, args.markdown)
+    cv_checks, cv_result = _cv_gate(args, Path(args.base), Path(args.candidate))
     base, candidate = load_model(args.base), load_model(args.candidate)
     feeds = _load_pair_feeds(args, base, candidate)
     thresholds = _thresholds(args)
@@ -271,8 +305,11 @@ def cmd_check(args: argparse.Namespace) -> int:
         candidate_bytes=candidate.file_bytes,
         measure_latency=args.latency or thresholds.needs_latency(),
         threads=args.threads,
+        extra_checks=cv_checks,
     )
     data = comparison.to_dict()
+    if cv_result is not None:
+        data["cross_validation"] = cv_result
     if args.json_out:
         write_text(args.json_out, to_json(data))
     if args.junit:
@@ -339,6 +376,82 @@ def cmd_package(args: argparse.Namespace) -> int:
               f"{verification['data']['samples']} samples"
               + (" of random inputs" if verification["data"]["synthetic"] else f" from {verification['data']['source']}"))
     return EXIT_OK
+
+
+def _add_cv_gate(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "cross-validated gate (graphopt evaluate --candidate inside check)",
+        "With --cv K and --max-drop X, the check fails only when the drop exceeds the budget with "
+        "confidence: when the upper bound of the 95%% paired bootstrap interval of (candidate - base) "
+        "--metric, over K folds of --data, is below -X.")
+    group.add_argument("--cv", type=int, metavar="K", help="K-fold cross-validated metric gate (needs --max-drop)")
+    group.add_argument("--max-drop", type=float, metavar="X", help="largest tolerated metric drop, e.g. 0.01")
+    group.add_argument("--labels", metavar="KEY", help="the labels' array in --data (not needed for cosine)")
+    group.add_argument("--metric", default="accuracy", choices=["accuracy", "top5", "f1", "cosine"],
+                       help="metric of the --cv gate (default accuracy)")
+
+
+def _cv_gate(args: argparse.Namespace, base: Path, candidate: Path) -> tuple[list[Any], dict[str, Any] | None]:
+    """The ``--cv`` check of ``graphopt check`` and the evaluation behind it."""
+    from graphopt.evaluate import EvaluateOptions, evaluate
+    from graphopt.verify.gate import CheckResult
+
+    if args.cv is None:
+        if args.max_drop is not None:
+            raise UsageError("check: --max-drop goes with --cv K")
+        return [], None
+    if args.max_drop is None or args.max_drop < 0:
+        raise UsageError("check: --cv needs --max-drop X (a metric drop >= 0)")
+    if args.data is None:
+        raise UsageError("check: --cv needs --data (a labelled .npz)")
+    result = evaluate(base, args.data, EvaluateOptions(
+        labels=args.labels, folds=args.cv, candidate=candidate, metric=args.metric, seed=args.seed,
+        batch_size=args.batch_size, threads=args.threads,
+    ))
+    diff = result["difference"]
+    passed = diff["ci_high"] >= -args.max_drop
+    message = (f"{args.metric} difference {diff['estimate']:+.4g}, 95% CI [{diff['ci_low']:+.4g}, "
+               f"{diff['ci_high']:+.4g}] over {args.cv} folds (fails when the upper bound < -{args.max_drop:g})")
+    return [CheckResult("cv_max_drop", -args.max_drop, diff["ci_high"], passed, message)], result
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from graphopt.evaluate import EvaluateOptions, evaluate
+    from graphopt.report import to_json, write_text
+
+    _check_output_folders(args.json_out)
+    options = EvaluateOptions(
+        labels=args.labels, holdout=args.holdout, folds=args.folds, stratified=args.stratified,
+        cyclic=args.cyclic, recipe=args.recipe, candidate=args.candidate, metric=args.metric,
+        output=args.output, seed=args.seed, batch_size=args.batch_size, threads=args.threads,
+        cache_dir=args.cache_dir, resamples=args.resamples,
+    )
+    result = evaluate(args.model, args.data, options)
+    if args.json_out:
+        write_text(args.json_out, to_json(result))
+    if not args.quiet:
+        print(_evaluate_summary(result))
+    return EXIT_OK
+
+
+def _evaluate_summary(result: dict[str, Any]) -> str:
+    metric, diff = result["metric"], result["difference"]
+    lines = [f"{result['split']['method']}, {result['split']['folds']} fold(s), {result['data']['samples']} samples, "
+             f"metric {metric} on output '{result['output']}'"]
+    lines += [f"  fold {f['fold']}: held out {f['held_out']:>5}  base {f['base']:.4f}  candidate {f['candidate']:.4f}  "
+              f"difference {f['difference']:+.4f}" for f in result["folds"]]
+    for key in ("base", "candidate", "difference"):
+        stats = result["summary"][key]
+        spread = f" ± {stats['std']:.4f}" if stats["std"] is not None else ""
+        sign = "+" if key == "difference" else ""
+        lines.append(f"  {key:<10} mean {stats['mean']:{sign}.4f}{spread} (across folds)")
+    lines.append(f"paired difference {diff['estimate']:+.4f}, {diff['confidence']:.0%} CI "
+                 f"[{diff['ci_low']:+.4f}, {diff['ci_high']:+.4f}] ({diff['resamples']} bootstrap resamples)")
+    if result["mcnemar"]:
+        test = result["mcnemar"]
+        lines.append(f"McNemar: base-only correct {test['base_only_correct']}, candidate-only correct "
+                     f"{test['candidate_only_correct']}, p = {test['p_value']:.4g} ({test['test']})")
+    return "\n".join(lines)
 
 
 def cmd_recipes(args: argparse.Namespace) -> int:

@@ -27,7 +27,7 @@ import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
 from graphopt import validation
-from graphopt.errors import InvalidModelError, UnsafeModelError, UsageError
+from graphopt.errors import GraphoptError, InvalidModelError, UnsafeModelError, UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -64,12 +64,21 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
     proto = _parse(path)
     data_files = check_external_data(proto, path)
     validation.check_structure(proto, path)
-    model = ir.serde.deserialize_model(proto)
-    ir.external_data.set_base_dir(model.graph, str(path.parent))
-    if data_files and weights_nbytes(model) <= EXTERNAL_DATA_THRESHOLD_BYTES:
-        # In memory, passes and checks never depend on where the data files are.
-        ir.external_data.load_to_model(model)
-    validation.check_finite_weights(model, str(path))
+    try:
+        model = ir.serde.deserialize_model(proto)
+        ir.external_data.set_base_dir(model.graph, str(path.parent))
+        if data_files and weights_nbytes(model) <= EXTERNAL_DATA_THRESHOLD_BYTES:
+            # In memory, passes and checks never depend on where the data files are.
+            ir.external_data.load_to_model(model)
+        validation.check_input_types(model, str(path))
+        validation.check_finite_weights(model, str(path))
+    except GraphoptError:
+        raise
+    except Exception as exc:  # onnx-ir meets what the checker let through (unknown data types…)
+        while exc.__cause__ is not None:  # onnx-ir wraps the reason in "error calling …"
+            exc = exc.__cause__
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise InvalidModelError(f"{path}: cannot read the model: {type(exc).__name__}: {reason[:200]}") from None
     return LoadedModel(model, path, (path, *data_files), bool(data_files))
 
 

@@ -23,6 +23,10 @@ def _damage(layer: dict[str, Any]) -> float | None:
     return None if sensitivity is None else max(0.0, 1.0 - sensitivity)
 
 
+def _name(layer: dict[str, Any]) -> str:
+    return layer.get("label") or layer["node"]
+
+
 def most_sensitive(layers: list[dict[str, Any]], count: int = 5) -> list[dict[str, Any]]:
     measured = [layer for layer in layers if layer.get("sensitivity") is not None]
     return sorted(measured, key=lambda layer: layer["sensitivity"])[:count]
@@ -50,7 +54,7 @@ def layers_markdown(report: dict[str, Any]) -> str:
     top = most_sensitive(layers)
     if top:
         lines.append("Most sensitive layers (cosine with only that layer in int8): "
-                     + ", ".join(f"`{layer['node']}` {_fmt(layer['sensitivity'], 6)}" for layer in top) + ".")
+                     + ", ".join(f"`{_name(layer)}` {_fmt(layer['sensitivity'], 6)}" for layer in top) + ".")
         lines.append("")
     lines += [
         "| layer | op | mode | sensitivity (cosine alone) | float ms | int8 ms | reason |",
@@ -58,7 +62,7 @@ def layers_markdown(report: dict[str, Any]) -> str:
     ]
     for layer in layers:
         lines.append(
-            f"| `{layer['node']}` | {layer['kind']} | {layer['mode']} | {_fmt(layer.get('sensitivity'), 6)} | "
+            f"| `{_name(layer)}` | {layer['kind']} | {layer['mode']} | {_fmt(layer.get('sensitivity'), 6)} | "
             f"{_fmt(layer.get('float_ms'))} | {_fmt(layer.get('int8_ms'))} | {layer.get('reason', '')} |"
         )
     return "\n".join(lines) + "\n"
@@ -72,13 +76,13 @@ def layers_html(report: dict[str, Any]) -> str:
     chart = _bar_chart(measured) if measured else "<p>Sensitivity was not measured (run with --html or a budget).</p>"
     top = most_sensitive(layers)
     top_html = "".join(
-        f"<li><code>{html.escape(layer['node'])}</code> — cosine {layer['sensitivity']:.6f} alone in "
+        f"<li><code>{html.escape(_name(layer))}</code> — cosine {layer['sensitivity']:.6f} alone in "
         f"{html.escape(layer['mode'] if layer['mode'] != 'weight-only' else 'int8')}; now {html.escape(layer['mode'])}</li>"
         for layer in top
     )
     rows = "".join(
         "<tr>"
-        f"<td><code>{html.escape(layer['node'])}</code></td><td>{html.escape(layer['kind'])}</td>"
+        f"<td><code>{html.escape(_name(layer))}</code></td><td>{html.escape(layer['kind'])}</td>"
         f"<td><span class='mode' style='background:{_MODE_COLOURS.get(layer['mode'], '#999')}'>"
         f"{html.escape(layer['mode'])}</span></td>"
         f"<td>{_fmt(layer.get('sensitivity'), 6)}</td><td>{_fmt(layer.get('float_ms'))}</td>"
@@ -128,11 +132,11 @@ def _bar_chart(layers: list[dict[str, Any]]) -> str:
         y = index * row
         length = 4 + (bar_width - 4) * (math.log10(damage) - low) / span
         colour = _MODE_COLOURS.get(layer["mode"], "#999")
-        name = html.escape(layer["node"][-60:])
+        name = html.escape(_name(layer)[-64:])
         bars.append(
             f'<text x="{label_width - 6}" y="{y + 13}" text-anchor="end" font-size="11">{name}</text>'
             f'<rect x="{label_width}" y="{y + 3}" width="{length:.1f}" height="{row - 6}" fill="{colour}">'
-            f"<title>{html.escape(layer['node'])}: 1 − cosine = {damage:.3g}</title></rect>"
+            f"<title>{html.escape(_name(layer))}: 1 − cosine = {damage:.3g}</title></rect>"
             f'<text x="{label_width + length + 4:.1f}" y="{y + 13}" font-size="10">{damage:.2g}</text>'
         )
     height = row * len(layers) + 4

@@ -87,6 +87,22 @@ def check_structure(proto: onnx.ModelProto, path: Path) -> None:
     except onnx.checker.ValidationError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
         raise InvalidModelError(f"{name}: ONNX checker: {first}") from None
+    except UnicodeDecodeError:  # the checker's message quotes a name that is not UTF-8
+        raise InvalidModelError(f"{name}: ONNX checker: a name or string in the model is not valid UTF-8") from None
+
+
+def check_input_types(model: ir.Model, name: str) -> None:
+    """Every graph input needs an element type that data can be made of."""
+    for value in model.graph.inputs:
+        if value.name in model.graph.initializers:
+            continue
+        dtype = value.dtype
+        try:
+            if dtype is None or dtype == ir.DataType.UNDEFINED:
+                raise TypeError
+            dtype.numpy()
+        except TypeError:
+            raise InvalidModelError(f"{name}: input '{value.name}' has no usable element type ({dtype})") from None
 
 
 def _check_inline_sizes(proto: onnx.ModelProto, name: str) -> None:

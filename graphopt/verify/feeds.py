@@ -300,7 +300,7 @@ def _random_array(rng: np.random.Generator, spec: InputSpec, shape: tuple[int, .
     if np.issubdtype(spec.dtype, np.floating):
         return rng.standard_normal(shape).astype(spec.dtype)
     if spec.dtype == np.bool_:
-        return rng.random(shape) < 0.5
+        return np.asarray(rng.random(shape) < 0.5)  # a 0-d comparison gives a scalar onnxruntime refuses
     if np.issubdtype(spec.dtype, np.integer):
         # Small non-negative values stay valid as token ids, indices and masks.
         return rng.integers(0, 2, size=shape).astype(spec.dtype)

@@ -53,6 +53,11 @@ RANDOM_BYTES_SIZE = 4096
 # The declared batch of the absurd-dims input: 2**40 x 4 floats is 16 TiB.
 ABSURD_BATCH = 2**40
 
+# Each dim of huge-declared-dims: 2**31 x 2**31 float32 is 16 EiB.
+HUGE_DIM = 2**31
+
+UNKNOWN_DOMAIN = "org.stranger"
+
 # Cases whose model.onnx embeds the corpus's absolute path, so two builds into
 # different folders give different bytes.
 PATH_DEPENDENT = frozenset({"external-absolute"})
@@ -68,6 +73,9 @@ class HostileCase:
     problem: str  # short human description
     expect: tuple[str, ...]  # lowercase; a good one-line error contains at least one
     unsafe: bool  # True when the case tries to read outside the model folder
+    # True when the file is a legal model that only fails once run (absurd input shape,
+    # unknown operator): loading and `inspect` succeed, every command that runs it exits 2.
+    loads: bool = False
 
 
 # --- the valid base model -------------------------------------------------------------
@@ -176,9 +184,13 @@ def _w_entries(location: str, offset: int = 0, length: int | None = 64) -> dict[
 
 
 def _case(
-    case_dir: pathlib.Path, problem: str, expect: tuple[str, ...], unsafe: bool = False
+    case_dir: pathlib.Path,
+    problem: str,
+    expect: tuple[str, ...],
+    unsafe: bool = False,
+    loads: bool = False,
 ) -> HostileCase:
-    return HostileCase(case_dir.name, case_dir / MODEL_FILE, problem, expect, unsafe)
+    return HostileCase(case_dir.name, case_dir / MODEL_FILE, problem, expect, unsafe, loads)
 
 
 # --- cases: not an ONNX protobuf at all -----------------------------------------------
@@ -277,7 +289,50 @@ def _absurd_dims(case_dir: pathlib.Path, outside: pathlib.Path) -> HostileCase:
     return _case(
         case_dir,
         "input X declared as [2**40, 4] float (16 TiB)",
-        ("dim", "too large", "exceed", str(ABSURD_BATCH)),
+        ("dim", "too large", "exceed", "declares shape", str(ABSURD_BATCH)),
+        loads=True,
+    )
+
+
+def _huge_declared_dims(case_dir: pathlib.Path, outside: pathlib.Path) -> HostileCase:
+    # 2**31 x 2**31 floats (16 EiB) declared, 64 bytes present: a loader that allocates
+    # from the declared shape before comparing it with the data dies of memory.
+    w = TensorProto(name="W", data_type=TensorProto.FLOAT, dims=[HUGE_DIM, HUGE_DIM])
+    w.raw_data = _weights().tobytes()
+    _write_model(case_dir, _model(_graph(_base_nodes(), _base_initializers(w))))
+    return _case(
+        case_dir,
+        "initializer W declares 2**31 x 2**31 floats but holds 64 bytes",
+        ("holds 64 bytes", "mismatch", "does not match"),
+    )
+
+
+def _external_huge_dims(case_dir: pathlib.Path, outside: pathlib.Path) -> HostileCase:
+    # The same through external data with no length: the size must come from the shape,
+    # compared with the file's size, never allocated.
+    _write(case_dir / "weights.bin", _weights().tobytes())
+    w = _external_tensor("W", (HUGE_DIM, HUGE_DIM), _w_entries("weights.bin", length=None))
+    _write_model(case_dir, _model(_graph(_base_nodes(), _base_initializers(w))))
+    return _case(
+        case_dir,
+        "external W declares 2**31 x 2**31 floats, its 64-byte file has no length entry",
+        ("too short", "exceed", "does not match"),
+    )
+
+
+def _unknown_operator(case_dir: pathlib.Path, outside: pathlib.Path) -> HostileCase:
+    # A custom-domain operator is legal ONNX (com.microsoft ops are everyday), so the model
+    # loads and `inspect` describes it; anything that runs it must refuse it cleanly.
+    nodes = _base_nodes()
+    nodes[1] = helper.make_node("Frobnicate", ["xw", "B"], ["z"], name="add", domain=UNKNOWN_DOMAIN)
+    model = _model(_graph(nodes, _base_initializers()))
+    model.opset_import.append(helper.make_opsetid(UNKNOWN_DOMAIN, 1))
+    _write_model(case_dir, model)
+    return _case(
+        case_dir,
+        f"node 'add' is {UNKNOWN_DOMAIN}:Frobnicate, an operator no runtime knows",
+        ("frobnicate",),
+        loads=True,
     )
 
 
@@ -431,6 +486,28 @@ def _external_no_length_short(case_dir: pathlib.Path, outside: pathlib.Path) -> 
     )
 
 
+def _external_nul_name(case_dir: pathlib.Path, outside: pathlib.Path) -> HostileCase:
+    # "weights.bin\0../../secret" : C code stops at the NUL, Python's os calls raise
+    # ValueError; neither is a clear refusal.
+    _write(case_dir / "weights.bin", _weights().tobytes())
+    _write_model(case_dir, _model_with_external_w(_w_entries("weights.bin\x00../../secret.bin")))
+    return _case(
+        case_dir,
+        "external data location of W holds a NUL byte",
+        ("control character",),
+    )
+
+
+def _external_long_name(case_dir: pathlib.Path, outside: pathlib.Path) -> HostileCase:
+    # Longer than NAME_MAX: the OS answers ENAMETOOLONG to any stat or open.
+    _write_model(case_dir, _model_with_external_w(_w_entries("w" * 5000 + ".bin")))
+    return _case(
+        case_dir,
+        "external data location of W is a 5004-character file name",
+        ("too long",),
+    )
+
+
 def _subgraph_external_dotdot(case_dir: pathlib.Path, outside: pathlib.Path) -> HostileCase:
     # The bias comes from an If whose then-branch Constant is external data reached with
     # "../": a loader that only walks graph.initializer never sees it.
@@ -508,6 +585,11 @@ _BUILDERS: dict[str, _Builder] = {
     "external-offset-beyond": _external_offset_beyond,
     "external-no-length-short": _external_no_length_short,
     "subgraph-external-dotdot": _subgraph_external_dotdot,
+    "huge-declared-dims": _huge_declared_dims,
+    "external-huge-dims": _external_huge_dims,
+    "external-nul-name": _external_nul_name,
+    "external-long-name": _external_long_name,
+    "unknown-operator": _unknown_operator,
 }
 
 CASE_NAMES: tuple[str, ...] = tuple(_BUILDERS)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -43,6 +44,19 @@ class LayerChoice:
     float_ms: float | None = None
     int8_ms: float | None = None
     sensitivity: float | None = None  # held-out cosine with only this layer in int8 compute
+    label: str = ""  # a readable name: the node's, or its parameters' where the node's is generated
+
+
+def _label(use: WeightUse) -> str:
+    """Optimizers rename nodes ("Gemm_91"); the parameters usually keep the framework's names
+    ("bert.encoder.layer.4.attention.self.value.bias"), which say which layer it is."""
+    name = use.node.name or ""
+    if name and not re.fullmatch(r"[A-Za-z]+_\d+", name):
+        return name
+    for value in reversed(use.node.inputs[1:]):
+        if value is not None and value.name and not value.name.startswith(("onnx::", "_v_")):
+            return f"{re.sub(r'[._](weight|bias)$', '', value.name)} ({name or use.kind})"
+    return name or use.weight.name or use.kind
 
 
 def _int8_form(use: WeightUse) -> str | None:
@@ -139,14 +153,16 @@ class QuantizeInt8Pass(GraphoptPass):
             form = _int8_form(use)
             shape = shapes.get(use.node.inputs[0].name or "")
             if form is None or not shape:
-                choices.append(LayerChoice(use.name, use.kind, "weight-only", "no int8 compute form here"))
+                choices.append(LayerChoice(use.name, use.kind, "weight-only", "no int8 compute form here",
+                                           label=_label(use)))
                 continue
             timing = profile.timings(use, tuple(shape), form)
             speedup = timing["float_ms"] / timing["int8_ms"] if timing["int8_ms"] > 0 else 0.0
             mode = form if speedup >= self.options.min_speedup else "weight-only"
             reason = f"profile: int8 {form} is {speedup:.2f}x float speed" + (
                 "" if mode == form else f" (< {self.options.min_speedup}x)")
-            choices.append(LayerChoice(use.name, use.kind, mode, reason, timing["float_ms"], timing["int8_ms"]))
+            choices.append(LayerChoice(use.name, use.kind, mode, reason, timing["float_ms"], timing["int8_ms"],
+                                       label=_label(use)))
         profile.save()
         self._profile_info = {"path": str(profile.path), "machine": profile.key,
                               "measured": profile.measured, "reused": profile.reused}
@@ -258,8 +274,15 @@ def _outputs(model: ir.Model, feeds: list[dict], *, optimize: bool = True) -> li
 
     session = make_session(ir.serde.serialize_model(model).SerializeToString(), optimize=optimize, threads=1)
     names = [o.name for o in session.get_outputs()]
-    return [np.concatenate([np.asarray(v, np.float64).reshape(len(v) if np.ndim(v) else 1, -1)
-                            for v in session.run(names, feed)], axis=1) for feed in feeds]
+    return [_per_sample(session.run(names, feed)) for feed in feeds]
+
+
+def _per_sample(values: list[np.ndarray]) -> np.ndarray:
+    """Outputs side by side, one row per sample; when the outputs disagree on their first axis
+    (a Scan's final state next to its per-step outputs) the whole feed is one row."""
+    rows = {len(v) if np.ndim(v) else 1 for v in values}
+    count = rows.pop() if len(rows) == 1 else 1
+    return np.concatenate([np.asarray(v, np.float64).reshape(count, -1) for v in values], axis=1)
 
 
 def _cosine(reference: list[np.ndarray], candidate: list[np.ndarray]) -> float:

@@ -102,6 +102,8 @@ def encode_dynamic(graph: ir.Graph, use: WeightUse, quantize_activation: _Activa
     old_output.name = f"{output_name}_float"
     graph.remove(node, safe=True)
     result.name = output_name
+    if result.is_graph_output():  # a graph output must keep its declared type
+        result.type, result.shape = old_output.type, old_output.shape
     return {
         "node": name,
         "kind": use.kind,

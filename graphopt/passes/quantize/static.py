@@ -85,6 +85,7 @@ class _QdqInserter:
             original = output.name
             output.name = f"{original}_float"
             dequant.outputs[0].name = original
+            dequant.outputs[0].type, dequant.outputs[0].shape = output.type, output.shape
             outputs[position] = dequant.outputs[0]
         self.done[id(output)] = dequant.outputs[0]
         self.dequantized.add(id(dequant.outputs[0]))

@@ -1,0 +1,457 @@
+"""`lowrank`: replace a constant weight W [k×n] by two thin factors A [k×r] · B [r×n].
+
+MatMul(x, W) becomes MatMul(MatMul(x, A), B); a Gemm becomes the same chain (transA as a
+Transpose, alpha folded into the factors, beta·C added after the second MatMul); an
+embedding table Gather(W, ids) becomes MatMul(Gather(A, ids), B). A weight is factorized
+only where it pays: r·(k+n) must be below (1 - ``min_saving``)·k·n.
+
+Activation-aware (with --calib): the factors minimize the error of the layer's *output* on
+the calibration inputs, E‖x(W - AB)‖², not the weight error. With S the symmetric square
+root of the input covariance E[xxᵀ] (``covariance``) or of its diagonal (``diagonal``),
+the truncated SVD of S·W = UΣVᵀ gives A = S⁻¹U√Σ, B = √ΣVᵀ. Embedding tables read indices,
+not activations: they always use the plain SVD.
+
+Ranks: per-layer energy fraction, a fixed ratio of min(k, n), a global parameter budget
+(directions of all layers ranked by the share of their layer's energy per parameter), or
+``parity``: the smallest parameter budget whose model keeps the held-out cosine, searched
+by bisection on the last ``holdout`` of the calibration feeds.
+
+A MatMul already paired with another constant-weight MatMul (or fed by a constant-table
+Gather) is one half of a factorization and is left alone: running the pass twice changes
+nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from typing import Any, Literal
+
+import numpy as np
+import onnx_ir as ir
+
+from graphopt.errors import DataError, PassFailed
+from graphopt.passes.base import GraphoptPass, PassResult
+from graphopt.passes.quantize.calibrate import _exposed_model
+from graphopt.passes.quantize.targets import WeightUse, initializer, weight_use
+from graphopt.passes.registry import register
+
+logger = logging.getLogger(__name__)
+
+# Ridge added to the input covariance, as a fraction of its mean diagonal, so that input
+# directions the calibration data never excites keep a finite, bounded inverse weight.
+COVARIANCE_DAMPING = 0.01
+
+
+@dataclasses.dataclass
+class Candidate:
+    """One weight with the SVD of its (possibly activation-weighted) matrix."""
+
+    index: int  # position of its node in the graph before any rewrite
+    use: WeightUse
+    matrix: np.ndarray  # the weight as [in, out] (alpha folded in for Gemm), float64
+    left: np.ndarray  # U of the weighted matrix
+    singular: np.ndarray
+    right: np.ndarray  # Vᵀ
+    inverse_scale: np.ndarray | None  # S⁻¹, [in, in] or [in] (diagonal); None: plain SVD
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.matrix.shape  # type: ignore[return-value]
+
+    @property
+    def dense_params(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    def factor_params(self, rank: int) -> int:
+        return rank * (self.shape[0] + self.shape[1])
+
+    def energy_rank(self, energy: float) -> int:
+        cumulative = np.cumsum(self.singular**2)
+        return min(int(np.searchsorted(cumulative, energy * cumulative[-1] * (1 - 1e-12))) + 1, len(cumulative))
+
+    def factors(self, rank: int) -> tuple[np.ndarray, np.ndarray]:
+        root = np.sqrt(self.singular[:rank])
+        a = self.left[:, :rank] * root
+        if self.inverse_scale is not None:
+            a = self.inverse_scale @ a if self.inverse_scale.ndim == 2 else a * self.inverse_scale[:, None]
+        b = root[:, None] * self.right[:rank]
+        return a.astype(np.float32), b.astype(np.float32)
+
+
+def truncated_factors(weight: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """Plain SVD factors A [k×rank], B [rank×n] of ``weight`` (A·B is its best rank-``rank`` fit)."""
+    left, singular, right = np.linalg.svd(weight.astype(np.float64), full_matrices=False)
+    root = np.sqrt(singular[:rank])
+    return (left[:, :rank] * root).astype(np.float32), (root[:, None] * right[:rank]).astype(np.float32)
+
+
+@register
+class LowRankPass(GraphoptPass):
+    name = "lowrank"
+    summary = "truncated-SVD factors for MatMul/Gemm weights and embedding tables, activation-aware with --calib"
+
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Options:
+        select: Literal["energy", "ratio", "budget", "parity"] = "energy"
+        """How ranks are chosen: per-layer ``energy``, fixed ``ratio`` of min(k, n), global
+        parameter ``budget``, or ``parity`` (the smallest budget that keeps the held-out
+        cosine; needs --calib)."""
+        energy: float = 0.99
+        """select=energy: keep this fraction of each layer's (output-weighted) energy Σσ²."""
+        ratio: float = 0.5
+        """select=ratio: rank = ratio · min(k, n)."""
+        params: float = 0.5
+        """select=budget: parameters kept, as a fraction of the eligible weights' total."""
+        activation_aware: Literal["covariance", "diagonal", "off"] = "covariance"
+        """Weight the SVD by the calibration inputs' covariance (or per-channel energy)."""
+        embeddings: bool = False
+        """Also factorize Gather embedding tables (axis 0, 2-D constant float table)."""
+        ops: tuple[str, ...] = ("MatMul", "Gemm")
+        min_elements: int = 16384
+        """Smaller weights are left alone."""
+        min_saving: float = 0.25
+        """Factorize only where the factors have at least this fraction fewer parameters:
+        near break-even the saving is small and two kernels run instead of one."""
+        min_cosine: float = 0.995
+        """select=parity: held-out cosine to keep when the run states no --min-cosine."""
+        budget_share: float = 0.5
+        """select=parity: share of the error budget (1 - min_cosine) this pass may spend;
+        the rest is left to later lossy steps (quantization)."""
+        margin: float = 0.4
+        """select=parity: part of this pass's error share kept in reserve for unseen data."""
+        holdout: float = 0.25
+        """select=parity: fraction of the calibration feeds (the last ones) used for judging."""
+        search_steps: int = 7
+        """select=parity: bisection steps over the parameter budget."""
+        nodes: tuple[str, ...] = ()
+        """When given, only these node names are considered."""
+
+    def call(self, model: ir.Model) -> PassResult:
+        notes: list[str] = []
+        uses, skipped = self._eligible(model.graph)
+        tune, judge = self._split_feeds()
+        scales = self._input_scales(model, uses, tune, notes)
+        candidates = [_decompose(index, use, scales.get(index)) for index, use in uses]
+        search: dict[str, Any] = {}
+        if self.options.select == "parity" and candidates:
+            ranks, search = self._parity_ranks(model, candidates, judge)
+        else:
+            ranks = self._ranks(candidates)
+        layers = []
+        for candidate in candidates:
+            rank = ranks.get(candidate.index)
+            if rank is None or not self._pays(candidate, rank):
+                skipped[candidate.use.name] = f"rank {rank} does not pay for {list(candidate.shape)}"
+                continue
+            layers.append(_report(candidate, rank))
+        _apply(model.graph, {c.index: c for c in candidates}, {e["index"]: e["rank"] for e in layers})
+        before = sum(e["params_before"] for e in layers)
+        after = sum(e["params_after"] for e in layers)
+        logger.info("lowrank: %d weights factorized, %d -> %d parameters", len(layers), before, after)
+        return PassResult(
+            model,
+            modified=bool(layers),
+            changes={"weights factorized": len(layers), "parameters removed": before - after},
+            notes=notes,
+            details={"layers": layers, "skipped": skipped, "activation_aware": bool(scales), **search},
+        )
+
+    # -- which weights ----------------------------------------------------------------------
+
+    def _eligible(self, graph: ir.Graph) -> tuple[list[tuple[int, WeightUse]], dict[str, str]]:
+        ops = set(self.options.ops) | ({"Gather"} if self.options.embeddings else set())
+        uses, skipped = [], {}
+        for index, node in enumerate(graph):
+            if node.op_type not in ops or (self.options.nodes and node.name not in self.options.nodes):
+                continue
+            use, reason = weight_use(node, graph)
+            reason = reason or _refusal(use, graph, self.options.min_elements)
+            if reason:
+                skipped[node.name or node.op_type] = reason
+            else:
+                uses.append((index, use))
+        return uses, skipped
+
+    def _pays(self, candidate: Candidate, rank: int) -> bool:
+        return 0 < rank and candidate.factor_params(rank) < (1 - self.options.min_saving) * candidate.dense_params
+
+    def _max_rank(self, candidate: Candidate) -> int:
+        """The largest rank that pays (0 when none does)."""
+        k, n = candidate.shape
+        rank = math.ceil((1 - self.options.min_saving) * k * n / (k + n)) - 1
+        while rank > 0 and not self._pays(candidate, rank):
+            rank -= 1
+        return max(rank, 0)
+
+    # -- calibration ------------------------------------------------------------------------
+
+    def _split_feeds(self) -> tuple[list[dict], list[dict]]:
+        if self.options.select == "parity":
+            feeds = self.calibration_feeds().feeds
+            if len(feeds) < 2:
+                raise DataError("lowrank select=parity needs at least 2 calibration feeds (one is held out)")
+            held = max(1, int(round(len(feeds) * self.options.holdout)))
+            return feeds[:-held], feeds[-held:]
+        if self.context.calibration is None:
+            return [], []
+        return list(self.context.calibration.feeds), []
+
+    def _input_scales(self, model: ir.Model, uses: list[tuple[int, WeightUse]], tune: list[dict],
+                      notes: list[str]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """Per candidate index: (S, S⁻¹) from the calibration inputs, for the non-Gather uses."""
+        mode = self.options.activation_aware
+        aware = [(i, u) for i, u in uses if u.kind != "Gather"]
+        if mode == "off" or not aware:
+            return {}
+        if not tune:
+            notes.append("no --calib: plain SVD (weight error, not output error)")
+            return {}
+        inputs = {i: u.node.inputs[0] for i, u in aware}
+        transposed = {inputs[i].name for i, u in aware if u.kind == "Gemm" and u.node.attributes.get_int("transA", 0)}
+        covariances = input_covariances(model, sorted({v.name for v in inputs.values()}), tune, transposed,
+                                        diagonal=mode == "diagonal", threads=self.context.threads)
+        return {i: _square_root(covariances[v.name]) for i, v in inputs.items() if v.name in covariances}
+
+    # -- ranks ------------------------------------------------------------------------------
+
+    def _ranks(self, candidates: list[Candidate], params: float | None = None) -> dict[int, int]:
+        select = self.options.select
+        if select == "energy":
+            return {c.index: c.energy_rank(self.options.energy) for c in candidates}
+        if select == "ratio":
+            return {c.index: max(1, round(self.options.ratio * min(c.shape))) for c in candidates}
+        return self._budget_ranks(candidates, self.options.params if params is None else params)
+
+    def _budget_ranks(self, candidates: list[Candidate], fraction: float) -> dict[int, int]:
+        """Greedy over all layers' singular directions, best share of layer energy per
+        parameter first, until ``fraction`` of the total parameters is spent. A layer whose
+        rank would not pay stays dense (costing k·n), and the rest is allocated again."""
+        budget = fraction * sum(c.dense_params for c in candidates)
+        dense: set[int] = set()
+        while True:
+            spend = budget - sum(c.dense_params for c in candidates if c.index in dense)
+            active = [c for c in candidates if c.index not in dense]
+            ranks = _greedy(active, spend)
+            newly = {c.index for c in active if not self._pays(c, ranks[c.index])}
+            if not newly:
+                return {**ranks, **{i: 0 for i in dense}}
+            dense |= newly
+
+    def _parity_ranks(self, model: ir.Model, candidates: list[Candidate],
+                      judge: list[dict]) -> tuple[dict[int, int], dict[str, Any]]:
+        from graphopt.verify.parity import compare_outputs, run_outputs
+        from graphopt.verify.runtime import make_session
+
+        target = self._target()
+        reference = run_outputs(make_session(_serialized(model), optimize=False, threads=1), judge)
+
+        def held_out_cosine(ranks: dict[int, int]) -> float:
+            trial = model.clone()
+            _apply(trial.graph, {c.index: c for c in candidates},
+                   {i: r for i, r in ranks.items() if r and self._pays(by_index[i], r)})
+            session = make_session(_serialized(trial), optimize=True, threads=1)
+            return compare_outputs(reference, run_outputs(session, judge)).cosine_mean
+
+        by_index = {c.index: c for c in candidates}
+        low, high, best = 0.0, 1.0, ({c.index: 0 for c in candidates}, 1.0, 1.0)
+        trials = []
+        for _ in range(self.options.search_steps):
+            middle = (low + high) / 2
+            ranks = self._budget_ranks(candidates, middle)
+            cosine = held_out_cosine(ranks)
+            trials.append({"params": round(middle, 4), "held_out_cosine": cosine})
+            if cosine >= target:
+                high, best = middle, (ranks, middle, cosine)
+            else:
+                low = middle
+        ranks, fraction, cosine = best
+        return ranks, {"target_cosine": target, "held_out_cosine": cosine, "params": fraction,
+                       "held_out_feeds": len(judge), "trials": trials}
+
+    def _target(self) -> float:
+        stated = getattr(self.context.budget, "min_cosine", None)
+        cosine = stated if stated is not None else self.options.min_cosine
+        return 1.0 - (1.0 - cosine) * self.options.budget_share * (1.0 - self.options.margin)
+
+
+def _refusal(use: WeightUse, graph: ir.Graph, min_elements: int) -> str:
+    """Why this weight use is not factorized here ("" when it is a candidate)."""
+    node, weight = use.node, use.weight
+    if weight.const_value.size < min_elements:
+        return f"weight has {weight.const_value.size} elements (< {min_elements})"
+    if len(weight.uses()) > 1 or weight.is_graph_output():
+        return "weight is shared by several nodes"
+    if use.kind == "Gemm":
+        bias = node.inputs[2] if len(node.inputs) > 2 else None
+        if bias is not None and bias.const_value is None and node.attributes.get_float("beta", 1.0) != 1.0:
+            return "Gemm bias is computed at run time and beta != 1"
+    if _is_factor(use):
+        return "already one factor of a low-rank pair"
+    return ""
+
+
+def _constant_matmul(node: ir.Node | None) -> bool:
+    return (node is not None and node.op_type == "MatMul" and node.domain in ("", "ai.onnx")
+            and len(node.inputs) == 2 and node.inputs[1] is not None and node.inputs[1].const_value is not None)
+
+
+def _is_factor(use: WeightUse) -> bool:
+    """The node reads the output of a constant-weight MatMul or table Gather, or its output
+    is read only by a constant-weight MatMul: the pair already is a factorization."""
+    node = use.node
+    readers = list(node.outputs[0].consumers())
+    if len(readers) == 1 and _constant_matmul(readers[0]) and readers[0].inputs[0] is node.outputs[0]:
+        return True
+    if use.kind == "Gather":
+        return False
+    producer = node.inputs[0].producer() if node.inputs[0] is not None else None
+    if producer is None or len(node.inputs[0].consumers()) != 1:
+        return False
+    if producer.op_type == "Gather":
+        return producer.inputs[0] is not None and producer.inputs[0].const_value is not None
+    return _constant_matmul(producer)
+
+
+def _decompose(index: int, use: WeightUse, scale: tuple[np.ndarray, np.ndarray] | None) -> Candidate:
+    matrix = use.weight.const_value.numpy().astype(np.float64)
+    if use.kind == "Gemm":
+        if use.node.attributes.get_int("transB", 0):
+            matrix = matrix.T
+        matrix = matrix * use.node.attributes.get_float("alpha", 1.0)
+    weighted, inverse = matrix, None
+    if scale is not None:
+        root, inverse = scale
+        weighted = root @ matrix if root.ndim == 2 else matrix * root[:, None]
+    left, singular, right = np.linalg.svd(weighted, full_matrices=False)
+    return Candidate(index, use, matrix, left, singular, right, inverse)
+
+
+def _greedy(candidates: list[Candidate], spend: float) -> dict[int, int]:
+    """Ranks keeping the most layer-relative energy per parameter within ``spend``."""
+    scores, owners = [], []
+    for c in candidates:
+        energy = c.singular**2
+        scores.append(energy / max(energy.sum(), 1e-300) / (c.shape[0] + c.shape[1]))
+        owners.append(np.full(len(energy), c.index))
+    ranks = {c.index: 0 for c in candidates}
+    if not candidates:
+        return ranks
+    costs = {c.index: c.shape[0] + c.shape[1] for c in candidates}
+    all_scores, all_owners = np.concatenate(scores), np.concatenate(owners)
+    for owner in all_owners[np.argsort(-all_scores, kind="stable")]:
+        if spend < costs[owner]:
+            break
+        spend -= costs[owner]
+        ranks[int(owner)] += 1
+    return ranks
+
+
+def _report(candidate: Candidate, rank: int) -> dict[str, Any]:
+    energy = candidate.singular**2
+    return {
+        "index": candidate.index,
+        "node": candidate.use.name,
+        "kind": candidate.use.kind,
+        "shape": list(candidate.shape),
+        "rank": rank,
+        "params_before": candidate.dense_params,
+        "params_after": candidate.factor_params(rank),
+        "energy_kept": float(energy[:rank].sum() / max(energy.sum(), 1e-300)),
+        "activation_aware": candidate.inverse_scale is not None,
+    }
+
+
+# -- calibration statistics -------------------------------------------------------------------
+
+
+def input_covariances(model: ir.Model, names: list[str], feeds: list[dict], transposed: set[str], *,
+                      diagonal: bool = False, threads: int | None = None) -> dict[str, np.ndarray]:
+    """E[xxᵀ] over the rows of each tensor in ``names`` (last axis = channels; the first axis
+    for ``transposed`` names), streamed over ``feeds``; only the diagonal with ``diagonal``."""
+    from graphopt.verify.runtime import make_session
+
+    session = make_session(_exposed_model(model, names), optimize=False, threads=threads)
+    sums: dict[str, np.ndarray] = {}
+    counts = dict.fromkeys(names, 0)
+    for feed in feeds:
+        for name, value in zip(names, session.run(names, feed)):
+            value = np.asarray(value, np.float64)
+            rows = value.T if name in transposed else value.reshape(-1, value.shape[-1])
+            moment = np.einsum("ij,ij->j", rows, rows) if diagonal else rows.T @ rows
+            sums[name] = moment if name not in sums else sums[name] + moment
+            counts[name] += rows.shape[0]
+    return {name: total / counts[name] for name, total in sums.items() if counts[name]}
+
+
+def _square_root(covariance: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """S and S⁻¹ with S² = covariance + damping (symmetric; a vector for a diagonal)."""
+    if covariance.ndim == 1:
+        damped = covariance + COVARIANCE_DAMPING * max(float(covariance.mean()), 1e-12)
+        return np.sqrt(damped), 1.0 / np.sqrt(damped)
+    values, vectors = np.linalg.eigh(covariance)
+    values = np.maximum(values, 0.0) + COVARIANCE_DAMPING * max(float(np.trace(covariance)) / len(values), 1e-12)
+    return (vectors * np.sqrt(values)) @ vectors.T, (vectors / np.sqrt(values)) @ vectors.T
+
+
+# -- rewriting --------------------------------------------------------------------------------
+
+
+def _apply(graph: ir.Graph, candidates: dict[int, Candidate], ranks: dict[int, int]) -> None:
+    """Factorize the nodes at positions ``ranks`` (positions of the graph before rewriting)."""
+    nodes = list(graph)
+    for index, rank in sorted(ranks.items()):
+        if rank <= 0:
+            continue
+        node = nodes[index]
+        use, _ = weight_use(node, graph)
+        if use is None:
+            raise PassFailed(f"lowrank: node '{node.name}' lost its weight while rewriting")
+        _factorize(graph, use, *candidates[index].factors(rank))
+
+
+def _factorize(graph: ir.Graph, use: WeightUse, a: np.ndarray, b: np.ndarray) -> None:
+    node, weight = use.node, use.weight
+    name = node.name or weight.name or "weight"
+    a_value = initializer(graph, f"{weight.name}_lowrank_a", a)
+    b_value = initializer(graph, f"{weight.name}_lowrank_b", b)
+    new_nodes: list[ir.Node] = []
+    if use.kind == "Gather":
+        first = ir.node("Gather", [a_value, node.inputs[1]], {"axis": 0}, name=f"{name}_lowrank_a")
+    else:
+        x = node.inputs[0]
+        if use.kind == "Gemm" and node.attributes.get_int("transA", 0):
+            transpose = ir.node("Transpose", [x], {"perm": [1, 0]}, name=f"{name}_transpose_a")
+            new_nodes.append(transpose)
+            x = transpose.outputs[0]
+        first = ir.node("MatMul", [x, a_value], name=f"{name}_lowrank_a")
+    second = ir.node("MatMul", [first.outputs[0], b_value], name=f"{name}_lowrank_b")
+    new_nodes += [first, second]
+    first.outputs[0].name = f"{name}_lowrank_hidden"
+    result = second.outputs[0]
+    bias = node.inputs[2] if use.kind == "Gemm" and len(node.inputs) > 2 else None
+    if bias is not None:
+        beta = node.attributes.get_float("beta", 1.0)
+        if beta != 1.0:
+            bias = initializer(graph, f"{name}_bias_scaled", (bias.const_value.numpy() * beta).astype(np.float32))
+        add = ir.node("Add", [result, bias], name=f"{name}_bias")
+        new_nodes.append(add)
+        result = add.outputs[0]
+    graph.insert_before(node, new_nodes)
+    old_output = node.outputs[0]
+    output_name = old_output.name
+    old_output.replace_all_uses_with(result, replace_graph_outputs=True)
+    old_output.name = f"{output_name}_dense"
+    graph.remove(node, safe=True)
+    result.name = output_name
+    if result.is_graph_output():  # a graph output must keep its declared type
+        result.type, result.shape = old_output.type, old_output.shape
+    for value in {id(v): v for v in (weight, *([node.inputs[2]] if bias is not None else []))}.values():
+        if value is not None and value.name in graph.initializers and not value.uses() \
+                and not value.is_graph_output():
+            graph.initializers.pop(value.name)
+
+
+def _serialized(model: ir.Model) -> bytes:
+    return ir.serde.serialize_model(model).SerializeToString()

@@ -1,0 +1,355 @@
+"""Knowledge distillation: train a student to reproduce its teacher.
+
+Losses:
+
+* ``task="classification"``: ``alpha · T² · KL(softmax(t/T) ‖ softmax(s/T)) + (1 − alpha) · CE(s, y)``
+  (Hinton et al.; T² keeps the soft term's gradients on the scale of the hard one). Batches
+  without labels use the soft term alone.
+* ``task="embedding"``: ``1 − cos(s, t)`` (``loss="cosine"``) or ``MSE(s, t)`` (``loss="mse"``).
+* ``features``: optional {student module: teacher module} pairs whose outputs are matched by
+  MSE, weighted by ``feature_weight`` (the shapes must agree; put a projection in the student
+  otherwise).
+
+Each epoch ends with a validation pass (accuracy against labels, or agreement with the teacher
+when there are none; mean cosine to the teacher for embeddings); the best epoch's weights are
+restored at the end and training stops after ``patience`` epochs without improvement.
+
+Distributed: when ``torch.distributed`` is initialized (``torchrun``), the student is wrapped in
+``DistributedDataParallel``, a Dataset is sharded with a ``DistributedSampler``, validation
+metrics are averaged over ranks (so every rank takes the same early-stopping decision) and only
+rank 0 shows progress. The same code runs unchanged in a single process.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from graphopt.errors import GraphoptError, UsageError
+
+logger = logging.getLogger(__name__)
+
+TASKS = ("classification", "embedding")
+EMBEDDING_LOSSES = ("cosine", "mse")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DistillOptions:
+    task: str = "classification"
+    temperature: float = 4.0
+    alpha: float = 0.9  # weight of the teacher's soft targets; 1 − alpha goes to the labels
+    loss: str = "cosine"  # embedding task: cosine | mse
+    features: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    feature_weight: float = 1.0
+    epochs: int = 10
+    batch_size: int = 64  # when ``train`` is a Dataset
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    cosine_schedule: bool = True  # decay the learning rate to 0 along a cosine over all steps
+    grad_clip: float | None = 1.0
+    patience: int | None = 3
+    max_seconds: float | None = None  # stop at the step (distributed: the epoch) crossing this budget
+    seed: int = 0
+    quiet: bool = False
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise UsageError(f"task must be one of {TASKS}, got {self.task!r}")
+        if self.loss not in EMBEDDING_LOSSES:
+            raise UsageError(f"loss must be one of {EMBEDDING_LOSSES}, got {self.loss!r}")
+        if not 0 <= self.alpha <= 1:
+            raise UsageError(f"alpha must be in [0, 1], got {self.alpha}")
+        if self.temperature <= 0 or self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise UsageError("temperature and lr must be > 0, epochs and batch_size >= 1")
+
+
+@dataclasses.dataclass
+class DistillResult:
+    student: nn.Module
+    history: list[dict[str, float]]
+    best_epoch: int | None
+    best_metric: float | None
+    metric: str
+    stopped: str
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"history": self.history, "best_epoch": self.best_epoch, "best_metric": self.best_metric,
+                "metric": self.metric, "stopped": self.stopped, "seconds": round(self.seconds, 3)}
+
+
+# -- batches ------------------------------------------------------------------------------------
+
+
+def split_batch(batch: Any) -> tuple[tuple[Any, ...], dict[str, Any], torch.Tensor | None]:
+    """(positional inputs, keyword inputs, labels) of a batch.
+
+    A tensor is one input; a dict holds keyword inputs and optionally ``labels``; a tuple or
+    list is ``(inputs, labels)`` where inputs is a tensor, a tuple of tensors or a dict.
+    """
+    if isinstance(batch, torch.Tensor):
+        return (batch,), {}, None
+    if isinstance(batch, Mapping):
+        kwargs = {k: v for k, v in batch.items() if k != "labels"}
+        return (), kwargs, batch.get("labels")
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        inputs, labels = batch
+        if isinstance(inputs, Mapping):
+            return (), dict(inputs), labels
+        return (tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)), {}, labels
+    raise UsageError(f"a batch must be a tensor, a dict, or (inputs, labels); got {type(batch).__name__}")
+
+
+def _output(value: Any) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
+        return value[0]
+    raise GraphoptError(f"the model returned {type(value).__name__}; distill needs a tensor (or a tuple starting with one)")
+
+
+# -- losses -------------------------------------------------------------------------------------
+
+
+def soft_target_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    log_p = F.log_softmax(student / temperature, dim=-1)
+    log_q = F.log_softmax(teacher / temperature, dim=-1)
+    return F.kl_div(log_p, log_q, log_target=True, reduction="batchmean") * temperature**2
+
+
+def output_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None,
+                options: DistillOptions) -> torch.Tensor:
+    if options.task == "embedding":
+        s, t = student.flatten(1), teacher.flatten(1)
+        if options.loss == "cosine":
+            return (1 - F.cosine_similarity(s, t, dim=1)).mean()
+        return F.mse_loss(s, t)
+    soft = soft_target_loss(student, teacher, options.temperature)
+    if labels is None or options.alpha == 1:
+        return soft
+    return options.alpha * soft + (1 - options.alpha) * F.cross_entropy(student, labels)
+
+
+class _FeatureTap:
+    """Records the outputs of named modules during a forward pass."""
+
+    def __init__(self, model: nn.Module, names: Iterable[str]) -> None:
+        self.values: dict[str, torch.Tensor] = {}
+        self._handles = []
+        for name in names:
+            try:
+                module = model.get_submodule(name)
+            except AttributeError:
+                raise UsageError(f"features: {type(model).__name__} has no module {name!r}") from None
+            self._handles.append(module.register_forward_hook(self._hook(name)))
+
+    def _hook(self, name: str) -> Callable[..., None]:
+        def record(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            self.values[name] = _output(output)
+        return record
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+# -- distributed --------------------------------------------------------------------------------
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if _distributed() else 0
+
+
+def _mean_over_ranks(values: list[float]) -> list[float]:
+    if not _distributed():
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64)
+    torch.distributed.all_reduce(tensor)
+    return (tensor / torch.distributed.get_world_size()).tolist()
+
+
+def _loader(data: Any, options: DistillOptions, *, shuffle: bool) -> tuple[Iterable[Any], Any]:
+    """A DataLoader over a Dataset (sharded when distributed), or the iterable as given."""
+    if not isinstance(data, torch.utils.data.Dataset) or isinstance(data, torch.utils.data.IterableDataset):
+        return data, None
+    generator = torch.Generator().manual_seed(options.seed)
+    sampler = None
+    if _distributed():
+        sampler = torch.utils.data.distributed.DistributedSampler(data, shuffle=shuffle, seed=options.seed)
+        shuffle = False
+    loader = torch.utils.data.DataLoader(data, batch_size=options.batch_size, shuffle=shuffle,
+                                         sampler=sampler, generator=generator)
+    return loader, sampler
+
+
+# -- training -----------------------------------------------------------------------------------
+
+
+def _progress(total: int | None, options: DistillOptions, description: str) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=description, disable=options.quiet or _rank() != 0, leave=False,
+                dynamic_ncols=True, unit="batch")
+
+
+def _length(data: Iterable[Any]) -> int | None:
+    try:
+        return len(data)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+@torch.no_grad()
+def evaluate(teacher: nn.Module, student: nn.Module, data: Iterable[Any], options: DistillOptions) -> dict[str, float]:
+    """Validation metrics: ``loss``, and ``accuracy`` (labels), ``agreement`` (teacher's
+    argmax) for classification or ``cosine`` (to the teacher) for embeddings."""
+    was_training = student.training
+    student.eval()
+    totals = {"loss": 0.0, "hits": 0.0, "labelled": 0.0, "agree": 0.0, "cosine": 0.0, "rows": 0.0}
+    for batch in data:
+        args, kwargs, labels = split_batch(batch)
+        t, s = _output(teacher(*args, **kwargs)), _output(student(*args, **kwargs))
+        rows = s.shape[0]
+        totals["rows"] += rows
+        totals["loss"] += float(output_loss(s, t, labels, options)) * rows
+        if options.task == "classification":
+            totals["agree"] += float((s.argmax(-1) == t.argmax(-1)).sum())
+            if labels is not None:
+                totals["hits"] += float((s.argmax(-1) == labels).sum())
+                totals["labelled"] += rows
+        else:
+            totals["cosine"] += float(F.cosine_similarity(s.flatten(1), t.flatten(1), dim=1).sum())
+    student.train(was_training)
+    keys = list(totals)
+    totals = dict(zip(keys, _mean_over_ranks([totals[k] for k in keys])))
+    if not totals["rows"]:
+        raise UsageError("the validation data is empty")
+    metrics = {"loss": totals["loss"] / totals["rows"]}
+    if options.task == "embedding":
+        metrics["cosine"] = totals["cosine"] / totals["rows"]
+    else:
+        metrics["agreement"] = totals["agree"] / totals["rows"]
+        if totals["labelled"]:
+            metrics["accuracy"] = totals["hits"] / totals["labelled"]
+    return metrics
+
+
+def _headline(metrics: dict[str, float]) -> str:
+    return next(k for k in ("accuracy", "cosine", "agreement") if k in metrics)
+
+
+def _schedule(step: int, total: int, options: DistillOptions) -> float:
+    if options.warmup_steps and step < options.warmup_steps:
+        return (step + 1) / options.warmup_steps
+    if not options.cosine_schedule or total <= options.warmup_steps:
+        return 1.0
+    progress = (step - options.warmup_steps) / max(1, total - options.warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _over_budget(started: float, options: DistillOptions) -> bool:
+    return options.max_seconds is not None and time.perf_counter() - started > options.max_seconds
+
+
+def distill(
+    teacher: nn.Module,
+    student: nn.Module,
+    train: Any,
+    *,
+    val: Any = None,
+    options: DistillOptions = DistillOptions(),
+) -> DistillResult:
+    """Train ``student`` (in place) to match ``teacher`` on ``train``; return the result.
+
+    ``train`` and ``val`` are Datasets (batched here with ``options.batch_size``, shuffled
+    with the seed, sharded under ``torchrun``) or any re-iterable of batches (a DataLoader;
+    then sharding is the caller's). Batches: see :func:`split_batch`.
+    """
+    started = time.perf_counter()
+    torch.manual_seed(options.seed)
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    train_loader, sampler = _loader(train, options, shuffle=True)
+    val_loader, _ = _loader(val, options, shuffle=False) if val is not None else (None, None)
+    model: nn.Module = student
+    if _distributed():
+        model = nn.parallel.DistributedDataParallel(student)
+    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=options.lr,
+                                  weight_decay=options.weight_decay)
+    steps_per_epoch = _length(train_loader)
+    total_steps = steps_per_epoch * options.epochs if steps_per_epoch else options.warmup_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _schedule(step, total_steps, options))
+    student_tap = _FeatureTap(student, options.features.keys())
+    teacher_tap = _FeatureTap(teacher, options.features.values())
+
+    history: list[dict[str, float]] = []
+    best: tuple[float, int, dict[str, torch.Tensor]] | None = None
+    stopped = "epochs"
+    try:
+        for epoch in range(options.epochs):
+            if sampler is not None:
+                sampler.set_epoch(epoch)
+            model.train()
+            loss_sum, batches = 0.0, 0
+            with _progress(steps_per_epoch, options, f"distill {epoch + 1}/{options.epochs}") as bar:
+                for batch in train_loader:
+                    args, kwargs, labels = split_batch(batch)
+                    with torch.no_grad():
+                        t = _output(teacher(*args, **kwargs))
+                    s = _output(model(*args, **kwargs))
+                    loss = output_loss(s, t, labels, options)
+                    for s_name, t_name in options.features.items():
+                        loss = loss + options.feature_weight * F.mse_loss(student_tap.values[s_name], teacher_tap.values[t_name])
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if options.grad_clip:
+                        nn.utils.clip_grad_norm_(student.parameters(), options.grad_clip)
+                    optimizer.step()
+                    scheduler.step()
+                    loss_sum, batches = loss_sum + float(loss), batches + 1
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss_sum / batches:.4f}")
+                    if not _distributed() and _over_budget(started, options):
+                        break
+            if not batches:
+                raise UsageError("the training data is empty")
+            record = {"epoch": epoch + 1, "train_loss": _mean_over_ranks([loss_sum / batches])[0],
+                      "seconds": round(time.perf_counter() - started, 3)}
+            if val_loader is not None:
+                metrics = evaluate(teacher, student, val_loader, options)
+                record.update({f"val_{k}": v for k, v in metrics.items()})
+                value = metrics[_headline(metrics)]
+                if best is None or value > best[0]:
+                    best = (value, epoch + 1, copy.deepcopy(student.state_dict()))
+            history.append(record)
+            logger.info("epoch %d: %s", epoch + 1, ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "epoch"))
+            if best is not None and options.patience is not None and epoch + 1 - best[1] >= options.patience:
+                stopped = f"early stop: no better {_headline(metrics)} for {options.patience} epochs"
+                break
+            # Every rank must agree to stop, or the others would wait forever in the next all-reduce.
+            if _mean_over_ranks([float(_over_budget(started, options))])[0] > 0:
+                stopped = f"time budget {options.max_seconds:.0f} s"
+                break
+    finally:
+        student_tap.close()
+        teacher_tap.close()
+    if best is not None:
+        student.load_state_dict(best[2])
+    metric = _headline({k.removeprefix("val_"): v for k, v in history[-1].items() if k.startswith("val_")}) if best else "train_loss"
+    return DistillResult(student, history, best[1] if best else None, best[0] if best else None, metric, stopped,
+                         time.perf_counter() - started)
