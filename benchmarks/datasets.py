@@ -245,11 +245,23 @@ def _prose_sentences(doc: str) -> Iterator[str]:
             yield sent
 
 
-@lru_cache(maxsize=1)
-def _all_sentences() -> tuple[str, ...]:
-    """All distinct docstring sentences, sorted (depends only on the Python version)."""
+SENTENCES_FILE = Path(__file__).parent / "data" / "sentences.txt"
+
+
+def docstring_sentences() -> tuple[str, ...]:
+    """All distinct docstring sentences of the listed stdlib modules, sorted.
+
+    They depend on the Python version and even on what else the process imported (torch
+    adds a few), so benchmarks read the frozen copy in SENTENCES_FILE instead; this builds it
+    (``python -m benchmarks.datasets freeze-sentences``)."""
     found = {s for m in _STDLIB_MODULES for d in _docstrings(m) for s in _prose_sentences(d)}
     return tuple(sorted(found))
+
+
+@lru_cache(maxsize=1)
+def _all_sentences() -> tuple[str, ...]:
+    """The frozen sentence corpus: the same on every machine and in every process."""
+    return tuple(line for line in SENTENCES_FILE.read_text(encoding="utf-8").splitlines() if line)
 
 
 def _split_of(sentence: str) -> str:
@@ -458,6 +470,13 @@ def _cmd_minilm(args: argparse.Namespace) -> None:
               f"({time.perf_counter() - start:.1f} s)")
 
 
+def _cmd_freeze_sentences(args: argparse.Namespace) -> None:
+    found = docstring_sentences()
+    SENTENCES_FILE.parent.mkdir(parents=True, exist_ok=True)
+    SENTENCES_FILE.write_text("\n".join(found) + "\n", encoding="utf-8")
+    print(f"wrote {SENTENCES_FILE}: {len(found)} sentences")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of ``python -m benchmarks.datasets``."""
     parser = argparse.ArgumentParser(
@@ -480,6 +499,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     mini.add_argument("--seq-len", type=int, default=128)
     mini.add_argument("--seed", type=int, default=0)
     mini.set_defaults(func=_cmd_minilm)
+
+    freeze = sub.add_parser("freeze-sentences", help=f"rebuild {SENTENCES_FILE.name} from stdlib docstrings")
+    freeze.set_defaults(func=_cmd_freeze_sentences)
 
     args = parser.parse_args(argv)
     args.func(args)

@@ -18,7 +18,16 @@ from graphopt.errors import (  # noqa: E402
     UnsafeModelError,
     UsageError,
 )
-from graphopt.io import load_model, save_model  # noqa: E402
+
+
+def __getattr__(name: str):  # noqa: ANN202
+    """``load_model`` and ``save_model`` import onnx on first use: the command line starts
+    without it, so that Ctrl-C during start-up is already handled (exit 130, one line)."""
+    if name in ("load_model", "save_model"):
+        from graphopt import io
+
+        return getattr(io, name)
+    raise AttributeError(f"module 'graphopt' has no attribute '{name}'")
 
 __all__ = [
     "DataError",

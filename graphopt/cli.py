@@ -5,11 +5,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import sys
+import threading
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -151,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Score MODEL and its compressed form (or --candidate) on held-out parts of "
                        "labelled data. With --recipe, each fold compresses the model calibrated and verified on "
                        "its training part only. Reports per-fold metrics, mean ± std, the paired difference "
-                       "(candidate − base) with a 95%% bootstrap interval, and McNemar's test.")
+                       "(candidate − base) with a 95% bootstrap interval, and McNemar's test.")
     p.add_argument("model")
     p.add_argument("--data", required=True, metavar="DATA.npz",
                    help=".npz: one array per model input plus the labels, samples on axis 0")
@@ -177,6 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help="per-machine speed profile cache (default ~/.cache/graphopt)")
     _add_common(p)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("distill", help="torch: distill a student from a teacher, export it with parity "
+                       "(needs the torch extra)")
+    p.add_argument("config", help="TOML naming teacher, student and data factories (package.module:function)")
+    _add_common(p)
+    p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("recipes", help="list built-in recipes and passes")
     _add_common(p)
@@ -382,7 +391,7 @@ def _add_cv_gate(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
         "cross-validated gate (graphopt evaluate --candidate inside check)",
         "With --cv K and --max-drop X, the check fails only when the drop exceeds the budget with "
-        "confidence: when the upper bound of the 95%% paired bootstrap interval of (candidate - base) "
+        "confidence: when the upper bound of the 95% paired bootstrap interval of (candidate - base) "
         "--metric, over K folds of --data, is below -X.")
     group.add_argument("--cv", type=int, metavar="K", help="K-fold cross-validated metric gate (needs --max-drop)")
     group.add_argument("--max-drop", type=float, metavar="X", help="largest tolerated metric drop, e.g. 0.01")
@@ -436,22 +445,41 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _evaluate_summary(result: dict[str, Any]) -> str:
     metric, diff = result["metric"], result["difference"]
+    d = 7 if metric == "cosine" else 4  # int8 moves a cosine by ~1e-5: show it
     lines = [f"{result['split']['method']}, {result['split']['folds']} fold(s), {result['data']['samples']} samples, "
              f"metric {metric} on output '{result['output']}'"]
-    lines += [f"  fold {f['fold']}: held out {f['held_out']:>5}  base {f['base']:.4f}  candidate {f['candidate']:.4f}  "
-              f"difference {f['difference']:+.4f}" for f in result["folds"]]
+    lines += [f"  fold {f['fold']}: held out {f['held_out']:>5}  base {f['base']:.{d}f}  candidate "
+              f"{f['candidate']:.{d}f}  difference {f['difference']:+.{d}f}" for f in result["folds"]]
     for key in ("base", "candidate", "difference"):
         stats = result["summary"][key]
-        spread = f" ± {stats['std']:.4f}" if stats["std"] is not None else ""
+        spread = f" ± {stats['std']:.{d}f}" if stats["std"] is not None else ""
         sign = "+" if key == "difference" else ""
-        lines.append(f"  {key:<10} mean {stats['mean']:{sign}.4f}{spread} (across folds)")
-    lines.append(f"paired difference {diff['estimate']:+.4f}, {diff['confidence']:.0%} CI "
-                 f"[{diff['ci_low']:+.4f}, {diff['ci_high']:+.4f}] ({diff['resamples']} bootstrap resamples)")
+        lines.append(f"  {key:<10} mean {stats['mean']:{sign}.{d}f}{spread} (across folds)")
+    lines.append(f"paired difference {diff['estimate']:+.{d}f}, {diff['confidence']:.0%} CI "
+                 f"[{diff['ci_low']:+.{d}f}, {diff['ci_high']:+.{d}f}] ({diff['resamples']} bootstrap resamples)")
     if result["mcnemar"]:
         test = result["mcnemar"]
         lines.append(f"McNemar: base-only correct {test['base_only_correct']}, candidate-only correct "
                      f"{test['candidate_only_correct']}, p = {test['p_value']:.4g} ({test['test']})")
     return "\n".join(lines)
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    try:
+        from graphopt.torch.pipeline import run_config
+    except ImportError as exc:
+        raise UsageError(f"distill needs torch: pip install -e \".[torch]\" ({exc})") from None
+
+    report = run_config(args.config, quiet=args.quiet)
+    if not args.quiet and "outputs" in report:
+        history = report["distill"]["history"]
+        best = report["distill"]["best_metric"]
+        print(f"distilled {report['teacher_params']:,} → {report['student_params']:,} parameters in "
+              f"{len(history)} epochs ({report['distill']['stopped']})"
+              + (f"; best validation {report['distill']['metric']} {best:.4f}" if best is not None else ""))
+        print(f"wrote {report['outputs']['state_dict']} and {report['outputs']['onnx']} "
+              f"({report['export']['exporter']}, max abs {report['export']['parity']['max_abs']:.3g} vs torch)")
+    return EXIT_OK
 
 
 def cmd_recipes(args: argparse.Namespace) -> int:
@@ -499,7 +527,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         _configure_logging(args.quiet)
         func: Callable[[argparse.Namespace], int] = args.func
-        return func(args)
+        with _sigterm_as_interrupt():
+            _import_native_libraries(args.command)
+            return func(args)
     except GraphoptError as exc:
         return _fail(exc, f"graphopt: {_one_line(str(exc))}", exc.exit_code, debug)
     except KeyboardInterrupt:
@@ -513,6 +543,47 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # the last line of defence: a bug must still be one line
         return _fail(exc, f"graphopt: internal error: {type(exc).__name__}: {_one_line(str(exc))[:300]} "
                      "(rerun with --debug for the traceback)", EXIT_INTERNAL, debug)
+
+
+def _import_native_libraries(command: str) -> None:
+    """Import the native extensions the command uses with Ctrl-C held back until they are
+    complete: a KeyboardInterrupt raised while onnx initializes makes the interpreter crash with
+    SIGSEGV at exit (about half of the attempts), and one inside onnxruntime's turns into an
+    ImportError (exit 3), instead of exiting 130."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    held: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: held.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        import numpy  # noqa: F401
+        import onnx  # noqa: F401
+        import onnx_ir  # noqa: F401
+
+        if command not in ("inspect", "recipes"):
+            import onnxruntime  # noqa: F401
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if held:
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """A CI runner's cancel and `timeout` send SIGTERM: clean up and exit as for Ctrl-C."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> NoReturn:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _fail(exc: BaseException, line: str, code: int, debug: bool) -> int:

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_ir as ir
+from google.protobuf.message import Message
 
 from graphopt.errors import InvalidModelError
 
@@ -81,6 +82,7 @@ def check_structure(proto: onnx.ModelProto, path: Path) -> None:
     if not proto.graph.output:
         raise InvalidModelError(f"{name}: graph has no outputs")
     _check_inline_sizes(proto, name)
+    _check_text(proto, name, "model")
     _check_graph(proto.graph, name, outer=frozenset())
     try:
         onnx.checker.check_model(str(path))
@@ -115,6 +117,30 @@ def _check_inline_sizes(proto: onnx.ModelProto, name: str) -> None:
                 f"{name}: tensor '{tensor.name}' holds {len(tensor.raw_data)} bytes "
                 f"but its shape {list(tensor.dims)} needs {needed}"
             )
+
+
+def _check_text(message: Message, name: str, where: str) -> None:
+    """protobuf accepts any bytes in an ONNX string field (proto2); every tool after it wants UTF-8."""
+    if isinstance(message, onnx.TensorProto):  # never list a tensor's fields: that copies its data
+        fields = [("name", message.name), ("doc_string", message.doc_string)]
+        fields += [("external_data", entry.value) for entry in message.external_data]
+        fields += [("external_data", entry.key) for entry in message.external_data]
+        for field, value in fields:
+            _require_utf8(value, name, f"{where}.{field}")
+        return
+    for field, value in message.ListFields():
+        if field.type not in (field.TYPE_STRING, field.TYPE_MESSAGE):
+            continue
+        for item in value if field.is_repeated else [value]:
+            if field.type == field.TYPE_STRING:
+                _require_utf8(item, name, f"{where}.{field.name}")
+            else:
+                _check_text(item, name, f"{where}.{field.name}")
+
+
+def _require_utf8(value: str | bytes, name: str, where: str) -> None:
+    if isinstance(value, bytes):
+        raise InvalidModelError(f"{name}: {where} is not valid UTF-8 ({value[:40]!r})")
 
 
 def _check_graph(graph: onnx.GraphProto, name: str, outer: frozenset[str]) -> None:

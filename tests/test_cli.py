@@ -77,7 +77,7 @@ def test_optimize_writes_model_and_report(model_path, tmp_path, capsys):
     assert main(["optimize", str(model_path), "-o", str(out), "--report", str(report), "--no-latency"]) == 0
     data = json.loads(report.read_text())
     assert data["written"] and out.exists()
-    assert [s["name"] for s in data["steps"]] == ["simplify", "lift-constants", "cleanup"]
+    assert [s["name"] for s in data["steps"]] == ["simplify", "lift-constants", "cleanup", "prune-dead-channels"]
     assert data["verification"]["data"]["synthetic"] is True
     assert data["verification"]["parity"]["max_abs"] <= 1e-4
     assert data["output_bytes"] <= data["input_bytes"]

@@ -39,8 +39,9 @@ def classifier(weights: np.ndarray, bias: np.ndarray, batch: int | str = "N") ->
 
 @pytest.fixture
 def weights() -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(1)
-    return rng.standard_normal((64, CLASSES)).astype(np.float32), np.zeros(CLASSES, np.float32)
+    w = np.random.default_rng(1).standard_normal((64, CLASSES)).astype(np.float32)
+    w[0] = 0  # the first pixel carries the sample's index (see `data`), not a feature
+    return w, np.zeros(CLASSES, np.float32)
 
 
 @pytest.fixture
@@ -62,9 +63,10 @@ def always_zero(tmp_path: Path, weights: tuple[np.ndarray, np.ndarray]) -> Path:
 @pytest.fixture
 def data(tmp_path: Path, weights: tuple[np.ndarray, np.ndarray]) -> Path:
     """X whose first column is the sample's index (to trace where a sample went); labels are
-    the base model's own predictions, so the base is right on every sample."""
+    the base model's own predictions, so the base is right on every sample (all 10 classes
+    occur, 12 of them class 0)."""
     rng = np.random.default_rng(2)
-    x = rng.random((SAMPLES, 64)).astype(np.float32)
+    x = rng.standard_normal((SAMPLES, 64)).astype(np.float32)
     x[:, 0] = np.arange(SAMPLES)
     labels = np.argmax(x @ weights[0] + weights[1], axis=1).astype(np.int64)
     path = tmp_path / "data.npz"
@@ -215,6 +217,7 @@ def test_identical_candidate_end_to_end(base: Path, data: Path) -> None:
 
 def test_known_difference_end_to_end(base: Path, always_zero: Path, data: Path) -> None:
     zeros = float(np.mean(_labels(data) == 0))
+    assert zeros == 12 / SAMPLES
     result = evaluate(base, data, EvaluateOptions(labels="labels", folds=3, candidate=always_zero))
     assert result["difference"]["estimate"] == pytest.approx(zeros - 1.0)
     assert result["summary"]["candidate"]["mean"] == pytest.approx(zeros, abs=0.05)
@@ -252,8 +255,8 @@ def test_calibration_and_verification_never_see_held_out_samples(
                 "verification": {"parity": {"cosine_mean": 1.0, "max_abs": 0.0}}}
 
     monkeypatch.setattr("graphopt.evaluate.optimize", recording_optimize)
-    result = evaluate(base, data, EvaluateOptions(labels="labels", folds=5, stratified=True, recipe="int8"))
-    assert len(seen) == 5
+    result = evaluate(base, data, EvaluateOptions(labels="labels", folds=4, stratified=True, recipe="int8"))
+    assert len(seen) == 4
     for fold, used in zip(result["folds"], seen):
         held_out = set(fold["test_indices"])
         assert used["calib"] and not used["calib"] & held_out
@@ -307,6 +310,16 @@ def test_cli_writes_documented_json(base: Path, always_zero: Path, data: Path, t
     assert {"folds", "summary", "difference", "mcnemar", "split"} <= set(result)
     assert {"fold", "base", "candidate", "difference", "held_out", "test_indices"} <= set(result["folds"][0])
     assert {"estimate", "ci_low", "ci_high", "confidence"} <= set(result["difference"])
+
+
+def test_cli_summary_names_every_fold(base: Path, always_zero: Path, data: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["evaluate", str(base), "--data", str(data), "--labels", "labels", "--folds", "3", "--cyclic",
+                 "--candidate", str(always_zero)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("cyclic k-fold")
+    assert all(f"fold {n}: held out    40  base 1.0000" in out for n in (1, 2, 3))
+    assert "paired difference -0.9000" in out and "McNemar: base-only correct" in out
 
 
 @pytest.mark.parametrize(

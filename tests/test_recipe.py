@@ -8,9 +8,9 @@ from graphopt.errors import RecipeError
 from graphopt.recipe import builtin_recipes, load_recipe, parse_recipe
 
 
-def test_builtin_lossless_is_simplify_lift_cleanup():
+def test_builtin_lossless_is_simplify_lift_cleanup_dead_channels():
     recipe = load_recipe("lossless")
-    assert [p.name for p in recipe.passes] == ["simplify", "lift-constants", "cleanup"]
+    assert [p.name for p in recipe.passes] == ["simplify", "lift-constants", "cleanup", "prune-dead-channels"]
     assert recipe.never_larger and recipe.max_abs == 1e-4
     assert "lossless" in builtin_recipes()
 

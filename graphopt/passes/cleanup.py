@@ -27,7 +27,7 @@ class CleanupPass(GraphoptPass):
         nodes_before = _count_nodes(model)
         inits_before = _count_initializers(model)
         steps = (
-            common.IdentityEliminationPass(),
+            _IdentityEliminationPass(),
             common.DeduplicateHashedInitializersPass(),
             common.RemoveUnusedNodesPass(),
             common.RemoveUnusedFunctionsPass(),
@@ -42,6 +42,19 @@ class CleanupPass(GraphoptPass):
         }
         # onnx-ir reports "modified" for opset bookkeeping too; only real removals count.
         return PassResult(model, modified=any(changes.values()), changes=changes)
+
+
+class _IdentityEliminationPass(common.IdentityEliminationPass):
+    """onnx-ir also removes ``y = Identity(x)`` when ``x`` is itself an output of the graph:
+    the graph then returns one value twice under one name, so an output name is lost, and
+    onnxruntime returns zeros for a Scan state written that way. Such an Identity stays."""
+
+    def _try_eliminate_identity_node(self, node: ir.Node) -> bool:
+        source = node.inputs[0] if len(node.inputs) == 1 else None
+        if node.op_type == "Identity" and source is not None and source.is_graph_output() \
+                and all(out.is_graph_output() for out in node.outputs):
+            return False
+        return super()._try_eliminate_identity_node(node)
 
 
 def _drop_value_info(model: ir.Model) -> int:

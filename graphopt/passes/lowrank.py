@@ -33,7 +33,6 @@ import onnx_ir as ir
 
 from graphopt.errors import DataError, PassFailed
 from graphopt.passes.base import GraphoptPass, PassResult
-from graphopt.passes.quantize.calibrate import _exposed_model
 from graphopt.passes.quantize.targets import WeightUse, initializer, weight_use
 from graphopt.passes.registry import register
 
@@ -78,13 +77,6 @@ class Candidate:
             a = self.inverse_scale @ a if self.inverse_scale.ndim == 2 else a * self.inverse_scale[:, None]
         b = root[:, None] * self.right[:rank]
         return a.astype(np.float32), b.astype(np.float32)
-
-
-def truncated_factors(weight: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
-    """Plain SVD factors A [k×rank], B [rank×n] of ``weight`` (A·B is its best rank-``rank`` fit)."""
-    left, singular, right = np.linalg.svd(weight.astype(np.float64), full_matrices=False)
-    root = np.sqrt(singular[:rank])
-    return (left[:, :rank] * root).astype(np.float32), (root[:, None] * right[:rank]).astype(np.float32)
 
 
 @register
@@ -200,19 +192,21 @@ class LowRankPass(GraphoptPass):
 
     def _input_scales(self, model: ir.Model, uses: list[tuple[int, WeightUse]], tune: list[dict],
                       notes: list[str]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-        """Per candidate index: (S, S⁻¹) from the calibration inputs, for the non-Gather uses."""
+        """Per candidate index: (S, S⁻¹) from the calibration inputs. A Gather's input is a
+        one-hot row selector, so its covariance is diagonal: how often each row is read."""
         mode = self.options.activation_aware
-        aware = [(i, u) for i, u in uses if u.kind != "Gather"]
-        if mode == "off" or not aware:
+        if mode == "off" or not uses:
             return {}
         if not tune:
             notes.append("no --calib: plain SVD (weight error, not output error)")
             return {}
-        inputs = {i: u.node.inputs[0] for i, u in aware}
-        transposed = {inputs[i].name for i, u in aware if u.kind == "Gemm" and u.node.attributes.get_int("transA", 0)}
-        covariances = input_covariances(model, sorted({v.name for v in inputs.values()}), tune, transposed,
-                                        diagonal=mode == "diagonal", threads=self.context.threads)
-        return {i: _square_root(covariances[v.name]) for i, v in inputs.items() if v.name in covariances}
+        names = sorted({_stat_input(u).name for _, u in uses})
+        transposed = {u.node.inputs[0].name for _, u in uses
+                      if u.kind == "Gemm" and u.node.attributes.get_int("transA", 0)}
+        rows = {_stat_input(u).name: u.weight.const_value.shape[0] for _, u in uses if u.kind == "Gather"}
+        moments = input_moments(model, names, tune, transposed, rows, diagonal=mode == "diagonal",
+                                threads=self.context.threads)
+        return {i: _square_root(moments[_stat_input(u).name]) for i, u in uses if _stat_input(u).name in moments}
 
     # -- ranks ------------------------------------------------------------------------------
 
@@ -324,8 +318,23 @@ def _decompose(index: int, use: WeightUse, scale: tuple[np.ndarray, np.ndarray] 
     if scale is not None:
         root, inverse = scale
         weighted = root @ matrix if root.ndim == 2 else matrix * root[:, None]
-    left, singular, right = np.linalg.svd(weighted, full_matrices=False)
+    left, singular, right = _svd(weighted)
     return Candidate(index, use, matrix, left, singular, right, inverse)
+
+
+def _svd(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Thin SVD; for a tall table (embeddings) through the eigenvectors of its small Gram
+    matrix, several times faster than LAPACK's SVD at the same accuracy for the leading
+    directions (the only ones kept)."""
+    k, n = matrix.shape
+    if k < 4 * n:
+        return np.linalg.svd(matrix, full_matrices=False)
+    values, vectors = np.linalg.eigh(matrix.T @ matrix)
+    order = np.argsort(values)[::-1]
+    singular = np.sqrt(np.maximum(values[order], 0.0))
+    right = vectors[:, order].T
+    left = (matrix @ right.T) / np.where(singular > 0, singular, 1.0)
+    return left, singular, right
 
 
 def _greedy(candidates: list[Candidate], spend: float) -> dict[int, int]:
@@ -366,23 +375,49 @@ def _report(candidate: Candidate, rank: int) -> dict[str, Any]:
 # -- calibration statistics -------------------------------------------------------------------
 
 
-def input_covariances(model: ir.Model, names: list[str], feeds: list[dict], transposed: set[str], *,
-                      diagonal: bool = False, threads: int | None = None) -> dict[str, np.ndarray]:
-    """E[xxᵀ] over the rows of each tensor in ``names`` (last axis = channels; the first axis
-    for ``transposed`` names), streamed over ``feeds``; only the diagonal with ``diagonal``."""
+def _stat_input(use: WeightUse) -> ir.Value:
+    """The tensor whose statistics weight this use: the activation, or a Gather's indices."""
+    return use.node.inputs[1] if use.kind == "Gather" else use.node.inputs[0]
+
+
+def input_moments(model: ir.Model, names: list[str], feeds: list[dict], transposed: set[str],
+                  tables: dict[str, int], *, diagonal: bool = False, threads: int | None = None) -> dict[str, np.ndarray]:
+    """E[xxᵀ] over the rows of each float tensor in ``names`` (channels on the last axis, on
+    the first for ``transposed``; only the diagonal with ``diagonal``), and for index tensors
+    in ``tables`` (name → table rows) the frequency of each row. Streamed over ``feeds``."""
     from graphopt.verify.runtime import make_session
 
-    session = make_session(_exposed_model(model, names), optimize=False, threads=threads)
+    given = {v.name for v in model.graph.inputs}
+    computed = [name for name in names if name not in given]
+    session = make_session(_with_outputs(model, computed), optimize=False, threads=threads)
     sums: dict[str, np.ndarray] = {}
     counts = dict.fromkeys(names, 0)
     for feed in feeds:
-        for name, value in zip(names, session.run(names, feed)):
-            value = np.asarray(value, np.float64)
-            rows = value.T if name in transposed else value.reshape(-1, value.shape[-1])
-            moment = np.einsum("ij,ij->j", rows, rows) if diagonal else rows.T @ rows
+        values = {**{name: feed[name] for name in names if name in given},
+                  **dict(zip(computed, session.run(computed, feed) if computed else []))}
+        for name, value in values.items():
+            if name in tables:
+                ids = np.asarray(value, np.int64).reshape(-1) % tables[name]
+                moment, rows = np.bincount(ids, minlength=tables[name]).astype(np.float64), ids.size
+            else:
+                value = np.asarray(value, np.float64)
+                matrix = value.T if name in transposed else value.reshape(-1, value.shape[-1])
+                moment = np.einsum("ij,ij->j", matrix, matrix) if diagonal else matrix.T @ matrix
+                rows = matrix.shape[0]
             sums[name] = moment if name not in sums else sums[name] + moment
-            counts[name] += rows.shape[0]
+            counts[name] += rows
     return {name: total / counts[name] for name, total in sums.items() if counts[name]}
+
+
+def _with_outputs(model: ir.Model, names: list[str]) -> bytes:
+    """The model with ``names`` exposed as graph outputs, untyped: onnxruntime infers each
+    type (index tensors are int64, and a cleaned graph may no longer say so)."""
+    import onnx
+
+    proto = ir.serde.serialize_model(model)
+    existing = {o.name for o in proto.graph.output}
+    proto.graph.output.extend(onnx.ValueInfoProto(name=name) for name in names if name not in existing)
+    return proto.SerializeToString()
 
 
 def _square_root(covariance: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

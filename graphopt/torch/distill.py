@@ -95,13 +95,16 @@ def split_batch(batch: Any) -> tuple[tuple[Any, ...], dict[str, Any], torch.Tens
     """(positional inputs, keyword inputs, labels) of a batch.
 
     A tensor is one input; a dict holds keyword inputs and optionally ``labels``; a tuple or
-    list is ``(inputs, labels)`` where inputs is a tensor, a tuple of tensors or a dict.
+    list is ``(inputs, labels)`` where inputs is a tensor, a tuple of tensors or a dict (a
+    one-element tuple, as a ``TensorDataset`` of inputs yields, is its element).
     """
     if isinstance(batch, torch.Tensor):
         return (batch,), {}, None
     if isinstance(batch, Mapping):
         kwargs = {k: v for k, v in batch.items() if k != "labels"}
         return (), kwargs, batch.get("labels")
+    if isinstance(batch, (tuple, list)) and len(batch) == 1:  # a TensorDataset of inputs alone
+        return split_batch(batch[0])
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
         inputs, labels = batch
         if isinstance(inputs, Mapping):
@@ -214,9 +217,10 @@ def _length(data: Iterable[Any]) -> int | None:
 
 
 @torch.no_grad()
-def evaluate(teacher: nn.Module, student: nn.Module, data: Iterable[Any], options: DistillOptions) -> dict[str, float]:
-    """Validation metrics: ``loss``, and ``accuracy`` (labels), ``agreement`` (teacher's
+def evaluate(teacher: nn.Module, student: nn.Module, data: Any, options: DistillOptions) -> dict[str, float]:
+    """Validation metrics on a Dataset or an iterable of batches: ``loss``, and ``accuracy`` (labels), ``agreement`` (teacher's
     argmax) for classification or ``cosine`` (to the teacher) for embeddings."""
+    data, _ = _loader(data, options, shuffle=False)
     was_training = student.training
     student.eval()
     totals = {"loss": 0.0, "hits": 0.0, "labelled": 0.0, "agree": 0.0, "cosine": 0.0, "rows": 0.0}
@@ -252,12 +256,16 @@ def _headline(metrics: dict[str, float]) -> str:
     return next(k for k in ("accuracy", "cosine", "agreement") if k in metrics)
 
 
-def _schedule(step: int, total: int, options: DistillOptions) -> float:
+def _schedule(step: int, total: int, options: DistillOptions, started: float) -> float:
+    """Linear warmup, then a cosine decay to 0 over the steps, or over ``max_seconds`` when
+    that budget runs out first (then the schedule, unlike the rest, depends on the machine)."""
     if options.warmup_steps and step < options.warmup_steps:
         return (step + 1) / options.warmup_steps
-    if not options.cosine_schedule or total <= options.warmup_steps:
+    if not options.cosine_schedule:
         return 1.0
-    progress = (step - options.warmup_steps) / max(1, total - options.warmup_steps)
+    progress = (step - options.warmup_steps) / max(1, total - options.warmup_steps) if total else 0.0
+    if options.max_seconds:
+        progress = max(progress, (time.perf_counter() - started) / options.max_seconds)
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
@@ -292,8 +300,8 @@ def distill(
     optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=options.lr,
                                   weight_decay=options.weight_decay)
     steps_per_epoch = _length(train_loader)
-    total_steps = steps_per_epoch * options.epochs if steps_per_epoch else options.warmup_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _schedule(step, total_steps, options))
+    total_steps = steps_per_epoch * options.epochs if steps_per_epoch else 0
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _schedule(step, total_steps, options, started))
     student_tap = _FeatureTap(student, options.features.keys())
     teacher_tap = _FeatureTap(teacher, options.features.values())
 
@@ -321,7 +329,7 @@ def distill(
                         nn.utils.clip_grad_norm_(student.parameters(), options.grad_clip)
                     optimizer.step()
                     scheduler.step()
-                    loss_sum, batches = loss_sum + float(loss), batches + 1
+                    loss_sum, batches = loss_sum + float(loss.detach()), batches + 1
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss_sum / batches:.4f}")
                     if not _distributed() and _over_budget(started, options):

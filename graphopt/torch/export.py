@@ -87,6 +87,14 @@ def _parity(target: Path, model: torch.nn.Module, inputs: list[tuple[Any, ...]])
     return compare_outputs(reference, candidate)
 
 
+def _int_axes(dynamic_axes: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """Axis keys as ints: TOML and JSON configs can only spell them as strings."""
+    if dynamic_axes is None:
+        return None
+    return {name: {int(k): v for k, v in axes.items()} if isinstance(axes, Mapping) else [int(a) for a in axes]
+            for name, axes in dynamic_axes.items()}
+
+
 def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file())
 
@@ -125,6 +133,7 @@ def export(
     was_training = model.training
     model.eval()
     args = _as_tuple(example_inputs)
+    dynamic_axes = _int_axes(dynamic_axes)
     order = {"dynamo": [True], "torchscript": [False], "auto": [True, False]}[exporter]
     attempts: list[dict[str, str]] = []
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".staging", dir=target.parent))

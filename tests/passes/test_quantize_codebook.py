@@ -7,6 +7,7 @@ identity matrix outputs its weight exactly, so the tests see what the graph real
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import onnx
@@ -50,7 +51,7 @@ def decoded_matmul_weight(model: ir.Model, w: np.ndarray) -> np.ndarray:
     return run(model, {"X": np.eye(w.shape[0], dtype=w.dtype)})[0]
 
 
-def channel_model(op: str, w: np.ndarray) -> tuple[onnx.ModelProto, dict[str, np.ndarray], callable]:
+def channel_model(op: str, w: np.ndarray) -> tuple[onnx.ModelProto, dict[str, np.ndarray], Callable[[np.ndarray], np.ndarray]]:
     """A model reading ``w`` as ``op``'s weight, a feed, and how to read ``w`` back from the output
     (each one-hot row of the feed selects one slice of the weight)."""
     if op == "MatMul":

@@ -245,9 +245,7 @@ def _make_pass(name: str):  # noqa: ANN202
     from graphopt.passes import get_pass
 
     cls = get_pass(name)
-    import dataclasses as dc
-
-    valid = {f.name for f in dc.fields(cls.Options)}
+    valid = {f.name for f in dataclasses.fields(cls.Options)}
     return cls(**{k: v for k, v in PASS_OPTIONS.get(name, {}).items() if k in valid})
 
 

@@ -97,11 +97,11 @@ def _forbidden(opened: list[str], case: HostileCase, corpus_root: Path) -> list[
     watched = (corpus_root.resolve(), outside_dir(corpus_root))
     bad = []
     for raw in opened:
+        # Not resolved: opening a symlink by its own name counts as opening that name.
         path = Path(raw) if Path(raw).is_absolute() else Path.cwd() / raw
-        absolute = Path(*[p for p in path.parts])  # unresolved: a symlink counts as its own name
-        if Path(raw).name in SECRET_NAMES:
+        if path.name in SECRET_NAMES:
             bad.append(raw)
-        elif any(str(absolute).startswith(str(w) + "/") for w in watched) and absolute != case.model:
+        elif any(path.is_relative_to(folder) for folder in watched) and path != case.model:
             bad.append(raw)
     return bad
 

@@ -11,9 +11,10 @@ the weight slices it removes (producer output slices, consumer input slices):
   consumer's bias, so what is lost is its standard deviation; without it, its RMS.
 
 Each layer (groups living in the same tensors) loses ``amount`` of its prunable groups, at
-most ``max_amount``; ``search = true`` instead looks for the largest amount whose outputs on
-the calibration data still meet the run's budget (``--min-cosine``/``--max-abs``), keeping
-``margin`` of the cosine budget in reserve for unseen data.
+most ``max_amount``; ``search = true`` instead bisects for the largest amount whose outputs on
+held-out calibration feeds still meet the run's budget (``--min-cosine``/``--max-abs``),
+keeping ``margin`` of the cosine budget in reserve for unseen data. The consumers' repair
+(mean compensation, least-squares refit) lives in ``compensate``.
 """
 
 from __future__ import annotations
@@ -30,12 +31,12 @@ import onnx_ir as ir
 
 from graphopt.errors import DataError
 from graphopt.passes.base import GraphoptPass, PassResult
-from graphopt.passes.prune.cut import Removed, apply_cuts, removal_plan, replace_constant
-from graphopt.passes.prune.dependency import ChannelGroup, ChannelTensor, Dependency, analyze, constant, weight_layout
+from graphopt.passes.prune.compensate import apply_bias_corrections, bias_corrections, weight_slices
+from graphopt.passes.prune.cut import Removed, apply_cuts, removal_plan
+from graphopt.passes.prune.dependency import ChannelGroup, Dependency, analyze
 from graphopt.passes.prune.moments import ChannelMoments, channel_moments
 from graphopt.passes.prune.report import layer_report
 from graphopt.passes.prune.stats import model_cost
-from graphopt.passes.quantize.targets import initializer
 from graphopt.passes.registry import register
 
 logger = logging.getLogger(__name__)
@@ -46,26 +47,6 @@ Importance = Literal["l1", "l2", "activation"]
 def _norms(weight: np.ndarray, axis: int, kind: str) -> np.ndarray:
     moved = np.moveaxis(weight, axis, 0).reshape(weight.shape[axis], -1).astype(np.float64)
     return np.abs(moved).sum(axis=1) if kind == "l1" else np.sqrt(np.square(moved).sum(axis=1))
-
-
-def _slices(tensor: ChannelTensor) -> list[tuple[str, ir.Node, np.ndarray, int]]:
-    """(role, node, weight, axis) of every weight slice indexed by this tensor's channels."""
-    found = []
-    producer = tensor.value.producer()
-    if producer is not None and weight_layout(producer) is not None:
-        weight, out_axis, _ = weight_layout(producer)
-        found.append(("producer", producer, weight, out_axis))
-    for consumer in tensor.value.consumers():
-        layout = weight_layout(consumer)
-        if layout is None or consumer.inputs[0] is not tensor.value or consumer.attributes.get_int("group", 1) != 1:
-            continue  # a depthwise Conv's input slice is its output slice, counted as producer
-        found.append(("consumer", consumer, layout[0], layout[2]))
-    return found
-
-
-def _stats_axis_matches(tensor: ChannelTensor) -> bool:
-    """``collect`` keeps per-channel statistics on axis 1 of 4-D tensors, else the last axis."""
-    return tensor.axis == -3 if tensor.rank == 4 else tensor.axis == -1
 
 
 def group_importance(dependency: Dependency, kind: Importance, moments: dict[str, ChannelMoments],
@@ -79,13 +60,15 @@ def group_importance(dependency: Dependency, kind: Importance, moments: dict[str
     for tensor in dependency.tensors.values():
         stats = moments.get(tensor.value.name or "")
         spread = None if stats is None else np.sqrt(stats.variance if compensate else stats.meansq)
-        for role, _node, weight, axis in _slices(tensor):
+        for role, _node, weight, axis in weight_slices(tensor):
             if weight.shape[axis] != tensor.size:
                 continue
             if kind == "activation":
-                if role != "consumer" or spread is None or spread.size != tensor.size:
+                if role != "consumer":
                     continue
-                values = spread * _norms(weight, axis, "l2")
+                known = spread is not None and spread.size == tensor.size
+                # A tensor without statistics (no calibration reaches it) falls back to plain L2.
+                values = (spread if known else 1.0) * _norms(weight, axis, "l2")
             else:
                 values = _norms(weight, axis, kind)
             for channel, value in enumerate(values):
@@ -93,73 +76,19 @@ def group_importance(dependency: Dependency, kind: Importance, moments: dict[str
     return scores
 
 
-def bias_corrections(dependency: Dependency, removed: Removed,
-                     moments: dict[str, ChannelMoments]) -> list[tuple[ir.Node, np.ndarray]]:
-    """For each consumer losing input channels with known means: what those channels added on
-    average to each of its outputs (exact for MatMul/Gemm; for Conv, away from padded borders)."""
-    corrections = []
-    for key, drop in removed.items():
-        tensor = dependency.tensors[key]
-        stats = moments.get(tensor.value.name or "")
-        if stats is None or stats.mean.size != tensor.size:
-            continue
-        for role, node, weight, axis in _slices(tensor):
-            if role != "consumer" or node.op_type == "ConvTranspose":
-                continue
-            rows = np.moveaxis(weight, axis, 0)[drop].astype(np.float64)  # [dropped, out, (kernel…)]
-            contribution = rows.reshape(rows.shape[0], rows.shape[1], -1).sum(axis=2)
-            delta = stats.mean[drop] @ contribution
-            if node.op_type == "Gemm":  # Y = alpha·A·B + beta·C
-                delta *= node.attributes.get_float("alpha", 1.0) / node.attributes.get_float("beta", 1.0)
-            corrections.append((node, delta))
-    return corrections
-
-
-def apply_bias_corrections(graph: ir.Graph, corrections: list[tuple[ir.Node, np.ndarray]], removed: Removed) -> None:
-    """Add each correction to its node's bias (after the cuts: sliced like the outputs)."""
-    for node, delta in corrections:
-        out_drop = removed.get(id(node.outputs[0]), np.zeros(0, np.int64))
-        delta = np.delete(delta, out_drop).astype(np.float32)
-        if node.op_type == "MatMul":
-            _add_after(graph, node, delta)
-            continue
-        index = 2
-        bias = constant(node.inputs[index]) if len(node.inputs) > index and node.inputs[index] is not None else None
-        if bias is None:
-            value = initializer(graph, f"{node.name or 'layer'}_bias", delta)
-            node.resize_inputs(3)
-            node.replace_input_with(index, value)
-        else:
-            replace_constant(graph, node, index, (bias + delta.reshape(bias.shape) if bias.size == delta.size
-                                                  else bias + delta).astype(np.float32))
-
-
-def _add_after(graph: ir.Graph, node: ir.Node, delta: np.ndarray) -> None:
-    output = node.outputs[0]
-    users = output.consumers()
-    if len(users) == 1 and users[0].op_type == "Add" and len(users[0].inputs) == 2:
-        add = users[0]
-        index = 1 if add.inputs[0] is output else 0
-        bias = constant(add.inputs[index])
-        if bias is not None and bias.shape[-1:] == delta.shape and bias.size == delta.size:
-            replace_constant(graph, add, index, (bias + delta.reshape(bias.shape)).astype(np.float32))
-            return
-    value = initializer(graph, f"{node.name or 'matmul'}_pruned_mean", delta)
-    add = ir.node("Add", [output, value], name=unique_name_node(graph, f"{node.name or 'matmul'}_pruned_mean"))
-    output.replace_all_uses_with(add.outputs[0])
-    add.replace_input_with(0, output)
-    graph.insert_after(node, add)
-    if output.is_graph_output():
-        add.outputs[0].name, output.name = output.name, f"{output.name}_before_mean"
-        graph.outputs[graph.outputs.index(output)] = add.outputs[0]
-
-
-def unique_name_node(graph: ir.Graph, base: str) -> str:
-    taken = {n.name for n in graph}
-    name, index = base, 1
-    while name in taken:
-        name, index = f"{base}_{index}", index + 1
-    return name
+def _global_quota(layers: dict[tuple[str, ...], list[ChannelGroup]], scores: np.ndarray, amount: float,
+                  cap: float) -> dict[tuple[str, ...], float]:
+    """Per layer, the fraction removed when the ``amount`` least important groups overall go."""
+    ranked = sorted(((scores[g.index], g.index, family) for family, groups in layers.items() for g in groups))
+    budget = int(math.floor(amount * len(ranked) + 1e-9))
+    taken = dict.fromkeys(layers, 0)
+    for _, _, family in ranked:
+        if budget == 0:
+            break
+        if taken[family] + 1 <= cap * len(layers[family]):
+            taken[family] += 1
+            budget -= 1
+    return {family: taken[family] / len(layers[family]) for family in layers}
 
 
 def layers_of(groups: Sequence[ChannelGroup]) -> dict[tuple[str, ...], list[ChannelGroup]]:
@@ -192,14 +121,25 @@ class PruneChannelsPass(GraphoptPass):
         """Per-layer cap, also the upper end of the search."""
         round_to: int = 1
         """Keep each layer's remaining channel count a multiple of this (kernels like 8, 16)."""
+        scope: Literal["layer", "global"] = "layer"
+        """'layer': every layer loses ``amount``; 'global': ``amount`` of all groups, the least
+        important wherever they are (each layer at most ``max_amount``). Global ranking assumes
+        scores comparable across layers (true of ``activation`` into a normalized stream)."""
         nodes: tuple[str, ...] = ()
         """When given, only layers produced by one of these node names are pruned."""
         search: bool = False
         """Find the largest amount meeting the run's budget on the calibration data."""
         margin: float = 0.4
         """Part of the cosine budget (1 - min_cosine) kept in reserve by the search."""
+        holdout: float = 0.25
+        """With ``search``, the last part of the calibration feeds judges the trials and is not
+        used for statistics (the refit would otherwise be judged on the data it was fitted to)."""
         compensate: bool = True
         """With --calib, add each removed channel's mean contribution to its consumers' biases."""
+        refit: bool = True
+        """With --calib and ``compensate``, also refit the MatMul/Gemm weights reading the pruned
+        channels by least squares on the calibration activations (the kept channels take over
+        what the removed ones predicted)."""
 
     def call(self, model: ir.Model) -> PassResult:
         if not 0 <= self.options.amount < 1 or not 0 <= self.options.max_amount < 1:
@@ -228,14 +168,28 @@ class PruneChannelsPass(GraphoptPass):
         wanted = self.options.importance == "activation" or (self.options.compensate and self.context.calibration)
         if not wanted:
             return {}
-        axes = {t.value.name: t.axis for t in dependency.tensors.values()
-                if t.value.name and not t.value.is_graph_input() and any(g == "consumer" for g, *_ in _slices(t))}
-        return channel_moments(model, axes, self.calibration_feeds().feeds, threads=self.context.threads)
+        prunable = {t.value.name for g in dependency.groups if g.prunable for t, _ in g.members}
+        readers = {t.value.name: t for t in dependency.tensors.values()
+                   if t.value.name in prunable and any(g == "consumer" for g, *_ in weight_slices(t))}
+        gram = frozenset(name for name, t in readers.items() if self.options.refit and t.size <= 8192 and any(n.op_type in ("MatMul", "Gemm") for _, n, *_ in weight_slices(t)))
+        if not readers:
+            return {}
+        return channel_moments(model, {name: t.axis for name, t in readers.items()}, self._split_feeds()[0],
+                               threads=self.context.threads, gram=gram)
+
+    def _split_feeds(self) -> tuple[list, list]:
+        """(feeds for statistics, feeds judging the search)."""
+        feeds = list(self.calibration_feeds().feeds)
+        if not self.options.search or len(feeds) < 2:
+            return feeds, feeds
+        held = min(len(feeds) - 1, max(1, int(round(len(feeds) * self.options.holdout))))
+        return feeds[:-held], feeds[-held:]
 
     def _prune(self, model: ir.Model, dependency: Dependency, chosen: list[ChannelGroup],
                moments: dict[str, ChannelMoments]) -> tuple[Removed, list[ChannelGroup]]:
         removed, groups = removal_plan(dependency, chosen)
-        corrections = bias_corrections(dependency, removed, moments) if self.options.compensate else []
+        corrections = bias_corrections(dependency, removed, moments, refit=self.options.refit) \
+            if self.options.compensate else []
         apply_cuts(model.graph, dependency, removed)
         apply_bias_corrections(model.graph, corrections, removed)
         return removed, groups
@@ -243,9 +197,12 @@ class PruneChannelsPass(GraphoptPass):
     def _choose(self, layers: dict[tuple[str, ...], list[ChannelGroup]], scores: np.ndarray, amount: float) -> list[ChannelGroup]:
         chosen = []
         amount = min(amount, self.options.max_amount)
-        for groups in layers.values():
+        quota = {family: amount for family in layers}
+        if self.options.scope == "global":
+            quota = _global_quota(layers, scores, amount, self.options.max_amount)
+        for family, groups in layers.items():
             count = len(groups)
-            keep = max(1, count - int(math.floor(amount * count + 1e-9)))
+            keep = max(1, count - int(math.floor(quota[family] * count + 1e-9)))
             step = max(1, self.options.round_to)
             keep = min(count, int(math.ceil(keep / step) * step))
             ranked = sorted(groups, key=lambda g: (scores[g.index], g.index))
@@ -261,7 +218,7 @@ class PruneChannelsPass(GraphoptPass):
         budget = self.context.budget
         if budget is None or (budget.min_cosine is None and budget.max_abs is None):
             raise DataError(f"pass '{self.name}': search needs a budget: give --min-cosine or --max-abs")
-        feeds = self.calibration_feeds().feeds
+        feeds = self._split_feeds()[1]
         proto = ir.serde.serialize_model(model)
         reference = run_outputs(make_session(proto.SerializeToString(), optimize=False, threads=self.context.threads), feeds)
         min_cosine = None if budget.min_cosine is None else 1 - (1 - budget.min_cosine) * (1 - self.options.margin)
@@ -287,7 +244,7 @@ class PruneChannelsPass(GraphoptPass):
                 low = middle
             else:
                 high = middle - 1
-        details["search"] = {"trials": trials, "calibration_min_cosine": min_cosine}
+        details["search"] = {"trials": trials, "calibration_min_cosine": min_cosine, "judged_on_feeds": len(feeds)}
         if low == 0 and trials and not any(t["meets"] for t in trials):
             logger.info("no amount above 0 meets the budget on the calibration data")
         return low / 32

@@ -33,7 +33,8 @@ def removal_plan(dependency: Dependency, groups: Iterable[ChannelGroup]) -> tupl
             kept.append(group)
             for tensor, _ in group.members:
                 remaining[id(tensor.value)] += 1
-    removed_groups = [g for g in chosen if g not in kept]
+    kept_ids = {g.index for g in kept}
+    removed_groups = [g for g in chosen if g.index not in kept_ids]
     indices: dict[int, list[int]] = {}
     for group in removed_groups:
         for tensor, channel in group.members:

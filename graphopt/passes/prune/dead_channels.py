@@ -13,7 +13,6 @@ an Add of a bias keeps it dead only where the bias is 0. Activations are assumed
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 
@@ -93,7 +92,7 @@ class ConstantChannels:
         self.values: dict[int, np.ndarray] = {}
         for node in graph:
             output = dependency.tensor(node.outputs[0]) if node.outputs else None
-            if output is not None:
+            if output is not None and id(node) in dependency.understood:
                 with np.errstate(all="ignore"):
                     self.values[id(output.value)] = self._evaluate(node, output.size).astype(np.float32)
 
@@ -153,7 +152,9 @@ class ConstantChannels:
             nonzero = np.any(weight.reshape(weight.shape[0], weight.shape[1], -1) != 0, axis=2)
             if op == "ConvTranspose":
                 nonzero = nonzero.T
-            if group != 1:  # depthwise (the only grouped form in a channel tensor): [C, 1]
+            if group != 1 and not (op == "Conv" and group == size and weight.shape[1] == 1):
+                return np.full(size, np.nan, np.float32)  # grouped: blocked, and not evaluated
+            if group != 1:  # depthwise [C, 1, k…]: output j reads input j only
                 live = nonzero[:, 0] & ~(x == 0) if x is not None and x.size == size else nonzero[:, 0]
             else:
                 live = np.any(nonzero & ~(x == 0)[None, :], axis=1) if x is not None else np.any(nonzero, axis=1)

@@ -70,6 +70,7 @@ class Dependency:
     tensors: dict[int, ChannelTensor]
     groups: list[ChannelGroup]
     blocked_reasons: dict[str, str]  # tensor name -> why its channels cannot be pruned
+    understood: set[int]  # ids of the nodes a rule accepted
 
     def tensor(self, value: ir.Value | None) -> ChannelTensor | None:
         return None if value is None else self.tensors.get(id(value))
@@ -119,6 +120,7 @@ class _Builder:
         self.blocked: dict[int, str] = {}  # atom root candidates -> reason (resolved at the end)
         self.queue: deque[ChannelTensor] = deque()
         self.visited_nodes: set[int] = set()
+        self.understood: set[int] = set()
         self.reasons: dict[str, str] = {}
 
     # -- union-find over atoms -------------------------------------------------------------
@@ -182,7 +184,9 @@ class _Builder:
             if rule is None:
                 raise _Blocked(f"{node.op_type} is not understood")
             rule(self, node, via)
-        except _Blocked as exc:
+            self.understood.add(id(node))
+        except (_Blocked, IndexError, ValueError, TypeError) as exc:
+            # Unforeseen attribute or shape combinations block too: never guess a mapping.
             reason = f"{node.op_type} node '{node.name}': {exc}"
             for value in (*node.inputs, *node.outputs):
                 tensor = self.tensors.get(id(value)) if value is not None else None
@@ -203,7 +207,7 @@ class _Builder:
                 reasons.append(reason)
         groups = [ChannelGroup(index, members, blocked_roots.get(root, []))
                   for index, (root, members) in enumerate(sorted(atoms.items()))]
-        return Dependency(self.tensors, groups, self.reasons)
+        return Dependency(self.tensors, groups, self.reasons, self.understood)
 
     # -- helpers for the rules --------------------------------------------------------------
     def static_shape(self, value: ir.Value) -> tuple[int | None, ...] | None:

@@ -1,0 +1,86 @@
+"""graphopt.torch.export: both exporter paths, dynamic axes, external data, parity refusal."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+from graphopt.errors import GateFailed, GraphoptError, UsageError
+from graphopt.torch import export
+from tests.conftest import run
+
+
+def small_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(4 * 6 * 6, 3)).eval()
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_export_matches_torch_and_keeps_batch_dynamic(tmp_path, exporter):
+    model = small_cnn()
+    path = tmp_path / "m.onnx"
+    report = export(model, torch.randn(2, 1, 6, 6), path, exporter=exporter, input_names=["x"], output_names=["y"],
+                    dynamic_axes={"x": {0: "N"}, "y": {0: "N"}}, check_inputs=[torch.randn(5, 1, 6, 6)])
+    assert report["exporter"] == exporter and report["fallback_from"] == []
+    assert report["parity"]["passed"] and report["parity"]["max_abs"] < 1e-5
+    assert report["parity"]["inputs_checked"] == 2
+    x = np.random.default_rng(0).standard_normal((7, 1, 6, 6)).astype(np.float32)
+    (y,) = run(path, {"x": x})
+    np.testing.assert_allclose(y, model(torch.from_numpy(x)).detach().numpy(), atol=1e-5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]  # no staging folder left
+
+
+def test_dynamo_external_data_lands_beside_the_model(tmp_path):
+    model = small_cnn()
+    report = export(model, torch.randn(1, 1, 6, 6), tmp_path / "m.onnx", exporter="dynamo", external_data=True)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["m.onnx", "m.onnx.data"], names
+    assert report["bytes"] == sum(p.stat().st_size for p in tmp_path.iterdir())
+    proto = onnx.load(str(tmp_path / "m.onnx"), load_external_data=False)
+    assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
+
+
+class _DataDependent(nn.Module):
+    """Output shape depends on values: torch.export refuses it, TorchScript traces it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:
+            return x * 2
+        return x - 1
+
+
+def test_auto_falls_back_to_torchscript_and_says_why(tmp_path):
+    report = export(_DataDependent(), torch.ones(2, 3), tmp_path / "m.onnx", exporter="auto")
+    assert report["exporter"] == "torchscript"
+    assert [a["exporter"] for a in report["fallback_from"]] == ["dynamo"]
+    assert report["fallback_from"][0]["error"]
+
+
+def test_dynamo_only_raises_when_dynamo_cannot_export(tmp_path):
+    with pytest.raises(GraphoptError, match="export failed: dynamo"):
+        export(_DataDependent(), torch.ones(2, 3), tmp_path / "m.onnx", exporter="dynamo")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_parity_failure_writes_nothing(tmp_path):
+    # Traced at a positive input, the exported graph always doubles; at a negative check input (-2)
+    # torch subtracts 1 instead (-3 vs -4), so the ONNX model disagrees and must not be written.
+    with pytest.raises(GateFailed, match="disagrees with torch") as info:
+        export(_DataDependent(), torch.ones(2, 3), tmp_path / "m.onnx", exporter="torchscript",
+               input_names=["x"], dynamic_axes={"x": {0: "N"}}, check_inputs=[-2 * torch.ones(2, 3)])
+    assert info.value.report["parity"]["passed"] is False
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_arguments_are_usage_errors(tmp_path):
+    with pytest.raises(UsageError, match="exporter must be one of"):
+        export(small_cnn(), torch.randn(1, 1, 6, 6), tmp_path / "m.onnx", exporter="tflite")
+    with pytest.raises(UsageError, match="does not exist"):
+        export(small_cnn(), torch.randn(1, 1, 6, 6), tmp_path / "missing" / "m.onnx")
+    with pytest.raises(UsageError, match="dynamic_shapes needs the dynamo exporter"):
+        export(small_cnn(), torch.randn(1, 1, 6, 6), tmp_path / "m.onnx", exporter="torchscript",
+               dynamic_shapes=({0: torch.export.Dim("N")},))
