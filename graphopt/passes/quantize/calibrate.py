@@ -49,7 +49,8 @@ def _exposed_model(model: ir.Model, names: Sequence[str]) -> bytes:
     existing = {o.name for o in proto.graph.output}
     for name in names:
         if name not in existing:
-            proto.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+            # Untyped: onnxruntime infers it, and exposing an int64 tensor must not fail.
+            proto.graph.output.append(onnx.ValueInfoProto(name=name))
     return proto.SerializeToString()
 
 
