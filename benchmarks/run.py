@@ -70,7 +70,7 @@ def header(quick: bool, argv: Sequence[str]) -> str:
         "- graphopt's int8 recipe times each layer's int8 form once per machine and caches the result "
         "(the speed profile, by design: later runs make the same choices); at the start of this run "
         + _speed_profile_state() + ".",
-        "- data and models are generated offline by `benchmarks/datasets.py` and cached in `work/bench/`.",
+        "- data and models are generated offline by `benchmarks/datasets.py` into `work/bench/` (git-ignored).",
     ]
     return "\n".join(lines)
 
