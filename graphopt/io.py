@@ -216,7 +216,7 @@ class StagedModel:
             final = self.final_path.parent / staged.name
             os.replace(staged, final)
             written.append(final)
-        _fsync_dir(self.final_path.parent)
+        fsync_dir(self.final_path.parent)
         return written
 
 
@@ -341,7 +341,8 @@ def weights_nbytes(model: ir.Model) -> int:
     return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (best effort: not every filesystem allows it)."""
     with contextlib.suppress(OSError):
         fd = os.open(folder, os.O_RDONLY)
         try:

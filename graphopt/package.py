@@ -29,7 +29,7 @@ from typing import Any
 from graphopt import __version__
 from graphopt.describe import describe
 from graphopt.errors import GateFailed, InputError, UsageError
-from graphopt.io import LoadedModel, load_model
+from graphopt.io import LoadedModel, fsync_dir, load_model
 from graphopt.report import to_json
 from graphopt.targets import Target, check_model, load_target
 from graphopt.targets.ortformat import convert_to_ort
@@ -98,7 +98,7 @@ def package(model_path: str | os.PathLike, output: str | os.PathLike, options: P
             os.replace(staging / "bundle.zip", out)
         else:
             _commit_folder(bundle, out, staging / "previous")
-        _fsync_dir(out.parent)
+        fsync_dir(out.parent)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return manifest
@@ -341,11 +341,4 @@ def _fsync(path: Path) -> None:
         os.fsync(handle.fileno())
 
 
-def _fsync_dir(folder: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 

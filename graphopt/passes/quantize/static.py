@@ -70,13 +70,8 @@ class _QdqInserter:
     def on_output(self, output: ir.Value, params: ActivationParams, after: ir.Node) -> None:
         """Route every reader of ``output`` through a QDQ pair placed after its producer."""
         readers = list(output.uses())
-        name = output.name or "output"
-        scale = initializer(self.graph, f"{name}_scale", np.array(params.scale, np.float32))
-        zero = initializer(self.graph, f"{name}_zero_point", np.array(params.zero_point, np.uint8))
-        quant = ir.node("QuantizeLinear", [output, scale, zero], name=f"{name}_quantize")
-        dequant = ir.node("DequantizeLinear", [quant.outputs[0], scale, zero], name=f"{name}_dequantize")
+        quant, dequant = self._nodes(output, params)
         self.graph.insert_after(after, [quant, dequant])
-        dequant.outputs[0].name = f"{name}_qdq"
         for user, index in readers:
             user.replace_input_with(index, dequant.outputs[0])
         if output.is_graph_output():  # keep the graph's output the quantized-then-dequantized value
@@ -91,14 +86,20 @@ class _QdqInserter:
         self.dequantized.add(id(dequant.outputs[0]))
 
     def _pair(self, activation: ir.Value, params: ActivationParams, before: ir.Node) -> ir.Value:
-        name = activation.name or "activation"
+        quant, dequant = self._nodes(activation, params)
+        self.graph.insert_before(before, [quant, dequant])
+        return dequant.outputs[0]
+
+    def _nodes(self, value: ir.Value, params: ActivationParams) -> tuple[ir.Node, ir.Node]:
+        """QuantizeLinear→DequantizeLinear of ``value`` (not yet inserted); the pair's output
+        is named ``<value>_qdq``."""
+        name = value.name or "activation"
         scale = initializer(self.graph, f"{name}_scale", np.array(params.scale, np.float32))
         zero = initializer(self.graph, f"{name}_zero_point", np.array(params.zero_point, np.uint8))
-        quant = ir.node("QuantizeLinear", [activation, scale, zero], name=f"{name}_quantize")
+        quant = ir.node("QuantizeLinear", [value, scale, zero], name=f"{name}_quantize")
         dequant = ir.node("DequantizeLinear", [quant.outputs[0], scale, zero], name=f"{name}_dequantize")
-        self.graph.insert_before(before, [quant, dequant])
         dequant.outputs[0].name = f"{name}_qdq"
-        return dequant.outputs[0]
+        return quant, dequant
 
 
 def _dequantized_weight(graph: ir.Graph, name: str, weight: QuantizedWeight) -> ir.Value:
