@@ -25,7 +25,10 @@ demo: $(STAMP)
 		--data $(DEMO)/images.npz --report $(DEMO)/report.json
 	$(BIN)/graphopt check $(DEMO)/det.onnx $(DEMO)/det.opt.onnx --data $(DEMO)/images.npz \
 		--max-abs 1e-4 --max-size-ratio 1.0 --max-latency-ratio 1.1 --markdown $(DEMO)/check.md
-	@echo "report: $(DEMO)/report.json, PR summary: $(DEMO)/check.md"
+	$(BIN)/python -m benchmarks.datasets ocr-images --n 32 --seed 100 --out $(DEMO)/calib.npz
+	$(BIN)/graphopt optimize $(DEMO)/det.onnx -o $(DEMO)/det.int8.onnx --recipe int8 \
+		--calib $(DEMO)/calib.npz --data $(DEMO)/images.npz --report $(DEMO)/int8.json --html $(DEMO)/int8.html
+	@echo "reports: $(DEMO)/report.json, $(DEMO)/int8.json, per-layer page $(DEMO)/int8.html, PR summary $(DEMO)/check.md"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider; rc=$$?; \
