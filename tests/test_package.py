@@ -381,3 +381,26 @@ def test_ppocr_det_after_lossless_packages_reproducibly(tmp_path):
     assert "Conv" in ortformat.config_operators(files["det.opt.required_operators_and_types.config"].decode())
     verification = json.loads(files["manifest.json"])["verification"]
     assert verification["parity"]["max_abs"] <= 1e-4 and verification["data"]["samples"] == 2
+
+
+def test_int8_qdq_model_packages_with_an_exact_ort(tmp_path, rng):
+    """A static-QDQ int8 model: its .ort equals the .onnx at the level ORT format stores, while
+    the optimizations-off float simulation of the QDQ graph differs (recorded, not gated)."""
+    import onnx_ir as ir
+
+    from graphopt.passes import get_pass
+    from graphopt.passes.base import PassContext
+    from graphopt.verify.feeds import FeedSet
+    from tests.passes.test_quantize import conv_model
+
+    model = ir.serde.deserialize_model(conv_model(rng))
+    step = get_pass("quantize-static")()
+    step.context = PassContext(calibration=FeedSet(
+        [{"X": rng.standard_normal((1, 8, 16, 16)).astype(np.float32)} for _ in range(4)], "test", False), threads=1)
+    step(model)
+    path = save(model, tmp_path / "int8.onnx")
+    out = tmp_path / "bundle.zip"
+    assert package(path, out) == 0
+    manifest = json.loads(zipfile.ZipFile(out).read("manifest.json"))
+    assert manifest["verification"]["parity"]["max_abs"] <= 1e-4
+    assert "unoptimized_onnx" in manifest["verification"]

@@ -24,12 +24,19 @@ def default_threads() -> int:
     return os.cpu_count() or 1
 
 
-def make_session(model: str | os.PathLike | bytes, *, optimize: bool = True, threads: int | None = None) -> Any:
+def make_session(
+    model: str | os.PathLike | bytes, *, optimize: bool = True, threads: int | None = None, level: str | None = None
+) -> Any:
     """An onnxruntime CPU session. ``optimize=False`` turns graph optimizations off, so that a
-    reference run cannot hide a broken rewrite behind the runtime's own fusions."""
+    reference run cannot hide a broken rewrite behind the runtime's own fusions. ``level``
+    ("basic", "extended", "all") picks a level in between where one must be matched."""
     ort = _ort()
     options = ort.SessionOptions()
+    levels = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+              "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
     options.graph_optimization_level = (
+        levels[level] if level else
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
     options.intra_op_num_threads = threads or default_threads()
