@@ -76,12 +76,14 @@ def compare_interleaved(
     rounds: int = 50,
     max_seconds: float = 20.0,
     block: int = 3,
+    pause: float = 0.02,
 ) -> ABLatency:
     """Alternate short blocks of runs, A then B then B then A …, on the same feeds.
 
-    Both sessions keep onnxruntime's default idle-thread spinning (as deployed). The first
-    run of each block is discarded: it shares the cores with the other session's threads
-    still spinning down. Alternating the order of the blocks cancels what remains.
+    Both sessions keep onnxruntime's default idle-thread spinning (as deployed). Before each
+    block a short pause lets the other session's worker threads stop spinning — without it
+    they steal the cores from a fast model for several runs — and the first run of the block
+    is discarded. Alternating the order of the blocks cancels what remains.
     """
     for i in range(warmup):
         _timed_run(session_a, feeds[i % len(feeds)])
@@ -93,6 +95,7 @@ def compare_interleaved(
     while len(times["a"]) < rounds and (len(times["a"]) < 5 or time.perf_counter() < deadline):
         order = ("a", "b") if (index // block) % 2 == 0 else ("b", "a")
         for key in order:
+            time.sleep(pause)  # let the other session's worker threads stop spinning
             _timed_run(sessions[key], feeds[index % len(feeds)])  # discarded: see docstring
             for offset in range(block):
                 times[key].append(_timed_run(sessions[key], feeds[(index + offset) % len(feeds)]))
