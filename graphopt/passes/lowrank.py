@@ -33,7 +33,7 @@ import onnx_ir as ir
 
 from graphopt.errors import DataError, PassFailed
 from graphopt.passes.base import GraphoptPass, PassResult
-from graphopt.passes.quantize.targets import WeightUse, initializer, weight_use
+from graphopt.passes.quantize.targets import WeightUse, initializer, replace_output, weight_use
 from graphopt.passes.registry import register
 
 logger = logging.getLogger(__name__)
@@ -474,14 +474,7 @@ def _factorize(graph: ir.Graph, use: WeightUse, a: np.ndarray, b: np.ndarray) ->
         new_nodes.append(add)
         result = add.outputs[0]
     graph.insert_before(node, new_nodes)
-    old_output = node.outputs[0]
-    output_name = old_output.name
-    old_output.replace_all_uses_with(result, replace_graph_outputs=True)
-    old_output.name = f"{output_name}_dense"
-    graph.remove(node, safe=True)
-    result.name = output_name
-    if result.is_graph_output():  # a graph output must keep its declared type
-        result.type, result.shape = old_output.type, old_output.shape
+    replace_output(graph, node, result, "dense")
     for value in {id(v): v for v in (weight, *([node.inputs[2]] if bias is not None else []))}.values():
         if value is not None and value.name in graph.initializers and not value.uses() \
                 and not value.is_graph_output():

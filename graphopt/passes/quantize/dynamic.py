@@ -17,7 +17,7 @@ import onnx_ir as ir
 
 from graphopt.passes.base import GraphoptPass, PassResult
 from graphopt.passes.quantize.numeric import quantize_symmetric, relative_error
-from graphopt.passes.quantize.targets import WeightUse, initializer, weight_uses
+from graphopt.passes.quantize.targets import WeightUse, initializer, replace_output, select_uses, weight_uses
 from graphopt.passes.registry import register
 
 
@@ -96,14 +96,7 @@ def encode_dynamic(graph: ir.Graph, use: WeightUse, quantize_activation: _Activa
         new_nodes.append(add)
         result = add.outputs[0]
     graph.insert_before(before, new_nodes)
-    old_output = node.outputs[0]
-    output_name = old_output.name
-    old_output.replace_all_uses_with(result, replace_graph_outputs=True)
-    old_output.name = f"{output_name}_float"
-    graph.remove(node, safe=True)
-    result.name = output_name
-    if result.is_graph_output():  # a graph output must keep its declared type
-        result.type, result.shape = old_output.type, old_output.shape
+    replace_output(graph, node, result, "float")
     return {
         "node": name,
         "kind": use.kind,
@@ -139,15 +132,7 @@ class QuantizeDynamicPass(GraphoptPass):
     def call(self, model: ir.Model) -> PassResult:
         graph = model.graph
         uses, skipped = weight_uses(graph, self.options.ops, self.options.min_elements)
-        eligible = []
-        for use in uses:
-            reason = dynamic_refusal(use)
-            if reason is None and self.options.nodes and use.node.name not in self.options.nodes:
-                reason = "not selected"
-            if reason:
-                skipped[use.name] = reason
-            else:
-                eligible.append(use)
+        eligible = select_uses(uses, dynamic_refusal, self.options.nodes, skipped)
         groups: dict[int, list[WeightUse]] = {}
         for use in eligible:
             groups.setdefault(id(use.node.inputs[0]), []).append(use)

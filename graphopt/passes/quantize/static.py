@@ -20,7 +20,7 @@ import onnx_ir as ir
 from graphopt.passes.base import GraphoptPass, PassResult
 from graphopt.passes.quantize.calibrate import RangeMethod, TensorStats, activation_range, collect
 from graphopt.passes.quantize.numeric import QuantizedWeight, quantize_bias, quantize_symmetric, relative_error
-from graphopt.passes.quantize.targets import WeightUse, column_importance, initializer, weight_uses
+from graphopt.passes.quantize.targets import WeightUse, column_importance, initializer, select_uses, weight_uses
 from graphopt.passes.registry import register
 
 STATIC_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
@@ -180,15 +180,7 @@ class QuantizeStaticPass(GraphoptPass):
     def call(self, model: ir.Model) -> PassResult:
         graph = model.graph
         uses, skipped = weight_uses(graph, self.options.ops, self.options.min_elements)
-        chosen = []
-        for use in uses:
-            reason = static_refusal(use)
-            if reason is None and self.options.nodes and use.node.name not in self.options.nodes:
-                reason = "not selected"
-            if reason:
-                skipped[use.name] = reason
-            else:
-                chosen.append(use)
+        chosen = select_uses(uses, static_refusal, self.options.nodes, skipped)
         if not chosen:
             return PassResult(model, modified=False, details={"layers": [], "skipped": skipped})
         stats = calibrate_static(model, chosen, self.calibration_feeds().feeds, self.options.method,

@@ -5,7 +5,7 @@ channel); knows nothing about modes."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import onnx_ir as ir
@@ -132,3 +132,34 @@ def column_importance(use: WeightUse, input_meansq: np.ndarray | None) -> np.nda
         inputs = shape[0] if use.channel_axis == 1 else shape[1]
         return input_meansq if inputs == input_meansq.size else None
     return None
+
+
+def select_uses(
+    uses: list[WeightUse], refusal: Callable[[WeightUse], str | None], nodes: tuple[str, ...],
+    skipped: dict[str, str],
+) -> list[WeightUse]:
+    """The uses a mode can rewrite (and, when ``nodes`` is given, was asked to); the reason
+    for every other one goes into ``skipped``."""
+    chosen = []
+    for use in uses:
+        reason = refusal(use)
+        if reason is None and nodes and use.node.name not in nodes:
+            reason = "not selected"
+        if reason:
+            skipped[use.name] = reason
+        else:
+            chosen.append(use)
+    return chosen
+
+
+def replace_output(graph: ir.Graph, node: ir.Node, result: ir.Value, old_suffix: str) -> None:
+    """Make ``result`` take over ``node``'s output — its readers, its name and, when it is a
+    graph output, its declared type — and remove ``node``."""
+    old_output = node.outputs[0]
+    name = old_output.name
+    old_output.replace_all_uses_with(result, replace_graph_outputs=True)
+    old_output.name = f"{name}_{old_suffix}"
+    graph.remove(node, safe=True)
+    result.name = name
+    if result.is_graph_output():
+        result.type, result.shape = old_output.type, old_output.shape
