@@ -2,6 +2,7 @@
 
 from graphopt.passes import cleanup, lift_constants, quantize, simplify, upgrade_opset  # noqa: F401  (registration)
 from graphopt.passes import quantize_codebook  # noqa: F401  (registration)
+from graphopt.passes import fuse_attention  # noqa: F401  (registration)
 from graphopt.passes import lowrank  # noqa: F401  (registration)
 from graphopt.passes import prune  # noqa: F401  (registration)
 from graphopt.passes.base import GraphoptPass, PassResult
