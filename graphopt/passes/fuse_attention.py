@@ -123,13 +123,20 @@ def _fuse(model: ir.Model) -> tuple[ir.Model, dict[str, int]]:
 
 
 def _with_symbolic_shapes(model: ir.Model) -> ir.Model:
-    """A copy of ``model`` with onnxruntime's symbolic shape inference on every value."""
+    """A copy of ``model`` with shapes on every value: onnxruntime's symbolic shape inference,
+    or, where it gives up (it fails on some dynamo exports, which carry shapes already), onnx's."""
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
     proto = ir.serde.serialize_model(model)
-    inferred = SymbolicShapeInference.infer_shapes(proto, auto_merge=True, guess_output_rank=False)
+    try:
+        inferred = SymbolicShapeInference.infer_shapes(proto, auto_merge=True, guess_output_rank=False)
+    except Exception as exc:  # its inference functions raise anything on shapes they cannot follow
+        logger.debug("symbolic shape inference failed (%s); using onnx's", exc)
+        inferred = None
     if inferred is None:
-        raise ValueError("symbolic shape inference gave up")
+        copy = ir.serde.deserialize_model(proto)
+        ir_common.ShapeInferencePass()(copy)
+        return copy
     return ir.serde.deserialize_model(inferred)
 
 

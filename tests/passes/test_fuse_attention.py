@@ -87,6 +87,35 @@ def sdpa_block(rng: np.random.Generator, *, guard: bool = True) -> onnx.ModelPro
     )
 
 
+def eager_block(rng: np.random.Generator) -> onnx.ModelProto:
+    """The eager (non-sdpa) spelling: keys transposed twice, scores divided by √d, a finite
+    mask bias ``(1 − mask) · float32.min``, no NaN guard."""
+    model = sdpa_block(rng, guard=False)
+    nodes = [n for n in model.graph.node]
+    keep = [n for n in nodes if n.output[0] not in
+            ("k_bhds", "q_scaled", "k_scaled", "scores", "mask_bool", "mask_b11s", "mask_bias")]
+    at = next(i for i, n in enumerate(keep) if n.output[0] == "masked")
+    keep[at:at] = [
+        helper.make_node("Transpose", ["k_bshd"], ["k_bhsd"], perm=[0, 2, 1, 3]),
+        helper.make_node("Transpose", ["k_bhsd"], ["k_bhds"], perm=[0, 1, 3, 2]),
+        helper.make_node("MatMul", ["q_bhsd", "k_bhds"], ["raw_scores"]),
+        helper.make_node("Div", ["raw_scores", "sqrt_head"], ["scores"]),
+        helper.make_node("Cast", ["mask"], ["mask_f"], to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["mask_f", "axes12"], ["mask_b11s"]),
+        helper.make_node("Sub", ["one_f", "mask_b11s"], ["inverted"]),
+        helper.make_node("Mul", ["inverted", "float_min"], ["mask_bias"]),
+    ]
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+    model.graph.initializer.extend([
+        onnx.numpy_helper.from_array(np.array(np.sqrt(HEAD_SIZE), np.float32), "sqrt_head"),
+        onnx.numpy_helper.from_array(np.array(1.0, np.float32), "one_f"),
+        onnx.numpy_helper.from_array(np.array(np.finfo(np.float32).min, np.float32), "float_min"),
+    ])
+    onnx.checker.check_model(model)
+    return model
+
+
 def _feeds(rng: np.random.Generator, batch: int = 3, seq: int = 5) -> dict[str, np.ndarray]:
     mask = np.ones((batch, seq), np.int64)
     mask[1, 3:] = 0  # padding
@@ -128,6 +157,16 @@ def test_without_guard_no_guard_is_added(rng):
     assert "IsNaN" not in op_histogram(result.model)
     feeds = _feeds(rng)
     feeds["mask"][2, 0] = 1  # without a guard, fully masked rows are NaN in both; compare the rest
+    np.testing.assert_allclose(run(result.model, feeds)[0], run(proto, feeds)[0], atol=1e-5)
+
+
+def test_fuses_the_eager_spelling(rng):
+    proto = eager_block(rng)
+    result = _fuse(proto)
+    assert result.modified, result.notes
+    assert op_histogram(result.model).get("MultiHeadAttention") == 1
+    assert "Softmax" not in op_histogram(result.model)
+    feeds = _feeds(rng)  # a finite mask bias: fully masked rows are a uniform average in both
     np.testing.assert_allclose(run(result.model, feeds)[0], run(proto, feeds)[0], atol=1e-5)
 
 
