@@ -46,11 +46,17 @@ def slow_model(tmp_path_factory) -> tuple[Path, Path]:
     return model, data
 
 
+def _interruptible() -> None:
+    """A shell starts background jobs with SIGINT ignored, and children inherit that: a test
+    run launched with `&` would otherwise see Ctrl-C ignored, as POSIX wants."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(model: Path, data: Path, out: Path) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "graphopt", "optimize", str(model), "-o", str(out), "--data", str(data),
          "--threads", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_interruptible,
     )
 
 
@@ -118,7 +124,7 @@ def test_sigint_while_native_libraries_load_exits_130(slow_model, tmp_path, libr
     for attempt in range(4):
         proc = subprocess.Popen([sys.executable, "-m", "graphopt", "bench", str(model), "--runs", "1",
                                  "--json", str(tmp_path / "bench.json")],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_interruptible)
         _wait_for_library(proc, library)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=120)
