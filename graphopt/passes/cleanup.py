@@ -38,7 +38,7 @@ class CleanupPass(GraphoptPass):
         changes = {
             "nodes removed": nodes_before - _count_nodes(model),
             "initializers removed": inits_before - _count_initializers(model),
-            "value infos dropped": 0 if self.options.keep_value_info else _drop_value_info(model),
+            "value infos dropped": 0 if self.options.keep_value_info else drop_value_info(model),
         }
         # onnx-ir reports "modified" for opset bookkeeping too; only real removals count.
         return PassResult(model, modified=any(changes.values()), changes=changes)
@@ -57,7 +57,7 @@ class _IdentityEliminationPass(common.IdentityEliminationPass):
         return super()._try_eliminate_identity_node(node)
 
 
-def _drop_value_info(model: ir.Model) -> int:
+def drop_value_info(model: ir.Model) -> int:
     """Forget types and shapes of intermediate values (graph inputs and outputs keep theirs)."""
     dropped = 0
     for graph in (model.graph, *model.graph.subgraphs()):
