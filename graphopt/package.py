@@ -29,7 +29,7 @@ from typing import Any
 from graphopt import __version__
 from graphopt.describe import describe
 from graphopt.errors import GateFailed, InputError, UsageError
-from graphopt.io import LoadedModel, fsync_dir, load_model
+from graphopt.io import LoadedModel, fsync_dir, load_model, remove_stale_staging
 from graphopt.report import to_json
 from graphopt.targets import Target, check_model, load_target
 from graphopt.targets.ortformat import convert_to_ort
@@ -79,8 +79,11 @@ def package(model_path: str | os.PathLike, output: str | os.PathLike, options: P
     if options.data is not None:
         feeds.source = Path(feeds.source).name  # the manifest names nothing of the machine
 
-    # Absolute: the converter runs in a folder of its own.
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".graphopt-tmp", dir=out.parent)).resolve()
+    # Named like optimize's (with the PID) so that a killed run's folder is recognised and removed
+    # by the next one. Absolute: the converter runs in a folder of its own.
+    remove_stale_staging(out)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}-", suffix=".graphopt-tmp",
+                                    dir=out.parent)).resolve()
     try:
         bundle = staging / "bundle"
         names = _bundle_names(loaded)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import time
 import zipfile
 from pathlib import Path
 
@@ -404,3 +406,16 @@ def test_int8_qdq_model_packages_with_an_exact_ort(tmp_path, rng):
     manifest = json.loads(zipfile.ZipFile(out).read("manifest.json"))
     assert manifest["verification"]["parity"]["max_abs"] <= 1e-4
     assert "unoptimized_onnx" in manifest["verification"]
+
+
+def test_a_killed_runs_staging_folder_is_removed_by_the_next_run(model_path, tmp_path):
+    """SIGKILL leaves the staging folder; the next package run to the same output cleans it."""
+    from graphopt.io import STALE_STAGING_SECONDS
+
+    out = tmp_path / "bundle.zip"
+    left = tmp_path / f".{out.name}.999999999-abc123.graphopt-tmp"  # no such process
+    (left / "bundle").mkdir(parents=True)
+    old = time.time() - STALE_STAGING_SECONDS - 60
+    os.utime(left, (old, old))
+    assert package(model_path, out) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["in", "bundle.zip"])
