@@ -82,3 +82,49 @@ def test_dynamo_export_with_external_data(tmp_path, capsys):
     assert sorted(p.name for p in out.parent.iterdir()) == ["mlp.onnx", "mlp.onnx.data"]
     x = np.random.default_rng(1).standard_normal((3, 64)).astype(np.float32)
     np.testing.assert_array_equal(run(out, {"x": x})[0], run(path, {"x": x})[0])
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_transformers_bert_attention_fuses_for_each_exporter(tmp_path, dynamo, attention):
+    """A small randomly initialised transformers BERT, exported both ways with both attention
+    implementations: every layer's attention becomes one MultiHeadAttention, and the outputs
+    match on padded rows and on a row whose mask is all zeros."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from graphopt.io import load_model
+    from graphopt.passes import get_pass
+
+    config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=32,
+                                     attn_implementation=attention)
+    torch.manual_seed(0)
+    bert = transformers.BertModel(config).eval()
+
+    class Encoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bert = bert
+
+        def forward(self, input_ids, attention_mask):
+            return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    ids = torch.randint(0, 64, (2, 16))
+    mask = torch.ones(2, 16, dtype=torch.int64)
+    mask[1, 10:] = 0
+    path = tmp_path / "bert.onnx"
+    kwargs = ({"dynamic_shapes": ({0: torch.export.Dim("batch")}, {0: torch.export.Dim("batch")})} if dynamo else
+              {"dynamic_axes": {"input_ids": {0: "batch"}, "attention_mask": {0: "batch"}}})
+    with torch.no_grad():
+        torch.onnx.export(Encoder(), (ids, mask), str(path), dynamo=dynamo, input_names=["input_ids", "attention_mask"],
+                          output_names=["hidden"], **kwargs)
+    result = get_pass("fuse-attention")()(load_model(path).model)  # dynamo: external data, read into memory
+    assert result.modified, result.notes
+    assert result.changes["attention fused"] == config.num_hidden_layers
+
+    feeds = {"input_ids": np.random.default_rng(1).integers(0, 64, (3, 16)),
+             "attention_mask": np.ones((3, 16), np.int64)}
+    feeds["attention_mask"][1, 5:] = 0
+    feeds["attention_mask"][2] = 0
+    expected, got = run(path, feeds)[0], run(result.model, feeds)[0]
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
