@@ -151,3 +151,22 @@ def _top1(refs: list[np.ndarray], cands: list[np.ndarray]) -> float | None:
         agree += int(np.count_nonzero(same))
         total += same.size
     return agree / total if total else None
+
+
+def rewrite_mismatch(before: bytes, after: bytes, feeds: Sequence[Feed], *, tolerance: float,
+                     threads: int | None = None) -> str | None:
+    """Why a rewritten model is not the original (max abs above ``tolerance``, a changed shape,
+    a new NaN, a model that does not run), or None. Both run with onnxruntime's graph
+    optimizations off, so the runtime's own fusions cannot hide a broken rewrite."""
+    from graphopt.errors import GraphoptError
+    from graphopt.verify.runtime import make_session
+
+    try:
+        reference = run_outputs(make_session(before, optimize=False, threads=threads), feeds)
+        candidate = run_outputs(make_session(after, optimize=False, threads=threads), feeds)
+        parity = compare_outputs(reference, candidate)
+    except GraphoptError as exc:
+        return str(exc)
+    if parity.shape_mismatches or parity.new_nonfinite or not parity.max_abs <= tolerance:
+        return f"max abs {parity.max_abs:.3g}"
+    return None
