@@ -59,6 +59,10 @@ class ContenderFailed(Exception):
     """A quantizer refused or broke the model; the row shows this message instead of numbers."""
 
 
+class NotApplicable(Exception):
+    """The contender is not meant for this kind of model (a transformer tool on a CNN): no row."""
+
+
 @dataclasses.dataclass
 class Row:
     contender: str
@@ -147,7 +151,7 @@ def _ort_fused_dynamic(work: Workload, out: Path, row: Row) -> None:
     """What a careful onnxruntime user does with a BERT: the transformer optimizer's fusions,
     then dynamic per-channel int8."""
     if work.name != "MiniLM":
-        raise ContenderFailed("not a transformer: the transformer optimizer does not apply")
+        raise NotApplicable("the transformer optimizer is for transformers")
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.transformers.optimizer import optimize_model
 
@@ -155,9 +159,13 @@ def _ort_fused_dynamic(work: Workload, out: Path, row: Row) -> None:
     counts = {k: v for k, v in fused.get_fused_operator_statistics().items() if v}
     fused_path = out.with_name(out.stem + ".fused.onnx")
     fused.save_model_to_file(str(fused_path))
-    quantize_dynamic(fused_path, out, per_channel=True, weight_type=QuantType.QInt8, reduce_range=not cpu_has_vnni())
+    # The quantizer needs the types behind the contrib ops the optimizer wrote: its own
+    # pre-processing (symbolic shape inference) supplies them.
+    prepared = out.with_name(out.stem + ".fused.prepared.onnx")
+    how = _ort_pre_process(fused_path, prepared)
+    quantize_dynamic(prepared, out, per_channel=True, weight_type=QuantType.QInt8, reduce_range=not cpu_has_vnni())
     row.notes.append("onnxruntime.transformers optimize_model(model_type='bert', num_heads=12, hidden_size=384), "
-                     "then quantize_dynamic per-channel; fused: "
+                     f"quant_pre_process ({how}), then quantize_dynamic per-channel; fused: "
                      + (", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "nothing"))
 
 
@@ -314,18 +322,25 @@ def _run_workload(work: Workload, rounds: int, with_mask: bool) -> list[Row]:
     _measure(work, fp32, fp32, reference, rounds, with_mask)
     for name, quantize in CONTENDERS.items():
         row = Row(name, path=out_dir / _file_name(name))
-        rows.append(row)
         for stale in (row.path, row.path.with_suffix(".error.txt")):
             stale.unlink(missing_ok=True)
         print(f"[int8] {work.name}: {name} …", file=sys.stderr, flush=True)
         started = time.perf_counter()
         try:
             quantize(work, row.path, row)
-            if row.quantize_seconds is None:
-                row.quantize_seconds = time.perf_counter() - started
-                row.notes.append(f"quantized in {row.quantize_seconds:.1f} s (in this process)")
-            _measure(work, row, fp32, reference, rounds, with_mask)
+        except NotApplicable:
+            continue
         except Exception as exc:  # a peer may raise anything; the row records it
+            rows.append(row)
+            _fail(row, exc, row.path.with_suffix(".error.txt"))
+            continue
+        rows.append(row)
+        if row.quantize_seconds is None:
+            row.quantize_seconds = time.perf_counter() - started
+            row.notes.append(f"quantized in {row.quantize_seconds:.1f} s (in this process)")
+        try:
+            _measure(work, row, fp32, reference, rounds, with_mask)
+        except Exception as exc:  # a quantized model that does not run: the row records it
             _fail(row, exc, row.path.with_suffix(".error.txt"))
             continue
         degenerate = _degenerate_scales(row.path)

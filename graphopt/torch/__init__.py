@@ -10,12 +10,16 @@ from graphopt.torch.export import export
 from graphopt.torch.layers import drop_layers
 from graphopt.torch.lowrank import LowRankEmbedding, LowRankLinear, factorize
 from graphopt.torch.prune import find_chains, prune_channels
+from graphopt.torch.targets import CachedBatches, TeacherTargets, cache_teacher, length_buckets
 
 __all__ = [
+    "CachedBatches",
     "DistillOptions",
     "DistillResult",
     "LowRankEmbedding",
     "LowRankLinear",
+    "TeacherTargets",
+    "cache_teacher",
     "compress",
     "distill",
     "drop_layers",
@@ -23,6 +27,7 @@ __all__ = [
     "export",
     "factorize",
     "find_chains",
+    "length_buckets",
     "parameter_count",
     "prune_channels",
 ]

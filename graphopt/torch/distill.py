@@ -10,6 +10,9 @@ Losses:
   MSE, weighted by ``feature_weight`` (the shapes must agree; put a projection in the student
   otherwise).
 
+The teacher runs on every batch unless the batches carry its outputs already
+(:func:`graphopt.torch.targets.cache_teacher`: computed once, reused every epoch).
+
 Each epoch ends with a validation pass (accuracy against labels, or agreement with the teacher
 when there are none; mean cosine to the teacher for embeddings); the best epoch's weights are
 restored at the end and training stops after ``patience`` epochs without improvement.
@@ -166,6 +169,22 @@ class _FeatureTap:
             handle.remove()
 
 
+@torch.no_grad()
+def _teacher_side(teacher: nn.Module, batch: Any, tap: _FeatureTap | None) -> tuple[
+        tuple[Any, ...], dict[str, Any], torch.Tensor | None, torch.Tensor, Callable[[str], torch.Tensor]]:
+    """(inputs, keyword inputs, labels, teacher output, teacher feature by name) of a batch: from
+    the cache when it is a :class:`~graphopt.torch.targets.TeacherTargets`, else by running the teacher."""
+    from graphopt.torch.targets import TeacherTargets
+
+    if isinstance(batch, TeacherTargets):
+        args, kwargs, labels = split_batch(batch.batch)
+        return args, kwargs, labels, batch.output, batch.feature
+    args, kwargs, labels = split_batch(batch)
+    output = _output(teacher(*args, **kwargs))
+    values = dict(tap.values) if tap is not None else {}
+    return args, kwargs, labels, output, values.__getitem__
+
+
 # -- distributed --------------------------------------------------------------------------------
 
 
@@ -225,8 +244,8 @@ def evaluate(teacher: nn.Module, student: nn.Module, data: Any, options: Distill
     student.eval()
     totals = {"loss": 0.0, "hits": 0.0, "labelled": 0.0, "agree": 0.0, "cosine": 0.0, "rows": 0.0}
     for batch in data:
-        args, kwargs, labels = split_batch(batch)
-        t, s = _output(teacher(*args, **kwargs)), _output(student(*args, **kwargs))
+        args, kwargs, labels, t, _ = _teacher_side(teacher, batch, None)
+        s = _output(student(*args, **kwargs))
         rows = s.shape[0]
         totals["rows"] += rows
         totals["loss"] += float(output_loss(s, t, labels, options)) * rows
@@ -289,9 +308,7 @@ def distill(
     """
     started = time.perf_counter()
     torch.manual_seed(options.seed)
-    teacher.eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
+    teacher.eval()  # it runs under no_grad; its parameters keep requires_grad, so copies of it stay trainable
     train_loader, sampler = _loader(train, options, shuffle=True)
     val_loader, _ = _loader(val, options, shuffle=False) if val is not None else (None, None)
     model: nn.Module = student
@@ -316,13 +333,11 @@ def distill(
             loss_sum, batches = 0.0, 0
             with _progress(steps_per_epoch, options, f"distill {epoch + 1}/{options.epochs}") as bar:
                 for batch in train_loader:
-                    args, kwargs, labels = split_batch(batch)
-                    with torch.no_grad():
-                        t = _output(teacher(*args, **kwargs))
+                    args, kwargs, labels, t, teacher_features = _teacher_side(teacher, batch, teacher_tap)
                     s = _output(model(*args, **kwargs))
                     loss = output_loss(s, t, labels, options)
                     for s_name, t_name in options.features.items():
-                        loss = loss + options.feature_weight * F.mse_loss(student_tap.values[s_name], teacher_tap.values[t_name])
+                        loss = loss + options.feature_weight * F.mse_loss(student_tap.values[s_name], teacher_features(t_name))
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     if options.grad_clip:

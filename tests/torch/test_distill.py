@@ -80,6 +80,21 @@ def test_distilled_student_learns_the_teacher_and_runs_deterministically():
     assert [h["train_loss"] for h in first.history] == [h["train_loss"] for h in second.history]
 
 
+def test_the_teacher_is_left_trainable_so_a_second_student_copied_from_it_trains():
+    import copy
+
+    teacher, data = trained_teacher(), blobs()
+    teacher.zero_grad(set_to_none=True)
+    options = DistillOptions(epochs=1, batch_size=32, patience=None, quiet=True)
+    distill(teacher, student(), data, options=options)
+    assert all(p.requires_grad for p in teacher.parameters())
+    second = copy.deepcopy(teacher)
+    before = [p.detach().clone() for p in second.parameters()]
+    distill(teacher, second, data, options=options)
+    assert any(not torch.equal(a, b) for a, b in zip(before, second.parameters()))
+    assert all(p.grad is None for p in teacher.parameters())
+
+
 def test_early_stopping_restores_the_best_epoch():
     teacher, data, val = trained_teacher(), blobs(), blobs(64, seed=2)
     options = DistillOptions(epochs=40, lr=5e-2, batch_size=32, patience=2, quiet=True)
