@@ -2,8 +2,8 @@
 
 Contenders: fp32 (the reference), graphopt ``--recipe int8``, onnxruntime ``quantize_dynamic``
 (per-tensor and per-channel; for MiniLM also after onnxruntime's transformer optimizer),
-onnxruntime ``quantize_static`` (QDQ, per-channel, after ``quant_pre_process``) and NNCF post-training quantization. Every number is a ratio against
-fp32 measured in this process: size (file bytes incl. external data), latency (interleaved A/B,
+onnxruntime ``quantize_static`` (QDQ, per-channel, after ``quant_pre_process``) and NNCF
+post-training quantization. Every number is a ratio against fp32 measured in this process: size (file bytes incl. external data), latency (interleaved A/B,
 batch 1, ``THREADS`` threads, onnxruntime's default session settings), cosine of the outputs
 against fp32 run with optimizations off, and for PP-OCR the agreement of the text mask.
 

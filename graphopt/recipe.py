@@ -16,20 +16,14 @@ Built-in recipes live in ``graphopt/recipes/``; a path to a ``.toml`` file works
 from __future__ import annotations
 
 import dataclasses
-import sys
 import types
 import typing
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from graphopt.errors import RecipeError
 from graphopt.passes import GraphoptPass, get_pass
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from graphopt.presets import builtin_presets, read_preset
 
 _TOP_LEVEL_KEYS = {"description", "steps", "never_larger", "max_abs", "min_cosine"}
 
@@ -45,32 +39,13 @@ class Recipe:
 
 
 def builtin_recipes() -> list[str]:
-    folder = resources.files("graphopt.recipes")
-    return sorted(p.name.removesuffix(".toml") for p in folder.iterdir() if p.name.endswith(".toml"))
+    return builtin_presets("graphopt.recipes")
 
 
 def load_recipe(name_or_path: str | Path) -> Recipe:
     """A built-in recipe by name, or a TOML file by path."""
-    text, name = _recipe_text(str(name_or_path))
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise RecipeError(f"recipe '{name}': invalid TOML: {exc}") from None
+    data, name = read_preset(str(name_or_path), package="graphopt.recipes", kind="recipe", error=RecipeError)
     return parse_recipe(data, name)
-
-
-def _recipe_text(name_or_path: str) -> tuple[str, str]:
-    if name_or_path in builtin_recipes():
-        resource = resources.files("graphopt.recipes").joinpath(f"{name_or_path}.toml")
-        return resource.read_text(encoding="utf-8"), name_or_path
-    path = Path(name_or_path)
-    if path.suffix == ".toml":
-        if not path.is_file():
-            raise RecipeError(f"recipe file '{path}' does not exist")
-        return path.read_text(encoding="utf-8"), str(path)
-    raise RecipeError(
-        f"unknown recipe '{name_or_path}'; built-in recipes: {', '.join(builtin_recipes())} (or a .toml path)"
-    )
 
 
 def parse_recipe(data: dict[str, Any], name: str) -> Recipe:

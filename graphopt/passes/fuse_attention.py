@@ -144,6 +144,7 @@ def _scalarize_nan_guards(model: ir.Model) -> int:
     """``Where(IsNaN(p), c, p)`` with a 1-element ``c`` gets a scalar ``c`` (same result: ``p``
     has rank ≥ 1). Returns how many guards follow a Softmax."""
     count = 0
+    scalars: dict[int, ir.Value] = {}  # one scalar per 1-element constant, however many guards share it
     for node in list(model.graph):
         if node.op_type != "Where" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 3:
             continue
@@ -158,18 +159,18 @@ def _scalarize_nan_guards(model: ir.Model) -> int:
         tensor = fill.const_value if fill is not None else None
         if tensor is None or tensor.size != 1 or fill.shape is None or fill.shape.rank() == 0:
             continue
-        scalar = ir.Value(
-            name=_unique_name(model, f"{fill.name}_scalar"),
-            type=fill.type, shape=ir.Shape([]),
-            const_value=ir.tensor(np.asarray(tensor.numpy()).reshape(())),
-        )
-        model.graph.register_initializer(scalar)
-        node.replace_input_with(1, scalar)
+        if id(fill) not in scalars:
+            scalars[id(fill)] = ir.Value(name=_unique_name(model, f"{fill.name}_scalar"), type=fill.type,
+                                         shape=ir.Shape([]), const_value=ir.tensor(tensor.numpy().reshape(())))
+            model.graph.register_initializer(scalars[id(fill)])
+        node.replace_input_with(1, scalars[id(fill)])
     return count
 
 
 def _unique_name(model: ir.Model, base: str) -> str:
-    taken = set(model.graph.initializers)
+    """``base``, or ``base_N``: a name no input, initializer or node output of the graph has."""
+    taken = {*model.graph.initializers, *(v.name for v in model.graph.inputs),
+             *(v.name for node in model.graph for v in node.outputs)}
     name, i = base, 1
     while name in taken:
         name, i = f"{base}_{i}", i + 1
@@ -221,7 +222,7 @@ def _guard_masked_rows(model: ir.Model) -> int:
         is_nan = ir.node("IsNaN", [out], name=f"{node.name}_masked_rows")
         guard = ir.node("Where", [is_nan.outputs[0], zero, out], name=f"{node.name}_masked_rows_fill")
         guarded = guard.outputs[0]
-        guarded.name, out.name = out.name, f"{out.name}_unguarded"
+        out.name, guarded.name = _unique_name(model, f"{out.name}_unguarded"), out.name
         guarded.type, guarded.shape = out.type, out.shape
         for user, index in consumers:
             user.replace_input_with(index, guarded)

@@ -17,20 +17,14 @@ onnxruntime kernels (FusedConv…); the bundle's ``.config`` lists them for a mi
 from __future__ import annotations
 
 import dataclasses
-import sys
 from collections import Counter
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import onnx_ir as ir
 
 from graphopt.errors import InputError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from graphopt.presets import builtin_presets, read_preset
 
 DEFAULT_DOMAIN = "ai.onnx"
 OPTIMIZATION_LEVELS = ("basic", "extended", "layout", "all")
@@ -72,32 +66,13 @@ _TYPES: dict[str, type] = {
 
 
 def builtin_targets() -> list[str]:
-    folder = resources.files("graphopt.targets")
-    return sorted(p.name.removesuffix(".toml") for p in folder.iterdir() if p.name.endswith(".toml"))
+    return builtin_presets("graphopt.targets")
 
 
 def load_target(name_or_path: str | Path) -> Target:
     """A built-in target by name, or a TOML file by path."""
-    text, name = _target_text(str(name_or_path))
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise TargetError(f"target '{name}': invalid TOML: {exc}") from None
-    return parse_target(data, name)
-
-
-def _target_text(name_or_path: str) -> tuple[str, str]:
-    if name_or_path in builtin_targets():
-        resource = resources.files("graphopt.targets").joinpath(f"{name_or_path}.toml")
-        return resource.read_text(encoding="utf-8"), name_or_path
-    path = Path(name_or_path)
-    if path.suffix == ".toml":
-        if not path.is_file():
-            raise TargetError(f"target file '{path}' does not exist")
-        return path.read_text(encoding="utf-8"), path.name
-    raise TargetError(
-        f"unknown target '{name_or_path}'; built-in targets: {', '.join(builtin_targets())} (or a .toml path)"
-    )
+    data, name = read_preset(str(name_or_path), package="graphopt.targets", kind="target", error=TargetError)
+    return parse_target(data, Path(name).name)  # the name goes into bundle manifests: no machine paths
 
 
 def parse_target(data: dict[str, Any], name: str) -> Target:
