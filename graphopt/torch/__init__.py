@@ -8,7 +8,7 @@ from graphopt.torch.compress import compress, parameter_count
 from graphopt.torch.distill import DistillOptions, DistillResult, distill, evaluate
 from graphopt.torch.export import export
 from graphopt.torch.layers import drop_layers
-from graphopt.torch.lowrank import LowRankEmbedding, LowRankLinear, factorize
+from graphopt.torch.lowrank import FrequencySplitEmbedding, LowRankEmbedding, LowRankLinear, factorize
 from graphopt.torch.prune import find_chains, prune_channels
 from graphopt.torch.targets import CachedBatches, TeacherTargets, cache_teacher, length_buckets
 
@@ -16,6 +16,7 @@ __all__ = [
     "CachedBatches",
     "DistillOptions",
     "DistillResult",
+    "FrequencySplitEmbedding",
     "LowRankEmbedding",
     "LowRankLinear",
     "TeacherTargets",

@@ -30,6 +30,7 @@ def compress(
     lowrank_include: Sequence[str] = ("*",),
     lowrank_exclude: Sequence[str] = (),
     lowrank_embeddings: bool = False,
+    lowrank_frequent_rows: int = 0,
     calibration: Iterable[Any] | None = None,
     prune_ratio: float | None = None,
     keep_layers: Sequence[int] | None = None,
@@ -43,8 +44,10 @@ def compress(
     - ``rank_ratio`` or ``energy``: :func:`graphopt.torch.lowrank.factorize` on the ``nn.Linear``
       layers matching ``lowrank_include`` and no ``lowrank_exclude`` (fnmatch patterns on the
       qualified names, after the steps above); ``lowrank_embeddings`` factorizes matching
-      ``nn.Embedding`` tables as well; ``calibration`` batches make the truncation
-      activation-aware (see :class:`graphopt.torch.lowrank.Whitening`).
+      ``nn.Embedding`` tables as well (``lowrank_frequent_rows``: the ids most frequent in
+      ``calibration`` keep their rows, see :class:`graphopt.torch.lowrank.FrequencySplitEmbedding`);
+      ``calibration`` batches make the truncation activation-aware (see
+      :class:`graphopt.torch.lowrank.Whitening`).
     """
     student = copy.deepcopy(model)
     report: dict[str, Any] = {"params_before": parameter_count(model)}
@@ -55,6 +58,6 @@ def compress(
     if rank_ratio is not None or energy is not None:
         report["factorized"] = factorize(student, rank_ratio=rank_ratio, energy=energy, include=lowrank_include,
                                          exclude=lowrank_exclude, embeddings=lowrank_embeddings,
-                                         calibration=calibration)
+                                         frequent_rows=lowrank_frequent_rows, calibration=calibration)
     report["params_after"] = parameter_count(student)
     return student, report

@@ -47,6 +47,44 @@ class LowRankEmbedding(nn.Module):
         return self.project(self.table(ids))
 
 
+class FrequencySplitEmbedding(nn.Module):
+    """Two tiers (adaptive input representations, Baevski & Auli 2019): the ``frequent`` ids keep
+    their full-width rows in ``head``; every other id goes through the low-rank ``tail``. In text a
+    few thousand tokens make most of the occurrences, so they stay exact while the long tail
+    shares the rank. ``slot`` maps an id to its row: ``head`` rows first, then ``tail`` rows."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, rank: int, frequent: Sequence[int] | torch.Tensor,
+                 *, padding_idx: int | None = None) -> None:
+        super().__init__()
+        frequent = torch.as_tensor(frequent, dtype=torch.long)
+        if not 0 < frequent.numel() < num_embeddings or frequent.unique().numel() != frequent.numel():
+            raise UsageError(f"frequent must be 1 to {num_embeddings - 1} distinct ids, got {frequent.numel()}")
+        rare = torch.ones(num_embeddings, dtype=torch.bool)
+        rare[frequent] = False
+        slot = torch.empty(num_embeddings, dtype=torch.int32)  # int32: half the bytes of int64 in the file
+        slot[frequent] = torch.arange(frequent.numel(), dtype=torch.int32)
+        slot[rare] = frequent.numel() + torch.arange(int(rare.sum()), dtype=torch.int32)
+        self.register_buffer("slot", slot)
+        head_pad = tail_pad = None
+        if padding_idx is not None:
+            row = int(slot[padding_idx])
+            head_pad, tail_pad = (row, None) if row < frequent.numel() else (None, row - frequent.numel())
+        self.head = nn.Embedding(frequent.numel(), embedding_dim, padding_idx=head_pad)
+        self.tail = LowRankEmbedding(num_embeddings - frequent.numel(), embedding_dim, rank, padding_idx=tail_pad)
+        self.num_embeddings, self.embedding_dim, self.rank = num_embeddings, embedding_dim, rank
+        self.padding_idx = padding_idx
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return torch.cat([self.head.weight, self.tail.weight])[self.slot.long()]
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        slot = self.slot[ids].long()
+        heads = self.head.num_embeddings
+        in_head = (slot < heads).unsqueeze(-1)
+        return torch.where(in_head, self.head(slot.clamp(max=heads - 1)), self.tail((slot - heads).clamp(min=0)))
+
+
 def choose_rank(singular_values: torch.Tensor, *, rank_ratio: float | None, energy: float | None) -> int:
     """Rank from a ratio of the full rank, or the fewest singular values holding ``energy`` of ΣS²."""
     if (rank_ratio is None) == (energy is None):
@@ -119,6 +157,30 @@ def factorize_embedding(layer: nn.Embedding, rank: int, whitening: Whitening | N
     return result.to(layer.weight.device)
 
 
+def most_frequent(whitening: Whitening | None, count: int) -> torch.Tensor:
+    """The ``count`` ids seen most often in calibration (ties: the lower id first)."""
+    if whitening is None or whitening.rows is None:
+        raise UsageError("frequent_rows needs calibration batches (it keeps the most frequent tokens' rows)")
+    return torch.sort(torch.argsort(-whitening.rows, stable=True)[:count]).values
+
+
+def split_embedding(layer: nn.Embedding, rank: int, frequent: torch.Tensor,
+                    whitening: Whitening | None = None) -> FrequencySplitEmbedding:
+    """A :class:`FrequencySplitEmbedding`: the ``frequent`` rows copied, the others factorized
+    (weighted by their calibration counts when ``whitening`` is given)."""
+    result = FrequencySplitEmbedding(layer.num_embeddings, layer.embedding_dim, rank, frequent,
+                                     padding_idx=layer.padding_idx)
+    rare = result.slot >= frequent.numel()
+    rare_ids = torch.nonzero(rare).flatten()  # ascending id = ascending tail row
+    tail_whitening = Whitening(rows=whitening.rows[rare_ids]) if whitening is not None and whitening.rows is not None else None
+    left, right = _factors(layer.weight[rare_ids], rank, tail_whitening)
+    with torch.no_grad():
+        result.head.weight.copy_(layer.weight[frequent])
+        result.tail.table.weight.copy_(left)
+        result.tail.project.weight.copy_(right.T)
+    return result.to(layer.weight.device)
+
+
 def _matches(name: str, include: Sequence[str], exclude: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in include) and not any(fnmatch.fnmatchcase(name, p) for p in exclude)
 
@@ -126,6 +188,10 @@ def _matches(name: str, include: Sequence[str], exclude: Sequence[str]) -> bool:
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+class _Collected(Exception):
+    """Raised from a hook to end a calibration forward pass early."""
 
 
 @torch.no_grad()
@@ -137,6 +203,9 @@ def collect_whitening(model: nn.Module, layers: Mapping[str, nn.Module], batches
 
     moments: dict[str, torch.Tensor] = {}
     counts: dict[str, float] = {}
+    # Token counts need only the lookup: when every layer is a table, stop each batch once all were seen.
+    tables_only = all(isinstance(layer, nn.Embedding) for layer in layers.values())
+    seen: set[str] = set()
 
     def hook(name: str, layer: nn.Module) -> Any:
         def record(_module: nn.Module, inputs: tuple[Any, ...]) -> None:
@@ -144,6 +213,9 @@ def collect_whitening(model: nn.Module, layers: Mapping[str, nn.Module], batches
             if isinstance(layer, nn.Embedding):
                 found = torch.bincount(x.reshape(-1), minlength=layer.num_embeddings).double()
                 moments[name] = moments.get(name, 0) + found
+                seen.add(name)
+                if tables_only and len(seen) == len(layers):
+                    raise _Collected
             else:
                 flat = x.detach().reshape(-1, x.shape[-1]).double()
                 moments[name] = moments.get(name, 0) + flat.T @ flat
@@ -156,7 +228,11 @@ def collect_whitening(model: nn.Module, layers: Mapping[str, nn.Module], batches
     try:
         for batch in batches:
             args, kwargs, _ = split_batch(batch)
-            model(*args, **kwargs)
+            seen.clear()
+            try:
+                model(*args, **kwargs)
+            except _Collected:
+                pass
     finally:
         for handle in handles:
             handle.remove()
@@ -183,26 +259,45 @@ def factorize(
     include: Sequence[str] = ("*",),
     exclude: Sequence[str] = (),
     embeddings: bool = False,
+    frequent_rows: int = 0,
     calibration: Iterable[Any] | None = None,
 ) -> dict[str, dict[str, int]]:
     """Replace, in place, every ``nn.Linear`` whose qualified name matches ``include`` (fnmatch
     patterns) and no ``exclude`` pattern by a :class:`LowRankLinear`; with ``embeddings=True``
     matching ``nn.Embedding`` tables too. With ``calibration`` batches, the truncation
     minimizes the error on those inputs instead of on the weights (:class:`Whitening`), and
-    ``energy`` is measured in that norm. Returns {name: {rank, full_rank, params_before,
-    params_after}}."""
+    ``energy`` is measured in that norm. With ``frequent_rows`` (needs ``calibration``) an
+    embedding becomes a :class:`FrequencySplitEmbedding`: the ids seen most often keep their
+    rows and the rank applies to the others. Returns {name: {rank, full_rank, params_before,
+    params_after[, frequent_rows]}}."""
     targets = (nn.Linear, nn.Embedding) if embeddings else (nn.Linear,)
     chosen = [(n, m) for n, m in model.named_modules() if isinstance(m, targets) and _matches(n, include, exclude)]
     whitening = collect_whitening(model, dict(chosen), calibration) if calibration is not None and chosen else {}
     changes: dict[str, dict[str, int]] = {}
+    if frequent_rows < 0:
+        raise UsageError(f"frequent_rows must be >= 0, got {frequent_rows}")
     for name, layer in chosen:
-        singular = torch.linalg.svdvals(_whitened(layer.weight, whitening.get(name)))
+        split = bool(frequent_rows) and isinstance(layer, nn.Embedding)
+        frequent = most_frequent(whitening.get(name), frequent_rows) if split else None
+        weight = layer.weight
+        if frequent is not None:
+            rare = torch.ones(layer.num_embeddings, dtype=torch.bool)
+            rare[frequent] = False
+            rows = whitening[name].rows
+            singular = torch.linalg.svdvals(_whitened(weight[rare], Whitening(rows=rows[rare])))
+        else:
+            singular = torch.linalg.svdvals(_whitened(weight, whitening.get(name)))
         rank = choose_rank(singular, rank_ratio=rank_ratio, energy=energy)
-        factorizer = factorize_embedding if isinstance(layer, nn.Embedding) else factorize_linear
-        new = factorizer(layer, rank, whitening.get(name))
+        if frequent is not None:
+            new: nn.Module = split_embedding(layer, rank, frequent, whitening.get(name))
+        else:
+            factorizer = factorize_embedding if isinstance(layer, nn.Embedding) else factorize_linear
+            new = factorizer(layer, rank, whitening.get(name))
         _replace(model, name, new)
         changes[name] = {"rank": rank, "full_rank": singular.numel(),
                          "params_before": sum(p.numel() for p in layer.parameters()),
                          "params_after": sum(p.numel() for p in new.parameters())}
+        if frequent is not None:
+            changes[name]["frequent_rows"] = frequent.numel()
     logger.info("factorized %d layers", len(changes))
     return changes

@@ -11,7 +11,7 @@ pytest.importorskip("sklearn")
 def test_one_digits_fold_distills_a_4x_smaller_student():
     from sklearn.model_selection import StratifiedKFold
 
-    from benchmarks.bench_distill import digits_arrays, digits_fold
+    from benchmarks.distill_digits import digits_arrays, digits_fold
 
     x, y = digits_arrays()
     train, test = next(StratifiedKFold(n_splits=5, shuffle=True, random_state=0).split(x, y))

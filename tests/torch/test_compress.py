@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from graphopt.errors import UsageError
-from graphopt.torch import LowRankEmbedding, LowRankLinear, compress, drop_layers, factorize, find_chains, parameter_count
+from graphopt.torch import FrequencySplitEmbedding, LowRankEmbedding, LowRankLinear, compress, drop_layers, factorize, find_chains, parameter_count
 from graphopt.torch.lowrank import choose_rank
 
 
@@ -79,6 +79,51 @@ def test_embedding_factorization_keeps_lookup_semantics():
     factorize(model, rank_ratio=1.0, embeddings=True)
     assert isinstance(model[0], LowRankEmbedding)
     ids = torch.tensor([[1, 2, 49]])
+    torch.testing.assert_close(model(ids), original[ids], atol=1e-5, rtol=1e-5)
+
+
+class Lookup(nn.Module):  # a table followed by a layer, as in a transformer's embeddings
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = nn.Embedding(50, 8, padding_idx=0)
+        self.after = nn.Linear(8, 8)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.after(self.table(ids))
+
+
+def test_frequent_rows_stay_exact_and_the_rest_share_the_rank():
+    torch.manual_seed(0)
+    model = Lookup()
+    original = model.table.weight.detach().clone()
+    common = torch.tensor([[3, 7, 7, 0, 3, 7, 12]])  # 7, 3, then 0 and 12 are the most frequent ids
+    calls = []
+    model.after.register_forward_hook(lambda *_: calls.append(1))
+    report = factorize(model, rank_ratio=0.25, include=["table"], embeddings=True, frequent_rows=3,
+                       calibration=[common, common])
+    assert not calls  # counting tokens stops each calibration pass at the table
+    table = model.table
+    assert isinstance(table, FrequencySplitEmbedding) and report["table"]["frequent_rows"] == 3
+    assert sorted(table.slot[:13][table.slot[:13] < 3].tolist()) == [0, 1, 2]
+    ids = torch.tensor([[0, 3, 7], [7, 3, 0]])
+    torch.testing.assert_close(table(ids), original[ids])  # 0 (ties: the lower id), 3 and 7 are exact
+    assert table.head.padding_idx == int(table.slot[0]) and table.tail.padding_idx is None
+    rare = torch.tensor([[1, 2, 49, 12]])
+    assert not torch.allclose(table(rare), original[rare], atol=1e-3)  # rank 2 of 8 for the rest
+    torch.testing.assert_close(table.weight[rare], table(rare))
+    assert report["table"]["params_after"] == 3 * 8 + 47 * 2 + 2 * 8
+    with pytest.raises(UsageError, match="calibration"):
+        factorize(Lookup(), rank_ratio=0.5, include=["table"], embeddings=True, frequent_rows=3)
+    with pytest.raises(UsageError, match="distinct ids"):
+        FrequencySplitEmbedding(10, 4, 2, [1, 1])
+
+
+def test_split_embedding_at_full_rank_is_exact_everywhere():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(50, 8))
+    original = model[0].weight.detach().clone()
+    factorize(model, rank_ratio=1.0, embeddings=True, frequent_rows=5, calibration=[torch.randint(0, 50, (4, 9))])
+    ids = torch.arange(50)[None]
     torch.testing.assert_close(model(ids), original[ids], atol=1e-5, rtol=1e-5)
 
 

@@ -34,6 +34,32 @@ def test_export_matches_torch_and_keeps_batch_dynamic(tmp_path, exporter):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]  # no staging folder left
 
 
+class SplitLookup(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        from graphopt.torch import factorize
+
+        torch.manual_seed(0)
+        self.table, self.head = nn.Embedding(200, 16, padding_idx=0), nn.Linear(16, 3)
+        factorize(self, rank_ratio=0.25, include=["table"], embeddings=True, frequent_rows=20,
+                  calibration=[torch.randint(0, 60, (4, 12))])
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.table(ids)).mean(1)
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_frequency_split_embedding_exports_with_parity(tmp_path, exporter):
+    model = SplitLookup().eval()
+    path = tmp_path / "m.onnx"
+    report = export(model, torch.randint(0, 200, (2, 5)), path, exporter=exporter, input_names=["ids"],
+                    dynamic_axes={"ids": {0: "N", 1: "L"}}, check_inputs=[torch.arange(200).reshape(4, 50)])
+    assert report["exporter"] == exporter and report["parity"]["passed"] and report["parity"]["max_abs"] < 1e-5
+    ids = np.arange(200, dtype=np.int64).reshape(8, 25)[::-1].copy()  # every id, frequent and rare
+    (y,) = run(path, {"ids": ids})
+    np.testing.assert_allclose(y, model(torch.from_numpy(ids)).detach().numpy(), atol=1e-5)
+
+
 def test_dynamo_external_data_lands_beside_the_model(tmp_path):
     model = small_cnn()
     report = export(model, torch.randn(1, 1, 6, 6), tmp_path / "m.onnx", exporter="dynamo", external_data=True)

@@ -51,6 +51,18 @@ def test_cached_teacher_runs_once_and_trains_exactly_as_the_live_teacher():
     assert evaluate(teacher, live.student, cached, OPTIONS) == pytest.approx(evaluate(teacher, live.student, data, OPTIONS))
 
 
+def test_cached_and_live_batches_mix_in_one_epoch():
+    """A fixed part cached and new inputs the teacher labels live, side by side in one iterable."""
+    teacher, data = CountingTeacher(), batches()
+    cached = cache_teacher(teacher, data[:3], features=["body"], shuffle=False).items
+    calls = teacher.calls
+    mixed = distill(teacher, pupil(), [*cached, *data[3:]], options=OPTIONS)
+    assert teacher.calls - calls == 3 * OPTIONS.epochs  # only the live half ran the teacher
+    live = distill(teacher, pupil(), data, options=OPTIONS)
+    for a, b in zip(mixed.student.state_dict().values(), live.student.state_dict().values()):
+        torch.testing.assert_close(a, b)
+
+
 def test_cached_batches_are_reshuffled_every_epoch_with_the_seed():
     data = batches()
 
