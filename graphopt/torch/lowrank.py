@@ -164,15 +164,22 @@ def most_frequent(whitening: Whitening | None, count: int) -> torch.Tensor:
     return torch.sort(torch.argsort(-whitening.rows, stable=True)[:count]).values
 
 
+def _rare_rows(num_embeddings: int, frequent: torch.Tensor,
+               whitening: Whitening | None) -> tuple[torch.Tensor, Whitening | None]:
+    """The ids not in ``frequent``, ascending (= the tail's row order), and their row weights."""
+    rare = torch.ones(num_embeddings, dtype=torch.bool)
+    rare[frequent] = False
+    ids = torch.nonzero(rare).flatten()
+    return ids, (Whitening(rows=whitening.rows[ids]) if whitening is not None and whitening.rows is not None else None)
+
+
 def split_embedding(layer: nn.Embedding, rank: int, frequent: torch.Tensor,
                     whitening: Whitening | None = None) -> FrequencySplitEmbedding:
     """A :class:`FrequencySplitEmbedding`: the ``frequent`` rows copied, the others factorized
     (weighted by their calibration counts when ``whitening`` is given)."""
     result = FrequencySplitEmbedding(layer.num_embeddings, layer.embedding_dim, rank, frequent,
                                      padding_idx=layer.padding_idx)
-    rare = result.slot >= frequent.numel()
-    rare_ids = torch.nonzero(rare).flatten()  # ascending id = ascending tail row
-    tail_whitening = Whitening(rows=whitening.rows[rare_ids]) if whitening is not None and whitening.rows is not None else None
+    rare_ids, tail_whitening = _rare_rows(layer.num_embeddings, frequent, whitening)
     left, right = _factors(layer.weight[rare_ids], rank, tail_whitening)
     with torch.no_grad():
         result.head.weight.copy_(layer.weight[frequent])
@@ -279,14 +286,11 @@ def factorize(
     for name, layer in chosen:
         split = bool(frequent_rows) and isinstance(layer, nn.Embedding)
         frequent = most_frequent(whitening.get(name), frequent_rows) if split else None
-        weight = layer.weight
-        if frequent is not None:
-            rare = torch.ones(layer.num_embeddings, dtype=torch.bool)
-            rare[frequent] = False
-            rows = whitening[name].rows
-            singular = torch.linalg.svdvals(_whitened(weight[rare], Whitening(rows=rows[rare])))
+        if frequent is not None:  # the rank is chosen, and applies, on the rows that are factorized
+            rare_ids, tail_whitening = _rare_rows(layer.num_embeddings, frequent, whitening.get(name))
+            singular = torch.linalg.svdvals(_whitened(layer.weight[rare_ids], tail_whitening))
         else:
-            singular = torch.linalg.svdvals(_whitened(weight, whitening.get(name)))
+            singular = torch.linalg.svdvals(_whitened(layer.weight, whitening.get(name)))
         rank = choose_rank(singular, rank_ratio=rank_ratio, energy=energy)
         if frequent is not None:
             new: nn.Module = split_embedding(layer, rank, frequent, whitening.get(name))
