@@ -1,8 +1,9 @@
 """Issue #8, MiniLM: all-MiniLM-L6-v2 compressed by ``graphopt.torch.compress`` and distilled.
 
-Every ``nn.Linear`` of the encoder at half its rank and the word embeddings at the largest rank
-the int8 size budget allows (activation-aware SVD on the training sentences), distilled with a
-cosine loss plus the layers' hidden states under a wall-clock budget that includes computing the
+Every ``nn.Linear`` of the encoder at half its rank (activation-aware SVD on the corpus sentences)
+and the word embeddings split by token frequency (the most frequent rows whole, the rest low-rank,
+sized for the int8 budget), distilled with a cosine loss plus the layers' hidden states on the
+corpus and new extra sentences every epoch, under a wall-clock budget that includes computing the
 teacher's targets, exported with ``graphopt.torch.export``, quantized with ``graphopt optimize
 --recipe int8 --calib``; cosine to the teacher on the 256 unseen evaluation sentences the other
 benchmarks use, size against the teacher's fp32 ONNX.
