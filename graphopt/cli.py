@@ -300,6 +300,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     from graphopt.io import load_model
     from graphopt.report import check_markdown, checks_text, junit_xml, to_json, write_text
     from graphopt.verify.compare import compare_files
+    from graphopt.verify.judge import Budget
+    from graphopt.verify.kinds import output_kinds
 
     started = time.perf_counter()
     _check_output_folders(args.json_out, args.junit, args.markdown)
@@ -315,6 +317,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         measure_latency=args.latency or thresholds.needs_latency(),
         threads=args.threads,
         extra_checks=cv_checks,
+        budget=Budget.resolve(thresholds, output_kinds(base.model)),
     )
     data = comparison.to_dict()
     if cv_result is not None:

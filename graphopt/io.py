@@ -238,9 +238,12 @@ def staged_save(
     *,
     external_data: bool | None = None,
     protected: tuple[Path, ...] = (),
+    unchanged_from: Path | None = None,
 ) -> Iterator[StagedModel]:
     """Write ``model`` into a staging folder beside ``path``; commit only if the block succeeds.
 
+    ``unchanged_from`` names the file ``model`` was read from when nothing changed it (and it
+    has no external data): its bytes are written as they are.
     ``external_data=None`` picks external data when the weights exceed ~1.8 GB.
     ``protected`` lists files that must never be overwritten (the input model and its data).
     On any exception — including KeyboardInterrupt — the staging folder is removed and
@@ -256,7 +259,7 @@ def staged_save(
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}-", suffix=".graphopt-tmp", dir=path.parent))
     try:
         staged = StagedModel(path, staging, external_data)
-        _write(model, staged)
+        _write(model, staged, unchanged_from if not external_data else None)
         yield staged
         staged.commit()
     finally:
@@ -303,16 +306,32 @@ def save_model(model: ir.Model, path: str | os.PathLike, *, external_data: bool 
     return Path(path)
 
 
-def _write(model: ir.Model, staged: StagedModel) -> None:
-    with _no_initializer_value_info(model):
-        if staged.external_data:
-            ir.save(model, staged.model_path, external_data=staged.data_name)
-        else:
-            _inline_external_tensors(model)
-            ir.save(model, staged.model_path)
+def _write(model: ir.Model, staged: StagedModel, source: Path | None = None) -> None:
+    """``source``: a model file whose bytes are the model (nothing changed it) — copied as is."""
+    if source is not None:
+        shutil.copyfile(source, staged.model_path)
+    else:
+        with _no_initializer_value_info(model):
+            if staged.external_data:
+                ir.save(model, staged.model_path, external_data=staged.data_name)
+                proto = onnx.load_model(str(staged.model_path), load_external_data=False)
+            else:
+                _inline_external_tensors(model)
+                proto = ir.serde.serialize_model(model)
+            _drop_default_fields(proto)
+            staged.model_path.write_bytes(proto.SerializeToString())
     for file in staged.staged_files():
         with open(file, "rb+") as handle:
             os.fsync(handle.fileno())
+
+
+def _drop_default_fields(proto: onnx.ModelProto) -> None:
+    """onnx-ir writes the default opset's empty domain explicitly; the exporters leave it unset.
+    Unset, an unchanged model does not grow by serialization alone."""
+    for opsets in (proto.opset_import, *(f.opset_import for f in proto.functions)):
+        for opset in opsets:
+            if opset.HasField("domain") and not opset.domain:
+                opset.ClearField("domain")
 
 
 @contextlib.contextmanager

@@ -19,8 +19,9 @@ def quantization_layers(report: dict[str, Any]) -> tuple[list[dict[str, Any]], d
 
 
 def _damage(layer: dict[str, Any]) -> float | None:
-    sensitivity = layer.get("sensitivity")
-    return None if sensitivity is None else max(0.0, 1.0 - sensitivity)
+    """Share of the budget the layer used alone in its int8 compute form, else weight-only."""
+    alone = layer.get("compute_alone")
+    return alone if alone is not None else layer.get("weight_only_alone")
 
 
 def _name(layer: dict[str, Any]) -> str:
@@ -28,8 +29,17 @@ def _name(layer: dict[str, Any]) -> str:
 
 
 def most_sensitive(layers: list[dict[str, Any]], count: int = 5) -> list[dict[str, Any]]:
-    measured = [layer for layer in layers if layer.get("sensitivity") is not None]
-    return sorted(measured, key=lambda layer: layer["sensitivity"])[:count]
+    measured = [layer for layer in layers if _damage(layer) is not None]
+    return sorted(measured, key=lambda layer: -_damage(layer))[:count]
+
+
+def _held_out(details: dict[str, Any]) -> str:
+    held = details.get("held_out") or {}
+    used = held.get("budget_used")
+    return (f"Held-out {held.get('measured', '—')} ({_fmt(used, 3)} of the budget used, the search allows "
+            f"{_fmt(held.get('allowed'), 3)}) on {details.get('held_out_feeds')} held-out calibration feeds"
+            + (" (weak evidence: one feed)" if held.get("weak_evidence") else "")
+            + f"; budget: {details.get('budget', '—')}.")
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -47,23 +57,27 @@ def layers_markdown(report: dict[str, Any]) -> str:
     lines = [
         f"### Per-layer precision — `{report.get('output', '')}`",
         "",
-        f"Held-out cosine {_fmt(details.get('held_out_cosine'), 6)} (target {_fmt(details.get('target_cosine'), 6)}) "
-        f"on {details.get('held_out_feeds')} held-out calibration feeds.",
+        _held_out(details),
         "",
     ]
     top = most_sensitive(layers)
     if top:
-        lines.append("Most sensitive layers (cosine with only that layer in int8): "
-                     + ", ".join(f"`{_name(layer)}` {_fmt(layer['sensitivity'], 6)}" for layer in top) + ".")
+        lines.append("Most sensitive layers (share of the budget used with only that layer quantized): "
+                     + ", ".join(f"`{_name(layer)}` {_fmt(_damage(layer), 3)}" for layer in top) + ".")
+        lines.append("")
+    kept = [layer for layer in layers if layer["mode"] == "float"]
+    if kept:
+        lines.append(f"Left in float: {', '.join(f'`{_name(layer)}`' for layer in kept)}.")
         lines.append("")
     lines += [
-        "| layer | op | mode | sensitivity (cosine alone) | float ms | int8 ms | reason |",
-        "|---|---|---|---|---|---|---|",
+        "| layer | op | mode | budget used alone (int8 compute) | budget used alone (weight-only) | float ms | int8 ms | reason |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for layer in layers:
         lines.append(
-            f"| `{_name(layer)}` | {layer['kind']} | {layer['mode']} | {_fmt(layer.get('sensitivity'), 6)} | "
-            f"{_fmt(layer.get('float_ms'))} | {_fmt(layer.get('int8_ms'))} | {layer.get('reason', '')} |"
+            f"| `{_name(layer)}` | {layer['kind']} | {layer['mode']} | {_fmt(layer.get('compute_alone'), 3)} | "
+            f"{_fmt(layer.get('weight_only_alone'), 3)} | {_fmt(layer.get('float_ms'))} | {_fmt(layer.get('int8_ms'))} | "
+            f"{layer.get('reason', '')} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -76,8 +90,9 @@ def layers_html(report: dict[str, Any]) -> str:
     chart = _bar_chart(measured) if measured else "<p>Sensitivity was not measured (run with --html or a budget).</p>"
     top = most_sensitive(layers)
     top_html = "".join(
-        f"<li><code>{html.escape(_name(layer))}</code> — cosine {layer['sensitivity']:.6f} alone in "
-        f"{html.escape(layer['mode'] if layer['mode'] != 'weight-only' else 'int8')}; now {html.escape(layer['mode'])}</li>"
+        f"<li><code>{html.escape(_name(layer))}</code> — {_damage(layer):.3g} of the budget used alone "
+        f"({html.escape(layer.get('compute_measured') or layer.get('weight_only_measured') or '')}); "
+        f"now {html.escape(layer['mode'])}</li>"
         for layer in top
     )
     rows = "".join(
@@ -85,7 +100,8 @@ def layers_html(report: dict[str, Any]) -> str:
         f"<td><code>{html.escape(_name(layer))}</code></td><td>{html.escape(layer['kind'])}</td>"
         f"<td><span class='mode' style='background:{_MODE_COLOURS.get(layer['mode'], '#999')}'>"
         f"{html.escape(layer['mode'])}</span></td>"
-        f"<td>{_fmt(layer.get('sensitivity'), 6)}</td><td>{_fmt(layer.get('float_ms'))}</td>"
+        f"<td>{_fmt(layer.get('compute_alone'), 3)}</td><td>{_fmt(layer.get('weight_only_alone'), 3)}</td>"
+        f"<td>{_fmt(layer.get('float_ms'))}</td>"
         f"<td>{_fmt(layer.get('int8_ms'))}</td><td>{html.escape(str(layer.get('reason', '')))}</td>"
         "</tr>"
         for layer in layers
@@ -94,9 +110,9 @@ def layers_html(report: dict[str, Any]) -> str:
     parity = verification.get("parity", {})
     summary = (
         f"Size {report.get('output_bytes', 0):,} of {report.get('input_bytes', 0):,} bytes; "
-        f"cosine mean {_fmt(parity.get('cosine_mean'), 6)} on {verification.get('data', {}).get('samples', '?')} samples "
-        f"({html.escape(str(verification.get('data', {}).get('source', '')))}); held-out cosine during the search "
-        f"{_fmt(details.get('held_out_cosine'), 6)}, target {_fmt(details.get('target_cosine'), 6)}."
+        f"cosine mean {_fmt(parity.get('cosine_mean'), 6)}, top-1 {_fmt(parity.get('top1'), 6)} on "
+        f"{verification.get('data', {}).get('samples', '?')} samples "
+        f"({html.escape(str(verification.get('data', {}).get('source', '')))}). {html.escape(_held_out(details))}"
     )
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title>
@@ -110,11 +126,13 @@ th{{background:#f3f4f6}} code{{font-size:12px}} .mode{{color:#fff;border-radius:
 <p>{summary}</p>
 <h2>Most sensitive layers</h2><ol>{top_html or '<li>not measured</li>'}</ol>
 <h2>Sensitivity per layer</h2>
-<p>Bar length: 1 − cosine to the float model when only that layer runs in its int8 form (log scale).</p>
+<p>Bar length: share of the budget used when only that layer is quantized (its int8 compute form where it
+has one, else weight-only), every other layer float (log scale).</p>
 <div class="legend">{''.join(f'<span><i style="background:{c}"></i>{m}</span>' for m, c in _MODE_COLOURS.items())}</div>
 {chart}
 <h2>All layers</h2>
-<table><tr><th>layer</th><th>op</th><th>mode</th><th>sensitivity</th><th>float ms</th><th>int8 ms</th><th>reason</th></tr>
+<table><tr><th>layer</th><th>op</th><th>mode</th><th>budget used alone (int8 compute)</th>
+<th>budget used alone (weight-only)</th><th>float ms</th><th>int8 ms</th><th>reason</th></tr>
 {rows}</table>
 </body></html>
 """
@@ -136,7 +154,7 @@ def _bar_chart(layers: list[dict[str, Any]]) -> str:
         bars.append(
             f'<text x="{label_width - 6}" y="{y + 13}" text-anchor="end" font-size="11">{name}</text>'
             f'<rect x="{label_width}" y="{y + 3}" width="{length:.1f}" height="{row - 6}" fill="{colour}">'
-            f"<title>{html.escape(_name(layer))}: 1 − cosine = {damage:.3g}</title></rect>"
+            f"<title>{html.escape(_name(layer))}: {damage:.3g} of the budget</title></rect>"
             f'<text x="{label_width + length + 4:.1f}" y="{y + 13}" font-size="10">{damage:.2g}</text>'
         )
     height = row * len(layers) + 4

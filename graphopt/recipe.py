@@ -4,7 +4,8 @@
 description = "what it is for"
 never_larger = true      # refuse a result larger than the input
 max_abs = 1e-4           # default parity budget (max abs difference) when writing
-min_cosine = 0.999       # default parity budget (cosine per sample)
+min_cosine = 0.999       # default parity budget of embeddings and maps (cosine per sample)
+min_top1 = 0.99          # default parity budget of class scores (argmax agreement)
 
 [[steps]]
 pass = "simplify"
@@ -25,7 +26,7 @@ from graphopt.errors import RecipeError
 from graphopt.passes import GraphoptPass, get_pass
 from graphopt.presets import builtin_presets, read_preset
 
-_TOP_LEVEL_KEYS = {"description", "steps", "never_larger", "max_abs", "min_cosine"}
+_TOP_LEVEL_KEYS = {"description", "steps", "never_larger", "max_abs", "min_cosine", "min_top1"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +36,8 @@ class Recipe:
     passes: tuple[GraphoptPass, ...]
     never_larger: bool = False
     max_abs: float | None = None
-    min_cosine: float | None = None
+    min_cosine: float | None = None  # default budget of embeddings, maps, boxes (verify.kinds)
+    min_top1: float | None = None  # default budget of class scores and recognisers
 
 
 def builtin_recipes() -> list[str]:
@@ -65,6 +67,7 @@ def parse_recipe(data: dict[str, Any], name: str) -> Recipe:
         never_larger=_typed(data, "never_larger", bool, name, False),
         max_abs=_typed(data, "max_abs", float, name, None),
         min_cosine=_typed(data, "min_cosine", float, name, None),
+        min_top1=_typed(data, "min_top1", float, name, None),
     )
 
 

@@ -25,7 +25,8 @@ class PassContext:
     calibration: Any = None  # graphopt.verify.feeds.FeedSet
     threads: int | None = None
     cache_dir: str | None = None
-    budget: Any = None  # graphopt.verify.gate.Thresholds the result must meet
+    budget: Any = None  # graphopt.verify.judge.Budget the result must meet
+    retreat: int = 0  # the final check missed the budget this many times: searching passes step further down
     activation_stats: Any = None  # name -> TensorStats measured on the float model, reused by trials
     progress: bool = False  # show progress bars on stderr (the CLI on a terminal)
     analyze: bool = False  # passes may spend extra time to explain their choices (layer reports)
@@ -78,6 +79,11 @@ class GraphoptPass(ir.passes.PassBase):
         if self.context.calibration is None:
             raise DataError(f"pass '{self.name}' needs calibration data: give --calib DATA")
         return self.context.calibration
+
+    def searches(self) -> bool:
+        """Whether this pass, as configured, searches under the run's budget (and so can step
+        further down when the final verification misses it: ``PassContext.retreat``)."""
+        return False
 
     @property
     def changes_input(self) -> bool:  # type: ignore[override]

@@ -45,15 +45,23 @@ class CleanupPass(GraphoptPass):
 
 
 class _IdentityEliminationPass(common.IdentityEliminationPass):
-    """onnx-ir also removes ``y = Identity(x)`` when ``x`` is itself an output of the graph:
-    the graph then returns one value twice under one name, so an output name is lost, and
-    onnxruntime returns zeros for a Scan state written that way. Such an Identity stays."""
+    """onnx-ir's pass, except where ``y = Identity(x)`` is an output of its graph and ``x`` is
+    not made by a node of that same graph:
+
+    - ``x`` is itself an output of the graph: removing the Identity returns one value twice
+      under one name, so an output name is lost (onnxruntime returns zeros for a Scan state
+      written that way);
+    - ``x`` comes from outside the graph (an outer-scope value read by an ``If``/``Loop``
+      branch, a graph input, an initializer): removing it renames that value or leaves the
+      branch output dangling.
+    Such an Identity stays."""
 
     def _try_eliminate_identity_node(self, node: ir.Node) -> bool:
         source = node.inputs[0] if len(node.inputs) == 1 else None
-        if node.op_type == "Identity" and source is not None and source.is_graph_output() \
-                and all(out.is_graph_output() for out in node.outputs):
-            return False
+        if node.op_type == "Identity" and source is not None and any(out.is_graph_output() for out in node.outputs):
+            producer = source.producer()
+            if source.is_graph_output() or producer is None or producer.graph is not node.graph:
+                return False
         return super()._try_eliminate_identity_node(node)
 
 

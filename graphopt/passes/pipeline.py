@@ -11,7 +11,7 @@ from typing import Any
 
 import onnx_ir as ir
 
-from graphopt.errors import GraphoptError, PassFailed
+from graphopt.errors import GraphoptError, PassFailed, RecipeError
 from graphopt.passes.base import GraphoptPass, PassContext, PassResult
 
 logger = logging.getLogger(__name__)
@@ -35,6 +35,7 @@ class StepRecord:
     op_delta: dict[str, int]
     notes: list[str]
     details: dict[str, Any]
+    rolled_back: bool = False  # the step's result failed the check and was undone
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -90,19 +91,29 @@ class Pipeline:
     def _run_one(self, pass_: GraphoptPass, model: ir.Model) -> tuple[ir.Model, StepRecord]:
         ops_before, bytes_before = op_histogram(model), weight_bytes(model)
         start = time.perf_counter()
+        # Passes rewrite in place; a copy (sharing the tensors) lets a step be undone.
+        before = model.clone() if self.check is not None else None
         try:
             result = pass_(model)
         except GraphoptError:
             raise
+        except ir.passes.PreconditionError as exc:  # the recipe put the pass where it cannot run
+            raise RecipeError(f"pass '{pass_.name}': {_cause(exc)}") from exc
         except ir.passes.InvariantError as exc:
             raise PassFailed(f"pass '{pass_.name}': {_cause(exc)}") from exc
         except Exception as exc:  # a bug or an unsupported model: name the pass, keep the cause
             raise PassFailed(f"pass '{pass_.name}' failed: {type(exc).__name__}: {_cause(exc)}") from exc
+        notes = list(result.notes) if isinstance(result, PassResult) else []
+        rolled_back = False
         if result.modified and self.check is not None:
             try:
                 self.check(result.model)
             except GraphoptError as exc:
-                raise PassFailed(f"pass '{pass_.name}' produced an invalid model: {exc}") from exc
+                # A pass that mishandles some construct must not cost the whole run: the step is
+                # undone and the run goes on, with the reason in the report.
+                notes = [f"step rolled back: it produced a model that fails the check ({exc})"]
+                result = PassResult(before, modified=False)
+                rolled_back = True
         seconds = time.perf_counter() - start
         ops_after = op_histogram(result.model)
         delta = {op: ops_after[op] - ops_before[op] for op in sorted(ops_before | ops_after)}
@@ -117,8 +128,9 @@ class Pipeline:
             weight_bytes_after=weight_bytes(result.model),
             changes=dict(getattr(result, "changes", {})),
             op_delta={op: d for op, d in delta.items() if d},
-            notes=list(getattr(result, "notes", [])),
+            notes=notes,
             details=dict(getattr(result, "details", {})),
+            rolled_back=rolled_back,
         )
         return result.model, record
 

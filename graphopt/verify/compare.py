@@ -10,6 +10,7 @@ from typing import Any
 from graphopt.verify import latency as latency_mod
 from graphopt.verify.feeds import FeedSet
 from graphopt.verify.gate import CheckResult, Thresholds, evaluate
+from graphopt.verify.judge import Budget
 from graphopt.verify.parity import ParityReport, compare_outputs, run_outputs
 from graphopt.verify.runtime import default_threads, make_session
 
@@ -69,9 +70,11 @@ def compare_files(
     threads: int | None = None,
     reference: list[dict[str, Any]] | None = None,
     extra_checks: list[CheckResult] | None = None,
+    budget: Budget | None = None,
 ) -> Comparison:
     """Parity of ``candidate`` (as deployed: optimizations on) against ``base`` (optimizations
-    off), and, when asked, their interleaved latency ratio with optimizations on."""
+    off), and, when asked, their interleaved latency ratio with optimizations on. ``budget``
+    (the run's, see ``verify.judge``) sets the parity bounds; without it, ``thresholds`` do."""
     threads = threads or default_threads()
     with latency_mod.peak_memory() as peak:
         if reference is None:
@@ -79,7 +82,8 @@ def compare_files(
             reference = reference_outputs(base, feeds)
         candidate_session = make_session(candidate, optimize=True, threads=threads)
         logger.info("running the candidate on %d feeds", len(feeds.feeds))
-        parity = compare_outputs(reference, run_outputs(candidate_session, feeds.feeds))
+        parity = compare_outputs(reference, run_outputs(candidate_session, feeds.feeds),
+                                 budget.kinds if budget is not None else None)
         ab = None
         if measure_latency:
             logger.info("measuring latency (interleaved A/B, %d threads)", threads)
@@ -88,6 +92,7 @@ def compare_files(
     checks = evaluate(
         thresholds,
         parity,
+        budget=budget,
         latency_ratio=ab.ratio if ab else None,
         size_ratio=candidate_bytes / base_bytes,
     ) + list(extra_checks or [])

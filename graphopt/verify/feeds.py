@@ -78,12 +78,18 @@ def input_specs(model: ir.Model) -> list[InputSpec]:
         if value.name in model.graph.initializers:
             continue
         dtype = value.dtype.numpy() if value.dtype is not None else np.dtype(np.float32)
-        shape = tuple(
-            d if isinstance(d, int) else (str(d) if d is not None and str(d) else None)
-            for d in (value.shape.dims if value.shape is not None else ())
-        )
+        shape = tuple(_dimension(d) for d in (value.shape.dims if value.shape is not None else ()))
         specs.append(InputSpec(value.name or "", np.dtype(dtype), shape))
     return specs
+
+
+def _dimension(dim: object) -> int | str | None:
+    """A declared dimension: a size, a symbol, or None. Exporters write a dynamic dimension as
+    a symbol, an empty one, or a size of -1 or 0 (Paddle, older TensorFlow converters): all
+    of those but the symbol are None here."""
+    if isinstance(dim, int):
+        return dim if dim > 0 else None
+    return str(dim) if dim is not None and str(dim) else None
 
 
 def parse_shape_overrides(items: Sequence[str]) -> dict[str, tuple[int, ...]]:

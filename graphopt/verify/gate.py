@@ -50,34 +50,55 @@ def evaluate(
     thresholds: Thresholds,
     parity: ParityReport,
     *,
+    budget: Any = None,
     latency_ratio: float | None = None,
     size_ratio: float | None = None,
 ) -> list[CheckResult]:
-    """One result per stated threshold, plus the checks that always apply (same output
-    shapes, no NaN/Inf appearing in the candidate)."""
+    """One result per parity bound and stated ratio, plus the checks that always apply (same
+    output shapes, no NaN/Inf appearing in the candidate).
+
+    The parity bounds are ``budget``'s (a ``verify.judge.Budget``: what a search judged by)
+    or, without one, ``thresholds``' applied to every output where the metric means something.
+    """
+    from graphopt.verify.judge import Budget
+
+    if budget is None:
+        kinds = {o.name: o.kind or ("class scores" if o.top1 is not None else "other") for o in parity.outputs}
+        budget = Budget.resolve(thresholds, kinds)
     results = [
         CheckResult("output_shapes", None, None, not parity.shape_mismatches,
                     "; ".join(parity.shape_mismatches) or "all outputs have the reference's shapes"),
         CheckResult("no_new_nonfinite", 0, parity.new_nonfinite, parity.new_nonfinite == 0,
                     f"{parity.new_nonfinite} NaN/Inf values appear in the candidate"),
     ]
-    bounds = [
-        ("min_cosine", "cosine (mean per sample)", parity.cosine_mean, thresholds.min_cosine, ">="),
-        ("max_abs", "max abs difference", parity.max_abs, thresholds.max_abs, "<="),
-        ("min_top1", "top-1 agreement", parity.top1, thresholds.min_top1, ">="),
-        ("max_latency_ratio", "latency ratio", latency_ratio, thresholds.max_latency_ratio, "<="),
-        ("max_size_ratio", "size ratio", size_ratio, thresholds.max_size_ratio, "<="),
+    for bound in budget.bounds:
+        measured, output = bound.worst(parity)
+        if measured is None:
+            reason = "" if bound.outputs else f" (no output holds class scores or integers: {_kinds(budget)})"
+            results.append(CheckResult(bound.check_name, bound.limit, None, False,
+                                       f"{bound.label} could not be measured{reason}"))
+            continue
+        op = "<=" if bound.metric == "max_abs" else ">="
+        where = f" on '{output.name}'" if len(parity.outputs) > 1 and output is not None else ""
+        results.append(CheckResult(bound.check_name, bound.limit, measured, bound.passes(measured),
+                                   f"{bound.label} {_fmt(measured)}{where} (required {op} {_fmt(bound.limit)})"))
+    ratios = [
+        ("max_latency_ratio", "latency ratio", latency_ratio, thresholds.max_latency_ratio),
+        ("max_size_ratio", "size ratio", size_ratio, thresholds.max_size_ratio),
     ]
-    for name, label, measured, threshold, op in bounds:
+    for name, label, measured, threshold in ratios:
         if threshold is None:
             continue
         if measured is None:
             results.append(CheckResult(name, threshold, None, False, f"{label} could not be measured"))
             continue
-        passed = measured >= threshold if op == ">=" else measured <= threshold
-        results.append(CheckResult(name, threshold, measured, passed,
-                                   f"{label} {_fmt(measured)} (required {op} {_fmt(threshold)})"))
+        results.append(CheckResult(name, threshold, measured, measured <= threshold,
+                                   f"{label} {_fmt(measured)} (required <= {_fmt(threshold)})"))
     return results
+
+
+def _kinds(budget: Any) -> str:
+    return ", ".join(f"{name} {kind}" for name, kind in budget.kinds.items()) or "no outputs"
 
 
 def failures(results: list[CheckResult]) -> list[CheckResult]:

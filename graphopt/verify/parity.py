@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from graphopt.errors import DataError
 from graphopt.verify.feeds import Feed
+from graphopt.verify.kinds import AGREEMENT_KINDS
 
 # Relative error is measured against max(|reference|, this fraction of the output's scale),
 # so that values near zero do not turn rounding noise into huge ratios.
@@ -27,6 +28,9 @@ class OutputParity:
     top1: float | None  # agreement of argmax along the last axis; None where it means nothing
     new_nonfinite: int  # NaN/Inf in the candidate where the reference is finite
     shape_mismatch: str | None = None
+    kind: str | None = None  # what the output holds (verify.kinds), when the caller knew it
+    cosine_std: float = 0.0  # spread of the per-sample cosines: the noise of cosine_mean
+    top1_positions: int = 0  # argmax positions (or integers) behind top1
 
 
 @dataclasses.dataclass
@@ -85,14 +89,19 @@ def run_outputs(session: Any, feeds: Sequence[Feed]) -> list[dict[str, np.ndarra
 
 
 def compare_outputs(
-    reference: Sequence[dict[str, np.ndarray]], candidate: Sequence[dict[str, np.ndarray]]
+    reference: Sequence[dict[str, np.ndarray]], candidate: Sequence[dict[str, np.ndarray]],
+    kinds: Mapping[str, str] | None = None,
 ) -> ParityReport:
+    """Per-output distances. ``kinds`` (output name → kind, see ``verify.kinds``) decides
+    where top-1 agreement is measured; without it, wherever a last axis could hold classes."""
     if not reference:
         raise DataError("no feeds to compare on")
     ref_names, cand_names = list(reference[0]), list(candidate[0])
     if set(ref_names) != set(cand_names):
         raise DataError(f"the models have different outputs: {ref_names} vs {cand_names}")
-    outputs = [_compare_one(name, [r[name] for r in reference], [c[name] for c in candidate]) for name in ref_names]
+    kinds = kinds or {}
+    outputs = [_compare_one(name, [r[name] for r in reference], [c[name] for c in candidate], kinds.get(name))
+               for name in ref_names]
     samples = sum(_rows(r[ref_names[0]]) for r in reference)
     return ParityReport(outputs, samples)
 
@@ -105,30 +114,43 @@ def _per_sample(array: np.ndarray) -> np.ndarray:
     return array.reshape(_rows(array), int(np.prod(array.shape[1:]))).astype(np.float64)
 
 
-def _compare_one(name: str, refs: list[np.ndarray], cands: list[np.ndarray]) -> OutputParity:
+def _compare_one(name: str, refs: list[np.ndarray], cands: list[np.ndarray], kind: str | None) -> OutputParity:
+    """One output over all feeds, feed by feed: outputs whose size varies between feeds (images
+    of different sizes, sequences of different lengths) compare as well as fixed ones."""
     for r, c in zip(refs, cands):
         if r.shape != c.shape:
-            return OutputParity(name, np.inf, np.inf, np.inf, -1.0, -1.0, 0.0, 0, f"shape {list(c.shape)} != {list(r.shape)}")
-    ref = np.concatenate([_per_sample(r) for r in refs])
-    cand = np.concatenate([_per_sample(c) for c in cands])
-    ref_finite = np.isfinite(ref)
-    new_nonfinite = int(np.count_nonzero(ref_finite & ~np.isfinite(cand)))
-    both = ref_finite & np.isfinite(cand)
-    diff = np.where(both, np.abs(ref - cand), 0.0)
-    scale = float(np.max(np.abs(np.where(ref_finite, ref, 0.0)), initial=0.0))
+            return OutputParity(name, np.inf, np.inf, np.inf, -1.0, -1.0, 0.0, 0, f"shape {list(c.shape)} != {list(r.shape)}",
+                                kind=kind)
+    scale = max((float(np.max(np.abs(r[np.isfinite(r)]), initial=0.0)) for r in refs if r.size), default=0.0)
     floor = max(_REL_FLOOR * scale, np.finfo(np.float32).tiny)
-    rel = diff / np.maximum(np.abs(np.where(ref_finite, ref, 0.0)), floor)
-    cosines = _cosines(np.where(both, ref, 0.0), np.where(both, cand, 0.0))
-    max_abs = float(diff.max(initial=0.0)) if not new_nonfinite else float("inf")
+    max_abs = max_rel = abs_sum = 0.0
+    elements = new_nonfinite = 0
+    cosines = []
+    for r, c in zip(refs, cands):
+        ref, cand = _per_sample(r), _per_sample(c)
+        ref_finite = np.isfinite(ref)
+        new_nonfinite += int(np.count_nonzero(ref_finite & ~np.isfinite(cand)))
+        both = ref_finite & np.isfinite(cand)
+        diff = np.where(both, np.abs(ref - cand), 0.0)
+        max_abs = max(max_abs, float(diff.max(initial=0.0)))
+        abs_sum += float(diff.sum())
+        elements += diff.size
+        max_rel = max(max_rel, float((diff / np.maximum(np.abs(np.where(ref_finite, ref, 0.0)), floor)).max(initial=0.0)))
+        cosines.append(_cosines(np.where(both, ref, 0.0), np.where(both, cand, 0.0)))
+    cosine = np.concatenate(cosines) if cosines else np.zeros(0)
+    agreement, positions = _agreement(refs, cands, kind)
     return OutputParity(
         name=name,
-        max_abs=max_abs,
-        mean_abs=float(diff.mean()) if diff.size else 0.0,
-        max_rel=float(rel.max(initial=0.0)),
-        cosine_mean=float(cosines.mean()) if cosines.size else 1.0,  # nothing to disagree on
-        cosine_min=float(cosines.min()) if cosines.size else 1.0,
-        top1=_top1(refs, cands),
+        max_abs=max_abs if not new_nonfinite else float("inf"),
+        mean_abs=abs_sum / elements if elements else 0.0,
+        max_rel=max_rel,
+        cosine_mean=float(cosine.mean()) if cosine.size else 1.0,  # nothing to disagree on
+        cosine_min=float(cosine.min()) if cosine.size else 1.0,
+        top1=agreement,
         new_nonfinite=new_nonfinite,
+        kind=kind,
+        cosine_std=float(cosine.std()) if cosine.size else 0.0,
+        top1_positions=positions,
     )
 
 
@@ -141,16 +163,24 @@ def _cosines(ref: np.ndarray, cand: np.ndarray) -> np.ndarray:
     return np.clip(np.where(identical, 1.0, cos), -1.0, 1.0)
 
 
-def _top1(refs: list[np.ndarray], cands: list[np.ndarray]) -> float | None:
-    # A class axis needs a sample axis before it; argmax over the batch axis means nothing.
-    if refs[0].ndim < 2 or refs[0].shape[-1] < 2 or not np.issubdtype(refs[0].dtype, np.floating):
-        return None
+def _agreement(refs: list[np.ndarray], cands: list[np.ndarray], kind: str | None) -> tuple[float | None, int]:
+    """(agreement, positions compared): argmax agreement along the last axis for class scores,
+    equality for integer outputs; (None, 0) where agreement means nothing. Without a kind,
+    any float output with a sample axis and a class axis of at least two counts as scores."""
+    if kind is None:
+        scores = refs[0].ndim >= 2 and refs[0].shape[-1] >= 2 and np.issubdtype(refs[0].dtype, np.floating)
+        kind = "class scores" if scores else "other"
+    if kind not in AGREEMENT_KINDS:
+        return None, 0
     agree = total = 0
     for r, c in zip(refs, cands):
-        same = np.argmax(r, axis=-1) == np.argmax(c, axis=-1)
+        if kind == "integers" or r.ndim == 0 or r.shape[-1] < 2:
+            same = np.asarray(r == c)
+        else:
+            same = np.argmax(r, axis=-1) == np.argmax(c, axis=-1)
         agree += int(np.count_nonzero(same))
         total += same.size
-    return agree / total if total else None
+    return (agree / total if total else None), total
 
 
 def rewrite_mismatch(before: bytes, after: bytes, feeds: Sequence[Feed], *, tolerance: float,

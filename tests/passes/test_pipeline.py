@@ -7,7 +7,7 @@ import dataclasses
 import onnx_ir as ir
 import pytest
 
-from graphopt.errors import InvalidModelError, PassFailed
+from graphopt.errors import InvalidModelError, PassFailed, RecipeError
 from graphopt.passes import GraphoptPass, PassResult, Pipeline, get_pass
 from graphopt.verify.runtime import check_loadable
 from tests.conftest import linear_model
@@ -48,10 +48,31 @@ def test_records_each_step(rng):
     assert record.seconds >= 0 and record.op_delta == {}
 
 
-def test_a_pass_that_breaks_the_model_is_named(rng):
+def test_a_pass_that_breaks_the_model_is_rolled_back_with_a_warning_and_the_run_goes_on(rng, caplog):
+    proto = linear_model(rng)
+    model = ir.serde.deserialize_model(proto)
+    expected = ir.serde.deserialize_model(proto)
+    get_pass("cleanup")()(expected)
+
+    with caplog.at_level("WARNING"):
+        result = Pipeline([BreakGraphPass(), get_pass("cleanup")()], check=check_loadable).run(model)
+
+    broken, cleaned = result.steps
+    assert broken.rolled_back and not broken.modified
+    assert broken.notes and broken.notes[0].startswith("step rolled back: it produced a model that fails the check")
+    assert "ONNX checker" in broken.notes[0]
+    assert "break-graph: step rolled back" in caplog.text
+    assert not cleaned.rolled_back
+    # The run went on from the model as it was before the broken step.
+    assert [n.op_type for n in result.model.graph] == [n.op_type for n in expected.graph]
+    check_loadable(result.model)
+
+
+def test_a_pass_placed_where_it_cannot_run_is_a_recipe_error(rng):
     model = ir.serde.deserialize_model(linear_model(rng))
-    with pytest.raises(PassFailed, match="pass 'break-graph' produced an invalid model"):
-        Pipeline([BreakGraphPass()], check=check_loadable).run(model)
+    model.opset_imports[""] = 11
+    with pytest.raises(RecipeError, match="pass 'quantize-int8': quantize-int8 needs opset >= 13"):
+        Pipeline([get_pass("quantize-int8")()]).run(model)
 
 
 def test_an_unexpected_exception_is_named_by_pass(rng):

@@ -1,13 +1,19 @@
-"""`quantize-int8`: the best int8 form for each layer of this model on this CPU.
+"""`quantize-int8`: the best int8 form for each layer of this model on this CPU, within the
+run's budget.
 
 1. Each layer gets its int8 compute form — dynamic for MatMul/Gemm, static QDQ for
    Conv/ConvTranspose — only where the machine's speed profile (measured once, cached, see
    profile.py) says that form is at least ``min_speedup`` faster than float; every other
    float weight becomes weight-only int8 (float speed, 4× smaller).
-2. The mixed model is judged on the held-out part of the calibration data (never on the
-   samples it was calibrated on). If it misses ``min_cosine``, each int8-compute layer's
-   sensitivity is measured (that layer alone in int8), and the most sensitive fall back to
-   weight-only: the fewest that meet the budget (bisection over the ranking).
+2. The mixed model is judged by ``verify.judge`` on the held-out part of the calibration data
+   (never on the samples it was calibrated on), against the run's budget with its reserve.
+3. If it misses, layers climb down a ladder to float, one rung at a time: first int8 compute →
+   weight-only, the layers costing the most budget per millisecond saved first; then
+   weight-only → float, the most budget per byte saved first. Each layer's cost is measured
+   alone (only that layer quantized, the rest float); the smallest number of rungs that
+   meets the target is found by bisection over the ladder.
+4. ``context.retreat`` > 0 (the final verification missed the budget on unseen data) takes
+   that many halvings of the rest of the ladder beyond what the search chose.
 Evaluation sessions run single-threaded, so the same inputs give the same choices.
 """
 
@@ -15,14 +21,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import onnx_ir as ir
 
-from graphopt.errors import GateFailed, PassFailed
+from graphopt.errors import GateFailed
 from graphopt.passes.base import GraphoptPass, PassContext, PassResult
 from graphopt.passes.quantize.calibrate import collect
 from graphopt.passes.quantize.dynamic import QuantizeDynamicPass, dynamic_refusal
@@ -31,20 +37,36 @@ from graphopt.passes.quantize.static import StaticPlan, apply_static, calibrate_
 from graphopt.passes.quantize.targets import WEIGHT_OPS, WeightUse, weight_use, weight_uses
 from graphopt.passes.quantize.weight_only import QuantizeWeightsPass
 from graphopt.passes.registry import register
+from graphopt.verify.judge import Judge, Verdict, hold_out, run_budget
 
 logger = logging.getLogger(__name__)
+
+# Held-out feeds judging one layer alone: a ranking needs less evidence than a choice.
+PROBE_FEEDS = 8
 
 
 @dataclasses.dataclass
 class LayerChoice:
     node: str
     kind: str
-    mode: str  # "dynamic", "static", "weight-only"
+    mode: str  # "dynamic", "static", "weight-only", "float"
     reason: str
     float_ms: float | None = None
     int8_ms: float | None = None
-    sensitivity: float | None = None  # held-out cosine with only this layer in int8 compute
+    weight_bytes: int = 0
+    compute_alone: float | None = None  # budget share used with only this layer in int8 compute
+    compute_measured: str = ""  # what the deciding metric read then
+    weight_only_alone: float | None = None  # budget share used with only this layer weight-only
+    weight_only_measured: str = ""
     label: str = ""  # a readable name: the node's, or its parameters' where the node's is generated
+
+
+@dataclasses.dataclass(frozen=True)
+class Rung:
+    """One step down the ladder: ``layer`` goes to ``mode``."""
+
+    layer: LayerChoice
+    mode: Literal["weight-only", "float"]
 
 
 def _label(use: WeightUse) -> str:
@@ -70,99 +92,103 @@ def _int8_form(use: WeightUse) -> str | None:
 @register
 class QuantizeInt8Pass(GraphoptPass):
     name = "quantize-int8"
-    summary = "per layer: int8 compute where this CPU runs it faster, else weight-only; accuracy-guarded"
+    summary = "per layer: int8 compute where this CPU runs it faster, else weight-only, else float; within the budget"
 
     @dataclasses.dataclass(frozen=True, kw_only=True)
     class Options:
         min_speedup: float = 1.1
         """An int8 compute form is used only when the profile says float/int8 time >= this."""
         min_cosine: float = 0.995
-        """Held-out cosine the result must keep (a --min-cosine budget overrides it)."""
+        """Held-out cosine for embeddings and maps when the run states no budget."""
+        min_top1: float = 0.99
+        """Held-out top-1 agreement for class scores when the run states no budget."""
         holdout: float = 0.25
         """Fraction of the calibration feeds (the last ones) kept for judging."""
         margin: float = 0.4
-        """Part of the error budget (1 - min_cosine) kept in reserve: a small held-out set
-        flatters, and unseen data must still meet the budget."""
+        """Part of the error budget kept in reserve: a small held-out set flatters, and unseen
+        data must still meet the budget."""
         smooth_alpha: float = 0.85
         smooth_min_outlier: float = 8.0
         method: Literal["minmax", "percentile", "entropy", "mse"] = "percentile"
         min_elements: int = 1024
         sensitivity: bool = False
-        """Measure every int8-compute layer's sensitivity for the report even when the
-        budget is met without fallback (costs one model build and run per layer)."""
+        """Measure every int8-compute layer's cost alone for the report even when the budget
+        is met without the ladder (costs one model build and run per layer)."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        check_fractions(self.name, holdout=self.options.holdout, margin=self.options.margin)
+
+    def searches(self) -> bool:
+        return True
 
     def requires(self, model: ir.Model) -> None:
         if model.opset_imports.get("", 1) < 13:
             raise ir.passes.PreconditionError("quantize-int8 needs opset >= 13; put upgrade-opset before it")
 
     def call(self, model: ir.Model) -> PassResult:
-        feeds = self.calibration_feeds().feeds
-        if len(feeds) < 2:
-            raise PassFailed("quantize-int8 needs at least 2 calibration feeds (one is held out)")
-        held = max(1, int(round(len(feeds) * self.options.holdout)))
-        tune, judge = feeds[:-held], feeds[-held:]
-        target = self._target()
+        from graphopt.verify.gate import Thresholds
+
+        split = hold_out(self.calibration_feeds().feeds, self.options.holdout)
+        budget = run_budget(model, self.context.budget,
+                            Thresholds(min_cosine=self.options.min_cosine, min_top1=self.options.min_top1))
+        judge = Judge(model, split.judge, budget, reserve=self.options.margin, weak=split.weak)
         uses, skipped = weight_uses(model.graph, WEIGHT_OPS, self.options.min_elements)
         names = sorted({u.node.inputs[0].name for u in uses if u.node.inputs[0].name and u.kind != "Gather"})
-        self.context = dataclasses.replace(self.context, activation_stats=collect(model, names, tune, threads=1))
-        choices = self._speed_choices(model, uses, tune)
-        self._static = _StaticParams(model, uses, tune, self.options)
-        reference = _outputs(model, judge)
-        compute = [c for c in choices if c.mode in ("dynamic", "static")]
-        cosine = self._judge(model, choices, tune, judge, reference)
-        fallback = 0
-        if compute and (cosine < target or self.options.sensitivity or self.context.analyze):
-            self._measure_sensitivity(model, choices, compute, tune, judge, reference)
-        if cosine < target and compute:
-            fallback, cosine = self._fall_back(model, choices, compute, tune, judge, reference, target)
-        if cosine < self._budget():
+        stats = collect(model, names, split.tune, threads=1)
+        build = _Builder(model, uses, split.tune, self.options, dataclasses.replace(self.context, activation_stats=stats))
+        choices = self._speed_choices(uses, stats)
+        ladder = _Ladder(choices, build, judge, self.context.progress)
+        verdict = judge.verdict(build(choices))
+        if ladder.compute and (not verdict.meets_target or self.options.sensitivity or self.context.analyze):
+            ladder.measure("weight-only")
+        first, second = 0, 0
+        if not verdict.meets_target:
+            first, second, verdict = ladder.search()
+        if self.context.retreat:
+            first, second = ladder.retreat(first, second, self.context.retreat)
+            verdict = ladder.judge_plan(first, second)
+        if not verdict.meets_budget:
             raise GateFailed(
-                f"budget cannot be met: the best reachable held-out cosine is {cosine:.6f} "
-                f"(budget {self._budget():.6f}, with {fallback} of {len(compute)} int8-compute layers weight-only)",
-                ["min_cosine"],
+                f"budget cannot be met: the best reachable held-out value is {verdict.measured()} "
+                f"({budget.describe()})",
+                [verdict.bound.check_name if verdict.bound else "output_shapes"],
             )
-        notes = [] if cosine >= target else [
-            f"held-out cosine {cosine:.6f} meets the budget {self._budget():.6f} but not its reserve "
-            f"(target {target:.6f}): unseen data may land close to the budget"]
-        applied = _apply(model, choices, self._static, tune, self.options, self.context)
-        by_mode = {mode: sum(c.mode == mode for c in choices) for mode in ("dynamic", "static", "weight-only")}
+        taken = first + second
+        final = ladder.settle(first, second)
+        notes = _notes(verdict, final, split.weak)
+        applied = _apply(model, final, build)
+        by_mode = {mode: sum(c.mode == mode for c in final) for mode in ("dynamic", "static", "weight-only", "float")}
         return PassResult(
             model,
-            modified=True,
+            modified=any(c.mode != "float" for c in final),
             notes=notes,
-            changes={**{f"{m} layers": n for m, n in by_mode.items()}, "fell back for accuracy": fallback},
+            changes={**{f"{m} layers": n for m, n in by_mode.items()}, "rungs taken for accuracy": taken},
             details={
-                "layers": [{**dataclasses.asdict(c), **_numbers(applied.get(c.node, {}))} for c in choices],
+                "layers": [{**dataclasses.asdict(c), **_numbers(applied.get(c.node, {}))} for c in final],
                 "skipped": skipped,
-                "held_out_cosine": cosine,
-                "target_cosine": target,
-                "calibration_feeds": len(tune),
-                "held_out_feeds": len(judge),
+                "budget": budget.describe(),
+                "held_out": verdict.to_dict(),
+                "ladder": {"rungs": ladder.length, "to_weight_only": first, "to_float": second,
+                           "retreat": self.context.retreat},
+                "calibration_feeds": len(split.tune),
+                "held_out_feeds": len(split.judge),
                 "profile": self._profile_info,
             },
         )
 
-    def _budget(self) -> float:
-        """The cosine the user asked for (--min-cosine), else this pass's default."""
-        budget = getattr(self.context, "budget", None)
-        stated = getattr(budget, "min_cosine", None) if budget is not None else None
-        return stated if stated is not None else self.options.min_cosine
-
-    def _target(self) -> float:
-        """The budget with part of its error kept in reserve: what the search aims for."""
-        return 1.0 - (1.0 - self._budget()) * (1.0 - self.options.margin)
-
-    def _speed_choices(self, model: ir.Model, uses: list[WeightUse], tune: list[dict]) -> list[LayerChoice]:
-        shapes = {n: s.shape for n, s in self.context.activation_stats.items()}
+    def _speed_choices(self, uses: list[WeightUse], stats: dict[str, Any]) -> list[LayerChoice]:
+        shapes = {n: s.shape for n, s in stats.items()}
         threads = self.context.threads or _cores()
         profile = SpeedProfile(Path(self.context.cache_dir) if self.context.cache_dir else default_cache_dir(), threads)
         choices = []
         for use in uses:
             form = _int8_form(use)
             shape = shapes.get(use.node.inputs[0].name or "")
+            nbytes = use.weight.const_value.nbytes
             if form is None or not shape:
                 choices.append(LayerChoice(use.name, use.kind, "weight-only", "no int8 compute form here",
-                                           label=_label(use)))
+                                           weight_bytes=nbytes, label=_label(use)))
                 continue
             timing = profile.timings(use, tuple(shape), form)
             speedup = timing["float_ms"] / timing["int8_ms"] if timing["int8_ms"] > 0 else 0.0
@@ -170,57 +196,175 @@ class QuantizeInt8Pass(GraphoptPass):
             reason = f"profile: int8 {form} is {speedup:.2f}x float speed" + (
                 "" if mode == form else f" (< {self.options.min_speedup}x)")
             choices.append(LayerChoice(use.name, use.kind, mode, reason, timing["float_ms"], timing["int8_ms"],
-                                       label=_label(use)))
+                                       weight_bytes=nbytes, label=_label(use)))
         profile.save()
         self._profile_info = {"path": str(profile.path), "machine": profile.key,
                               "measured": profile.measured, "reused": profile.reused}
         return choices
 
-    def _judge(self, model: ir.Model, choices: list[LayerChoice], tune: list[dict], judge: list[dict],
-               reference: list[np.ndarray]) -> float:
-        candidate = model.clone()
-        _apply(candidate, choices, self._static, tune, self.options, self.context)
-        return _cosine(reference, _outputs(candidate, judge))
 
-    def _measure_sensitivity(self, model, choices, compute, tune, judge, reference) -> None:
-        """Held-out cosine with only that layer in its int8 compute form, everything else float."""
-        logger.info("int8: measuring the sensitivity of %d layers (one model build and run each)", len(compute))
-        float_plan = [dataclasses.replace(c, mode="float") for c in choices]
-        probe = judge[:8]  # ranking needs less evidence than the final judgement
-        for choice in _progress(compute, "sensitivity", self.context.progress):
-            single = [dataclasses.replace(c, mode=choice.mode) if c.node == choice.node else c for c in float_plan]
-            candidate = model.clone()
-            _apply(candidate, single, self._static, tune, self.options, self.context)
-            choice.sensitivity = _cosine(reference[:8], _outputs(candidate, probe, optimize=False))
+def check_fractions(pass_name: str, **fractions: float) -> None:
+    """Options that are shares of something must lie in [0, 1): refused when the pass is built."""
+    from graphopt.errors import RecipeError
 
-    def _fall_back(self, model, choices, compute, tune, judge, reference, target) -> tuple[int, float]:
-        """Fall back the layers that cost the most accuracy per millisecond they save."""
-        def damage_per_ms(choice: LayerChoice) -> float:
-            saved = max((choice.float_ms or 0.0) - (choice.int8_ms or 0.0), 1e-6)
-            return (1.0 - choice.sensitivity) / saved
+    for key, value in fractions.items():
+        if not 0 <= value < 1:
+            raise RecipeError(f"pass '{pass_name}': '{key}' must be a fraction in [0, 1), got {value}")
 
-        ranking = sorted(compute, key=damage_per_ms, reverse=True)
-        low, high, best = 0, len(ranking), None
-        while low < high:  # the smallest number of fallbacks that meets the target
-            middle = (low + high) // 2
-            trial = self._with_fallback(choices, ranking[:middle])
-            cosine = self._judge(model, trial, tune, judge, reference)
-            if cosine >= target:
-                high, best = middle, (middle, cosine)
+
+def _notes(verdict: Verdict, final: list[LayerChoice], weak: bool) -> list[str]:
+    notes = []
+    if not verdict.meets_target:
+        notes.append(f"held-out {verdict.measured()} meets the budget but not its reserve: "
+                     "unseen data may land close to the budget")
+    if weak:
+        notes.append("one calibration feed: it both calibrated and judged the result (weak evidence)")
+    kept = [c for c in final if c.mode == "float"]
+    if kept:
+        notes.append(f"{len(kept)} layer(s) left in float for accuracy: "
+                     + ", ".join(c.label or c.node for c in kept[:8]) + (" …" if len(kept) > 8 else ""))
+    return notes
+
+
+class _Ladder:
+    """The rungs from the speed choices down to all float, in the order they are taken."""
+
+    def __init__(self, choices: list[LayerChoice], build: _Builder, judge: Judge, progress: bool) -> None:
+        self.choices = choices
+        self.build = build
+        self.judge = judge
+        self.progress = progress
+        self.compute = [c for c in choices if c.mode in ("dynamic", "static")]
+        self.initial = {c.node: c.mode for c in choices}
+        self.measured: set[str] = set()
+
+    @property
+    def length(self) -> int:
+        return len(self.compute) + len(self.choices)
+
+    def retreat(self, first: int, second: int, times: int) -> tuple[int, int]:
+        """``times`` halvings of the ladder left below the whole first phase and ``second``."""
+        taken = len(self.compute) + second if second else first
+        taken = self.length - math.floor((self.length - taken) / 2**times)
+        return min(taken, len(self.compute)), max(0, taken - len(self.compute))
+
+    def measure(self, step: Literal["weight-only", "float"]) -> None:
+        """Each layer's budget share alone: its int8 compute form ("weight-only" step) or its
+        weight-only form ("float" step), every other layer float."""
+        if step in self.measured:
+            return
+        self.measured.add(step)
+        layers = self.compute if step == "weight-only" else self.choices
+        form = {c.node: (self.initial[c.node] if step == "weight-only" else "weight-only") for c in layers}
+        logger.info("int8: measuring %d layers alone (%s), one model build and run each", len(layers),
+                    "int8 compute" if step == "weight-only" else "weight-only")
+        float_plan = [dataclasses.replace(c, mode="float") for c in self.choices]
+        label = "alone in int8" if step == "weight-only" else "alone weight-only"
+        for layer in _progress(layers, label, self.progress):
+            single = [dataclasses.replace(c, mode=form[layer.node]) if c.node == layer.node else c for c in float_plan]
+            verdict = self.judge.verdict(self.build(single), optimize=False, limit=PROBE_FEEDS)
+            if step == "weight-only":
+                layer.compute_alone, layer.compute_measured = verdict.damage, verdict.measured()
             else:
-                low = middle + 1
-        count = low
-        if best is None or best[0] != count:
-            best = (count, self._judge(model, self._with_fallback(choices, ranking[:count]), tune, judge, reference))
-        for choice in ranking[:count]:
-            choice.mode = "weight-only"
-            choice.reason = f"fell back for accuracy (alone in int8: cosine {choice.sensitivity:.5f})"
-        return best
+                layer.weight_only_alone, layer.weight_only_measured = verdict.damage, verdict.measured()
 
-    @staticmethod
-    def _with_fallback(choices: list[LayerChoice], fallen: list[LayerChoice]) -> list[LayerChoice]:
-        names = {c.node for c in fallen}
-        return [dataclasses.replace(c, mode="weight-only") if c.node in names else c for c in choices]
+    def rungs(self) -> tuple[list[Rung], list[Rung]]:
+        """(compute → weight-only, most budget per millisecond saved first; weight-only →
+        float, most budget per byte saved first)."""
+        def per_ms(c: LayerChoice) -> float:
+            return (c.compute_alone or 0.0) / max((c.float_ms or 0.0) - (c.int8_ms or 0.0), 1e-6)
+
+        def per_byte(c: LayerChoice) -> float:
+            return (c.weight_only_alone or 0.0) / max(c.weight_bytes * 0.75, 1.0)
+
+        first = [Rung(c, "weight-only") for c in sorted(self.compute, key=per_ms, reverse=True)]
+        second = [Rung(c, "float") for c in sorted(self.choices, key=per_byte, reverse=True)]
+        return first, second
+
+    def plan(self, first: int, second: int = 0) -> list[LayerChoice]:
+        """The choices with the first ``first`` rungs of the first phase and the first
+        ``second`` of the second taken."""
+        if first and self.compute:
+            self.measure("weight-only")
+        if second:
+            self.measure("float")
+        phase1, phase2 = self.rungs()
+        modes = dict(self.initial)
+        for rung in phase1[:first] + phase2[:second]:
+            modes[rung.layer.node] = rung.mode
+        return [dataclasses.replace(c, mode=modes[c.node]) for c in self.choices]
+
+    def judge_plan(self, first: int, second: int = 0) -> Verdict:
+        return self.judge.verdict(self.build(self.plan(first, second)))
+
+    def search(self) -> tuple[int, int, Verdict]:
+        """The fewest rungs whose model meets the target, the speed choices having missed it.
+
+        When all of the first phase meets the target, the fewest of its rungs (bisection).
+        Otherwise the fewest layers in float with the whole first phase taken, and then the
+        fewest of the first phase's rungs still needed beside those float layers: a layer
+        kept in float may be what made the others fall back."""
+        count = len(self.compute)
+        if count:
+            top = self.judge_plan(count)
+            if top.meets_target:
+                first, verdict = _fewest(lambda n: self.judge_plan(n), 0, count, top)
+                return first, 0, verdict
+        # The speed choices, or the whole first phase, missed: with no float layer it misses.
+        second, verdict = _fewest(lambda n: self.judge_plan(count, n), 0, len(self.choices),
+                                  self.judge_plan(count, len(self.choices)))
+        if count:
+            first, verdict = _fewest(lambda n: self.judge_plan(n, second), -1, count, verdict)
+            return first, second, verdict
+        return 0, second, verdict
+
+    def settle(self, first: int, second: int) -> list[LayerChoice]:
+        """The plan of those rungs, each moved layer saying why."""
+        final = self.plan(first, second)
+        phase1, phase2 = self.rungs()
+        moved = {r.layer.node for r in phase1[:first] + phase2[:second]}
+        for choice in final:
+            if choice.node not in moved or choice.mode == self.initial[choice.node]:
+                continue
+            if choice.mode == "weight-only":
+                alone, measured, action, form = choice.compute_alone, choice.compute_measured, "fell back", "int8 compute"
+            else:
+                alone, measured = choice.weight_only_alone, choice.weight_only_measured
+                action, form = "kept in float", "weight-only"
+            share = "n/a" if alone is None else f"{alone:.3g}"
+            choice.reason = f"{action} for accuracy (alone in {form}: {share} of the budget, {measured})"
+        return final
+
+
+def _fewest(judge: Any, low: int, high: int, high_verdict: Verdict) -> tuple[int, Verdict]:
+    """Bisection for the smallest n in (low, high] whose verdict meets the target, given that
+    ``high`` meets it and ``low`` is taken to miss (-1: even 0 may meet it)."""
+    best = (high, high_verdict)
+    while high - low > 1:
+        middle = (low + high) // 2
+        verdict = judge(middle)
+        if verdict.meets_target:
+            high, best = middle, (middle, verdict)
+        else:
+            low = middle
+    return best
+
+
+class _Builder:
+    """Builds a quantized copy of the float model for a plan of layer choices."""
+
+    def __init__(self, model: ir.Model, uses: list[WeightUse], tune: list[dict], options: Any,
+                 context: PassContext) -> None:
+        self.model = model
+        self.tune = tune
+        self.options = options
+        self.context = context
+        self.static = _StaticParams(model, uses, tune, options)
+
+    def __call__(self, choices: list[LayerChoice]) -> ir.Model:
+        candidate = self.model.clone()
+        _apply(candidate, choices, self)
+        return candidate
 
 
 class _StaticParams:
@@ -243,18 +387,18 @@ class _StaticParams:
         return plans
 
 
-def _apply(model: ir.Model, choices: list[LayerChoice], static: _StaticParams, tune: list[dict],
-           options: Any, context: PassContext) -> dict[str, dict[str, Any]]:
+def _apply(model: ir.Model, choices: list[LayerChoice], build: _Builder) -> dict[str, dict[str, Any]]:
     """Rewrite ``model`` as ``choices`` say: static layers, then dynamic, then weight-only
     ("float" choices stay untouched). Returns each rewritten layer's report by node name."""
     from graphopt.verify.feeds import FeedSet
 
-    inner = dataclasses.replace(context, calibration=FeedSet(list(tune), "calibration (tuning part)", False),
+    inner = dataclasses.replace(build.context, calibration=FeedSet(list(build.tune), "calibration (tuning part)", False),
                                 threads=1)
+    options = build.options
     static_nodes = {c.node for c in choices if c.mode == "static"}
     reports: list[dict[str, Any]] = []
     if static_nodes:
-        reports += apply_static(model.graph, static.for_graph(model.graph, static_nodes))
+        reports += apply_static(model.graph, build.static.for_graph(model.graph, static_nodes))
     dynamic = tuple(c.node for c in choices if c.mode == "dynamic")
     weight_only = tuple(c.node for c in choices if c.mode == "weight-only")
     steps: list[GraphoptPass] = []
@@ -275,32 +419,6 @@ def _numbers(entry: dict[str, Any]) -> dict[str, Any]:
     keys = ("input_scale", "input_zero_point", "output_scale", "weight_relative_error", "relative_error",
             "smoothed", "scale_min", "scale_max", "bias_overflow_channels")
     return {key: entry[key] for key in keys if key in entry}
-
-
-def _outputs(model: ir.Model, feeds: list[dict], *, optimize: bool = True) -> list[np.ndarray]:
-    from graphopt.verify.runtime import make_session
-
-    session = make_session(ir.serde.serialize_model(model).SerializeToString(), optimize=optimize, threads=1)
-    names = [o.name for o in session.get_outputs()]
-    return [_per_sample(session.run(names, feed)) for feed in feeds]
-
-
-def _per_sample(values: list[np.ndarray]) -> np.ndarray:
-    """Outputs side by side, one row per sample; when the outputs disagree on their first axis
-    (a Scan's final state next to its per-step outputs) the whole feed is one row."""
-    rows = {len(v) if np.ndim(v) else 1 for v in values}
-    count = rows.pop() if len(rows) == 1 else 1
-    return np.concatenate([np.asarray(v, np.float64).reshape(count, -1) for v in values], axis=1)
-
-
-def _cosine(reference: list[np.ndarray], candidate: list[np.ndarray]) -> float:
-    """Mean per-sample cosine over all outputs concatenated."""
-    values = []
-    for ref, cand in zip(reference, candidate):
-        for r, c in zip(ref, cand):
-            norm = np.linalg.norm(r) * np.linalg.norm(c)
-            values.append(1.0 if np.array_equal(r, c) else (float(r @ c / norm) if norm > 0 else 0.0))
-    return float(np.mean(values))
 
 
 def _progress(items: list, label: str, enabled: bool):

@@ -1,0 +1,91 @@
+"""What each model output holds, read from its type, shape, name and the op that makes it.
+
+The kind decides how a compressed model is judged (``verify.judge``): a classifier's or a
+recogniser's user cares whether the argmax at each position stays the same (agreement), an
+embedding's or a dense map's whether the vector keeps its direction (cosine).
+
+| kind | recognised by | judged by |
+|---|---|---|
+| class scores | ``[N, C]`` out of Softmax/LogSoftmax/Sigmoid, or of a Gemm/MatMul/Add with C <= 4096; names like *logits*, *scores*, *prob* | agreement |
+| class score sequence | ``[N, T, C]`` out of Softmax/LogSoftmax over the last axis, or named *logits* | agreement |
+| integers | integer or boolean outputs (labels, indices, masks) | agreement (equality) |
+| boxes | names like *box*, *bbox*; ``[N, K, 4]`` | cosine |
+| embeddings | names like *embed*, *hidden*, *pool*, *feature*; other ``[N, D]`` and ``[N, T, D]`` | cosine |
+| dense map | rank 4 and above (``[N, C, H, W]``: masks, heat maps, images) | cosine |
+| other | scalars and vectors of one value per sample | cosine |
+
+Shape-preserving ops (Reshape, Transpose, Squeeze, Flatten, Identity, Cast…) between the
+deciding op and the output are looked through.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+import onnx_ir as ir
+
+OutputKind = Literal["class scores", "class score sequence", "integers", "boxes", "embeddings", "dense map", "other"]
+
+AGREEMENT_KINDS: frozenset[str] = frozenset({"class scores", "class score sequence", "integers"})
+
+# Wider than this, a linear layer's output is more likely a feature vector than classes.
+MAX_CLASSES_FROM_LINEAR = 4096
+
+_PASS_THROUGH = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Cast", "Dropout"}
+_SCORE_OPS = {"Softmax", "LogSoftmax", "Sigmoid"}
+_LINEAR_OPS = {"Gemm", "MatMul", "Add", "FusedMatMul"}
+_SCORE_NAME = re.compile(r"logit|score|prob|class|cls|label|pred|softmax", re.IGNORECASE)
+_BOX_NAME = re.compile(r"box|bbox|anchor", re.IGNORECASE)
+_EMBEDDING_NAME = re.compile(r"embed|hidden|pool|feature|feat|sentence|vector|encod", re.IGNORECASE)
+
+
+def output_kinds(model: ir.Model) -> dict[str, OutputKind]:
+    """Every graph output's kind, by name."""
+    return {value.name or "": classify(value) for value in model.graph.outputs}
+
+
+def classify(value: ir.Value) -> OutputKind:
+    dtype = value.dtype
+    if dtype is not None and not dtype.is_floating_point():
+        return "integers"
+    rank = len(value.shape) if value.shape is not None else None
+    name = value.name or ""
+    source = _deciding_op(value)
+    if rank is not None and rank >= 4:
+        return "dense map"
+    if _BOX_NAME.search(name):
+        return "boxes"
+    last = value.shape[-1] if value.shape is not None and rank else None
+    if rank == 3:
+        if source in ("Softmax", "LogSoftmax") or _SCORE_NAME.search(name):
+            return "class score sequence"
+        if last == 4:
+            return "boxes"
+        return "embeddings"
+    if rank == 2:
+        if source in _SCORE_OPS or (_SCORE_NAME.search(name) and not _EMBEDDING_NAME.search(name)):
+            return "class scores"
+        if _EMBEDDING_NAME.search(name):
+            return "embeddings"
+        linear = source in _LINEAR_OPS
+        few = not isinstance(last, int) or 2 <= last <= MAX_CLASSES_FROM_LINEAR
+        return "class scores" if linear and few and last != 1 else "embeddings"
+    if rank is None:
+        return "class scores" if source in _SCORE_OPS or _SCORE_NAME.search(name) else "other"
+    return "other"
+
+
+def _deciding_op(value: ir.Value) -> str | None:
+    """The op that made ``value``, looking through shape-preserving ops."""
+    seen = 0
+    producer = value.producer()
+    while producer is not None and producer.op_type in _PASS_THROUGH and producer.inputs and seen < 16:
+        source = producer.inputs[0]
+        producer = source.producer() if source is not None else None
+        seen += 1
+    return producer.op_type if producer is not None else None
+
+
+def metric_family(kind: str) -> Literal["agreement", "cosine"]:
+    return "agreement" if kind in AGREEMENT_KINDS else "cosine"
