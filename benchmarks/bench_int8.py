@@ -125,11 +125,12 @@ def _graphopt_int8(work: Workload, out: Path, row: Row) -> None:
         changes = step["changes"]
         row.notes.append(f"layers: {changes.get('dynamic layers', 0)} dynamic, {changes.get('static layers', 0)} "
                          f"static, {changes.get('weight-only layers', 0)} weight-only, "
-                         f"{changes.get('fell back for accuracy', 0)} fell back for accuracy")
+                         f"{changes.get('float layers', 0)} float, {changes.get('rungs taken for accuracy', 0)} rungs taken for accuracy")
         details = step["details"]
-        row.notes.append(f"quantize-int8 step {step['seconds']:.1f} s of {report['seconds']:.1f} s; held-out "
-                         f"calibration cosine {details.get('held_out_cosine', float('nan')):.5f} vs its target "
-                         f"{details.get('target_cosine', float('nan')):.5f}")
+        row.notes.append(f"quantize-int8 step {step['seconds']:.1f} s of {report['seconds']:.1f} s; "
+                         f"held-out {details.get('held_out', {}).get('measured', '?')}, "
+                         f"{details.get('held_out', {}).get('budget_used') or 0:.3f} of the budget used "
+                         f"(search allows {details.get('held_out', {}).get('allowed') or 0:.3f})")
         profile = details.get("profile") or {}
         if profile:
             row.notes.append(f"speed profile: {profile.get('measured', 0)} layer forms measured in this run, "

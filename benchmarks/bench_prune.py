@@ -83,7 +83,7 @@ def main(quick: bool = False) -> str:
     removed = step["changes"]["channels removed"]
     latency = verification["latency"] or {}
     before, after = details["before"], details["after"]
-    trials = ", ".join(f"{t['amount']:.3f} → {t['cosine']:.4f}{'' if t['meets'] else ' ✗'}"
+    trials = ", ".join(f"{t['amount']:.3f} → {t['value']:.4f}{'' if t['meets'] else ' ✗'}"
                        for t in details.get("search", {}).get("trials", []))
     lines = [
         "## Pruning: MiniLM FFN neurons under a cosine budget" + (" (quick: not evidence)" if quick else ""),

@@ -55,6 +55,11 @@ _RAPIDOCR_PIP = "pip install --no-deps rapidocr-onnxruntime"
 
 def ppocr_det_model_path() -> Path:
     """Path of the PP-OCRv4 detection model shipped inside ``rapidocr_onnxruntime``."""
+    return ppocr_model_path("ch_PP-OCRv4_det_infer.onnx")
+
+
+def ppocr_model_path(name: str) -> Path:
+    """Path of a model file shipped in ``rapidocr_onnxruntime/models`` (det, rec, cls)."""
     # find_spec instead of import: importing the package pulls in opencv.
     spec = importlib.util.find_spec("rapidocr_onnxruntime")
     if spec is None or not spec.submodule_search_locations:
@@ -62,11 +67,11 @@ def ppocr_det_model_path() -> Path:
             f"rapidocr_onnxruntime is not installed; install it with: {_RAPIDOCR_PIP}"
         )
     for root in spec.submodule_search_locations:
-        path = Path(root) / "models" / "ch_PP-OCRv4_det_infer.onnx"
+        path = Path(root) / "models" / name
         if path.is_file():
             return path
     raise RuntimeError(
-        "rapidocr_onnxruntime is installed but models/ch_PP-OCRv4_det_infer.onnx is "
+        f"rapidocr_onnxruntime is installed but models/{name} is "
         f"missing; reinstall it with: {_RAPIDOCR_PIP}"
     )
 
@@ -178,6 +183,32 @@ def render_text_images(n: int, *, seed: int, height: int = 320, width: int = 320
     for i in range(n):
         rgb, _ = _render_text_image(rng, height, width)
         out[i] = ppocr_det_preprocess(rgb)
+    return out
+
+
+def render_text_lines(n: int, *, seed: int, height: int = 48, width: int = 320) -> np.ndarray:
+    """``n`` single text lines as PP-OCR recogniser / angle-classifier inputs: float32
+    (n, 3, height, width), scaled as RapidOCR does, (x / 255 - 0.5) / 0.5; the line is
+    drawn at a size that fills the height, left-aligned, the rest padded with background."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    words = _word_list()
+    out = np.empty((n, 3, height, width), dtype=np.float32)
+    for i in range(n):
+        inverted = rng.random() < 0.15
+        bg = int(rng.integers(20, 70)) if inverted else int(rng.integers(175, 256))
+        fill = int(rng.integers(190, 256)) if inverted else int(rng.integers(0, max(1, bg - 70)))
+        canvas = Image.new("L", (width, height), bg)
+        draw = ImageDraw.Draw(canvas)
+        font = _font(int(height * rng.uniform(0.55, 0.8)))
+        line = [_random_token(rng, words) for _ in range(int(rng.integers(1, 6)))]
+        while len(line) > 1 and draw.textlength(" ".join(line), font=font) > width - 8:
+            line.pop()
+        draw.text((int(rng.integers(2, 8)), int(height * rng.uniform(0.05, 0.2))), " ".join(line), fill=fill, font=font)
+        grey = np.asarray(canvas, np.float32) + rng.normal(0.0, rng.uniform(1.5, 5.0), (height, width))
+        grey = np.clip(np.rint(grey), 0, 255)
+        out[i] = ((grey / 255.0 - 0.5) / 0.5).astype(np.float32)[None]
     return out
 
 
@@ -453,6 +484,14 @@ def _cmd_ocr_images(args: argparse.Namespace) -> None:
           f"({time.perf_counter() - start:.1f} s)")
 
 
+def _cmd_ocr_lines(args: argparse.Namespace) -> None:
+    lines = render_text_lines(args.n, seed=args.seed, height=args.height, width=args.width)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(out, **{PPOCR_DET_INPUT: lines})
+    print(f"wrote {out}: {PPOCR_DET_INPUT} {lines.shape} {lines.dtype}")
+
+
 def _cmd_minilm(args: argparse.Namespace) -> None:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -491,6 +530,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     ocr.add_argument("--width", type=int, default=320)
     ocr.add_argument("--out", required=True)
     ocr.set_defaults(func=_cmd_ocr_images)
+
+    lines = sub.add_parser("ocr-lines", help="rendered text lines for PP-OCR rec (48x320) and cls (48x192)")
+    lines.add_argument("--n", type=int, default=32)
+    lines.add_argument("--seed", type=int, default=0)
+    lines.add_argument("--height", type=int, default=48)
+    lines.add_argument("--width", type=int, default=320)
+    lines.add_argument("--out", required=True)
+    lines.set_defaults(func=_cmd_ocr_lines)
 
     mini = sub.add_parser("minilm", help="MiniLM ONNX export plus tokenized calib/eval sentences")
     mini.add_argument("--out-dir", required=True)

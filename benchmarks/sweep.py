@@ -113,6 +113,7 @@ def run_graphopt(model: dict, recipe: str, folder: Path, data: Path | None, cach
 
 def session(path: Path, optimize: bool) -> ort.InferenceSession:
     options = ort.SessionOptions()
+    options.log_severity_level = 3  # old-opset warnings would drown the progress lines
     options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                         else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

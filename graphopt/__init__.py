@@ -16,6 +16,7 @@ from graphopt.errors import (  # noqa: E402
     PassFailed,
     RecipeError,
     UnsafeModelError,
+    UnsupportedModelError,
     UsageError,
 )
 
@@ -38,6 +39,7 @@ __all__ = [
     "PassFailed",
     "RecipeError",
     "UnsafeModelError",
+    "UnsupportedModelError",
     "UsageError",
     "__version__",
     "load_model",

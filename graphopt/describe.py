@@ -10,6 +10,7 @@ import onnx_ir as ir
 
 from graphopt.io import LoadedModel
 from graphopt.passes.pipeline import op_histogram
+from graphopt.verify.kinds import classify, metric_family
 
 
 def _value_info(value: ir.Value) -> dict[str, Any]:
@@ -47,7 +48,8 @@ def describe(loaded: LoadedModel, *, largest: int = 10) -> dict[str, Any]:
         "producer": " ".join(p for p in (model.producer_name, model.producer_version) if p),
         "opsets": {domain or "ai.onnx": version for domain, version in sorted(model.opset_imports.items())},
         "inputs": [_value_info(v) for v in inputs],
-        "outputs": [_value_info(v) for v in model.graph.outputs],
+        "outputs": [{**_value_info(v), "kind": classify(v), "judged_by": metric_family(classify(v))}
+                    for v in model.graph.outputs],
         "nodes": sum(op_histogram(model).values()),
         "ops": dict(sorted(op_histogram(model).items(), key=lambda kv: (-kv[1], kv[0]))),
         "parameters": sum(e["parameters"] for e in by_dtype.values()),
@@ -82,7 +84,7 @@ def format_text(info: dict[str, Any]) -> str:
         + (f", {info['producer']})" if info["producer"] else ")"),
         "opsets:   " + ", ".join(f"{d} {v}" for d, v in info["opsets"].items()),
         *("input:    " + _shape_text(i) for i in info["inputs"]),
-        *("output:   " + _shape_text(o) for o in info["outputs"]),
+        *(f"output:   {_shape_text(o)}  ({o['kind']}: judged by {o['judged_by']})" for o in info["outputs"]),
         f"nodes:    {info['nodes']}  (" + ", ".join(f"{op} {n}" for op, n in Counter(info["ops"]).most_common(12))
         + (", …)" if len(info["ops"]) > 12 else ")"),
         f"params:   {info['parameters']:,} in {_size(info['parameter_bytes'])}  ("

@@ -49,6 +49,11 @@ class DataError(InputError):
     """Input data (feeds, calibration data) does not match what the model expects."""
 
 
+class UnsupportedModelError(InputError):
+    """A valid model uses something a pass cannot handle (an opset the converter cannot
+    upgrade, an operator with no rewrite): the run stops at that pass, naming what."""
+
+
 class PassFailed(GraphoptError):
     """A pass produced an invalid model: a bug in graphopt or an unsupported model."""
 

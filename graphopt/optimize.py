@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from graphopt import __version__
-from graphopt.errors import GateFailed
+from graphopt.errors import GateFailed, UnsupportedModelError
 from graphopt.io import LoadedModel, load_model, staged_save
 from graphopt.passes import Pipeline, PipelineResult
 from graphopt.passes.base import PassContext
@@ -81,7 +81,10 @@ def optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, opti
                               cache_dir=str(options.cache_dir) if options.cache_dir else None,
                               progress=options.progress, analyze=options.analyze, retreat=retreat)
         pipeline = Pipeline(recipe.passes, check=check_loadable, context=context)
-        result = pipeline.run(model)
+        try:
+            result = pipeline.run(model)
+        except UnsupportedModelError as exc:
+            raise UnsupportedModelError(f"{loaded.path}: {exc}") from exc
         try:
             report = _write_verified(result, loaded, output_path, feeds, reference, budget, recipe, options)
         except GateFailed as exc:

@@ -88,7 +88,8 @@ def test_zip_holds_model_ort_config_summary_and_a_manifest_of_every_file(model_p
     assert manifest["onnxruntime"] == pytest.importorskip("onnxruntime").__version__
     model = manifest["model"]
     assert model["inputs"] == [{"name": "X", "dtype": "float", "shape": ["N", 8]}]
-    assert model["outputs"] == [{"name": "Y", "dtype": "float", "shape": ["N", 4]}]
+    assert model["outputs"] == [{"name": "Y", "dtype": "float", "shape": ["N", 4], "kind": "embeddings",
+                                 "judged_by": "cosine"}]
     assert model["opsets"] == {"ai.onnx": 17}
     assert model["ops"] == {"Add": 1, "MatMul": 1, "Relu": 1}
     assert manifest["ort"]["optimization_level"] == "all" and manifest["ort"]["type_reduction"] is True

@@ -95,3 +95,13 @@ class GraphoptPass(ir.passes.PassBase):
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.options_dict().items())
         return f"{type(self).__name__}({args})"
+
+
+def check_fractions(pass_name: str, **fractions: float) -> None:
+    """Options that are shares of something must lie in [0, 1): refused when the pass is built,
+    before any work starts."""
+    from graphopt.errors import RecipeError
+
+    for key, value in fractions.items():
+        if not 0 <= value < 1:
+            raise RecipeError(f"pass '{pass_name}': '{key}' must be a fraction in [0, 1), got {value}")

@@ -31,10 +31,11 @@ from typing import Any, Literal
 import numpy as np
 import onnx_ir as ir
 
-from graphopt.errors import DataError, PassFailed
-from graphopt.passes.base import GraphoptPass, PassResult
+from graphopt.errors import PassFailed, RecipeError
+from graphopt.passes.base import GraphoptPass, PassResult, check_fractions
 from graphopt.passes.quantize.targets import WeightUse, initializer, replace_output, weight_use
 from graphopt.passes.registry import register
+from graphopt.verify.judge import HeldOut, Judge, Verdict, hold_out, run_budget
 
 logger = logging.getLogger(__name__)
 
@@ -120,15 +121,23 @@ class LowRankPass(GraphoptPass):
         nodes: tuple[str, ...] = ()
         """When given, only these node names are considered."""
 
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        check_fractions(self.name, holdout=self.options.holdout, margin=self.options.margin)
+        if not 0 < self.options.budget_share <= 1:
+            raise RecipeError(f"pass '{self.name}': 'budget_share' must be in (0, 1], got {self.options.budget_share}")
+
     def call(self, model: ir.Model) -> PassResult:
         notes: list[str] = []
         uses, skipped = self._eligible(model.graph)
-        tune, judge = self._split_feeds()
-        scales = self._input_scales(model, uses, tune, notes)
+        split = self._split_feeds()
+        scales = self._input_scales(model, uses, split.tune, notes)
         candidates = [_decompose(index, use, scales.get(index)) for index, use in uses]
         search: dict[str, Any] = {}
         if self.options.select == "parity" and candidates:
-            ranks, search = self._parity_ranks(model, candidates, judge)
+            ranks, search = self._parity_ranks(model, candidates, split)
+            if split.weak:
+                notes.append("one calibration feed: it both calibrated and judged the ranks (weak evidence)")
         else:
             ranks = self._ranks(candidates)
         layers = []
@@ -179,16 +188,11 @@ class LowRankPass(GraphoptPass):
 
     # -- calibration ------------------------------------------------------------------------
 
-    def _split_feeds(self) -> tuple[list[dict], list[dict]]:
+    def _split_feeds(self) -> HeldOut:
         if self.options.select == "parity":
-            feeds = self.calibration_feeds().feeds
-            if len(feeds) < 2:
-                raise DataError("lowrank select=parity needs at least 2 calibration feeds (one is held out)")
-            held = max(1, int(round(len(feeds) * self.options.holdout)))
-            return feeds[:-held], feeds[-held:]
-        if self.context.calibration is None:
-            return [], []
-        return list(self.context.calibration.feeds), []
+            return hold_out(self.calibration_feeds().feeds, self.options.holdout)
+        feeds = list(self.context.calibration.feeds) if self.context.calibration is not None else []
+        return HeldOut(feeds, [], False)
 
     def _input_scales(self, model: ir.Model, uses: list[tuple[int, WeightUse]], tune: list[dict],
                       notes: list[str]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
@@ -234,40 +238,46 @@ class LowRankPass(GraphoptPass):
             dense |= newly
 
     def _parity_ranks(self, model: ir.Model, candidates: list[Candidate],
-                      judge: list[dict]) -> tuple[dict[int, int], dict[str, Any]]:
-        from graphopt.verify.parity import compare_outputs, run_outputs
-        from graphopt.verify.runtime import make_session
+                      split: HeldOut) -> tuple[dict[int, int], dict[str, Any]]:
+        """The smallest parameter budget (bisection) whose model meets this pass's share of
+        the run's budget on the held-out feeds; ``context.retreat`` then moves it that many
+        halvings of the way to keeping everything."""
+        from graphopt.verify.gate import Thresholds
 
-        target = self._target()
-        reference = run_outputs(make_session(_serialized(model), optimize=False, threads=1), judge)
-
-        def held_out_cosine(ranks: dict[int, int]) -> float:
-            trial = model.clone()
-            _apply(trial.graph, {c.index: c for c in candidates},
-                   {i: r for i, r in ranks.items() if r and self._pays(by_index[i], r)})
-            session = make_session(_serialized(trial), optimize=True, threads=1)
-            return compare_outputs(reference, run_outputs(session, judge)).cosine_mean
-
+        budget = run_budget(model, self.context.budget, Thresholds(min_cosine=self.options.min_cosine))
+        judge = Judge(model, split.judge, budget, share=self.options.budget_share, reserve=self.options.margin,
+                      weak=split.weak)
         by_index = {c.index: c for c in candidates}
-        low, high, best = 0.0, 1.0, ({c.index: 0 for c in candidates}, 1.0, 1.0)
+
+        def verdict(fraction: float) -> tuple[dict[int, int], Verdict]:
+            ranks = self._budget_ranks(candidates, fraction)
+            trial = model.clone()
+            _apply(trial.graph, by_index, {i: r for i, r in ranks.items() if r and self._pays(by_index[i], r)})
+            return ranks, judge.verdict(trial)
+
+        low, high, best = 0.0, 1.0, None
         trials = []
         for _ in range(self.options.search_steps):
             middle = (low + high) / 2
-            ranks = self._budget_ranks(candidates, middle)
-            cosine = held_out_cosine(ranks)
-            trials.append({"params": round(middle, 4), "held_out_cosine": cosine})
-            if cosine >= target:
-                high, best = middle, (ranks, middle, cosine)
+            ranks, result = verdict(middle)
+            trials.append({"params": round(middle, 4), "measured": result.measured(), "meets": result.meets_target})
+            if result.meets_target:
+                high, best = middle, (ranks, middle, result)
             else:
                 low = middle
-        ranks, fraction, cosine = best
-        return ranks, {"target_cosine": target, "held_out_cosine": cosine, "params": fraction,
-                       "held_out_feeds": len(judge), "trials": trials}
+        if self.context.retreat:
+            fraction = 1.0 - (1.0 - (best[1] if best else 1.0)) / 2**self.context.retreat
+            ranks, result = verdict(fraction)
+            best = (ranks, fraction, result)
+        if best is None:
+            return {c.index: 0 for c in candidates}, {"params": 1.0, "trials": trials, "budget": budget.describe(),
+                                                      "held_out_feeds": len(split.judge)}
+        ranks, fraction, result = best
+        return ranks, {"params": fraction, "held_out": result.to_dict(), "budget": budget.describe(),
+                       "held_out_feeds": len(split.judge), "trials": trials}
 
-    def _target(self) -> float:
-        stated = getattr(self.context.budget, "min_cosine", None)
-        cosine = stated if stated is not None else self.options.min_cosine
-        return 1.0 - (1.0 - cosine) * self.options.budget_share * (1.0 - self.options.margin)
+    def searches(self) -> bool:
+        return self.options.select == "parity"
 
 
 def _refusal(use: WeightUse, graph: ir.Graph, min_elements: int) -> str:

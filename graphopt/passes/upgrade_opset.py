@@ -10,7 +10,7 @@ import dataclasses
 import onnx
 import onnx_ir as ir
 
-from graphopt.errors import PassFailed
+from graphopt.errors import UnsupportedModelError
 from graphopt.passes.base import GraphoptPass, PassResult
 from graphopt.passes.registry import register
 
@@ -35,8 +35,9 @@ class UpgradeOpsetPass(GraphoptPass):
             converted = onnx.version_converter.convert_version(proto, self.options.target)
         except Exception as exc:  # the converter raises bare RuntimeErrors naming the op
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise PassFailed(
-                f"cannot upgrade opset {current} -> {self.options.target}: {reason}"
+            raise UnsupportedModelError(
+                f"onnx's version converter cannot upgrade this model from opset {current} to "
+                f"{self.options.target}: {reason}"
             ) from exc
         return PassResult(
             ir.serde.deserialize_model(converted),

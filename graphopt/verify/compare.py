@@ -28,6 +28,7 @@ class Comparison:
     candidate_bytes: int
     checks: list[CheckResult]
     peak_rss_mib: float | None
+    budget: Budget | None = None
 
     @property
     def size_ratio(self) -> float:
@@ -49,6 +50,7 @@ class Comparison:
             "parity": self.parity.to_dict(),
             "latency": self.latency.to_dict() if self.latency else None,
             "checks": [c.to_dict() for c in self.checks],
+            "output_kinds": {o.name: o.kind for o in self.parity.outputs if o.kind},
             "peak_rss_mib": self.peak_rss_mib,
         }
 
@@ -96,4 +98,4 @@ def compare_files(
         latency_ratio=ab.ratio if ab else None,
         size_ratio=candidate_bytes / base_bytes,
     ) + list(extra_checks or [])
-    return Comparison(base, candidate, feeds, parity, ab, base_bytes, candidate_bytes, checks, peak())
+    return Comparison(base, candidate, feeds, parity, ab, base_bytes, candidate_bytes, checks, peak(), budget)

@@ -206,6 +206,11 @@ class Verdict:
         cosine = min((o.cosine_mean for o in self.parity.outputs), default=1.0)
         return self.error + max(0.0, 1.0 - cosine)
 
+    @property
+    def value(self) -> float | None:
+        """The deciding bound's worst measured value (None when no bound decided)."""
+        return self.bound.worst(self.parity)[0] if self.bound is not None else None
+
     def measured(self) -> str:
         if self.bound is None:
             return "outputs broken (shape or new NaN/Inf)" if math.isinf(self.error) else "within every bound"
@@ -215,7 +220,7 @@ class Verdict:
         return f"{self.bound.label} {shown}{where}"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"measured": self.measured(), "budget_used": _finite(self.error), "noise": self.noise,
+        return {"measured": self.measured(), "value": self.value, "budget_used": _finite(self.error), "noise": self.noise,
                 "allowed": self.allowed, "meets_budget": self.meets_budget, "meets_target": self.meets_target,
                 "weak_evidence": self.weak, "samples": self.parity.samples}
 
@@ -258,14 +263,16 @@ class Judge:
         return make_session(data, optimize=optimize, threads=self.threads)
 
 
-def run_budget(model: ir.Model, budget: Budget | None, fallback: Any) -> Budget:
-    """The run's budget, or — for a pass used on its own — one from the pass's defaults
-    (``fallback``: a ``Thresholds``) by the model's output kinds."""
-    if budget is not None:
+def run_budget(model: ir.Model, budget: Any, fallback: Any = None) -> Budget:
+    """The run's budget: a resolved ``Budget`` as it is; thresholds (``verify.gate.Thresholds``,
+    as an API caller may give) applied to the model's outputs; or — for a pass used on its
+    own — the pass's defaults (``fallback``, thresholds too) by the model's output kinds."""
+    if isinstance(budget, Budget):
         return budget
     from graphopt.verify.kinds import output_kinds
 
-    return Budget.resolve(None, output_kinds(model), fallback)
+    kinds = output_kinds(model)
+    return Budget.resolve(budget, kinds) if budget is not None else Budget.resolve(None, kinds, fallback)
 
 
 __all__ = ["Bound", "Budget", "HeldOut", "Judge", "Metric", "Verdict", "hold_out", "run_budget"]

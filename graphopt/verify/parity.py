@@ -15,6 +15,9 @@ from graphopt.verify.kinds import AGREEMENT_KINDS
 # Relative error is measured against max(|reference|, this fraction of the output's scale),
 # so that values near zero do not turn rounding noise into huge ratios.
 _REL_FLOOR = 1e-3
+# Top-1 agreement forgives a pick the reference scores within this fraction of the position's
+# score range of its own best: a near-tie (see _agreement).
+TIE_FRACTION = 0.01
 
 
 @dataclasses.dataclass
@@ -31,6 +34,7 @@ class OutputParity:
     kind: str | None = None  # what the output holds (verify.kinds), when the caller knew it
     cosine_std: float = 0.0  # spread of the per-sample cosines: the noise of cosine_mean
     top1_positions: int = 0  # argmax positions (or integers) behind top1
+    top1_ties: int = 0  # of those, near-ties of the reference counted as agreeing
 
 
 @dataclasses.dataclass
@@ -138,7 +142,7 @@ def _compare_one(name: str, refs: list[np.ndarray], cands: list[np.ndarray], kin
         max_rel = max(max_rel, float((diff / np.maximum(np.abs(np.where(ref_finite, ref, 0.0)), floor)).max(initial=0.0)))
         cosines.append(_cosines(np.where(both, ref, 0.0), np.where(both, cand, 0.0)))
     cosine = np.concatenate(cosines) if cosines else np.zeros(0)
-    agreement, positions = _agreement(refs, cands, kind)
+    agreement, positions, ties = _agreement(refs, cands, kind)
     return OutputParity(
         name=name,
         max_abs=max_abs if not new_nonfinite else float("inf"),
@@ -151,6 +155,7 @@ def _compare_one(name: str, refs: list[np.ndarray], cands: list[np.ndarray], kin
         kind=kind,
         cosine_std=float(cosine.std()) if cosine.size else 0.0,
         top1_positions=positions,
+        top1_ties=ties,
     )
 
 
@@ -163,24 +168,35 @@ def _cosines(ref: np.ndarray, cand: np.ndarray) -> np.ndarray:
     return np.clip(np.where(identical, 1.0, cos), -1.0, 1.0)
 
 
-def _agreement(refs: list[np.ndarray], cands: list[np.ndarray], kind: str | None) -> tuple[float | None, int]:
-    """(agreement, positions compared): argmax agreement along the last axis for class scores,
-    equality for integer outputs; (None, 0) where agreement means nothing. Without a kind,
-    any float output with a sample axis and a class axis of at least two counts as scores."""
+def _agreement(refs: list[np.ndarray], cands: list[np.ndarray], kind: str | None) -> tuple[float | None, int, int]:
+    """(agreement, positions compared, near-ties forgiven): argmax agreement along the last
+    axis for class scores, equality for integer outputs; (None, 0, 0) where agreement means
+    nothing. Without a kind, any float output with a sample axis and a class axis of at least
+    two counts as scores.
+
+    A position where the candidate picks a class the reference itself scores within
+    ``TIE_FRACTION`` of that position's score range of its best counts as agreeing: the
+    reference cannot call such a near-tie either, and any rounding anywhere flips it."""
     if kind is None:
         scores = refs[0].ndim >= 2 and refs[0].shape[-1] >= 2 and np.issubdtype(refs[0].dtype, np.floating)
         kind = "class scores" if scores else "other"
     if kind not in AGREEMENT_KINDS:
-        return None, 0
-    agree = total = 0
+        return None, 0, 0
+    agree = total = ties = 0
     for r, c in zip(refs, cands):
         if kind == "integers" or r.ndim == 0 or r.shape[-1] < 2:
             same = np.asarray(r == c)
         else:
-            same = np.argmax(r, axis=-1) == np.argmax(c, axis=-1)
+            picked = np.argmax(c, axis=-1)
+            same = np.argmax(r, axis=-1) == picked
+            top = np.max(r, axis=-1)
+            gap = top - np.take_along_axis(r, picked[..., None], axis=-1)[..., 0]
+            tie = ~same & (gap <= TIE_FRACTION * (top - np.min(r, axis=-1)))
+            ties += int(np.count_nonzero(tie))
+            same = same | tie
         agree += int(np.count_nonzero(same))
         total += same.size
-    return (agree / total if total else None), total
+    return (agree / total if total else None), total, ties
 
 
 def rewrite_mismatch(before: bytes, after: bytes, feeds: Sequence[Feed], *, tolerance: float,

@@ -168,6 +168,72 @@ def scan_model() -> onnx.ModelProto:
     return _model(graph)
 
 
+def if_identity_model() -> onnx.ModelProto:
+    """Branch outputs that are Identity copies of values from outside the branch, as a
+    voice-activity model's ``If`` ends: the then-branch returns a copy of an outer-scope
+    value computed before the If (h = X·W_in), the else-branch a copy of the graph input X.
+    A cleanup that removes those Identities leaves the branch outputs dangling."""
+    rng = np.random.default_rng(7)
+    then_branch = helper.make_graph(
+        [helper.make_node("Identity", ["h"], ["then_out"], name="then_copy")],
+        "then", [], [helper.make_tensor_value_info("then_out", TensorProto.FLOAT, ["N", WIDTH])])
+    else_branch = helper.make_graph(
+        [helper.make_node("Identity", ["X"], ["else_out"], name="else_copy")],
+        "else", [], [helper.make_tensor_value_info("else_out", TensorProto.FLOAT, ["N", WIDTH])])
+    nodes = [
+        helper.make_node("MatMul", ["X", "W_in"], ["h"], name="in_fc"),
+        helper.make_node("If", ["cond"], ["branch"], name="if", then_branch=then_branch, else_branch=else_branch),
+        helper.make_node("MatMul", ["branch", "W_out"], ["Y"], name="out_fc"),
+    ]
+    graph = helper.make_graph(
+        nodes, "if_identity_model",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", WIDTH]),
+         helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["N", WIDTH])],
+        [_init(_weight(rng, WIDTH, WIDTH), "W_in"), _init(_weight(rng, WIDTH, WIDTH), "W_out")])
+    return _model(graph)
+
+
+def loop_identity_model() -> onnx.ModelProto:
+    """A Loop whose body passes one carried value through unchanged (Identity of a body
+    input) and emits a per-iteration copy of an outer-scope value (Identity of ``h``)."""
+    rng = np.random.default_rng(8)
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"], name="body_cond"),
+         helper.make_node("Identity", ["keep_in"], ["keep_out"], name="body_pass"),
+         helper.make_node("MatMul", ["s_in", "W_loop"], ["m"], name="body_fc"),
+         helper.make_node("Tanh", ["m"], ["s_out"], name="body_tanh"),
+         helper.make_node("Identity", ["h"], ["h_copy"], name="body_outer_copy")],
+        "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("keep_in", TensorProto.FLOAT, ["N", WIDTH]),
+         helper.make_tensor_value_info("s_in", TensorProto.FLOAT, ["N", WIDTH])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("keep_out", TensorProto.FLOAT, ["N", WIDTH]),
+         helper.make_tensor_value_info("s_out", TensorProto.FLOAT, ["N", WIDTH]),
+         helper.make_tensor_value_info("h_copy", TensorProto.FLOAT, ["N", WIDTH])])
+    nodes = [
+        helper.make_node("MatMul", ["X", "W_in"], ["h"], name="in_fc"),
+        helper.make_node("Loop", ["trips", "keep_going", "h", "X"], ["kept", "s_final", "copies"], name="loop",
+                         body=body),
+        helper.make_node("Add", ["kept", "s_final"], ["sum"], name="join"),
+        helper.make_node("MatMul", ["sum", "W_out"], ["Y"], name="out_fc"),
+        helper.make_node("ReduceSum", ["copies"], ["C"], name="copies_sum", axes=[0], keepdims=0)
+        if OPSET < 13 else helper.make_node("ReduceSum", ["copies", "axis0"], ["C"], name="copies_sum", keepdims=0),
+    ]
+    graph = helper.make_graph(
+        nodes, "loop_identity_model",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", WIDTH])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["N", WIDTH]),
+         helper.make_tensor_value_info("C", TensorProto.FLOAT, ["N", WIDTH])],
+        [_init(np.array(3, dtype=np.int64), "trips"), _init(np.array(True), "keep_going"),
+         _init(np.array([0], dtype=np.int64), "axis0"),
+         _init(_weight(rng, WIDTH, WIDTH), "W_in"), _init(_weight(rng, WIDTH, WIDTH), "W_loop"),
+         _init(_weight(rng, WIDTH, WIDTH), "W_out")])
+    return _model(graph)
+
+
 SEEDS: dict[str, Callable[[], onnx.ModelProto]] = {
     "mlp": mlp,
     "conv": conv,
@@ -179,6 +245,8 @@ SEEDS: dict[str, Callable[[], onnx.ModelProto]] = {
 
 CONTROL_FLOW: dict[str, Callable[[], onnx.ModelProto]] = {
     "if": if_model,
+    "if-identity": if_identity_model,
     "loop": loop_model,
+    "loop-identity": loop_identity_model,
     "scan": scan_model,
 }

@@ -28,9 +28,10 @@ from tests.reliability.models import CONTROL_FLOW, WIDTH
 LOSSLESS = {"simplify", "lift-constants", "cleanup", "upgrade-opset", "prune-dead-channels"}
 LOSSLESS_MAX_ABS = 1e-5
 # Lossy passes on these random 32×32 weights, measured worst case per output: int8 forms
-# ≥ 0.9998, 4-bit codebooks 0.993, lowrank 0.969, prune-weights 0.931. A miswired branch or
+# ≥ 0.9998, 4-bit codebooks 0.993, lowrank 0.969, prune-weights 0.894 (half of W_in and W_out
+# of the if-identity model, whose else-branch is the two of them alone). A miswired branch or
 # loop body gives a cosine near 0 (the Scan state this file caught came back as zeros).
-LOSSY_MIN_COSINE = 0.9
+LOSSY_MIN_COSINE = 0.85
 # Low enough for the quantizers to consider the 32×32 weights of these models.
 SMALL = {"min_elements": 16}
 
@@ -39,7 +40,7 @@ def _inputs(kind: str, rng: np.random.Generator, count: int) -> list[dict[str, n
     if kind == "scan":
         return [{"X": rng.standard_normal((4, 1, WIDTH)).astype(np.float32)} for _ in range(count)]
     feeds = [{"X": rng.standard_normal((2, WIDTH)).astype(np.float32)} for _ in range(count)]
-    if kind == "if":  # both branches, alternating
+    if kind.startswith("if"):  # both branches, alternating
         for index, feed in enumerate(feeds):
             feed["cond"] = np.array(index % 2 == 0)
     return feeds

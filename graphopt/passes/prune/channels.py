@@ -30,7 +30,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphopt.errors import DataError
-from graphopt.passes.base import GraphoptPass, PassResult
+from graphopt.passes.base import GraphoptPass, PassResult, check_fractions
 from graphopt.passes.prune.compensate import apply_bias_corrections, bias_corrections, weight_slices
 from graphopt.passes.prune.cut import Removed, apply_cuts, removal_plan
 from graphopt.passes.prune.dependency import ChannelGroup, Dependency, analyze
@@ -38,6 +38,7 @@ from graphopt.passes.prune.moments import ChannelMoments, channel_moments
 from graphopt.passes.prune.report import layer_report
 from graphopt.passes.prune.stats import model_cost
 from graphopt.passes.registry import register
+from graphopt.verify.judge import HeldOut, Judge, Verdict, hold_out, run_budget
 
 logger = logging.getLogger(__name__)
 
@@ -141,9 +142,12 @@ class PruneChannelsPass(GraphoptPass):
         channels by least squares on the calibration activations (the kept channels take over
         what the removed ones predicted)."""
 
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        check_fractions(self.name, amount=self.options.amount, max_amount=self.options.max_amount,
+                        margin=self.options.margin, holdout=self.options.holdout)
+
     def call(self, model: ir.Model) -> PassResult:
-        if not 0 <= self.options.amount < 1 or not 0 <= self.options.max_amount < 1:
-            raise DataError(f"pass '{self.name}': amount and max_amount must be in [0, 1)")
         dependency = analyze(model)
         moments = self._moments(model, dependency)
         compensate = self.options.compensate and bool(moments)
@@ -174,16 +178,13 @@ class PruneChannelsPass(GraphoptPass):
         gram = frozenset(name for name, t in readers.items() if self.options.refit and t.size <= 8192 and any(n.op_type in ("MatMul", "Gemm") for _, n, *_ in weight_slices(t)))
         if not readers:
             return {}
-        return channel_moments(model, {name: t.axis for name, t in readers.items()}, self._split_feeds()[0],
+        return channel_moments(model, {name: t.axis for name, t in readers.items()}, self._split_feeds().tune,
                                threads=self.context.threads, gram=gram)
 
-    def _split_feeds(self) -> tuple[list, list]:
-        """(feeds for statistics, feeds judging the search)."""
+    def _split_feeds(self) -> HeldOut:
+        """Feeds for statistics and, with ``search``, the held-out feeds judging it."""
         feeds = list(self.calibration_feeds().feeds)
-        if not self.options.search or len(feeds) < 2:
-            return feeds, feeds
-        held = min(len(feeds) - 1, max(1, int(round(len(feeds) * self.options.holdout))))
-        return feeds[:-held], feeds[-held:]
+        return hold_out(feeds, self.options.holdout) if self.options.search else HeldOut(feeds, [], False)
 
     def _prune(self, model: ir.Model, dependency: Dependency, chosen: list[ChannelGroup],
                moments: dict[str, ChannelMoments]) -> tuple[Removed, list[ChannelGroup]]:
@@ -211,41 +212,38 @@ class PruneChannelsPass(GraphoptPass):
 
     def _search(self, model: ir.Model, layers: dict, scores: np.ndarray, moments: dict[str, ChannelMoments],
                 details: dict[str, Any]) -> float:
-        """Bisection on a grid of 1/32 steps: the largest amount meeting the budget."""
-        from graphopt.verify.parity import compare_outputs, run_outputs
-        from graphopt.verify.runtime import make_session
-
-        budget = self.context.budget
-        if budget is None or (budget.min_cosine is None and budget.max_abs is None):
-            raise DataError(f"pass '{self.name}': search needs a budget: give --min-cosine or --max-abs")
-        feeds = self._split_feeds()[1]
+        """Bisection on a grid of 1/32 steps: the largest amount meeting the run's budget on the
+        held-out feeds (``verify.judge``); ``context.retreat`` halves it that many times."""
+        budget = run_budget(model, self.context.budget)
+        if not budget.bounds:
+            raise DataError(f"pass '{self.name}': search needs a budget: give --min-cosine, --min-top1 or --max-abs")
+        split = self._split_feeds()
+        judge = Judge(model, split.judge, budget, reserve=self.options.margin, weak=split.weak,
+                      threads=self.context.threads or 1)
         proto = ir.serde.serialize_model(model)
-        reference = run_outputs(make_session(proto.SerializeToString(), optimize=False, threads=self.context.threads), feeds)
-        min_cosine = None if budget.min_cosine is None else 1 - (1 - budget.min_cosine) * (1 - self.options.margin)
 
-        def meets(amount: float) -> tuple[bool, float]:
+        def meets(amount: float) -> Verdict:
             trial = ir.serde.deserialize_model(proto)
             trial_dependency = analyze(trial)
             chosen = {g.index for g in self._choose(layers, scores, amount)}
             self._prune(trial, trial_dependency, [g for g in trial_dependency.groups if g.index in chosen], moments)
-            session = make_session(ir.serde.serialize_model(trial).SerializeToString(), optimize=False,
-                                   threads=self.context.threads)
-            parity = compare_outputs(reference, run_outputs(session, feeds))
-            ok = (min_cosine is None or parity.cosine_mean >= min_cosine) and \
-                 (budget.max_abs is None or parity.max_abs <= budget.max_abs)
-            return ok, parity.cosine_mean
+            return judge.verdict(trial)
 
         low, high, trials = 0, int(self.options.max_amount * 32), []
         while low < high:
             middle = (low + high + 1) // 2
-            ok, cosine = meets(middle / 32)
-            trials.append({"amount": middle / 32, "cosine": cosine, "meets": ok})
-            if ok:
+            verdict = meets(middle / 32)
+            trials.append({"amount": middle / 32, "measured": verdict.measured(), "value": verdict.value,
+                           "meets": verdict.meets_target})
+            if verdict.meets_target:
                 low = middle
             else:
                 high = middle - 1
-        details["search"] = {"trials": trials, "calibration_min_cosine": min_cosine, "judged_on_feeds": len(feeds)}
+        details["search"] = {"trials": trials, "budget": budget.describe(), "allowed": judge.allowed,
+                             "judged_on_feeds": len(split.judge), "weak_evidence": split.weak}
         if low == 0 and trials and not any(t["meets"] for t in trials):
             logger.info("no amount above 0 meets the budget on the calibration data")
-        return low / 32
+        return (low >> self.context.retreat) / 32
 
+    def searches(self) -> bool:
+        return self.options.search

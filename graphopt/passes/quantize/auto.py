@@ -29,7 +29,7 @@ from typing import Any, Literal
 import onnx_ir as ir
 
 from graphopt.errors import GateFailed
-from graphopt.passes.base import GraphoptPass, PassContext, PassResult
+from graphopt.passes.base import GraphoptPass, PassContext, PassResult, check_fractions
 from graphopt.passes.quantize.calibrate import collect
 from graphopt.passes.quantize.dynamic import QuantizeDynamicPass, dynamic_refusal
 from graphopt.passes.quantize.profile import SpeedProfile, default_cache_dir
@@ -201,15 +201,6 @@ class QuantizeInt8Pass(GraphoptPass):
         self._profile_info = {"path": str(profile.path), "machine": profile.key,
                               "measured": profile.measured, "reused": profile.reused}
         return choices
-
-
-def check_fractions(pass_name: str, **fractions: float) -> None:
-    """Options that are shares of something must lie in [0, 1): refused when the pass is built."""
-    from graphopt.errors import RecipeError
-
-    for key, value in fractions.items():
-        if not 0 <= value < 1:
-            raise RecipeError(f"pass '{pass_name}': '{key}' must be a fraction in [0, 1), got {value}")
 
 
 def _notes(verdict: Verdict, final: list[LayerChoice], weak: bool) -> list[str]:
