@@ -265,8 +265,16 @@ def _optimize_summary(report: dict[str, Any]) -> str:
         f"({report['output_bytes'] / report['input_bytes']:.3f}× of {report['input_bytes']:,}) "
         f"with recipe '{report['recipe']['name']}' in {report['seconds']:.1f}s",
         f"parity on {verification['data']['samples']} samples ({verification['data']['source']}): "
-        f"max abs {verification['parity']['max_abs']:.3g}, cosine mean {verification['parity']['cosine_mean']:.6f}",
+        f"max abs {verification['parity']['max_abs']:.3g}, cosine mean {verification['parity']['cosine_mean']:.6f}"
+        + (f", top-1 agreement {verification['parity']['top1']:.6f}" if verification['parity'].get("top1") is not None
+           else ""),
     ]
+    floats = [layer.get("label") or layer["node"] for step in report["steps"]
+              for layer in step.get("details", {}).get("layers", []) if layer.get("mode") == "float"]
+    if floats:
+        lines.append(f"left in float for accuracy: {len(floats)} layer(s) (see the report's steps)")
+    if report.get("retreats"):
+        lines.append(f"the final verification sent the search {report['retreats']} step(s) further down its ladder")
     if verification.get("latency"):
         lat = verification["latency"]
         lines.append(f"latency: {lat['a']['median_ms']:.2f} ms → {lat['b']['median_ms']:.2f} ms "
