@@ -128,3 +128,29 @@ def test_transformers_bert_attention_fuses_for_each_exporter(tmp_path, dynamo, a
     feeds["attention_mask"][2] = 0
     expected, got = run(path, feeds)[0], run(result.model, feeds)[0]
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+
+
+def test_paddle_classifier_with_minus_one_batch_quantizes_on_a_stacked_npz(tmp_path, capsys, monkeypatch):
+    """PP-OCR's angle classifier declares x: [-1, 3, ?, ?]: a stacked .npz of 8 rendered lines
+    is 8 feeds, its [-1, 2] output is judged by top-1 agreement, and int8 writes a model."""
+    from benchmarks.datasets import ppocr_model_path, render_text_lines
+
+    monkeypatch.setenv("GRAPHOPT_CACHE_DIR", str(tmp_path / "cache"))
+    model = tmp_path / "cls.onnx"
+    model.write_bytes(ppocr_model_path("ch_ppocr_mobile_v2.0_cls_infer.onnx").read_bytes())
+    np.savez(tmp_path / "calib.npz", x=render_text_lines(8, seed=5, width=192))
+    np.savez(tmp_path / "eval.npz", x=render_text_lines(8, seed=6, width=192))
+    assert main(["inspect", str(model)]) == 0
+    assert "(class scores: judged by agreement)" in capsys.readouterr().out
+    out, report = tmp_path / "out.onnx", tmp_path / "report.json"
+
+    code = main(["optimize", str(model), "-o", str(out), "--recipe", "int8", "--calib", str(tmp_path / "calib.npz"),
+                 "--data", str(tmp_path / "eval.npz"), "--report", str(report), "--no-latency", "-q"])
+
+    assert code == 0, capsys.readouterr().err
+    data = json.loads(report.read_text())
+    assert data["budget"]["bounds"] == [{"metric": "top1", "limit": 0.99, "outputs": ["save_infer_model/scale_0.tmp_1"]}]
+    step = next(s for s in data["steps"] if s["name"] == "quantize-int8")
+    assert step["details"]["held_out_feeds"] == 2 and step["details"]["calibration_feeds"] == 6
+    assert data["verification"]["parity"]["top1"] >= 0.99
+    assert out.stat().st_size < 0.5 * model.stat().st_size
