@@ -227,7 +227,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         analyze=bool(args.html or args.layers_markdown),
     )
     _refuse_same_path(args.model, args.output)
-    _check_output_folders(args.report, args.html, args.layers_markdown)
+    _check_output_folders(args.output, args.report, args.html, args.layers_markdown)
     try:
         report = optimize(args.model, args.output, options)
     except GateFailed as exc:
@@ -283,10 +283,15 @@ def _optimize_summary(report: dict[str, Any]) -> str:
 
 
 def _check_output_folders(*paths: str | None) -> None:
-    """Fail before the work, not halfway through writing the reports."""
+    """Every file a command will write, checked before any work starts (not after minutes of
+    quantization): its folder exists and it is not itself a folder."""
     for path in paths:
-        if path and not Path(path).parent.is_dir():
+        if not path:
+            continue
+        if not Path(path).parent.is_dir():
             raise UsageError(f"{path}: folder {Path(path).parent} does not exist")
+        if Path(path).is_dir():
+            raise UsageError(f"{path}: is a folder; give a file name to write")
 
 
 def _load_pair_feeds(args: argparse.Namespace, base: Any, candidate: Any) -> Any:
@@ -514,7 +519,7 @@ def _configure_logging(quiet: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_Formatter())
     logger.handlers[:] = [handler]
-    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    logger.setLevel(logging.ERROR if quiet else logging.INFO)
     logger.propagate = False
     # Libraries underneath (onnx-ir, onnxsim) log warnings of their own; without a root
     # handler Python would print them raw. graphopt's report says what matters.

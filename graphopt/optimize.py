@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from graphopt import __version__
-from graphopt.errors import GateFailed, UnsupportedModelError
+from graphopt.errors import DataError, GateFailed, UnsupportedModelError
 from graphopt.io import LoadedModel, load_model, staged_save
 from graphopt.passes import Pipeline, PipelineResult
 from graphopt.passes.base import PassContext
@@ -62,6 +62,9 @@ def optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, opti
     """
     started = time.perf_counter()
     recipe = load_recipe(options.recipe)
+    needing = [p.name for p in recipe.passes if p.needs_calibration()]
+    if needing and options.calib is None:
+        raise DataError(f"recipe '{recipe.name}' needs calibration data for {', '.join(needing)}: give --calib DATA")
     loaded = load_model(input_path)
     specs = input_specs(loaded.model)
     calibration = load_feeds(options.calib, specs, batch_size=options.batch_size) if options.calib else None
@@ -98,6 +101,11 @@ def optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, opti
             continue
         report["retreats"] = retreat
         report["seconds"] = round(time.perf_counter() - started, 3)
+        if report["output_bytes"] > report["input_bytes"]:
+            report["notes"].append(f"the output is {report['output_bytes'] / report['input_bytes']:.3f}x the input's "
+                                   "size: no step made the model smaller")
+        for note in report["notes"]:
+            logger.warning("%s", note)
         return report
 
 
@@ -137,6 +145,7 @@ def _write_verified(result: PipelineResult, loaded: LoadedModel, output_path: st
             "output_bytes": staged.size_bytes(),
             "steps": [step.to_dict() for step in result.steps],
             "verification": comparison.to_dict(),
+            "notes": [],
             "written": False,
         }
         failed = failures(comparison.checks)

@@ -131,3 +131,60 @@ def test_data_with_wrong_input_name_exits_2(model_path, tmp_path, capsys):
     line = one_line_error(capsys)
     assert "missing X" in line and "X: float32[N,8]" in line
     assert not Path(tmp_path / "o.onnx").exists()
+
+
+# -- fail before the work ----------------------------------------------------------------------
+
+
+def _no_work(monkeypatch):
+    """Any attempt to load the model means the command started its work."""
+    import graphopt.optimize
+
+    def started(*args, **kwargs):
+        raise AssertionError("the command started working before refusing")
+
+    monkeypatch.setattr(graphopt.optimize, "load_model", started)
+
+
+@pytest.mark.parametrize(("flag", "target", "message"), [
+    ("-o", "missing/out.onnx", "folder {tmp}/missing does not exist"),
+    ("-o", ".", "is a folder; give a file name to write"),
+    ("--report", ".", "is a folder; give a file name to write"),
+    ("--html", "missing/p.html", "folder {tmp}/missing does not exist"),
+])
+def test_output_paths_are_refused_before_any_work(flag, target, message, model_path, tmp_path, monkeypatch, capsys):
+    _no_work(monkeypatch)
+    args = {"-o": str(tmp_path / "out.onnx"), flag: str(tmp_path / target)}
+    command = ["optimize", str(model_path), "--no-latency"] + [x for pair in args.items() for x in pair]
+
+    assert main(command) == 2
+    assert message.format(tmp=tmp_path) in one_line_error(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
+def test_a_recipe_needing_calibration_says_so_before_any_pass(model_path, tmp_path, monkeypatch, capsys):
+    _no_work(monkeypatch)
+    assert main(["optimize", str(model_path), "-o", str(tmp_path / "o.onnx"), "--recipe", "int8"]) == 2
+    assert one_line_error(capsys) == ("graphopt: recipe 'int8' needs calibration data for quantize-int8: "
+                                      "give --calib DATA")
+
+
+def test_an_output_larger_than_its_input_is_warned_about(tmp_path, capsys, monkeypatch):
+    """light_squeezenet builds its weights at run time (ConstantOfShape): int8 finds nothing to
+    quantize, and the opset upgrade makes the file larger."""
+    import onnx
+
+    monkeypatch.setenv("GRAPHOPT_CACHE_DIR", str(tmp_path / "cache"))
+    source = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light" / "light_squeezenet.onnx"
+    np.savez(tmp_path / "c.npz", data_0=np.ones((2, 3, 224, 224), np.float32))
+    out, report = tmp_path / "o.onnx", tmp_path / "r.json"
+
+    code = main(["optimize", str(source), "-o", str(out), "--recipe", "int8", "--calib", str(tmp_path / "c.npz"),
+                 "--no-latency", "--report", str(report)])
+
+    assert code == 0
+    data = json.loads(report.read_text())
+    assert data["output_bytes"] > data["input_bytes"]
+    ratio = data["output_bytes"] / data["input_bytes"]
+    assert data["notes"] == [f"the output is {ratio:.3f}x the input's size: no step made the model smaller"]
+    assert f"graphopt: warning: {data['notes'][0]}" in capsys.readouterr().err

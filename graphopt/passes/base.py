@@ -80,6 +80,11 @@ class GraphoptPass(ir.passes.PassBase):
             raise DataError(f"pass '{self.name}' needs calibration data: give --calib DATA")
         return self.context.calibration
 
+    def needs_calibration(self) -> bool:
+        """Whether this pass, as configured, cannot run without calibration data: a run
+        without ``--calib`` is refused before any pass starts."""
+        return False
+
     def searches(self) -> bool:
         """Whether this pass, as configured, searches under the run's budget (and so can step
         further down when the final verification misses it: ``PassContext.retreat``)."""

@@ -127,6 +127,9 @@ class LowRankPass(GraphoptPass):
         if not 0 < self.options.budget_share <= 1:
             raise RecipeError(f"pass '{self.name}': 'budget_share' must be in (0, 1], got {self.options.budget_share}")
 
+    def needs_calibration(self) -> bool:
+        return self.options.select == "parity"
+
     def call(self, model: ir.Model) -> PassResult:
         notes: list[str] = []
         uses, skipped = self._eligible(model.graph)

@@ -105,6 +105,9 @@ class Pipeline:
             raise PassFailed(f"pass '{pass_.name}' failed: {type(exc).__name__}: {_cause(exc)}") from exc
         notes = list(result.notes) if isinstance(result, PassResult) else []
         rolled_back = False
+        changes = dict(getattr(result, "changes", {}))
+        if result.modified and _allow_initializers_outside_inputs(result.model):
+            changes["IR version 3 -> 4"] = 1
         if result.modified and self.check is not None:
             try:
                 self.check(result.model)
@@ -112,8 +115,7 @@ class Pipeline:
                 # A pass that mishandles some construct must not cost the whole run: the step is
                 # undone and the run goes on, with the reason in the report.
                 notes = [f"step rolled back: it produced a model that fails the check ({exc})"]
-                result = PassResult(before, modified=False)
-                rolled_back = True
+                result, changes, rolled_back = PassResult(before, modified=False), {}, True
         seconds = time.perf_counter() - start
         ops_after = op_histogram(result.model)
         delta = {op: ops_after[op] - ops_before[op] for op in sorted(ops_before | ops_after)}
@@ -126,13 +128,26 @@ class Pipeline:
             nodes_after=sum(ops_after.values()),
             weight_bytes_before=bytes_before,
             weight_bytes_after=weight_bytes(result.model),
-            changes=dict(getattr(result, "changes", {})),
+            changes=changes,
             op_delta={op: d for op, d in delta.items() if d},
             notes=notes,
             details=dict(getattr(result, "details", {})),
             rolled_back=rolled_back,
         )
         return result.model, record
+
+
+def _allow_initializers_outside_inputs(model: ir.Model) -> bool:
+    """IR 3 (old model-zoo files) requires every initializer to be a graph input as well; a pass
+    that adds one (a lifted constant, a converted attribute) makes such a model invalid. IR 4
+    drops that rule and changes nothing else, so the model moves to IR 4. True when it did."""
+    if model.ir_version is None or model.ir_version >= 4:
+        return False
+    inputs = {value.name for value in model.graph.inputs}
+    if all(name in inputs for name in model.graph.initializers):
+        return False
+    model.ir_version = 4
+    return True
 
 
 def _cause(exc: BaseException) -> str:

@@ -39,6 +39,8 @@ class UpgradeOpsetPass(GraphoptPass):
                 f"onnx's version converter cannot upgrade this model from opset {current} to "
                 f"{self.options.target}: {reason}"
             ) from exc
+        # The converter keeps the IR version; the new opset may need a newer one (opset 13: IR 7).
+        converted.ir_version = max(converted.ir_version, onnx.helper.find_min_ir_version_for(converted.opset_import))
         return PassResult(
             ir.serde.deserialize_model(converted),
             modified=True,

@@ -49,14 +49,17 @@ def classify(value: ir.Value) -> OutputKind:
     dtype = value.dtype
     if dtype is not None and not dtype.is_floating_point():
         return "integers"
-    rank = len(value.shape) if value.shape is not None else None
+    dims = tuple(value.shape.dims) if value.shape is not None else None
+    if dims is not None and len(dims) > 2 and all(d == 1 for d in dims[2:]):
+        dims = dims[:2]  # [N, C, 1, 1]: a classifier that kept its pooled spatial axes
+    rank = len(dims) if dims is not None else None
+    last = dims[-1] if dims else None
     name = value.name or ""
     source = _deciding_op(value)
     if rank is not None and rank >= 4:
         return "dense map"
     if _BOX_NAME.search(name):
         return "boxes"
-    last = value.shape[-1] if value.shape is not None and rank else None
     if rank == 3:
         if source in ("Softmax", "LogSoftmax") or _SCORE_NAME.search(name):
             return "class score sequence"

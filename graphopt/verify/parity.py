@@ -184,6 +184,8 @@ def _agreement(refs: list[np.ndarray], cands: list[np.ndarray], kind: str | None
         return None, 0, 0
     agree = total = ties = 0
     for r, c in zip(refs, cands):
+        while r.ndim > 2 and r.shape[-1] == 1:  # [N, C, 1, 1]: the classes are on axis 1
+            r, c = r[..., 0], c[..., 0]
         if kind == "integers" or r.ndim == 0 or r.shape[-1] < 2:
             same = np.asarray(r == c)
         else:

@@ -86,3 +86,23 @@ def test_check_loadable_refuses_a_dangling_graph(rng):
     model.graph.remove(next(iter(model.graph)), safe=False)
     with pytest.raises(InvalidModelError):
         check_loadable(model)
+
+
+def test_an_ir3_model_moves_to_ir4_when_a_pass_adds_initializers():
+    """IR 3 wants every initializer listed as a graph input too; lifting a Constant would break
+    that, so the model moves to IR 4 (which only drops that rule) instead of being refused."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    from tests.conftest import make_model, tensor
+
+    value = numpy_helper.from_array(np.array([1.0, 2.0], np.float32), "c")
+    proto = make_model([helper.make_node("Constant", [], ["c"], value=value),
+                        helper.make_node("Add", ["X", "c"], ["Y"])], [tensor("X", [2])], [tensor("Y", [2])], opset=9)
+    proto.ir_version = 3
+    model = ir.serde.deserialize_model(proto)
+
+    (step,) = Pipeline([get_pass("lift-constants")()], check=check_loadable).run(model).steps
+
+    assert not step.rolled_back and step.changes == {"constants lifted": 1, "IR version 3 -> 4": 1}
+    assert model.ir_version == 4

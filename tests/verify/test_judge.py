@@ -184,3 +184,12 @@ def test_a_near_tie_of_the_reference_flipped_by_the_candidate_still_agrees():
     out = compare_outputs([{"P": ref}], [{"P": cand}], {"P": "class score sequence"}).outputs[0]
 
     assert out.top1 == 0.5 and out.top1_positions == 2 and out.top1_ties == 1
+
+
+def test_a_classifier_that_kept_its_pooled_axes_is_judged_on_axis_1():
+    proto = make_model([helper.make_node("Softmax", ["X"], ["prob"], axis=1)], [tensor("X", ["N", 5, 1, 1])],
+                       [tensor("prob", ["N", 5, 1, 1])])
+    assert output_kinds(ir.serde.deserialize_model(proto)) == {"prob": "class scores"}
+    ref = np.array([[[[0.1]], [[0.7]], [[0.2]], [[0.0]], [[0.0]]]], np.float32)
+    cand = np.array([[[[0.1]], [[0.2]], [[0.7]], [[0.0]], [[0.0]]]], np.float32)
+    assert compare_outputs([{"prob": ref}], [{"prob": cand}], {"prob": "class scores"}).outputs[0].top1 == 0.0

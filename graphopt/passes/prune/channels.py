@@ -147,6 +147,9 @@ class PruneChannelsPass(GraphoptPass):
         check_fractions(self.name, amount=self.options.amount, max_amount=self.options.max_amount,
                         margin=self.options.margin, holdout=self.options.holdout)
 
+    def needs_calibration(self) -> bool:
+        return self.options.search or self.options.importance == "activation"
+
     def call(self, model: ir.Model) -> PassResult:
         dependency = analyze(model)
         moments = self._moments(model, dependency)

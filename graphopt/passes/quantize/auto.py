@@ -126,6 +126,9 @@ class QuantizeInt8Pass(GraphoptPass):
         if model.opset_imports.get("", 1) < 13:
             raise ir.passes.PreconditionError("quantize-int8 needs opset >= 13; put upgrade-opset before it")
 
+    def needs_calibration(self) -> bool:
+        return True
+
     def call(self, model: ir.Model) -> PassResult:
         from graphopt.verify.gate import Thresholds
 

@@ -177,6 +177,9 @@ class QuantizeStaticPass(GraphoptPass):
                 "run upgrade-opset first"
             )
 
+    def needs_calibration(self) -> bool:
+        return True
+
     def call(self, model: ir.Model) -> PassResult:
         graph = model.graph
         uses, skipped = weight_uses(graph, self.options.ops, self.options.min_elements)
