@@ -37,7 +37,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-q", "--quiet", action="store_true", help="only errors on stderr")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="errors only on stderr (no progress, no warnings); on stdout nothing but what the "
+                        "command exists to print when it writes no file (inspect, bench, recipes)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
 
 
@@ -57,6 +59,8 @@ def _add_data(parser: argparse.ArgumentParser, flag: str = "--data") -> None:
                         help="concrete shape of a dynamic input for random feeds (repeatable)")
     parser.add_argument("--threads", type=_positive_int, default=None, help="onnxruntime threads (default: all cores)")
     parser.add_argument("--seed", type=int, default=0, help="seed of random feeds (default 0)")
+    parser.add_argument("--labels", metavar="KEY", help="an array in the .npz data that holds labels, not a model "
+                        "input: it is left out of the feeds (and is what check --cv scores against)")
 
 
 def _add_thresholds(parser: argparse.ArgumentParser) -> None:
@@ -85,9 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"graphopt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    p = sub.add_parser("inspect", help="signature, opsets, ops, parameters and files of a model")
+    p = sub.add_parser("inspect", help="signature, opsets, ops, parameters, output kinds and files of a model")
     p.add_argument("model")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--json", dest="json_out", nargs="?", const="-", metavar="FILE",
+                   help="write the description as JSON to FILE (bare --json: to stdout)")
     _add_common(p)
     p.set_defaults(func=cmd_inspect)
 
@@ -95,13 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("-o", "--output", required=True, help="output .onnx (never the input)")
     p.add_argument("--recipe", default="lossless", help="built-in recipe name or a .toml file (default lossless)")
-    p.add_argument("--report", help="write the JSON report here")
+    p.add_argument("--report", "--json", dest="report", metavar="FILE", help="write the JSON report here")
     p.add_argument("--html", metavar="FILE", help="per-layer precision page with a sensitivity chart "
                    "(measures every int8 layer's sensitivity: one model build and run per layer)")
     p.add_argument("--layers-markdown", metavar="FILE", help="per-layer precision table in Markdown (as --html)")
     p.add_argument("--calib", metavar="DATA", help="calibration data (any --data format) for quantization recipes")
     p.add_argument("--cache-dir", help="per-machine speed profile cache (default ~/.cache/graphopt)")
-    p.add_argument("--no-latency", action="store_true", help="skip the before/after latency measurement")
+    p.add_argument("--latency", action=argparse.BooleanOptionalAction, default=True,
+                   help="measure before/after latency (default: on; --no-latency skips it)")
     p.add_argument("--external-data", action=argparse.BooleanOptionalAction, default=None,
                    help="store weights in OUTPUT.data (default: as the input, or above ~1.8 GB)")
     _add_data(p)
@@ -112,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="CI gate: compare a candidate with its base against thresholds")
     p.add_argument("base")
     p.add_argument("candidate")
-    p.add_argument("--latency", action="store_true", help="measure latency even without --max-latency-ratio")
+    p.add_argument("--latency", action=argparse.BooleanOptionalAction, default=None,
+                   help="measure latency (default: only when --max-latency-ratio is given)")
     p.add_argument("--json", dest="json_out", metavar="FILE", help="write the JSON report")
     p.add_argument("--junit", metavar="FILE", help="write JUnit XML (one testcase per threshold)")
     p.add_argument("--markdown", metavar="FILE", help="write a Markdown summary for a pull request")
@@ -135,7 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("-o", "--output", required=True, help="bundle.zip, or a folder (never the input)")
     p.add_argument("--target", help="built-in target name or a .toml file: operator allow-list, opset range")
-    p.add_argument("--report", help="optimize --report JSON to embed in the manifest")
+    p.add_argument("--optimize-report", "--report", dest="optimize_report", metavar="FILE",
+                   help="the JSON report `optimize` wrote for MODEL, embedded in the manifest "
+                   "(--report: the old spelling, still accepted)")
     p.add_argument("--max-abs", type=float, default=1e-4,
                    help="largest .ort vs .onnx output difference, at most (default 1e-4)")
     p.add_argument("--data", metavar="DATA", help=".npz (samples on axis 0), folder of .npz, or ONNX "
@@ -187,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_distill)
 
-    p = sub.add_parser("recipes", help="list built-in recipes and passes")
+    p = sub.add_parser("recipes", help="list built-in recipes and passes; with NAME, a recipe's TOML or a pass's options")
+    p.add_argument("name", nargs="?", help="a built-in recipe (prints its TOML) or a pass (prints its options)")
     _add_common(p)
     p.set_defaults(func=cmd_recipes)
     return parser
@@ -199,10 +209,17 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from graphopt.describe import describe, format_text
     from graphopt.io import load_model
-    from graphopt.report import to_json
+    from graphopt.report import to_json, write_text
 
+    if args.json_out not in (None, "-"):
+        _check_output_folders(args.json_out)
     info = describe(load_model(args.model))
-    sys.stdout.write(to_json(info) if args.json else format_text(info) + "\n")
+    if args.json_out == "-":
+        sys.stdout.write(to_json(info))
+    elif args.json_out:
+        write_text(args.json_out, to_json(info))
+    if args.json_out != "-" and not (args.quiet and args.json_out):
+        sys.stdout.write(format_text(info) + "\n")
     return EXIT_OK
 
 
@@ -219,10 +236,11 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         shapes=parse_shape_overrides(args.shape),
         thresholds=_thresholds(args),
-        measure_latency=not args.no_latency,
+        measure_latency=args.latency,
         threads=args.threads,
         external_data=args.external_data,
         seed=args.seed,
+        labels=args.labels,
         progress=not args.quiet and sys.stderr.isatty(),
         analyze=bool(args.html or args.layers_markdown),
     )
@@ -233,6 +251,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     except GateFailed as exc:
         if getattr(exc, "report", None):
             _write_optimize_reports(args, exc.report)
+            if not args.quiet:  # the same PASS/FAIL table a failed `check` prints
+                print(checks_text(exc.report["verification"]["checks"]))
         raise
     _write_optimize_reports(args, report)
     if not args.quiet:
@@ -278,8 +298,12 @@ def _optimize_summary(report: dict[str, Any]) -> str:
     if verification.get("latency"):
         lat = verification["latency"]
         lines.append(f"latency: {lat['a']['median_ms']:.2f} ms → {lat['b']['median_ms']:.2f} ms "
-                     f"(ratio {lat['ratio']:.3f}, {lat['threads']} threads, interleaved)")
+                     f"(ratio {lat['ratio']:.3f}, {_count(lat['threads'], 'thread')}, interleaved)")
     return "\n".join(lines)
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" + ("" if number == 1 else "s")
 
 
 def _check_output_folders(*paths: str | None) -> None:
@@ -327,7 +351,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         thresholds=thresholds,
         base_bytes=base.file_bytes,
         candidate_bytes=candidate.file_bytes,
-        measure_latency=args.latency or thresholds.needs_latency(),
+        measure_latency=thresholds.needs_latency() if args.latency is None else args.latency,
         threads=args.threads,
         extra_checks=cv_checks,
         budget=Budget.resolve(thresholds, output_kinds(base.model)),
@@ -363,7 +387,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     _check_output_folders(args.json_out)
     loaded = load_model(args.model)
     feeds = load_feeds(args.data, input_specs(loaded.model), batch_size=args.batch_size,
-                       shapes=parse_shape_overrides(args.shape), seed=args.seed)
+                       shapes=parse_shape_overrides(args.shape), seed=args.seed,
+                       extra_keys=[args.labels] if args.labels else ())
     threads = args.threads or default_threads()
     with peak_memory() as peak:
         session = make_session(loaded.path, optimize=True, threads=threads)
@@ -373,8 +398,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.json_out:
         write_text(args.json_out, to_json(result))
     peak_text = f", peak RSS {result['peak_rss_mib']:.0f} MiB" if result["peak_rss_mib"] else ""
+    if args.quiet and args.json_out:
+        return EXIT_OK
     print(f"{loaded.path.name}: median {stats.median_ms:.3f} ms, p90 {stats.p90_ms:.3f} ms over {stats.runs} runs "
-          f"({threads} threads{peak_text}; {'random inputs' if feeds.synthetic else feeds.source})")
+          f"({_count(threads, 'thread')}{peak_text}; {feeds.source})")
     return EXIT_OK
 
 
@@ -390,7 +417,7 @@ def cmd_package(args: argparse.Namespace) -> int:
         threads=args.threads,
         max_abs=args.max_abs,
         target=args.target,
-        report=args.report,
+        report=args.optimize_report,
     )
     manifest = package(args.model, args.output, options)
     if not args.quiet:
@@ -411,7 +438,6 @@ def _add_cv_gate(parser: argparse.ArgumentParser) -> None:
         "--metric, over K folds of --data, is below -X.")
     group.add_argument("--cv", type=int, metavar="K", help="K-fold cross-validated metric gate (needs --max-drop)")
     group.add_argument("--max-drop", type=float, metavar="X", help="largest tolerated metric drop, e.g. 0.01")
-    group.add_argument("--labels", metavar="KEY", help="the labels' array in --data (not needed for cosine)")
     group.add_argument("--metric", default="accuracy", choices=["accuracy", "top5", "f1", "cosine"],
                        help="metric of the --cv gate (default accuracy)")
 
@@ -500,8 +526,18 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 def cmd_recipes(args: argparse.Namespace) -> int:
     from graphopt.passes import available_passes, get_pass
+    from graphopt.presets import builtin_text
     from graphopt.recipe import builtin_recipes, load_recipe
 
+    if args.name in builtin_recipes():
+        sys.stdout.write(builtin_text("graphopt.recipes", args.name))
+        return EXIT_OK
+    if args.name is not None:
+        if args.name not in available_passes():
+            raise UsageError(f"recipes: '{args.name}' is neither a built-in recipe ({', '.join(builtin_recipes())}) "
+                             f"nor a pass ({', '.join(available_passes())})")
+        print(_pass_options(get_pass(args.name)))
+        return EXIT_OK
     print("recipes:")
     for name in builtin_recipes():
         recipe = load_recipe(name)
@@ -509,7 +545,38 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     print("passes:")
     for name in available_passes():
         print(f"  {name:<16} {get_pass(name).summary}")
+    print("`graphopt recipes NAME` prints a recipe's TOML or a pass's options.")
     return EXIT_OK
+
+
+def _pass_options(cls: Any) -> str:
+    """A pass's options as a recipe writes them, each with its type, default and meaning."""
+    import dataclasses
+    import typing
+
+    from graphopt.passes.base import option_docs
+
+    hints = typing.get_type_hints(cls.Options)
+    docs = option_docs(cls.Options)
+    lines = [f"{cls.name}: {cls.summary}", "", "[[steps]]", f'pass = "{cls.name}"']
+    for field in dataclasses.fields(cls.Options):
+        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        hint = hints[field.name]
+        kind = ("one of " + "|".join(map(str, typing.get_args(hint)))) if typing.get_origin(hint) is typing.Literal \
+            else getattr(hint, "__name__", str(hint).replace("typing.", ""))
+        doc = " ".join(docs.get(field.name, "").split())
+        lines.append(f"# {field.name} = {_toml_value(default)}  ({kind})" + (f": {doc}" if doc else ""))
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    import json
+
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(value) if isinstance(value, str) else repr(value)
 
 
 # -- entry point ----------------------------------------------------------------------------

@@ -10,6 +10,8 @@ stderr and the exit code its class carries (documented in README):
 
 from __future__ import annotations
 
+import re
+
 EXIT_OK = 0
 EXIT_GATE_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -66,3 +68,17 @@ class GateFailed(GraphoptError):
     def __init__(self, message: str, failures: list[str] | None = None):
         super().__init__(message)
         self.failures = list(failures or [])
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def reason(exc: BaseException, limit: int = 300) -> str:
+    """Another tool's exception as one readable line for a graphopt message: terminal colour
+    codes removed, the first non-empty line, shortened at a word boundary."""
+    lines = [line.strip() for line in _ANSI.sub("", str(exc)).splitlines() if line.strip()]
+    text = lines[0] if lines else type(exc).__name__
+    if len(text) <= limit:
+        return text
+    cut = text[:limit].rsplit(" ", 1)[0]
+    return (cut if len(cut) > limit // 2 else text[:limit]) + " …"

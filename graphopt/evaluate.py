@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from graphopt import __version__
-from graphopt.errors import DataError, GateFailed, GraphoptError, UsageError
+from graphopt.errors import DataError, GateFailed, GraphoptError, UsageError, reason
 from graphopt.io import load_model
 from graphopt.optimize import OptimizeOptions, optimize
 from graphopt.verify.feeds import InputSpec, batched_feeds, input_specs, read_npz
@@ -188,8 +188,7 @@ def predict(model: Path, inputs: dict[str, np.ndarray], output: str, specs: Sequ
         try:
             (values,) = session.run([output], {k: np.ascontiguousarray(v) for k, v in feed.items()})
         except Exception as exc:  # onnxruntime's errors carry the offending input in their text
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise DataError(f"{model.name}: onnxruntime could not run it on the data: {first[:300]}") from None
+            raise DataError(f"{model.name}: onnxruntime could not run it on the data: {reason(exc)}") from None
         chunks.append(values[:real])
     return np.concatenate(chunks)
 

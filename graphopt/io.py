@@ -27,7 +27,7 @@ import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
 from graphopt import validation
-from graphopt.errors import GraphoptError, InvalidModelError, UnsafeModelError, UsageError
+from graphopt.errors import GraphoptError, InvalidModelError, UnsafeModelError, UsageError, reason
 
 logger = logging.getLogger(__name__)
 
@@ -77,8 +77,7 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
     except Exception as exc:  # onnx-ir meets what the checker let through (unknown data types…)
         while exc.__cause__ is not None:  # onnx-ir wraps the reason in "error calling …"
             exc = exc.__cause__
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise InvalidModelError(f"{path}: cannot read the model: {type(exc).__name__}: {reason[:200]}") from None
+        raise InvalidModelError(f"{path}: cannot read the model: {type(exc).__name__}: {reason(exc, 200)}") from None
     return LoadedModel(model, path, (path, *data_files), bool(data_files))
 
 

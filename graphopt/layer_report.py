@@ -53,7 +53,8 @@ def _fmt(value: Any, digits: int = 4) -> str:
 def layers_markdown(report: dict[str, Any]) -> str:
     layers, details = quantization_layers(report)
     if not layers:
-        return "No per-layer quantization table in this report.\n"
+        return (f"Recipe '{report.get('recipe', {}).get('name')}' has no quantization step, so there is no "
+                "per-layer table (the int8 recipe has one).\n")
     lines = [
         f"### Per-layer precision — `{report.get('output', '')}`",
         "",
@@ -86,6 +87,10 @@ def layers_html(report: dict[str, Any]) -> str:
     """A page that needs nothing but a browser: inline CSS and SVG, no scripts."""
     layers, details = quantization_layers(report)
     title = f"graphopt — per-layer precision of {html.escape(str(report.get('output', 'model')))}"
+    if not layers:
+        return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{title}</title></head>"
+                f"<body><h1>Per-layer precision</h1><p>Recipe '{html.escape(str(report.get('recipe', {}).get('name')))}' "
+                "has no quantization step, so there is no per-layer table (the int8 recipe has one).</p></body></html>\n")
     measured = [layer for layer in layers if _damage(layer) is not None]
     chart = _bar_chart(measured) if measured else "<p>Sensitivity was not measured (run with --html or a budget).</p>"
     top = most_sensitive(layers)

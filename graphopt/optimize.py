@@ -43,6 +43,7 @@ class OptimizeOptions:
     threads: int | None = None
     external_data: bool | None = None
     seed: int = 0
+    labels: str | None = None  # an array in the .npz data that is not a model input
     progress: bool = False
     analyze: bool = False
 
@@ -67,12 +68,15 @@ def optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, opti
         raise DataError(f"recipe '{recipe.name}' needs calibration data for {', '.join(needing)}: give --calib DATA")
     loaded = load_model(input_path)
     specs = input_specs(loaded.model)
-    calibration = load_feeds(options.calib, specs, batch_size=options.batch_size) if options.calib else None
+    extra = [options.labels] if options.labels else []
+    calibration = load_feeds(options.calib, specs, batch_size=options.batch_size, extra_keys=extra) \
+        if options.calib else None
     if options.data is None and calibration is not None:
         # Better evidence than random inputs, but not unseen: the report says so.
         feeds = dataclasses.replace(calibration, source=f"{calibration.source} (calibration data, not held out)")
     else:
-        feeds = load_feeds(options.data, specs, batch_size=options.batch_size, shapes=options.shapes, seed=options.seed)
+        feeds = load_feeds(options.data, specs, batch_size=options.batch_size, shapes=options.shapes, seed=options.seed,
+                           extra_keys=extra)
     logger.info("loaded %s; verifying on %s", loaded.path.name, feeds.source)
     reference = reference_outputs(loaded.path, feeds)
     budget = Budget.resolve(options.thresholds, output_kinds(loaded.model), defaults=recipe)
@@ -144,7 +148,7 @@ def _write_verified(result: PipelineResult, loaded: LoadedModel, output_path: st
             "input_bytes": loaded.file_bytes,
             "output_bytes": staged.size_bytes(),
             "steps": [step.to_dict() for step in result.steps],
-            "verification": comparison.to_dict(),
+            "verification": {**comparison.to_dict(), "candidate": str(Path(output_path))},
             "notes": [],
             "written": False,
         }

@@ -21,13 +21,18 @@ def builtin_presets(package: str) -> list[str]:
     return sorted(p.name.removesuffix(".toml") for p in folder.iterdir() if p.name.endswith(".toml"))
 
 
+def builtin_text(package: str, name: str) -> str:
+    """The TOML text of built-in preset ``name`` of ``package``."""
+    return resources.files(package).joinpath(f"{name}.toml").read_text(encoding="utf-8")
+
+
 def read_preset(name_or_path: str, *, package: str, kind: str,
                 error: type[GraphoptError]) -> tuple[dict[str, Any], str]:
     """The parsed TOML of a built-in preset of ``package`` or of a ``.toml`` file, and its name
     (the built-in's, or the path as given). Every failure is ``error`` naming the ``kind`` and file."""
     builtins = builtin_presets(package)
     if name_or_path in builtins:
-        text = resources.files(package).joinpath(f"{name_or_path}.toml").read_text(encoding="utf-8")
+        text = builtin_text(package, name_or_path)
         name = name_or_path
     elif Path(name_or_path).suffix == ".toml":
         path = Path(name_or_path)

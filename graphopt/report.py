@@ -106,7 +106,7 @@ def check_markdown(comparison: dict[str, Any]) -> str:
                  f"(ratio {comparison['size_ratio']:.3f}).")
     if comparison.get("latency"):
         lat = comparison["latency"]
-        lines.append(f"Latency (median, interleaved, {lat['threads']} threads): {lat['b']['median_ms']:.2f} ms vs "
+        lines.append(f"Latency (median, interleaved, {lat['threads']} thread{'' if lat['threads'] == 1 else 's'}): {lat['b']['median_ms']:.2f} ms vs "
                      f"{lat['a']['median_ms']:.2f} ms (ratio {lat['ratio']:.3f}).")
     return "\n".join(lines) + "\n"
 

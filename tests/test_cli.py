@@ -188,3 +188,66 @@ def test_an_output_larger_than_its_input_is_warned_about(tmp_path, capsys, monke
     ratio = data["output_bytes"] / data["input_bytes"]
     assert data["notes"] == [f"the output is {ratio:.3f}x the input's size: no step made the model smaller"]
     assert f"graphopt: warning: {data['notes'][0]}" in capsys.readouterr().err
+
+
+# -- one set of flags ---------------------------------------------------------------------------
+
+
+def test_labelled_data_is_read_with_labels_and_refused_with_a_hint_without(model_path, tmp_path, capsys):
+    data = tmp_path / "d.npz"
+    np.savez(data, X=np.ones((4, 8), np.float32), labels=np.arange(4))
+    out = tmp_path / "o.onnx"
+    assert main(["optimize", str(model_path), "-o", str(out), "--data", str(data), "--no-latency", "-q"]) == 2
+    assert "unknown labels (labels? give --labels labels)" in one_line_error(capsys)
+    assert not out.exists()
+    assert main(["optimize", str(model_path), "-o", str(out), "--data", str(data), "--labels", "labels",
+                 "--no-latency", "-q"]) == 0
+    assert out.exists()
+
+
+def test_recipes_prints_a_recipe_toml_or_a_pass_options(capsys):
+    assert main(["recipes", "int8"]) == 0
+    assert 'pass = "quantize-int8"' in capsys.readouterr().out
+    assert main(["recipes", "quantize-int8"]) == 0
+    text = capsys.readouterr().out
+    assert '# method = "percentile"  (one of minmax|percentile|entropy|mse)' in text
+    assert "# margin = 0.4  (float): Part of the error budget kept in reserve" in text
+    assert main(["recipes", "turbo"]) == 2
+    assert "'turbo' is neither a built-in recipe" in one_line_error(capsys)
+
+
+def test_inspect_json_to_a_file_and_to_stdout(model_path, tmp_path, capsys):
+    assert main(["inspect", str(model_path), "--json", str(tmp_path / "i.json"), "-q"]) == 0
+    assert capsys.readouterr().out == ""
+    assert json.loads((tmp_path / "i.json").read_text())["outputs"][0]["kind"] == "embeddings"
+    assert main(["inspect", str(model_path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["inputs"][0]["name"] == "X"
+
+
+def test_latency_switch_spelled_the_same_in_optimize_and_check(model_path, tmp_path, capsys):
+    out = tmp_path / "o.onnx"
+    assert main(["optimize", str(model_path), "-o", str(out), "--no-latency", "--json", str(tmp_path / "r.json"),
+                 "-q"]) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["verification"]["latency"] is None
+    assert main(["check", str(model_path), str(out), "--latency", "--json", str(tmp_path / "c.json"), "-q"]) == 0
+    assert json.loads((tmp_path / "c.json").read_text())["latency"]["ratio"] > 0
+    assert capsys.readouterr().out == ""
+
+
+def test_a_failed_optimize_prints_the_pass_fail_table(model_path, tmp_path, capsys):
+    assert main(["optimize", str(model_path), "-o", str(tmp_path / "o.onnx"), "--no-latency",
+                 "--max-size-ratio", "0.5"]) == 1
+    captured = capsys.readouterr()
+    assert "FAIL  max_size_ratio" in captured.out and "PASS  output_shapes" in captured.out
+
+
+def test_quiet_hides_warnings(model_path, tmp_path, capsys):
+    data = tmp_path / "c.npz"
+    np.savez(data, X=np.ones((1, 8), np.float32))
+    command = ["optimize", str(model_path), "-o", str(tmp_path / "o.onnx"), "--recipe", "int8", "--calib", str(data),
+               "--no-latency", "--cache-dir", str(tmp_path / "cache")]
+    assert main(command) == 0
+    assert "graphopt: warning: quantize-int8: one calibration feed" in capsys.readouterr().err
+    (tmp_path / "o.onnx").unlink()
+    assert main([*command, "-q"]) == 0
+    assert capsys.readouterr().err == ""

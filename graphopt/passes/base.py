@@ -110,3 +110,26 @@ def check_fractions(pass_name: str, **fractions: float) -> None:
     for key, value in fractions.items():
         if not 0 <= value < 1:
             raise RecipeError(f"pass '{pass_name}': '{key}' must be a fraction in [0, 1), got {value}")
+
+
+def option_docs(options: type) -> dict[str, str]:
+    """The docstring written under each field of an ``Options`` dataclass, by field name."""
+    import ast
+    import inspect
+    import textwrap
+
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(options)))
+    except (OSError, TypeError, SyntaxError):
+        return {}
+    docs, previous = {}, None
+    for node in tree.body[0].body if tree.body else []:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            previous = node.target.id
+        elif previous and isinstance(node, ast.Expr) and isinstance(getattr(node, "value", None), ast.Constant) \
+                and isinstance(node.value.value, str):
+            docs[previous] = node.value.value
+            previous = None
+        else:
+            previous = None
+    return docs

@@ -32,6 +32,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as ir_common
 
+from graphopt.errors import reason
 from graphopt.passes.base import GraphoptPass, PassResult
 from graphopt.passes.cleanup import drop_value_info
 from graphopt.passes.registry import register
@@ -60,8 +61,7 @@ class FuseAttentionPass(GraphoptPass):
         try:
             fused, counts = _fuse(model)
         except Exception as exc:  # the shape inference and the rewriter raise many types
-            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            return PassResult(model.clone(), modified=False, notes=[f"attention fusion failed ({reason[:200]}); skipped"])
+            return PassResult(model.clone(), modified=False, notes=[f"attention fusion failed ({reason(exc, 200)}); skipped"])
         if not counts["attention fused"]:
             return PassResult(model.clone(), modified=False)
         leftover = sorted({n.op_type for n in fused.graph if n.domain == _FUSION_DOMAIN})

@@ -16,6 +16,7 @@ import onnx
 import onnx_ir as ir
 
 from graphopt.io import EXTERNAL_DATA_THRESHOLD_BYTES, weights_nbytes
+from graphopt.errors import reason
 from graphopt.passes.base import GraphoptPass, PassResult
 from graphopt.passes.registry import register
 
@@ -56,8 +57,7 @@ class SimplifyPass(GraphoptPass):
                     initializers_as_constants=True,  # weights are foldable, not runtime inputs
                 )
         except Exception as exc:  # onnxsim raises many types, all mean "could not simplify"
-            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            return self._skipped(model, f"onnxsim failed ({reason[:200]}); step skipped")
+            return self._skipped(model, f"onnxsim failed ({reason(exc, 200)}); step skipped")
         _drop_onnxsim_metadata(simplified)
         old_bytes, new_bytes = _without_value_info(proto), _without_value_info(simplified)
         if new_bytes == old_bytes:

@@ -10,7 +10,7 @@ import dataclasses
 import onnx
 import onnx_ir as ir
 
-from graphopt.errors import UnsupportedModelError
+from graphopt.errors import UnsupportedModelError, reason
 from graphopt.passes.base import GraphoptPass, PassResult
 from graphopt.passes.registry import register
 
@@ -34,10 +34,9 @@ class UpgradeOpsetPass(GraphoptPass):
         try:
             converted = onnx.version_converter.convert_version(proto, self.options.target)
         except Exception as exc:  # the converter raises bare RuntimeErrors naming the op
-            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise UnsupportedModelError(
                 f"onnx's version converter cannot upgrade this model from opset {current} to "
-                f"{self.options.target}: {reason}"
+                f"{self.options.target}: {reason(exc)}"
             ) from exc
         # The converter keeps the IR version; the new opset may need a newer one (opset 13: IR 7).
         converted.ir_version = max(converted.ir_version, onnx.helper.find_min_ir_version_for(converted.opset_import))

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from graphopt.errors import GateFailed, GraphoptError, UsageError
+from graphopt.errors import GateFailed, GraphoptError, UsageError, reason
 
 logger = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ def export(
             except UsageError:
                 raise
             except Exception as exc:  # exporters raise anything from torch._dynamo to onnxscript errors
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+                first = reason(exc)
                 attempts.append({"exporter": name, "error": f"{type(exc).__name__}: {first}"})
                 logger.info("%s exporter failed: %s", name, first)
                 continue

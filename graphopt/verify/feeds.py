@@ -205,7 +205,8 @@ def _check_feed(arrays: Mapping[str, np.ndarray], specs: Sequence[InputSpec], wh
         if missing:
             problems.append(f"missing {', '.join(missing)}")
         if extra:
-            problems.append(f"unknown {', '.join(extra)}")
+            hint = f" (labels? give --labels {extra[0]})" if not missing else ""
+            problems.append(f"unknown {', '.join(extra)}{hint}")
         raise DataError(f"{where}: {' and '.join(problems)}; the model expects {wanted}")
     for name, array in arrays.items():
         spec = expected[name]

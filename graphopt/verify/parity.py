@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from graphopt.errors import DataError
+from graphopt.errors import DataError, reason
 from graphopt.verify.feeds import Feed
 from graphopt.verify.kinds import AGREEMENT_KINDS
 
@@ -86,8 +86,7 @@ def run_outputs(session: Any, feeds: Sequence[Feed]) -> list[dict[str, np.ndarra
         try:
             values = session.run(names, feed)
         except Exception as exc:  # onnxruntime's errors carry the offending input in their text
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise DataError(f"onnxruntime could not run the model on the given data: {first[:300]}") from None
+            raise DataError(f"onnxruntime could not run the model on the given data: {reason(exc)}") from None
         results.append(dict(zip(names, values)))
     return results
 

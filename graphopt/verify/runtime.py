@@ -10,13 +10,15 @@ from typing import Any
 import onnx
 import onnx_ir as ir
 
-from graphopt.errors import InvalidModelError
+from graphopt.errors import InvalidModelError, reason
 from graphopt.io import EXTERNAL_DATA_THRESHOLD_BYTES, weights_nbytes
 
 
 def _ort() -> Any:
     import onnxruntime
 
+    # onnxruntime prints its own errors, coloured, before graphopt's one line says the same.
+    onnxruntime.set_default_logger_severity(4)
     return onnxruntime
 
 
@@ -41,14 +43,13 @@ def make_session(
     )
     options.intra_op_num_threads = threads or default_threads()
     options.inter_op_num_threads = 1
-    options.log_severity_level = 3
+    options.log_severity_level = 4
     source = model if isinstance(model, bytes) else str(model)
     try:
         return ort.InferenceSession(source, sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own exception types (Fail, InvalidGraph…)
-        where = "model" if isinstance(model, bytes) else Path(model).name
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise InvalidModelError(f"{where}: onnxruntime cannot load it: {first[:300]}") from None
+        where = "model" if isinstance(model, bytes) else str(model)
+        raise InvalidModelError(f"{where}: onnxruntime cannot load it: {reason(exc)}") from None
 
 
 def check_loadable(model: ir.Model) -> None:
@@ -62,8 +63,7 @@ def check_loadable(model: ir.Model) -> None:
     try:
         onnx.checker.check_model(proto)
     except onnx.checker.ValidationError as exc:
-        first = (str(exc).strip().splitlines() or ["invalid"])[0]
-        raise InvalidModelError(f"ONNX checker: {first}") from None
+        raise InvalidModelError(f"ONNX checker: {reason(exc)}") from None
     make_session(proto.SerializeToString(), optimize=False, threads=1)
 
 

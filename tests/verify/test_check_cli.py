@@ -152,7 +152,7 @@ def test_latency_is_reported_when_asked(
     assert latency["a"]["runs"] == latency["b"]["runs"] >= 5
     assert latency["ratio"] > 0 and latency["threads"] == 1
     assert latency["a"]["median_ms"] <= latency["a"]["p90_ms"]
-    assert "Latency (median, interleaved, 1 threads)" in markdown.read_text()
+    assert "Latency (median, interleaved, 1 thread)" in markdown.read_text()
     assert _strict_json(report)["size_ratio"] == 1.0
 
 
@@ -264,7 +264,7 @@ def test_bench_prints_a_median_and_writes_json(
 
     out, _ = capsys.readouterr()
     assert code == 0
-    assert out.startswith("base.onnx: median ") and " ms over 7 runs (1 threads" in out
+    assert out.startswith("base.onnx: median ") and " ms over 7 runs (1 thread," in out
     result = _strict_json(report)
     assert result["runs"] == 7 and result["threads"] == 1
     assert 0 < result["median_ms"] <= result["p90_ms"]
