@@ -241,7 +241,6 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         external_data=args.external_data,
         seed=args.seed,
         labels=args.labels,
-        progress=not args.quiet and sys.stderr.isatty(),
         analyze=bool(args.html or args.layers_markdown),
     )
     _refuse_same_path(args.model, args.output)

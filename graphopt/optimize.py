@@ -44,7 +44,6 @@ class OptimizeOptions:
     external_data: bool | None = None
     seed: int = 0
     labels: str | None = None  # an array in the .npz data that is not a model input
-    progress: bool = False
     analyze: bool = False
 
 
@@ -86,7 +85,7 @@ def optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, opti
         model = loaded.model if retreat == 0 else load_model(input_path).model
         context = PassContext(calibration=calibration, threads=options.threads, budget=budget,
                               cache_dir=str(options.cache_dir) if options.cache_dir else None,
-                              progress=options.progress, analyze=options.analyze, retreat=retreat)
+                              analyze=options.analyze, retreat=retreat)
         pipeline = Pipeline(recipe.passes, check=check_loadable, context=context)
         try:
             result = pipeline.run(model)

@@ -29,7 +29,7 @@ from typing import Any
 from graphopt import __version__
 from graphopt.describe import describe
 from graphopt.errors import GateFailed, InputError, UsageError
-from graphopt.io import LoadedModel, fsync_dir, load_model, remove_stale_staging
+from graphopt.io import LoadedModel, fsync_dir, load_model, remove_stale_staging, save_model
 from graphopt.report import to_json
 from graphopt.targets import Target, check_model, load_target
 from graphopt.targets.ortformat import convert_to_ort
@@ -87,11 +87,13 @@ def package(model_path: str | os.PathLike, output: str | os.PathLike, options: P
     try:
         bundle = staging / "bundle"
         names = _bundle_names(loaded)
-        _copy_model(loaded, bundle, names["model"])
+        normalized = _copy_model(loaded, bundle, names["model"])
         conversion = _convert(bundle / names["model"], bundle, names, target, staging / "convert")
         verification = _verify(bundle / names["model"], bundle / names["ort"], feeds, options,
                                stored_level=_stored_level(conversion["optimization_level"]))
         manifest = _manifest(loaded, names, target, conversion, verification, report)
+        if normalized:
+            manifest["model"]["normalized"] = normalized
         files = [_file_entry(bundle, name) for name in _bundle_files(bundle)]
         (bundle / SUMMARY).write_text(_summary_text(manifest, files), encoding="utf-8")
         manifest["files"] = [_file_entry(bundle, SUMMARY), *files]
@@ -195,14 +197,26 @@ def _bundle_names(loaded: LoadedModel) -> dict[str, str]:
     return names
 
 
-def _copy_model(loaded: LoadedModel, bundle: Path, name: str) -> None:
-    """The .onnx and its external data, byte for byte, at the same relative paths."""
+def _copy_model(loaded: LoadedModel, bundle: Path, name: str) -> str | None:
+    """The .onnx and its external data, byte for byte, at the same relative paths — except a
+    legacy IR 3 model whose initializers are also graph inputs: those inputs are dropped (the
+    initializers become constants, IR 4), because the ORT format would otherwise keep them as
+    inputs the app must feed. Returns what was changed, for the manifest."""
     bundle.mkdir()
+    legacy = [v for v in loaded.model.graph.inputs if v.name in loaded.model.graph.initializers]
+    if loaded.model.ir_version < 4 and legacy and not loaded.has_external_data:
+        model = loaded.model.clone()
+        model.graph.inputs[:] = [v for v in model.graph.inputs if v.name not in model.graph.initializers]
+        model.ir_version = 4
+        save_model(model, bundle / name)
+        return (f"IR {loaded.model.ir_version} -> 4: {len(legacy)} initializers were also graph inputs; "
+                "they are constants in the bundle")
     shutil.copyfile(loaded.path, bundle / name)
     for data in loaded.files[1:]:
         target = bundle / data.relative_to(loaded.path.parent)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(data, target)
+    return None
 
 
 def _convert(model: Path, bundle: Path, names: dict[str, str], target: Target | None, work: Path) -> dict[str, Any]:

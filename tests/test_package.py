@@ -420,3 +420,19 @@ def test_a_killed_runs_staging_folder_is_removed_by_the_next_run(model_path, tmp
     os.utime(left, (old, old))
     assert package(model_path, out) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["in", "bundle.zip"])
+
+
+def test_a_legacy_ir3_model_with_initializers_as_inputs_is_packaged(tmp_path, capsys):
+    """Model-zoo files of IR 3 list every initializer as a graph input too; the ORT format kept
+    those as inputs the app would have to feed, so the bundle makes them constants (IR 4)."""
+    source = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light" / "light_squeezenet.onnx"
+    out = tmp_path / "sq.zip"
+
+    assert main(["package", str(source), "-o", str(out), "-q"]) == 0, capsys.readouterr().err
+
+    with zipfile.ZipFile(out) as bundle:
+        manifest = json.loads(bundle.read("manifest.json"))
+        model = onnx.load_from_string(bundle.read("light_squeezenet.onnx"))
+    assert manifest["model"]["normalized"].startswith("IR 3 -> 4: ")
+    assert [i.name for i in model.graph.input] == ["data_0"] and model.ir_version == 4
+    assert manifest["verification"]["parity"]["max_abs"] <= 1e-4

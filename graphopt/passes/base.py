@@ -28,7 +28,6 @@ class PassContext:
     budget: Any = None  # graphopt.verify.judge.Budget the result must meet
     retreat: int = 0  # the final check missed the budget this many times: searching passes step further down
     activation_stats: Any = None  # name -> TensorStats measured on the float model, reused by trials
-    progress: bool = False  # show progress bars on stderr (the CLI on a terminal)
     analyze: bool = False  # passes may spend extra time to explain their choices (layer reports)
 
 

@@ -80,6 +80,7 @@ class Pipeline:
     def run(self, model: ir.Model) -> PipelineResult:
         steps = []
         for index, pass_ in enumerate(self.passes, start=1):
+            logger.info("[%d/%d] %s …", index, len(self.passes), pass_.name)
             model, record = self._run_one(pass_, model)
             steps.append(record)
             summary = ", ".join(f"{k} {v}" for k, v in record.changes.items() if v) or "no change"

@@ -222,10 +222,9 @@ def _loader(data: Any, options: DistillOptions, *, shuffle: bool) -> tuple[Itera
 
 
 def _progress(total: int | None, options: DistillOptions, description: str) -> Any:
-    from tqdm.auto import tqdm
+    from graphopt.progress import Progress
 
-    return tqdm(total=total, desc=description, disable=options.quiet or _rank() != 0, leave=False,
-                dynamic_ncols=True, unit="batch")
+    return Progress(description, total, unit="batch", enabled=not options.quiet and _rank() == 0)
 
 
 def _length(data: Iterable[Any]) -> int | None:
@@ -345,8 +344,7 @@ def distill(
                     optimizer.step()
                     scheduler.step()
                     loss_sum, batches = loss_sum + float(loss.detach()), batches + 1
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss_sum / batches:.4f}")
+                    bar.update(1, loss=f"{loss_sum / batches:.4f}")
                     if not _distributed() and _over_budget(started, options):
                         break
             if not batches:

@@ -37,6 +37,7 @@ from graphopt.passes.quantize.static import StaticPlan, apply_static, calibrate_
 from graphopt.passes.quantize.targets import WEIGHT_OPS, WeightUse, weight_use, weight_uses
 from graphopt.passes.quantize.weight_only import QuantizeWeightsPass
 from graphopt.passes.registry import register
+from graphopt.progress import progress
 from graphopt.verify.judge import Judge, Verdict, hold_out, run_budget
 
 logger = logging.getLogger(__name__)
@@ -141,7 +142,7 @@ class QuantizeInt8Pass(GraphoptPass):
         stats = collect(model, names, split.tune, threads=1)
         build = _Builder(model, uses, split.tune, self.options, dataclasses.replace(self.context, activation_stats=stats))
         choices = self._speed_choices(uses, stats)
-        ladder = _Ladder(choices, build, judge, self.context.progress)
+        ladder = _Ladder(choices, build, judge)
         verdict = judge.verdict(build(choices))
         if ladder.compute and (not verdict.meets_target or self.options.sensitivity or self.context.analyze):
             ladder.measure("weight-only")
@@ -223,11 +224,10 @@ def _notes(verdict: Verdict, final: list[LayerChoice], weak: bool) -> list[str]:
 class _Ladder:
     """The rungs from the speed choices down to all float, in the order they are taken."""
 
-    def __init__(self, choices: list[LayerChoice], build: _Builder, judge: Judge, progress: bool) -> None:
+    def __init__(self, choices: list[LayerChoice], build: _Builder, judge: Judge) -> None:
         self.choices = choices
         self.build = build
         self.judge = judge
-        self.progress = progress
         self.compute = [c for c in choices if c.mode in ("dynamic", "static")]
         self.initial = {c.node: c.mode for c in choices}
         self.measured: set[str] = set()
@@ -254,7 +254,7 @@ class _Ladder:
                     "int8 compute" if step == "weight-only" else "weight-only")
         float_plan = [dataclasses.replace(c, mode="float") for c in self.choices]
         label = "alone in int8" if step == "weight-only" else "alone weight-only"
-        for layer in _progress(layers, label, self.progress):
+        for layer in progress(layers, f"int8: {label}", unit="layer"):
             single = [dataclasses.replace(c, mode=form[layer.node]) if c.node == layer.node else c for c in float_plan]
             verdict = self.judge.verdict(self.build(single), optimize=False, limit=PROBE_FEEDS)
             if step == "weight-only":
@@ -413,15 +413,6 @@ def _numbers(entry: dict[str, Any]) -> dict[str, Any]:
     keys = ("input_scale", "input_zero_point", "output_scale", "weight_relative_error", "relative_error",
             "smoothed", "scale_min", "scale_max", "bias_overflow_channels")
     return {key: entry[key] for key in keys if key in entry}
-
-
-def _progress(items: list, label: str, enabled: bool):
-    """A progress bar on stderr when the caller asked for one (the CLI, on a terminal)."""
-    if not enabled:
-        return items
-    from tqdm import tqdm
-
-    return tqdm(items, desc=label, unit="layer", leave=False)
 
 
 def _cores() -> int:
