@@ -436,3 +436,21 @@ def test_a_legacy_ir3_model_with_initializers_as_inputs_is_packaged(tmp_path, ca
     assert manifest["model"]["normalized"].startswith("IR 3 -> 4: ")
     assert [i.name for i in model.graph.input] == ["data_0"] and model.ir_version == 4
     assert manifest["verification"]["parity"]["max_abs"] <= 1e-4
+
+
+def test_cpu_minimal_takes_what_graphopt_emits_for_transformers():
+    """graphopt's int8 MiniLM: attention fused into com.microsoft:MultiHeadAttention, the sdpa
+    NaN guard (IsNaN, Where), mask arithmetic (And, GreaterOrEqual) and ReduceL2 pooling."""
+    import onnx_ir as ir
+
+    from graphopt.targets import check_model
+
+    nodes = [
+        helper.make_node("IsNaN", ["X"], ["nan"]), helper.make_node("GreaterOrEqual", ["X", "X"], ["ge"]),
+        helper.make_node("And", ["nan", "ge"], ["both"]), helper.make_node("Where", ["both", "X", "X"], ["w"]),
+        helper.make_node("ReduceL2", ["w"], ["n"], keepdims=1),
+        helper.make_node("MultiHeadAttention", ["w", "w", "w"], ["Y"], domain="com.microsoft", num_heads=1),
+    ]
+    graph = helper.make_graph(nodes, "t", [tensor("X", [1, 2, 4])], [tensor("Y", [1, 2, 4]), tensor("n", [1, 1, 1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    check_model(load_target("cpu-minimal"), ir.serde.deserialize_model(model), "t.onnx")
