@@ -21,9 +21,18 @@ from graphopt.errors import (  # noqa: E402
 )
 
 
+# Imported on first use: onnx, onnx-ir and numpy load only then, so that the command line starts
+# without them and handles Ctrl-C during start-up (exit 130, one line).
+_LAZY_MODULES = ("api", "passes", "verify", "recipe")
+
+
 def __getattr__(name: str):  # noqa: ANN202
-    """``load_model`` and ``save_model`` import onnx on first use: the command line starts
-    without it, so that Ctrl-C during start-up is already handled (exit 130, one line)."""
+    """``graphopt.api`` (the typed Python API), ``graphopt.passes``, ``graphopt.verify``,
+    ``graphopt.recipe``; ``load_model`` and ``save_model`` from ``graphopt.io``."""
+    import importlib
+
+    if name in _LAZY_MODULES:
+        return importlib.import_module(f"graphopt.{name}")
     if name in ("load_model", "save_model"):
         from graphopt import io
 
@@ -42,6 +51,7 @@ __all__ = [
     "UnsupportedModelError",
     "UsageError",
     "__version__",
+    "api",
     "load_model",
     "save_model",
 ]

@@ -317,90 +317,58 @@ def _check_output_folders(*paths: str | None) -> None:
             raise UsageError(f"{path}: is a folder; give a file name to write")
 
 
-def _load_pair_feeds(args: argparse.Namespace, base: Any, candidate: Any) -> Any:
-    from graphopt.verify.feeds import input_specs, load_feeds, parse_shape_overrides
-
-    specs = input_specs(base.model)
-    cand_specs = input_specs(candidate.model)
-    if [(s.name, s.dtype) for s in specs] != [(s.name, s.dtype) for s in cand_specs]:
-        raise DataError(
-            f"{Path(args.candidate).name} takes inputs {[s.describe() for s in cand_specs]}, "
-            f"{Path(args.base).name} takes {[s.describe() for s in specs]}"
-        )
-    return load_feeds(args.data, specs, batch_size=args.batch_size,
-                      shapes=parse_shape_overrides(args.shape), seed=args.seed,
-                      extra_keys=[args.labels] if getattr(args, "labels", None) else ())
-
-
 def cmd_check(args: argparse.Namespace) -> int:
-    from graphopt.io import load_model
+    from graphopt.api import check
     from graphopt.report import check_markdown, checks_text, junit_xml, to_json, write_text
-    from graphopt.verify.compare import compare_files
-    from graphopt.verify.judge import Budget
-    from graphopt.verify.kinds import output_kinds
+    from graphopt.verify.feeds import parse_shape_overrides
+    from graphopt.verify.gate import CheckResult
 
     started = time.perf_counter()
     _check_output_folders(args.json_out, args.junit, args.markdown)
     cv_checks, cv_result = _cv_gate(args, Path(args.base), Path(args.candidate))
-    base, candidate = load_model(args.base), load_model(args.candidate)
-    feeds = _load_pair_feeds(args, base, candidate)
     thresholds = _thresholds(args)
-    comparison = compare_files(
-        base.path, candidate.path, feeds,
-        thresholds=thresholds,
-        base_bytes=base.file_bytes,
-        candidate_bytes=candidate.file_bytes,
-        measure_latency=thresholds.needs_latency() if args.latency is None else args.latency,
-        threads=args.threads,
-        extra_checks=cv_checks,
-        budget=Budget.resolve(thresholds, output_kinds(base.model)),
-    )
-    data = comparison.to_dict()
+    try:
+        data = check(args.base, args.candidate, data=args.data, labels=args.labels, latency=args.latency,
+                     threads=args.threads, batch_size=args.batch_size, shapes=parse_shape_overrides(args.shape),
+                     seed=args.seed, extra_checks=cv_checks, **thresholds.stated())
+        failure = None
+    except GateFailed as exc:
+        data, failure = exc.report, exc  # type: ignore[attr-defined]
     if cv_result is not None:
         data["cross_validation"] = cv_result
+    checks = [CheckResult(**c) for c in data["checks"]]
     if args.json_out:
         write_text(args.json_out, to_json(data))
     if args.junit:
-        write_text(args.junit, junit_xml(comparison.checks, suite="graphopt.check",
-                                         seconds=time.perf_counter() - started))
+        write_text(args.junit, junit_xml(checks, suite="graphopt.check", seconds=time.perf_counter() - started))
     if args.markdown:
         write_text(args.markdown, check_markdown(data))
     if not args.quiet:
         print(checks_text(data["checks"]))
-    failed = [c for c in comparison.checks if not c.passed]
-    if failed:
-        raise GateFailed("check failed: " + "; ".join(f"{c.name}: {c.message}" for c in failed))
+    if failure is not None:
+        raise failure
     if not args.quiet:
-        print(f"check passed ({len(comparison.checks)} checks, {feeds.samples} samples"
-              + (", random inputs" if feeds.synthetic else "") + ")")
+        print(f"check passed ({len(checks)} checks, {data['data']['samples']} samples"
+              + (", random inputs" if data["data"]["synthetic"] else "") + ")")
     return EXIT_OK
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from graphopt.io import load_model
+    from graphopt.api import bench
     from graphopt.report import to_json, write_text
-    from graphopt.verify.feeds import input_specs, load_feeds, parse_shape_overrides
-    from graphopt.verify.latency import measure, peak_memory
-    from graphopt.verify.runtime import default_threads, make_session
+    from graphopt.verify.feeds import parse_shape_overrides
 
     _check_output_folders(args.json_out)
-    loaded = load_model(args.model)
-    feeds = load_feeds(args.data, input_specs(loaded.model), batch_size=args.batch_size,
-                       shapes=parse_shape_overrides(args.shape), seed=args.seed,
-                       extra_keys=[args.labels] if args.labels else ())
-    threads = args.threads or default_threads()
-    with peak_memory() as peak:
-        session = make_session(loaded.path, optimize=True, threads=threads)
-        stats = measure(session, feeds.feeds, warmup=args.warmup, runs=args.runs, max_seconds=30.0)
-    result = {"model": str(loaded.path), "threads": threads, "batch_size": feeds.batch_size,
-              "data": feeds.describe(), **vars(stats), "peak_rss_mib": peak()}
+    result = bench(args.model, data=args.data, labels=args.labels, runs=args.runs, warmup=args.warmup,
+                   threads=args.threads, batch_size=args.batch_size, shapes=parse_shape_overrides(args.shape),
+                   seed=args.seed)
     if args.json_out:
         write_text(args.json_out, to_json(result))
-    peak_text = f", peak RSS {result['peak_rss_mib']:.0f} MiB" if result["peak_rss_mib"] else ""
     if args.quiet and args.json_out:
         return EXIT_OK
-    print(f"{loaded.path.name}: median {stats.median_ms:.3f} ms, p90 {stats.p90_ms:.3f} ms over {stats.runs} runs "
-          f"({_count(threads, 'thread')}{peak_text}; {feeds.source})")
+    peak_text = f", peak RSS {result['peak_rss_mib']:.0f} MiB" if result["peak_rss_mib"] else ""
+    print(f"{Path(result['model']).name}: median {result['median_ms']:.3f} ms, p90 {result['p90_ms']:.3f} ms over "
+          f"{result['runs']} runs ({_count(result['threads'], 'thread')}{peak_text}; {result['data']['source']})")
     return EXIT_OK
 
 

@@ -21,7 +21,7 @@ from graphopt.passes import Pipeline, PipelineResult
 from graphopt.passes.base import PassContext
 from graphopt.recipe import Recipe, load_recipe
 from graphopt.verify.compare import compare_files, reference_outputs
-from graphopt.verify.feeds import FeedSet, input_specs, load_feeds
+from graphopt.verify.feeds import DataSource, FeedSet, input_specs, load_feeds
 from graphopt.verify.gate import CheckResult, Thresholds, failures
 from graphopt.verify.judge import Budget
 from graphopt.verify.kinds import output_kinds
@@ -33,8 +33,8 @@ logger = logging.getLogger(__name__)
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class OptimizeOptions:
     recipe: str | Path = "lossless"
-    data: str | Path | None = None
-    calib: str | Path | None = None
+    data: DataSource = None  # a path or arrays (verify.feeds.load_feeds)
+    calib: DataSource = None
     cache_dir: str | Path | None = None
     batch_size: int = 1
     shapes: Mapping[str, Sequence[int]] = dataclasses.field(default_factory=dict)
@@ -69,7 +69,7 @@ def optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, opti
     specs = input_specs(loaded.model)
     extra = [options.labels] if options.labels else []
     calibration = load_feeds(options.calib, specs, batch_size=options.batch_size, extra_keys=extra) \
-        if options.calib else None
+        if options.calib is not None else None
     if options.data is None and calibration is not None:
         # Better evidence than random inputs, but not unseen: the report says so.
         feeds = dataclasses.replace(calibration, source=f"{calibration.source} (calibration data, not held out)")

@@ -33,6 +33,7 @@ from graphopt.io import LoadedModel, fsync_dir, load_model, remove_stale_staging
 from graphopt.report import to_json
 from graphopt.targets import Target, check_model, load_target
 from graphopt.targets.ortformat import convert_to_ort
+from graphopt.verify.feeds import DataSource
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ _MODEL_KEYS = ("ir_version", "producer", "opsets", "inputs", "outputs", "nodes",
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PackageOptions:
-    data: str | Path | None = None
+    data: DataSource = None
     batch_size: int = 1
     shapes: Mapping[str, Sequence[int]] = dataclasses.field(default_factory=dict)
     seed: int = 0
@@ -68,7 +69,8 @@ def package(model_path: str | os.PathLike, output: str | os.PathLike, options: P
     out = Path(output)
     as_zip = out.suffix.lower() == ".zip"
     target = load_target(options.target) if options.target is not None else None
-    _check_output(out, as_zip, [Path(model_path), *(Path(p) for p in (options.report, options.data) if p)])
+    paths = [p for p in (options.report, options.data) if isinstance(p, (str, os.PathLike))]
+    _check_output(out, as_zip, [Path(model_path), *(Path(p) for p in paths)])
     loaded = load_model(model_path)
     _check_output(out, as_zip, list(loaded.files))
     if target is not None:
@@ -76,7 +78,7 @@ def package(model_path: str | os.PathLike, output: str | os.PathLike, options: P
     report = _load_report(Path(options.report)) if options.report else None
     feeds = load_feeds(options.data, input_specs(loaded.model), batch_size=options.batch_size,
                        shapes=options.shapes, seed=options.seed)
-    if options.data is not None:
+    if isinstance(options.data, (str, os.PathLike)):
         feeds.source = Path(feeds.source).name  # the manifest names nothing of the machine
 
     # Named like optimize's (with the PID) so that a killed run's folder is recognised and removed

@@ -79,6 +79,12 @@ class GraphoptPass(ir.passes.PassBase):
             raise DataError(f"pass '{self.name}' needs calibration data: give --calib DATA")
         return self.context.calibration
 
+    def __call__(self, model: Any) -> PassResult:  # type: ignore[override]
+        """Run on an ``onnx_ir.Model``, or on what ``graphopt.load_model`` returned."""
+        from graphopt.io import LoadedModel
+
+        return super().__call__(model.model if isinstance(model, LoadedModel) else model)
+
     def needs_calibration(self) -> bool:
         """Whether this pass, as configured, cannot run without calibration data: a run
         without ``--calib`` is refused before any pass starts."""

@@ -106,8 +106,13 @@ def parse_shape_overrides(items: Sequence[str]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+# Where data comes from: a path (.npz, folder of .npz, ONNX test data), arrays stacked on axis 0
+# by input name, a list of complete feeds, or None (random feeds).
+DataSource = str | Path | Mapping[str, np.ndarray] | Sequence[Mapping[str, np.ndarray]] | None
+
+
 def load_feeds(
-    source: str | Path | None,
+    source: DataSource,
     specs: Sequence[InputSpec],
     *,
     batch_size: int = 1,
@@ -116,7 +121,8 @@ def load_feeds(
     random_samples: int = 8,
     extra_keys: Sequence[str] = (),
 ) -> FeedSet:
-    """Feeds from ``source`` (any supported format) or random ones when it is None.
+    """Feeds from ``source`` (any supported format, or arrays: a dict of input name to samples
+    stacked on axis 0, or a list of complete feeds) or random ones when it is None.
 
     ``extra_keys`` are arrays an ``.npz`` may carry besides inputs (labels) and that are
     not fed to the model.
@@ -125,6 +131,20 @@ def load_feeds(
         raise DataError(f"batch size must be >= 1, got {batch_size}")
     if source is None:
         return random_feeds(specs, shapes=shapes or {}, seed=seed, count=random_samples, batch_size=batch_size)
+    if isinstance(source, Mapping):  # arrays in memory, samples stacked on axis 0, as in an .npz
+        arrays = {str(k): np.asarray(v) for k, v in source.items()}
+        return FeedSet(batched_feeds(arrays, specs, batch_size, "data", extra_keys), "arrays", False)
+    if isinstance(source, Sequence) and not isinstance(source, (str, bytes)):  # complete feeds
+        feeds = []
+        for index, feed in enumerate(source):
+            if not isinstance(feed, Mapping):
+                raise DataError(f"data[{index}]: expected a dict of input name to array, got {type(feed).__name__}")
+            arrays = {str(k): np.asarray(v) for k, v in feed.items() if k not in extra_keys}
+            _check_feed(arrays, specs, f"data[{index}]", batched=False)
+            feeds.append(arrays)
+        if not feeds:
+            raise DataError("data: an empty list of feeds")
+        return FeedSet(feeds, f"{len(feeds)} feeds given as arrays", False)
     path = Path(source)
     if not path.exists():
         raise DataError(f"{path}: no such file or folder")
