@@ -34,8 +34,11 @@ def optimize(model: PathLike, output: PathLike, *, recipe: str | Path = "lossles
              max_abs: float | None = None, min_top1: float | None = None, max_latency_ratio: float | None = None,
              max_size_ratio: float | None = None, latency: bool = True, threads: int | None = None,
              batch_size: int = 1, shapes: Mapping[str, Sequence[int]] | None = None, seed: int = 0,
-             cache_dir: PathLike | None = None, external_data: bool | None = None) -> dict[str, Any]:
-    """``graphopt optimize``: the report; the verified model is at ``output``."""
+             cache_dir: PathLike | None = None, external_data: bool | None = None, exclude: Sequence[str] = (),
+             fix_shapes: Mapping[str, Sequence[int]] | None = None) -> dict[str, Any]:
+    """``graphopt optimize``: the report; the verified model is at ``output``. ``exclude``: glob
+    patterns of node names, op types or weight names no lossy pass may touch; ``fix_shapes``:
+    static shapes the written model's inputs get."""
     from graphopt.optimize import OptimizeOptions
     from graphopt.optimize import optimize as run
     from graphopt.verify.gate import Thresholds
@@ -45,14 +48,15 @@ def optimize(model: PathLike, output: PathLike, *, recipe: str | Path = "lossles
     return run(model, output, OptimizeOptions(
         recipe=recipe, data=data, calib=calib, labels=labels, thresholds=thresholds, measure_latency=latency,
         threads=threads, batch_size=batch_size, shapes=dict(shapes or {}), seed=seed, cache_dir=cache_dir,
-        external_data=external_data))
+        external_data=external_data, exclude=tuple(exclude),
+        fix_shapes=tuple(f"{name}={','.join(map(str, dims))}" for name, dims in (fix_shapes or {}).items())))
 
 
 def check(base: PathLike, candidate: PathLike, *, data: DataSource = None, labels: str | None = None,
           min_cosine: float | None = None, max_abs: float | None = None, min_top1: float | None = None,
           max_latency_ratio: float | None = None, max_size_ratio: float | None = None, latency: bool | None = None,
           threads: int | None = None, batch_size: int = 1, shapes: Mapping[str, Sequence[int]] | None = None,
-          seed: int = 0, extra_checks: Sequence[Any] = ()) -> dict[str, Any]:
+          seed: int = 0, extra_checks: Sequence[Any] = (), provider: str | None = None) -> dict[str, Any]:
     """``graphopt check``: the comparison (``passed``, ``checks``, ``parity``, ``latency``…).
     Raises ``GateFailed`` naming every failed check, with the comparison as ``.report``."""
     from graphopt.io import load_model
@@ -76,6 +80,7 @@ def check(base: PathLike, candidate: PathLike, *, data: DataSource = None, label
         base_bytes=base_model.file_bytes, candidate_bytes=candidate_model.file_bytes,
         measure_latency=thresholds.needs_latency() if latency is None else latency, threads=threads,
         extra_checks=list(extra_checks), budget=Budget.resolve(thresholds, output_kinds(base_model.model)),
+        provider=provider,
     )
     result = comparison.to_dict()
     failed = [c for c in comparison.checks if not c.passed]
@@ -89,7 +94,7 @@ def check(base: PathLike, candidate: PathLike, *, data: DataSource = None, label
 
 def bench(model: PathLike, *, data: DataSource = None, labels: str | None = None, runs: int = 100, warmup: int = 5,
           threads: int | None = None, batch_size: int = 1, shapes: Mapping[str, Sequence[int]] | None = None,
-          seed: int = 0, max_seconds: float = 30.0) -> dict[str, Any]:
+          seed: int = 0, max_seconds: float = 30.0, provider: str | None = None) -> dict[str, Any]:
     """``graphopt bench``: median and p90 latency of ``model`` as deployed, and its peak memory."""
     from graphopt.io import load_model
     from graphopt.verify.feeds import input_specs, load_feeds
@@ -102,9 +107,10 @@ def bench(model: PathLike, *, data: DataSource = None, labels: str | None = None
     threads = threads or default_threads()
     started = time.perf_counter()
     with peak_memory() as peak:
-        session = make_session(loaded.path, optimize=True, threads=threads)
+        session = make_session(loaded.path, optimize=True, threads=threads, provider=provider)
         stats = measure(session, feeds.feeds, warmup=warmup, runs=runs, max_seconds=max_seconds)
-    return {"model": str(loaded.path), "threads": threads, "batch_size": feeds.batch_size, "data": feeds.describe(),
+    return {"model": str(loaded.path), "provider": provider or "CPUExecutionProvider", "threads": threads,
+            "batch_size": feeds.batch_size, "data": feeds.describe(),
             **vars(stats), "peak_rss_mib": peak(), "seconds": round(time.perf_counter() - started, 3)}
 
 

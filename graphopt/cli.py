@@ -63,6 +63,11 @@ def _add_data(parser: argparse.ArgumentParser, flag: str = "--data") -> None:
                         "input: it is left out of the feeds (and is what check --cv scores against)")
 
 
+def _add_provider(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--provider", metavar="NAME", help="onnxruntime execution provider to run the candidate on "
+                        "(default CPUExecutionProvider; the reference always runs on the CPU)")
+
+
 def _add_thresholds(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("thresholds (each optional; only stated ones are checked)")
     group.add_argument("--min-cosine", type=float, help="mean per-sample cosine similarity to the base, at least")
@@ -108,6 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help="per-machine speed profile cache (default ~/.cache/graphopt)")
     p.add_argument("--latency", action=argparse.BooleanOptionalAction, default=True,
                    help="measure before/after latency (default: on; --no-latency skips it)")
+    p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                   help="leave nodes alone in every quantizing, pruning and factorizing pass: a glob over node "
+                   "names, op types (e.g. Conv) or weight names (repeatable)")
+    p.add_argument("--fix-shape", action="append", default=[], metavar="NAME=D1,D2,...",
+                   help="write the model with this static input shape (verified on data of that shape; repeatable)")
     p.add_argument("--external-data", action=argparse.BooleanOptionalAction, default=None,
                    help="store weights in OUTPUT.data (default: as the input, or above ~1.8 GB)")
     _add_data(p)
@@ -120,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("candidate")
     p.add_argument("--latency", action=argparse.BooleanOptionalAction, default=None,
                    help="measure latency (default: only when --max-latency-ratio is given)")
+    _add_provider(p)
     p.add_argument("--json", dest="json_out", metavar="FILE", help="write the JSON report")
     p.add_argument("--junit", metavar="FILE", help="write JUnit XML (one testcase per threshold)")
     p.add_argument("--markdown", metavar="FILE", help="write a Markdown summary for a pull request")
@@ -133,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--runs", type=_positive_int, default=100, help="timed runs (default 100, at most 30 s)")
     p.add_argument("--warmup", type=int, default=5)
+    _add_provider(p)
     p.add_argument("--json", dest="json_out", metavar="FILE", help="write the result as JSON")
     _add_data(p)
     _add_common(p)
@@ -241,6 +253,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         external_data=args.external_data,
         seed=args.seed,
         labels=args.labels,
+        exclude=tuple(args.exclude),
+        fix_shapes=tuple(args.fix_shape),
         analyze=bool(args.html or args.layers_markdown),
     )
     _refuse_same_path(args.model, args.output)
@@ -330,7 +344,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     try:
         data = check(args.base, args.candidate, data=args.data, labels=args.labels, latency=args.latency,
                      threads=args.threads, batch_size=args.batch_size, shapes=parse_shape_overrides(args.shape),
-                     seed=args.seed, extra_checks=cv_checks, **thresholds.stated())
+                     seed=args.seed, extra_checks=cv_checks, provider=args.provider, **thresholds.stated())
         failure = None
     except GateFailed as exc:
         data, failure = exc.report, exc  # type: ignore[attr-defined]
@@ -361,7 +375,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     _check_output_folders(args.json_out)
     result = bench(args.model, data=args.data, labels=args.labels, runs=args.runs, warmup=args.warmup,
                    threads=args.threads, batch_size=args.batch_size, shapes=parse_shape_overrides(args.shape),
-                   seed=args.seed)
+                   seed=args.seed, provider=args.provider)
     if args.json_out:
         write_text(args.json_out, to_json(result))
     if args.quiet and args.json_out:

@@ -19,6 +19,7 @@ from graphopt.errors import DataError, GateFailed, UnsupportedModelError
 from graphopt.io import LoadedModel, load_model, staged_save
 from graphopt.passes import Pipeline, PipelineResult
 from graphopt.passes.base import PassContext
+from graphopt.passes.fix_shapes import FixInputShapesPass
 from graphopt.recipe import Recipe, load_recipe
 from graphopt.verify.compare import compare_files, reference_outputs
 from graphopt.verify.feeds import DataSource, FeedSet, input_specs, load_feeds
@@ -44,6 +45,8 @@ class OptimizeOptions:
     external_data: bool | None = None
     seed: int = 0
     labels: str | None = None  # an array in the .npz data that is not a model input
+    exclude: tuple[str, ...] = ()  # glob patterns of nodes, op types or weights no lossy pass may touch
+    fix_shapes: tuple[str, ...] = ()  # "NAME=D1,D2,..": inputs written with these static shapes
     analyze: bool = False
 
 
@@ -62,11 +65,17 @@ def optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, opti
     """
     started = time.perf_counter()
     recipe = load_recipe(options.recipe)
+    if options.fix_shapes:
+        fix = FixInputShapesPass(shapes=tuple(options.fix_shapes))
+        recipe = dataclasses.replace(recipe, passes=(fix, *recipe.passes))
     needing = [p.name for p in recipe.passes if p.needs_calibration()]
     if needing and options.calib is None:
         raise DataError(f"recipe '{recipe.name}' needs calibration data for {', '.join(needing)}: give --calib DATA")
     loaded = load_model(input_path)
     specs = input_specs(loaded.model)
+    if options.fix_shapes:  # the data must have the shapes the written model will take
+        fix.validate(loaded.model)
+        specs = [dataclasses.replace(s, shape=fix.fixed.get(s.name, s.shape)) for s in specs]
     extra = [options.labels] if options.labels else []
     calibration = load_feeds(options.calib, specs, batch_size=options.batch_size, extra_keys=extra) \
         if options.calib is not None else None
@@ -85,7 +94,7 @@ def optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, opti
         model = loaded.model if retreat == 0 else load_model(input_path).model
         context = PassContext(calibration=calibration, threads=options.threads, budget=budget,
                               cache_dir=str(options.cache_dir) if options.cache_dir else None,
-                              analyze=options.analyze, retreat=retreat)
+                              analyze=options.analyze, retreat=retreat, exclude=tuple(options.exclude))
         pipeline = Pipeline(recipe.passes, check=check_loadable, context=context)
         try:
             result = pipeline.run(model)

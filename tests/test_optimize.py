@@ -130,3 +130,56 @@ def test_a_final_check_that_contradicts_a_search_sends_it_further_down(tmp_path,
     assert data["retreats"] == 1 and data["steps"][0]["details"] == {"retreat": 1}
 
 
+
+
+def _two_layer_model(rng: np.random.Generator) -> onnx.ModelProto:
+    w1 = rng.standard_normal((64, 64)).astype(np.float32) * 0.2
+    w2 = rng.standard_normal((64, 64)).astype(np.float32) * 0.2
+    return make_model(
+        [helper.make_node("MatMul", ["X", "W1"], ["h"], name="first"),
+         helper.make_node("Relu", ["h"], ["r"], name="relu"),
+         helper.make_node("MatMul", ["r", "W2"], ["features"], name="second")],
+        [tensor("X", ["N", 64])], [tensor("features", ["N", 64])], [w1, w2], names=["W1", "W2"],
+    )
+
+
+@pytest.mark.parametrize(("recipe", "pattern"), [("int8", "second"), ("int8", "W2"), ("codebook4", "sec*")])
+def test_excluded_nodes_stay_float_in_every_lossy_recipe(recipe, pattern, tmp_path, rng, capsys):
+    proto = _two_layer_model(rng)
+    path, out = save(proto, tmp_path / "m.onnx"), tmp_path / "out.onnx"
+    np.savez(tmp_path / "c.npz", X=rng.standard_normal((16, 64)).astype(np.float32))
+
+    code = main(["optimize", str(path), "-o", str(out), "--recipe", recipe, "--calib", str(tmp_path / "c.npz"),
+                 "--exclude", pattern, "--no-latency", "-q", "--min-cosine", "0.9"])
+
+    assert code == 0, capsys.readouterr().err
+    written = onnx.load(out)
+    second = next(n for n in written.graph.node if n.name == "second")
+    weights = {t.name: t for t in written.graph.initializer}
+    assert second.input[1] == "W2" and weights["W2"].data_type == onnx.TensorProto.FLOAT
+    np.testing.assert_array_equal(numpy_helper.to_array(weights["W2"]), numpy_helper.to_array(proto.graph.initializer[1]))
+    assert "W1" not in weights or weights["W1"].data_type != onnx.TensorProto.FLOAT  # the other layer was encoded
+
+
+def test_prune_channels_leaves_excluded_layers_whole(tmp_path, rng, capsys):
+    from graphopt.passes import get_pass
+    from graphopt.passes.base import PassContext
+
+    model = ir.serde.deserialize_model(_two_layer_model(rng))
+    pass_ = get_pass("prune-channels")(amount=0.5)
+    pass_.context = PassContext(exclude=("first",))
+    result = pass_(model)
+    assert not result.modified and model.graph.initializers["W1"].const_value.shape == (64, 64)
+
+
+def test_fix_shape_writes_static_input_shapes_and_verifies_them(tmp_path, rng, capsys):
+    path, out = save(linear_model(rng), tmp_path / "m.onnx"), tmp_path / "out.onnx"
+
+    assert main(["optimize", str(path), "-o", str(out), "--fix-shape", "X=3,8", "--no-latency", "-q"]) == 0
+
+    dims = [d.dim_value for d in onnx.load(out).graph.input[0].type.tensor_type.shape.dim]
+    assert dims == [3, 8]
+    assert run(out, {"X": np.ones((3, 8), np.float32)})[0].shape == (3, 4)
+    assert main(["optimize", str(path), "-o", str(tmp_path / "bad.onnx"), "--fix-shape", "X=3,9", "-q"]) == 2
+    assert "--fix-shape X: axis 1 is fixed at 8 in the model, not 9" in capsys.readouterr().err
+    assert not (tmp_path / "bad.onnx").exists()

@@ -27,6 +27,7 @@ class PassContext:
     cache_dir: str | None = None
     budget: Any = None  # graphopt.verify.judge.Budget the result must meet
     retreat: int = 0  # the final check missed the budget this many times: searching passes step further down
+    exclude: tuple[str, ...] = ()  # glob patterns (node names, op types, weight names) no lossy pass may touch
     activation_stats: Any = None  # name -> TensorStats measured on the float model, reused by trials
     analyze: bool = False  # passes may spend extra time to explain their choices (layer reports)
 

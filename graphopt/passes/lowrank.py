@@ -33,7 +33,7 @@ import onnx_ir as ir
 
 from graphopt.errors import PassFailed, RecipeError
 from graphopt.passes.base import GraphoptPass, PassResult, check_fractions
-from graphopt.passes.quantize.targets import WeightUse, initializer, replace_output, weight_use
+from graphopt.passes.quantize.targets import WeightUse, exclusion, initializer, replace_output, weight_use
 from graphopt.passes.registry import register
 from graphopt.verify.judge import HeldOut, Judge, Verdict, hold_out, run_budget
 
@@ -171,7 +171,7 @@ class LowRankPass(GraphoptPass):
             if node.op_type not in ops or (self.options.nodes and node.name not in self.options.nodes):
                 continue
             use, reason = weight_use(node, graph)
-            reason = reason or _refusal(use, graph, self.options.min_elements)
+            reason = exclusion(node, self.context.exclude) or reason or _refusal(use, graph, self.options.min_elements)
             if reason:
                 skipped[node.name or node.op_type] = reason
             else:

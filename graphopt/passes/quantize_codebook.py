@@ -52,6 +52,7 @@ import onnx_ir as ir
 
 from graphopt.errors import InputError, RecipeError
 from graphopt.passes.base import GraphoptPass, PassResult
+from graphopt.passes.quantize.targets import exclusion
 from graphopt.passes.registry import register
 
 logger = logging.getLogger(__name__)
@@ -112,7 +113,7 @@ class QuantizeCodebookPass(GraphoptPass):
         skipped: list[dict[str, str]] = []
         notes: list[str] = []
         for weight, axis in _candidates(graph, self.options.ops):
-            refusal = _refusal(weight, graph, self.options)
+            refusal = _refusal(weight, graph, self.options, self.context.exclude)
             rebuild = None
             if refusal is None:
                 rebuild = _plan_rebuild(weight, axis if self.options.per_channel else None, self.options, taken)
@@ -202,7 +203,7 @@ class _Refusal:
     integer, excluded and run-time weights are left alone by design."""
 
 
-def _refusal(weight: ir.Value, graph: ir.Graph, options: Any) -> _Refusal | None:
+def _refusal(weight: ir.Value, graph: ir.Graph, options: Any, run_exclude: tuple[str, ...] = ()) -> _Refusal | None:
     """Why ``weight`` must stay as it is, or None when it can be encoded."""
     if weight.is_graph_input():
         return _Refusal("is a graph input, so its value is only known at run time")
@@ -210,6 +211,9 @@ def _refusal(weight: ir.Value, graph: ir.Graph, options: Any) -> _Refusal | None
         names = [weight.name or "", *(node.name or "" for node in weight.consumers())]
         if any(fnmatch.fnmatchcase(name, pattern) for name in names):
             return _Refusal(f"matches exclude pattern '{pattern}'")
+    for node in weight.consumers():
+        if (excluded := exclusion(node, run_exclude)) is not None:
+            return _Refusal(excluded)
     tensor = _constant_tensor(weight)
     if tensor is None:
         return _Refusal("is not a constant tensor")

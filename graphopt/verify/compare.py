@@ -73,23 +73,26 @@ def compare_files(
     reference: list[dict[str, Any]] | None = None,
     extra_checks: list[CheckResult] | None = None,
     budget: Budget | None = None,
+    provider: str | None = None,
 ) -> Comparison:
     """Parity of ``candidate`` (as deployed: optimizations on) against ``base`` (optimizations
     off), and, when asked, their interleaved latency ratio with optimizations on. ``budget``
-    (the run's, see ``verify.judge``) sets the parity bounds; without it, ``thresholds`` do."""
+    (the run's, see ``verify.judge``) sets the parity bounds; without it, ``thresholds`` do.
+    ``provider`` runs the candidate (and both models' latency) on that execution provider; the
+    reference stays on the CPU."""
     threads = threads or default_threads()
     with latency_mod.peak_memory() as peak:
         if reference is None:
             logger.info("running the base model on %d feeds (reference, optimizations off)", len(feeds.feeds))
             reference = reference_outputs(base, feeds)
-        candidate_session = make_session(candidate, optimize=True, threads=threads)
+        candidate_session = make_session(candidate, optimize=True, threads=threads, provider=provider)
         logger.info("running the candidate on %d feeds", len(feeds.feeds))
         parity = compare_outputs(reference, run_outputs(candidate_session, feeds.feeds),
                                  budget.kinds if budget is not None else None)
         ab = None
         if measure_latency:
             logger.info("measuring latency (interleaved A/B, %d threads)", threads)
-            base_session = make_session(base, optimize=True, threads=threads)
+            base_session = make_session(base, optimize=True, threads=threads, provider=provider)
             ab = latency_mod.compare_interleaved(base_session, candidate_session, feeds.feeds, threads=threads)
     checks = evaluate(
         thresholds,

@@ -10,7 +10,7 @@ from typing import Any
 import onnx
 import onnx_ir as ir
 
-from graphopt.errors import InvalidModelError, reason
+from graphopt.errors import InvalidModelError, UsageError, reason
 from graphopt.io import EXTERNAL_DATA_THRESHOLD_BYTES, weights_nbytes
 
 
@@ -27,11 +27,13 @@ def default_threads() -> int:
 
 
 def make_session(
-    model: str | os.PathLike | bytes, *, optimize: bool = True, threads: int | None = None, level: str | None = None
+    model: str | os.PathLike | bytes, *, optimize: bool = True, threads: int | None = None, level: str | None = None,
+    provider: str | None = None,
 ) -> Any:
     """An onnxruntime CPU session. ``optimize=False`` turns graph optimizations off, so that a
     reference run cannot hide a broken rewrite behind the runtime's own fusions. ``level``
-    ("basic", "extended", "all") picks a level in between where one must be matched."""
+    ("basic", "extended", "all") picks a level in between where one must be matched. ``provider``:
+    an onnxruntime execution provider (default CPUExecutionProvider)."""
     ort = _ort()
     options = ort.SessionOptions()
     levels = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -45,8 +47,12 @@ def make_session(
     options.inter_op_num_threads = 1
     options.log_severity_level = 4
     source = model if isinstance(model, bytes) else str(model)
+    providers = [provider or "CPUExecutionProvider"]
+    if providers[0] not in ort.get_available_providers():
+        raise UsageError(f"execution provider '{providers[0]}' is not in this onnxruntime; available: "
+                         f"{', '.join(ort.get_available_providers())}")
     try:
-        return ort.InferenceSession(source, sess_options=options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(source, sess_options=options, providers=providers)
     except Exception as exc:  # onnxruntime raises its own exception types (Fail, InvalidGraph…)
         where = "model" if isinstance(model, bytes) else str(model)
         raise InvalidModelError(f"{where}: onnxruntime cannot load it: {reason(exc)}") from None

@@ -300,3 +300,14 @@ def test_bench_with_zero_runs_is_a_usage_error(base: Path, capsys: pytest.Captur
 
     assert code == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_check_and_bench_refuse_an_execution_provider_this_onnxruntime_lacks(tmp_path: Path, capsys) -> None:
+    base = tmp_path / "base.onnx"
+    onnx.save(linear_model(), base)
+    for command in (["check", str(base), str(base)], ["bench", str(base), "--runs", "3"]):
+        assert main([*command, "--provider", "NoSuchExecutionProvider", "-q"]) == 2
+        err = capsys.readouterr().err
+        assert "execution provider 'NoSuchExecutionProvider' is not in this onnxruntime; available:" in err
+        assert "CPUExecutionProvider" in err
+    assert main(["bench", str(base), "--runs", "3", "--provider", "CPUExecutionProvider", "-q"]) == 0

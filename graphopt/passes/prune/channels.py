@@ -151,7 +151,7 @@ class PruneChannelsPass(GraphoptPass):
         return self.options.search or self.options.importance == "activation"
 
     def call(self, model: ir.Model) -> PassResult:
-        dependency = analyze(model)
+        dependency = analyze(model, self.context.exclude)
         moments = self._moments(model, dependency)
         compensate = self.options.compensate and bool(moments)
         scores = group_importance(dependency, self.options.importance, moments, compensate=compensate)
@@ -227,7 +227,7 @@ class PruneChannelsPass(GraphoptPass):
 
         def meets(amount: float) -> Verdict:
             trial = ir.serde.deserialize_model(proto)
-            trial_dependency = analyze(trial)
+            trial_dependency = analyze(trial, self.context.exclude)
             chosen = {g.index for g in self._choose(layers, scores, amount)}
             self._prune(trial, trial_dependency, [g for g in trial_dependency.groups if g.index in chosen], moments)
             return judge.verdict(trial)

@@ -184,7 +184,7 @@ class PruneDeadChannelsPass(GraphoptPass):
     summary = "remove channels that are exactly zero (torch pruning masks) with their consumers' inputs: exact"
 
     def call(self, model: ir.Model) -> PassResult:
-        dependency = analyze(model)
+        dependency = analyze(model, self.context.exclude)
         dead = dead_groups(model.graph, dependency)
         if not dead:
             return PassResult(model, modified=False, changes={"channels removed": 0})

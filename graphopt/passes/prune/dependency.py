@@ -25,6 +25,8 @@ from collections import defaultdict, deque
 import numpy as np
 import onnx_ir as ir
 
+from graphopt.passes.quantize.targets import exclusion
+
 WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 UNARY_OPS = frozenset({
     "Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Erf", "Neg", "Abs",
@@ -112,8 +114,9 @@ class _Blocked(Exception):
 
 
 class _Builder:
-    def __init__(self, graph: ir.Graph, shapes: dict[str, tuple[int | None, ...]]) -> None:
+    def __init__(self, graph: ir.Graph, shapes: dict[str, tuple[int | None, ...]], exclude: tuple[str, ...] = ()) -> None:
         self.graph = graph
+        self.exclude = exclude
         self.shapes = shapes
         self.tensors: dict[int, ChannelTensor] = {}
         self.parent: list[int] = []
@@ -196,6 +199,10 @@ class _Builder:
                 self.block(via, reason)
 
     def _result(self) -> Dependency:
+        for tensor in list(self.tensors.values()):  # channels an excluded node reads or writes stay
+            for node in (tensor.value.producer(), *tensor.value.consumers()):
+                if node is not None and (excluded := exclusion(node, self.exclude)) is not None:
+                    self.block(tensor, f"{node.op_type} node '{node.name}': {excluded}")
         atoms: dict[int, list[tuple[ChannelTensor, int]]] = defaultdict(list)
         for tensor in self.tensors.values():
             for i in range(tensor.size):
@@ -403,6 +410,7 @@ _RULES = {
 }
 
 
-def analyze(model: ir.Model) -> Dependency:
-    """Channel tensors and coupled groups of the main graph (uses inside subgraphs block)."""
-    return _Builder(model.graph, inferred_shapes(model)).run()
+def analyze(model: ir.Model, exclude: tuple[str, ...] = ()) -> Dependency:
+    """Channel tensors and coupled groups of the main graph (uses inside subgraphs block, and
+    so does every node ``exclude`` matches: see ``quantize.targets.exclusion``)."""
+    return _Builder(model.graph, inferred_shapes(model), exclude).run()

@@ -47,7 +47,7 @@ class PruneWeightsPass(GraphoptPass):
     def call(self, model: ir.Model) -> PassResult:
         if not 0 <= self.options.amount < 1 or self.options.scope not in ("layer", "global"):
             raise DataError(f"pass '{self.name}': amount must be in [0, 1) and scope 'layer' or 'global'")
-        uses, _ = weight_uses(model.graph, self.options.ops, self.options.min_elements)
+        uses, _ = weight_uses(model.graph, self.options.ops, self.options.min_elements, self.context.exclude)
         uses = list({id(u.weight): u for u in uses}.values())
         if not uses:
             return PassResult(model, modified=False, changes={"weights zeroed": 0})

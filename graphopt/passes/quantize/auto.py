@@ -137,7 +137,7 @@ class QuantizeInt8Pass(GraphoptPass):
         budget = run_budget(model, self.context.budget,
                             Thresholds(min_cosine=self.options.min_cosine, min_top1=self.options.min_top1))
         judge = Judge(model, split.judge, budget, reserve=self.options.margin, weak=split.weak)
-        uses, skipped = weight_uses(model.graph, WEIGHT_OPS, self.options.min_elements)
+        uses, skipped = weight_uses(model.graph, WEIGHT_OPS, self.options.min_elements, self.context.exclude)
         names = sorted({u.node.inputs[0].name for u in uses if u.node.inputs[0].name and u.kind != "Gather"})
         stats = collect(model, names, split.tune, threads=1)
         build = _Builder(model, uses, split.tune, self.options, dataclasses.replace(self.context, activation_stats=stats))

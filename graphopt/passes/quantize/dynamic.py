@@ -131,7 +131,7 @@ class QuantizeDynamicPass(GraphoptPass):
 
     def call(self, model: ir.Model) -> PassResult:
         graph = model.graph
-        uses, skipped = weight_uses(graph, self.options.ops, self.options.min_elements)
+        uses, skipped = weight_uses(graph, self.options.ops, self.options.min_elements, self.context.exclude)
         eligible = select_uses(uses, dynamic_refusal, self.options.nodes, skipped)
         groups: dict[int, list[WeightUse]] = {}
         for use in eligible:

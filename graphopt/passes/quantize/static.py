@@ -182,7 +182,7 @@ class QuantizeStaticPass(GraphoptPass):
 
     def call(self, model: ir.Model) -> PassResult:
         graph = model.graph
-        uses, skipped = weight_uses(graph, self.options.ops, self.options.min_elements)
+        uses, skipped = weight_uses(graph, self.options.ops, self.options.min_elements, self.context.exclude)
         chosen = select_uses(uses, static_refusal, self.options.nodes, skipped)
         if not chosen:
             return PassResult(model, modified=False, details={"layers": [], "skipped": skipped})

@@ -5,7 +5,8 @@ channel); knows nothing about modes."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable
+import fnmatch
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -72,12 +73,28 @@ def weight_use(node: ir.Node, graph: ir.Graph) -> tuple[WeightUse | None, str]:
     return WeightUse(node, 1, weight, 1), ""  # ConvTranspose: [C_in, C_out/group, k…]
 
 
-def weight_uses(graph: ir.Graph, ops: Iterable[str], min_elements: int) -> tuple[list[WeightUse], dict[str, str]]:
-    """Quantizable uses in the main graph and, for the rest of the weight ops, why not."""
+def exclusion(node: ir.Node, patterns: Sequence[str]) -> str | None:
+    """Why the user's ``--exclude`` keeps ``node`` as it is: a glob pattern matching its name,
+    its op type or the name of a constant it reads; None when none matches."""
+    names = [node.name or "", node.op_type,
+             *(v.name or "" for v in node.inputs if v is not None and v.const_value is not None)]
+    for pattern in patterns:
+        if any(fnmatch.fnmatchcase(name, pattern) for name in names):
+            return f"excluded (--exclude '{pattern}')"
+    return None
+
+
+def weight_uses(graph: ir.Graph, ops: Iterable[str], min_elements: int,
+                exclude: Sequence[str] = ()) -> tuple[list[WeightUse], dict[str, str]]:
+    """Quantizable uses in the main graph and, for the rest of the weight ops, why not;
+    ``exclude``: glob patterns of node names, op types or weight names to leave alone."""
     wanted = set(ops)
     uses, skipped = [], {}
     for node in graph:
         if node.op_type not in wanted:
+            continue
+        if (excluded := exclusion(node, exclude)) is not None:
+            skipped[node.name or node.op_type] = excluded
             continue
         use, reason = weight_use(node, graph)
         if use is None:

@@ -80,7 +80,8 @@ class QuantizeWeightsPass(GraphoptPass):
         """When given, only the weights of these node names are encoded."""
 
     def call(self, model: ir.Model) -> PassResult:
-        uses, skipped = weight_uses(model.graph, self.options.ops, self.options.min_elements)
+        uses, skipped = weight_uses(model.graph, self.options.ops, self.options.min_elements,
+                                      self.context.exclude)
         if self.options.nodes:
             uses = [u for u in uses if u.node.name in self.options.nodes]
         meansq = self._input_energy(model, uses)
