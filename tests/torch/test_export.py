@@ -110,3 +110,21 @@ def test_bad_arguments_are_usage_errors(tmp_path):
     with pytest.raises(UsageError, match="dynamic_shapes needs the dynamo exporter"):
         export(small_cnn(), torch.randn(1, 1, 6, 6), tmp_path / "m.onnx", exporter="torchscript",
                dynamic_shapes=({0: torch.export.Dim("N")},))
+
+
+def test_check_inputs_of_another_sequence_length_are_compared_feed_by_feed(tmp_path):
+    """Outputs whose size varies between the example and a check input (a longer sequence)
+    used to crash the comparison, which concatenated them."""
+
+    class Running(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.linear(x).cumsum(1)
+
+    report = export(Running().eval(), (torch.randn(2, 5, 8),), tmp_path / "m.onnx", input_names=["x"],
+                    output_names=["y"], dynamic_axes={"x": {0: "b", 1: "t"}, "y": {0: "b", 1: "t"}},
+                    check_inputs=[(torch.randn(3, 9, 8),)], exporter="torchscript")
+    assert report["parity"]["max_abs"] < 1e-4 and report["parity"]["samples"] == 5
