@@ -28,7 +28,11 @@ demo: $(STAMP)
 	$(BIN)/python -m benchmarks.datasets ocr-images --n 32 --seed 100 --out $(DEMO)/calib.npz
 	$(BIN)/graphopt optimize $(DEMO)/det.onnx -o $(DEMO)/det.int8.onnx --recipe int8 \
 		--calib $(DEMO)/calib.npz --data $(DEMO)/images.npz --report $(DEMO)/int8.json --html $(DEMO)/int8.html
-	@echo "reports: $(DEMO)/report.json, $(DEMO)/int8.json, per-layer page $(DEMO)/int8.html, PR summary $(DEMO)/check.md"
+	$(BIN)/graphopt package $(DEMO)/det.int8.onnx -o $(DEMO)/det-bundle.zip --optimize-report $(DEMO)/int8.json \
+		--target cpu-minimal --data $(DEMO)/images.npz
+	$(BIN)/graphopt evaluate $(DEMO)/det.onnx --data $(DEMO)/images.npz --candidate $(DEMO)/det.int8.onnx \
+		--folds 4 --metric cosine --json $(DEMO)/evaluate.json
+	@echo "reports: $(DEMO)/report.json, $(DEMO)/int8.json, per-layer page $(DEMO)/int8.html, PR summary $(DEMO)/check.md, bundle $(DEMO)/det-bundle.zip, $(DEMO)/evaluate.json"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider; rc=$$?; \

@@ -76,15 +76,7 @@ def optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, opti
     if options.fix_shapes:  # the data must have the shapes the written model will take
         fix.validate(loaded.model)
         specs = [dataclasses.replace(s, shape=fix.fixed.get(s.name, s.shape)) for s in specs]
-    extra = [options.labels] if options.labels else []
-    calibration = load_feeds(options.calib, specs, batch_size=options.batch_size, extra_keys=extra) \
-        if options.calib is not None else None
-    if options.data is None and calibration is not None:
-        # Better evidence than random inputs, but not unseen: the report says so.
-        feeds = dataclasses.replace(calibration, source=f"{calibration.source} (calibration data, not held out)")
-    else:
-        feeds = load_feeds(options.data, specs, batch_size=options.batch_size, shapes=options.shapes, seed=options.seed,
-                           extra_keys=extra)
+    calibration, feeds = _load_data(options, specs)
     logger.info("loaded %s; verifying on %s", loaded.path.name, feeds.source)
     reference = reference_outputs(loaded.path, feeds)
     budget = Budget.resolve(options.thresholds, output_kinds(loaded.model), defaults=recipe)
@@ -119,6 +111,19 @@ def optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, opti
         for note in report["notes"]:
             logger.warning("%s", note)
         return report
+
+
+def _load_data(options: OptimizeOptions, specs: list[Any]) -> tuple[FeedSet | None, FeedSet]:
+    """(calibration feeds or None, verification feeds)."""
+    extra = [options.labels] if options.labels else []
+    calibration = load_feeds(options.calib, specs, batch_size=options.batch_size, extra_keys=extra) \
+        if options.calib is not None else None
+    if options.data is None and calibration is not None:
+        # Better evidence than random inputs, but not unseen: the report says so.
+        return calibration, dataclasses.replace(calibration,
+                                                source=f"{calibration.source} (calibration data, not held out)")
+    return calibration, load_feeds(options.data, specs, batch_size=options.batch_size, shapes=options.shapes,
+                                   seed=options.seed, extra_keys=extra)
 
 
 def _write_verified(result: PipelineResult, loaded: LoadedModel, output_path: str | os.PathLike, feeds: FeedSet,

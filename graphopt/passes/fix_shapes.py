@@ -17,23 +17,6 @@ from graphopt.passes.base import GraphoptPass, PassResult
 from graphopt.passes.registry import register
 
 
-def parse_fixed_shapes(items: tuple[str, ...], where: str) -> dict[str, tuple[int, ...]]:
-    """``("x=1,3,320,320",)`` → ``{"x": (1, 3, 320, 320)}``; every size at least 1."""
-    shapes = {}
-    for item in items:
-        name, sep, dims = item.partition("=")
-        try:
-            if not sep or not name:
-                raise ValueError
-            shape = tuple(int(d) for d in dims.split(","))
-        except ValueError:
-            raise RecipeError(f"{where}: '{item}': expected NAME=D1,D2,... with integer sizes") from None
-        if any(d < 1 for d in shape):
-            raise RecipeError(f"{where}: '{item}': every size must be at least 1")
-        shapes[name] = shape
-    return shapes
-
-
 @register
 class FixInputShapesPass(GraphoptPass):
     name = "fix-input-shapes"
@@ -46,7 +29,12 @@ class FixInputShapesPass(GraphoptPass):
 
     def __init__(self, **options: object) -> None:
         super().__init__(**options)
-        self.fixed = parse_fixed_shapes(self.options.shapes, f"pass '{self.name}'")
+        from graphopt.verify.feeds import parse_shape_overrides
+
+        self.fixed = parse_shape_overrides(self.options.shapes, flag="--fix-shape")
+        small = sorted(name for name, shape in self.fixed.items() if any(d < 1 for d in shape))
+        if small:
+            raise RecipeError(f"--fix-shape {', '.join(small)}: every size must be at least 1")
 
     def validate(self, model: ir.Model) -> dict[str, ir.Value]:
         """The inputs to fix, once each given shape is known to fit (RecipeError otherwise)."""

@@ -92,8 +92,8 @@ def _dimension(dim: object) -> int | str | None:
     return str(dim) if dim is not None and str(dim) else None
 
 
-def parse_shape_overrides(items: Sequence[str]) -> dict[str, tuple[int, ...]]:
-    """``["x=1,3,320,320"]`` → ``{"x": (1, 3, 320, 320)}``."""
+def parse_shape_overrides(items: Sequence[str], flag: str = "--shape") -> dict[str, tuple[int, ...]]:
+    """``["x=1,3,320,320"]`` → ``{"x": (1, 3, 320, 320)}``; ``flag`` names the option in errors."""
     shapes = {}
     for item in items:
         name, sep, dims = item.partition("=")
@@ -102,7 +102,7 @@ def parse_shape_overrides(items: Sequence[str]) -> dict[str, tuple[int, ...]]:
                 raise ValueError
             shapes[name] = tuple(int(d) for d in dims.split(","))
         except ValueError:
-            raise DataError(f"--shape '{item}': expected NAME=D1,D2,... with integer dimensions") from None
+            raise DataError(f"{flag} '{item}': expected NAME=D1,D2,... with integer dimensions") from None
     return shapes
 
 
