@@ -251,3 +251,38 @@ def test_quiet_hides_warnings(model_path, tmp_path, capsys):
     (tmp_path / "o.onnx").unlink()
     assert main([*command, "-q"]) == 0
     assert capsys.readouterr().err == ""
+
+
+def test_onnxruntime_prints_nothing_of_its_own_before_graphopt_s_one_line(tmp_path):
+    """onnxruntime logs its load failures itself, coloured, on the process's stderr (outside
+    Python's sys.stderr): only a subprocess sees that line."""
+    import onnx
+
+    model = Path(onnx.__file__).parent / "backend" / "test" / "data" / "pytorch-converted" / "test_AvgPool1d" / \
+        "model.onnx"
+    proc = subprocess.run([sys.executable, "-m", "graphopt", "optimize", str(model), "-o", str(tmp_path / "o.onnx")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if not line.startswith("graphopt: ") or "cannot" in line]
+    assert len(errors) == 1 and "\x1b[" not in proc.stderr
+    assert errors[0].startswith(f"graphopt: {model}: onnxruntime cannot load it:")
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_check_on_images_of_different_sizes(tmp_path, capsys):
+    """A fully convolutional model fed 32×32 and 16×24 images: outputs differ in size between
+    feeds, and the comparison goes feed by feed."""
+    from onnx import helper
+
+    from tests.conftest import make_model, tensor
+
+    weight = np.random.default_rng(0).standard_normal((2, 3, 3, 3)).astype(np.float32)
+    model = save(make_model([helper.make_node("Conv", ["x", "W"], ["y"], pads=[1, 1, 1, 1])],
+                            [tensor("x", [1, 3, "h", "w"])], [tensor("y", [1, 2, "h", "w"])], [weight], names=["W"]),
+                 tmp_path / "fcn.onnx")
+    data = tmp_path / "images"
+    data.mkdir()
+    for index, (h, w) in enumerate([(32, 32), (16, 24)]):
+        np.savez(data / f"{index}.npz", x=np.ones((1, 3, h, w), np.float32))
+    assert main(["check", str(model), str(model), "--data", str(data), "--max-abs", "1e-4"]) == 0
+    assert "check passed" in capsys.readouterr().out
