@@ -47,6 +47,14 @@ class RecipeError(InputError):
     """A recipe is malformed: unknown pass, unknown option, wrong option type."""
 
 
+class TargetError(InputError):
+    """A package target is unknown or malformed: unknown key, wrong type, empty allow-list."""
+
+
+class UnsupportedByTarget(InputError):
+    """The model needs operators or an opset the package target does not provide."""
+
+
 class DataError(InputError):
     """Input data (feeds, calibration data) does not match what the model expects."""
 

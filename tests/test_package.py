@@ -16,7 +16,8 @@ from onnx import helper
 
 import graphopt
 from graphopt.cli import main
-from graphopt.targets import TargetError, builtin_targets, load_target, model_operators
+from graphopt.errors import TargetError
+from graphopt.targets import builtin_targets, load_target, model_operators
 from graphopt.targets import ortformat
 from tests.conftest import linear_model, make_model, run, save, tensor
 from tests.hostile.corpus import build_corpus

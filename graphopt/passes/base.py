@@ -81,10 +81,23 @@ class GraphoptPass(ir.passes.PassBase):
         return self.context.calibration
 
     def __call__(self, model: Any) -> PassResult:  # type: ignore[override]
-        """Run on an ``onnx_ir.Model``, or on what ``graphopt.load_model`` returned."""
+        """Run on an ``onnx_ir.Model``, or on what ``graphopt.load_model`` returned. A failed
+        precondition (the pass placed where it cannot run) is the recipe's mistake: RecipeError."""
+        from graphopt.errors import RecipeError
         from graphopt.io import LoadedModel
 
-        return super().__call__(model.model if isinstance(model, LoadedModel) else model)
+        try:
+            return super().__call__(model.model if isinstance(model, LoadedModel) else model)
+        except ir.passes.PreconditionError as exc:
+            raise RecipeError(f"pass '{self.name}': {exc}") from exc
+
+    def require_opset(self, model: ir.Model, minimum: int) -> None:
+        """The precondition of passes that emit operators of opset ``minimum``."""
+        opset = model.opset_imports.get("")
+        if opset is None or opset < minimum:
+            raise ir.passes.PreconditionError(
+                f"{self.name} needs default-domain opset >= {minimum}, the model has {opset}: "
+                f"put an 'upgrade-opset' step (target = {minimum}) before it")
 
     def needs_calibration(self) -> bool:
         """Whether this pass, as configured, cannot run without calibration data: a run

@@ -11,7 +11,7 @@ from typing import Any
 
 import onnx_ir as ir
 
-from graphopt.errors import GraphoptError, PassFailed, RecipeError
+from graphopt.errors import GraphoptError, PassFailed
 from graphopt.passes.base import GraphoptPass, PassContext, PassResult
 
 logger = logging.getLogger(__name__)
@@ -98,8 +98,6 @@ class Pipeline:
             result = pass_(model)
         except GraphoptError:
             raise
-        except ir.passes.PreconditionError as exc:  # the recipe put the pass where it cannot run
-            raise RecipeError(f"pass '{pass_.name}': {_cause(exc)}") from exc
         except ir.passes.InvariantError as exc:
             raise PassFailed(f"pass '{pass_.name}': {_cause(exc)}") from exc
         except Exception as exc:  # a bug or an unsupported model: name the pass, keep the cause

@@ -50,7 +50,7 @@ from typing import Any, Literal
 import numpy as np
 import onnx_ir as ir
 
-from graphopt.errors import InputError, RecipeError
+from graphopt.errors import RecipeError
 from graphopt.passes.base import GraphoptPass, PassResult
 from graphopt.passes.quantize.targets import exclusion
 from graphopt.passes.registry import register
@@ -67,11 +67,6 @@ CODEBOOK_TAG = "graphopt.codebook"  # tensor metadata marking a codebook, so it 
 _FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE)
 _LLOYD_ITERATIONS = 100  # from the cube-root start, more changes the error by < 1%
 _DENSITY_BINS = 4096
-
-
-class OpsetTooOld(InputError, ir.passes.PreconditionError):
-    """The model's opset is below MIN_OPSET: a precondition to onnx-ir, bad input (exit 2) to the
-    CLI, not an internal error."""
 
 
 @register
@@ -99,12 +94,7 @@ class QuantizeCodebookPass(GraphoptPass):
             _check_options(self)
 
     def requires(self, model: ir.Model) -> None:
-        opset = model.opset_imports.get("")
-        if opset is None or opset < MIN_OPSET:
-            raise OpsetTooOld(
-                f"quantize-codebook needs default-domain opset >= {MIN_OPSET}; the model has {opset}: "
-                f"add an 'upgrade-opset' step before it"
-            )
+        self.require_opset(model, MIN_OPSET)
 
     def call(self, model: ir.Model) -> PassResult:
         graph = model.graph

@@ -23,20 +23,12 @@ from typing import Any
 
 import onnx_ir as ir
 
-from graphopt.errors import InputError
+from graphopt.errors import TargetError, UnsupportedByTarget
 from graphopt.presets import builtin_presets, read_preset
 
 DEFAULT_DOMAIN = "ai.onnx"
 OPTIMIZATION_LEVELS = ("basic", "extended", "layout", "all")
 PLATFORMS = ("arm", "amd64")
-
-
-class TargetError(InputError):
-    """A target is unknown or malformed: unknown key, wrong type, empty allow-list."""
-
-
-class UnsupportedByTarget(InputError):
-    """The model needs operators or an opset the target does not provide."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

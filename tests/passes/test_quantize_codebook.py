@@ -329,7 +329,7 @@ def test_an_encoding_larger_than_the_weight_is_refused(rng):
 def test_opset_below_13_is_a_clear_input_error(rng):
     proto = matmul_model(rng.standard_normal((64, 96)).astype(np.float32))
     proto.opset_import[0].version = 12
-    with pytest.raises(InputError, match="needs default-domain opset >= 13; the model has 12: add an 'upgrade-opset' step"):
+    with pytest.raises(RecipeError, match="needs default-domain opset >= 13, the model has 12: put an 'upgrade-opset' step"):
         Pipeline([get_pass("quantize-codebook")()]).run(ir.serde.deserialize_model(proto))
 
 

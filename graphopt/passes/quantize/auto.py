@@ -124,8 +124,7 @@ class QuantizeInt8Pass(GraphoptPass):
         return True
 
     def requires(self, model: ir.Model) -> None:
-        if model.opset_imports.get("", 1) < 13:
-            raise ir.passes.PreconditionError("quantize-int8 needs opset >= 13; put upgrade-opset before it")
+        self.require_opset(model, 13)
 
     def needs_calibration(self) -> bool:
         return True

@@ -171,14 +171,7 @@ class QuantizeStaticPass(GraphoptPass):
         """When given, only these node names are quantized (the automatic mode's choice)."""
 
     def requires(self, model: ir.Model) -> None:
-        if model.opset_imports.get("", 1) < 13:
-            raise ir.passes.PreconditionError(
-                f"quantize-static needs opset >= 13 (model has {model.opset_imports.get('', 1)}); "
-                "run upgrade-opset first"
-            )
-
-    def needs_calibration(self) -> bool:
-        return True
+        self.require_opset(model, 13)  # per-channel DequantizeLinear ``axis``
 
     def call(self, model: ir.Model) -> PassResult:
         graph = model.graph
