@@ -10,7 +10,7 @@ from graphopt.torch.export import export
 from graphopt.torch.layers import drop_layers
 from graphopt.torch.lowrank import FrequencySplitEmbedding, LowRankEmbedding, LowRankLinear, factorize
 from graphopt.torch.prune import find_chains, prune_channels
-from graphopt.torch.targets import CachedBatches, TeacherTargets, cache_teacher, length_buckets
+from graphopt.torch.teacher_cache import CachedBatches, TeacherTargets, cache_teacher, length_buckets
 
 __all__ = [
     "CachedBatches",

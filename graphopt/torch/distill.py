@@ -11,7 +11,7 @@ Losses:
   otherwise).
 
 The teacher runs on every batch unless the batches carry its outputs already
-(:func:`graphopt.torch.targets.cache_teacher`: computed once, reused every epoch).
+(:func:`graphopt.torch.teacher_cache.cache_teacher`: computed once, reused every epoch).
 
 Each epoch ends with a validation pass (accuracy against labels, or agreement with the teacher
 when there are none; mean cosine to the teacher for embeddings); the best epoch's weights are
@@ -37,7 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from graphopt.errors import GraphoptError, UsageError
+from graphopt.errors import UsageError
+from graphopt.torch.batches import FeatureTap, first_tensor, split_batch
+from graphopt.torch.teacher_cache import TeacherTargets
 
 logger = logging.getLogger(__name__)
 
@@ -91,39 +93,6 @@ class DistillResult:
                 "metric": self.metric, "stopped": self.stopped, "seconds": round(self.seconds, 3)}
 
 
-# -- batches ------------------------------------------------------------------------------------
-
-
-def split_batch(batch: Any) -> tuple[tuple[Any, ...], dict[str, Any], torch.Tensor | None]:
-    """(positional inputs, keyword inputs, labels) of a batch.
-
-    A tensor is one input; a dict holds keyword inputs and optionally ``labels``; a tuple or
-    list is ``(inputs, labels)`` where inputs is a tensor, a tuple of tensors or a dict (a
-    one-element tuple, as a ``TensorDataset`` of inputs yields, is its element).
-    """
-    if isinstance(batch, torch.Tensor):
-        return (batch,), {}, None
-    if isinstance(batch, Mapping):
-        kwargs = {k: v for k, v in batch.items() if k != "labels"}
-        return (), kwargs, batch.get("labels")
-    if isinstance(batch, (tuple, list)) and len(batch) == 1:  # a TensorDataset of inputs alone
-        return split_batch(batch[0])
-    if isinstance(batch, (tuple, list)) and len(batch) == 2:
-        inputs, labels = batch
-        if isinstance(inputs, Mapping):
-            return (), dict(inputs), labels
-        return (tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)), {}, labels
-    raise UsageError(f"a batch must be a tensor, a dict, or (inputs, labels); got {type(batch).__name__}")
-
-
-def _output(value: Any) -> torch.Tensor:
-    if isinstance(value, torch.Tensor):
-        return value
-    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
-        return value[0]
-    raise GraphoptError(f"the model returned {type(value).__name__}; distill needs a tensor (or a tuple starting with one)")
-
-
 # -- losses -------------------------------------------------------------------------------------
 
 
@@ -146,41 +115,16 @@ def output_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tens
     return options.alpha * soft + (1 - options.alpha) * F.cross_entropy(student, labels)
 
 
-class _FeatureTap:
-    """Records the outputs of named modules during a forward pass."""
-
-    def __init__(self, model: nn.Module, names: Iterable[str]) -> None:
-        self.values: dict[str, torch.Tensor] = {}
-        self._handles = []
-        for name in names:
-            try:
-                module = model.get_submodule(name)
-            except AttributeError:
-                raise UsageError(f"features: {type(model).__name__} has no module {name!r}") from None
-            self._handles.append(module.register_forward_hook(self._hook(name)))
-
-    def _hook(self, name: str) -> Callable[..., None]:
-        def record(_module: nn.Module, _inputs: Any, output: Any) -> None:
-            self.values[name] = _output(output)
-        return record
-
-    def close(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-
-
 @torch.no_grad()
-def _teacher_side(teacher: nn.Module, batch: Any, tap: _FeatureTap | None) -> tuple[
+def _teacher_side(teacher: nn.Module, batch: Any, tap: FeatureTap | None) -> tuple[
         tuple[Any, ...], dict[str, Any], torch.Tensor | None, torch.Tensor, Callable[[str], torch.Tensor]]:
     """(inputs, keyword inputs, labels, teacher output, teacher feature by name) of a batch: from
-    the cache when it is a :class:`~graphopt.torch.targets.TeacherTargets`, else by running the teacher."""
-    from graphopt.torch.targets import TeacherTargets
-
+    the cache when it is a :class:`~graphopt.torch.teacher_cache.TeacherTargets`, else by running the teacher."""
     if isinstance(batch, TeacherTargets):
         args, kwargs, labels = split_batch(batch.batch)
         return args, kwargs, labels, batch.output, batch.feature
     args, kwargs, labels = split_batch(batch)
-    output = _output(teacher(*args, **kwargs))
+    output = first_tensor(teacher(*args, **kwargs))
     values = dict(tap.values) if tap is not None else {}
     return args, kwargs, labels, output, values.__getitem__
 
@@ -244,7 +188,7 @@ def evaluate(teacher: nn.Module, student: nn.Module, data: Any, options: Distill
     totals = {"loss": 0.0, "hits": 0.0, "labelled": 0.0, "agree": 0.0, "cosine": 0.0, "rows": 0.0}
     for batch in data:
         args, kwargs, labels, t, _ = _teacher_side(teacher, batch, None)
-        s = _output(student(*args, **kwargs))
+        s = first_tensor(student(*args, **kwargs))
         rows = s.shape[0]
         totals["rows"] += rows
         totals["loss"] += float(output_loss(s, t, labels, options)) * rows
@@ -318,8 +262,8 @@ def distill(
     steps_per_epoch = _length(train_loader)
     total_steps = steps_per_epoch * options.epochs if steps_per_epoch else 0
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _schedule(step, total_steps, options, started))
-    student_tap = _FeatureTap(student, options.features.keys())
-    teacher_tap = _FeatureTap(teacher, options.features.values())
+    student_tap = FeatureTap(student, options.features.keys())
+    teacher_tap = FeatureTap(teacher, options.features.values())
 
     history: list[dict[str, float]] = []
     best: tuple[float, int, dict[str, torch.Tensor]] | None = None
@@ -333,7 +277,7 @@ def distill(
             with _progress(steps_per_epoch, options, f"distill {epoch + 1}/{options.epochs}") as bar:
                 for batch in train_loader:
                     args, kwargs, labels, t, teacher_features = _teacher_side(teacher, batch, teacher_tap)
-                    s = _output(model(*args, **kwargs))
+                    s = first_tensor(model(*args, **kwargs))
                     loss = output_loss(s, t, labels, options)
                     for s_name, t_name in options.features.items():
                         loss = loss + options.feature_weight * F.mse_loss(student_tap.values[s_name], teacher_features(t_name))

@@ -204,9 +204,9 @@ class _Collected(Exception):
 @torch.no_grad()
 def collect_whitening(model: nn.Module, layers: Mapping[str, nn.Module], batches: Iterable[Any],
                       *, damping: float = 1e-2) -> dict[str, Whitening]:
-    """Run ``model`` on ``batches`` (see :func:`graphopt.torch.distill.split_batch`) and
+    """Run ``model`` on ``batches`` (see :func:`graphopt.torch.batches.split_batch`) and
     measure, for each named layer, the :class:`Whitening` of its inputs."""
-    from graphopt.torch.distill import split_batch
+    from graphopt.torch.batches import split_batch
 
     moments: dict[str, torch.Tensor] = {}
     counts: dict[str, float] = {}

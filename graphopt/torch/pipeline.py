@@ -122,7 +122,7 @@ def _example(data: dict[str, Any]) -> tuple[Any, ...]:
     """Export inputs: the first validation (or training) sample or batch."""
     import torch
 
-    from graphopt.torch.distill import split_batch
+    from graphopt.torch.batches import split_batch
 
     source = data["val"] if data.get("val") is not None else data["train"]
     is_dataset = isinstance(source, torch.utils.data.Dataset)

@@ -11,7 +11,8 @@ from torch import nn
 
 from graphopt.errors import UsageError
 from graphopt.torch import DistillOptions, distill, evaluate
-from graphopt.torch.distill import output_loss, soft_target_loss, split_batch
+from graphopt.torch.batches import split_batch
+from graphopt.torch.distill import output_loss, soft_target_loss
 
 
 def blobs(n: int = 256, seed: int = 0) -> torch.utils.data.TensorDataset:

@@ -1,4 +1,4 @@
-"""graphopt.torch.targets: the teacher cached once gives the same training; length buckets."""
+"""graphopt.torch.teacher_cache: the teacher cached once gives the same training; length buckets."""
 
 from __future__ import annotations
 

@@ -19,11 +19,12 @@ import torch
 from torch import nn
 
 from graphopt.errors import UsageError
+from graphopt.torch.batches import FeatureTap, first_tensor, split_batch
 
 
 @dataclasses.dataclass(frozen=True)
 class TeacherTargets:
-    """A batch (see :func:`graphopt.torch.distill.split_batch`) with the teacher's output on it
+    """A batch (see :func:`graphopt.torch.batches.split_batch`) with the teacher's output on it
     and the outputs of its named modules."""
 
     batch: Any
@@ -56,16 +57,14 @@ def cache_teacher(teacher: nn.Module, batches: Iterable[Any], *, features: Itera
                   shuffle: bool = True, seed: int = 0) -> CachedBatches:
     """Run ``teacher`` (in eval mode) once on every batch and keep its output and the outputs of
     the modules named in ``features`` (the teacher side of ``DistillOptions.features``)."""
-    from graphopt.torch.distill import _FeatureTap, _output, split_batch
-
     was_training = teacher.training
     teacher.eval()
-    tap = _FeatureTap(teacher, features)
+    tap = FeatureTap(teacher, features)
     items = []
     try:
         for batch in batches:
             args, kwargs, _ = split_batch(batch)
-            output = _output(teacher(*args, **kwargs))
+            output = first_tensor(teacher(*args, **kwargs))
             items.append(TeacherTargets(batch, output, dict(tap.values)))
     finally:
         tap.close()
