@@ -21,6 +21,16 @@ def builtin_presets(package: str) -> list[str]:
     return sorted(p.name.removesuffix(".toml") for p in folder.iterdir() if p.name.endswith(".toml"))
 
 
+def read_toml(path: Path, *, kind: str, error: type[GraphoptError]) -> dict[str, Any]:
+    """The parsed TOML file at ``path``; a missing, unreadable or invalid file is ``error``."""
+    if not path.is_file():
+        raise error(f"{kind} file '{path}' does not exist")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"{kind} '{path}': invalid TOML: {exc}") from None
+
+
 def builtin_text(package: str, name: str) -> str:
     """The TOML text of built-in preset ``name`` of ``package``."""
     return resources.files(package).joinpath(f"{name}.toml").read_text(encoding="utf-8")
@@ -35,10 +45,7 @@ def read_preset(name_or_path: str, *, package: str, kind: str,
         text = builtin_text(package, name_or_path)
         name = name_or_path
     elif Path(name_or_path).suffix == ".toml":
-        path = Path(name_or_path)
-        if not path.is_file():
-            raise error(f"{kind} file '{path}' does not exist")
-        text, name = path.read_text(encoding="utf-8"), str(path)
+        return read_toml(Path(name_or_path), kind=kind, error=error), name_or_path
     else:
         raise error(f"unknown {kind} '{name_or_path}'; built-in {kind}s: {', '.join(builtins)} (or a .toml path)")
     try:

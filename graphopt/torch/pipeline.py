@@ -39,22 +39,12 @@ from pathlib import Path
 from typing import Any
 
 from graphopt.errors import InputError, UsageError
+from graphopt.presets import read_toml
 
 _SECTIONS = {"teacher", "student", "data", "distill", "export", "output"}
 _FACTORY_KEYS = {"factory", "args"}
 _EXPORT_KEYS = {"exporter", "opset", "input_names", "output_names", "dynamic_axes", "external_data", "atol", "rtol"}
 _OUTPUT_KEYS = {"dir", "name"}
-
-
-def _toml(path: Path) -> dict[str, Any]:
-    try:
-        import tomllib
-    except ImportError:  # Python 3.10
-        import tomli as tomllib  # type: ignore[no-redef]
-    try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: not a valid TOML file: {exc}") from None
 
 
 def _check_keys(where: str, table: Any, allowed: set[str]) -> dict[str, Any]:
@@ -96,9 +86,7 @@ def load_config(path: str | Path) -> DistillConfig:
     from graphopt.torch.distill import DistillOptions
 
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such config file")
-    raw = _toml(path)
+    raw = read_toml(path, kind="distill config", error=InputError)
     _check_keys(path.name, raw, _SECTIONS)
     for section in ("teacher", "student", "data"):
         if section not in raw or "factory" not in raw[section]:
