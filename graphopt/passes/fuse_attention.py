@@ -33,6 +33,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as ir_common
 
 from graphopt.errors import reason
+from graphopt.passes.naming import unique_value_name
 from graphopt.passes.base import GraphoptPass, PassResult
 from graphopt.passes.cleanup import drop_value_info
 from graphopt.passes.registry import register
@@ -160,21 +161,11 @@ def _scalarize_nan_guards(model: ir.Model) -> int:
         if tensor is None or tensor.size != 1 or fill.shape is None or fill.shape.rank() == 0:
             continue
         if id(fill) not in scalars:
-            scalars[id(fill)] = ir.Value(name=_unique_name(model, f"{fill.name}_scalar"), type=fill.type,
+            scalars[id(fill)] = ir.Value(name=unique_value_name(model.graph, f"{fill.name}_scalar"), type=fill.type,
                                          shape=ir.Shape([]), const_value=ir.tensor(tensor.numpy().reshape(())))
             model.graph.register_initializer(scalars[id(fill)])
         node.replace_input_with(1, scalars[id(fill)])
     return count
-
-
-def _unique_name(model: ir.Model, base: str) -> str:
-    """``base``, or ``base_N``: a name no input, initializer or node output of the graph has."""
-    taken = {*model.graph.initializers, *(v.name for v in model.graph.inputs),
-             *(v.name for node in model.graph for v in node.outputs)}
-    name, i = base, 1
-    while name in taken:
-        name, i = f"{base}_{i}", i + 1
-    return name
 
 
 def _known(shape: ir.Shape | None) -> bool:
@@ -215,14 +206,14 @@ def _guard_masked_rows(model: ir.Model) -> int:
             continue  # no attention bias: no row can be fully masked
         out = node.outputs[0]
         consumers = list(out.uses())
-        zero = ir.Value(name=_unique_name(model, f"{node.name or 'mha'}_masked_row_fill"),
+        zero = ir.Value(name=unique_value_name(model.graph, f"{node.name or 'mha'}_masked_row_fill"),
                         type=out.type, shape=ir.Shape([]),
                         const_value=ir.tensor(np.zeros((), dtype=out.dtype.numpy() if out.dtype else np.float32)))
         model.graph.register_initializer(zero)
         is_nan = ir.node("IsNaN", [out], name=f"{node.name}_masked_rows")
         guard = ir.node("Where", [is_nan.outputs[0], zero, out], name=f"{node.name}_masked_rows_fill")
         guarded = guard.outputs[0]
-        out.name, guarded.name = _unique_name(model, f"{out.name}_unguarded"), out.name
+        out.name, guarded.name = unique_value_name(model.graph, f"{out.name}_unguarded"), out.name
         guarded.type, guarded.shape = out.type, out.shape
         for user, index in consumers:
             user.replace_input_with(index, guarded)

@@ -52,6 +52,7 @@ import onnx_ir as ir
 
 from graphopt.errors import RecipeError
 from graphopt.passes.base import GraphoptPass, PassResult
+from graphopt.passes.naming import fresh_name, value_names
 from graphopt.passes.quantize.targets import exclusion
 from graphopt.passes.registry import register
 
@@ -98,7 +99,7 @@ class QuantizeCodebookPass(GraphoptPass):
 
     def call(self, model: ir.Model) -> PassResult:
         graph = model.graph
-        taken = _value_names(graph)
+        taken = value_names(graph)
         encoded: list[dict[str, Any]] = []
         skipped: list[dict[str, str]] = []
         notes: list[str] = []
@@ -513,12 +514,7 @@ class _Builder:
         self.initializers: list[ir.Value] = []
 
     def _name(self, suffix: str) -> str:
-        name, counter = f"{self.prefix}.{suffix}", 1
-        while name in self.taken:
-            counter += 1
-            name = f"{self.prefix}.{suffix}_{counter}"
-        self.taken.add(name)
-        return name
+        return fresh_name(f"{self.prefix}.{suffix}", self.taken, first=2)
 
     def constant(self, suffix: str, array: np.ndarray) -> ir.Value:
         name = self._name(suffix)
@@ -535,13 +531,3 @@ class _Builder:
         node = ir.node(op_type, inputs, attributes or None, name=f"{self.prefix}/{suffix}", outputs=[ir.Value(name=name)])
         self.nodes.append(node)
         return node.outputs[0]
-
-
-def _value_names(graph: ir.Graph) -> set[str]:
-    """Every value name in the graph and its subgraphs, so new names shadow nothing."""
-    names = {v.name for v in (*graph.inputs, *graph.initializers.values()) if v.name}
-    for node in ir.traversal.RecursiveGraphIterator(graph):
-        names.update(v.name for v in node.outputs if v.name)
-    for sub in graph.subgraphs():
-        names.update(v.name for v in (*sub.inputs, *sub.initializers.values()) if v.name)
-    return names

@@ -10,6 +10,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
+from graphopt.passes.naming import unique_node_name
 from graphopt.passes.prune.cut import Removed, replace_constant
 from graphopt.passes.prune.dependency import ChannelTensor, Dependency, constant, weight_layout
 from graphopt.passes.prune.moments import ChannelMoments
@@ -108,18 +109,10 @@ def _add_after(graph: ir.Graph, node: ir.Node, delta: np.ndarray) -> None:
             replace_constant(graph, add, index, (bias + delta.reshape(bias.shape)).astype(np.float32))
             return
     value = initializer(graph, f"{node.name or 'matmul'}_pruned_mean", delta)
-    add = ir.node("Add", [output, value], name=unique_name_node(graph, f"{node.name or 'matmul'}_pruned_mean"))
+    add = ir.node("Add", [output, value], name=unique_node_name(graph, f"{node.name or 'matmul'}_pruned_mean"))
     output.replace_all_uses_with(add.outputs[0])
     add.replace_input_with(0, output)
     graph.insert_after(node, add)
     if output.is_graph_output():
         add.outputs[0].name, output.name = output.name, f"{output.name}_before_mean"
         graph.outputs[graph.outputs.index(output)] = add.outputs[0]
-
-
-def unique_name_node(graph: ir.Graph, base: str) -> str:
-    taken = {n.name for n in graph}
-    name, index = base, 1
-    while name in taken:
-        name, index = f"{base}_{index}", index + 1
-    return name

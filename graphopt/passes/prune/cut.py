@@ -14,7 +14,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphopt.passes.prune.dependency import ChannelGroup, ChannelTensor, Dependency, constant
-from graphopt.passes.quantize.targets import unique_name
+from graphopt.passes.naming import unique_value_name
 
 Removed = dict[int, np.ndarray]  # id(value) -> sorted channel indices removed from it
 
@@ -80,7 +80,7 @@ def replace_constant(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarr
         old.const_value = ir.tensor(np.ascontiguousarray(array), name=old.name)
         old.shape = ir.Shape(array.shape)
         return
-    value = ir.Value(name=unique_name(graph, f"{old.name or 'param'}_pruned"), const_value=ir.tensor(array))
+    value = ir.Value(name=unique_value_name(graph, f"{old.name or 'param'}_pruned"), const_value=ir.tensor(array))
     value.const_value.name = value.name
     value.shape = ir.Shape(array.shape)
     value.dtype = old.dtype or ir.DataType.FLOAT

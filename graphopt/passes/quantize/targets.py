@@ -11,6 +11,8 @@ from collections.abc import Callable, Iterable, Sequence
 import numpy as np
 import onnx_ir as ir
 
+from graphopt.passes.naming import unique_value_name
+
 WEIGHT_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "Gather")
 
 
@@ -108,27 +110,10 @@ def weight_uses(graph: ir.Graph, ops: Iterable[str], min_elements: int,
 
 def initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     """Register a new initializer under a name not used yet in the graph."""
-    value = ir.Value(name=unique_name(graph, name), const_value=ir.tensor(array))
+    value = ir.Value(name=unique_value_name(graph, name), const_value=ir.tensor(array))
     value.const_value.name = value.name
     graph.register_initializer(value)
     return value
-
-
-def unique_name(graph: ir.Graph, base: str) -> str:
-    taken = _names(graph)
-    name, index = base, 1
-    while name in taken:
-        name = f"{base}_{index}"
-        index += 1
-    return name
-
-
-def _names(graph: ir.Graph) -> set[str]:
-    names = set(graph.initializers)
-    names.update(v.name for v in graph.inputs if v.name)
-    for node in graph:
-        names.update(v.name for v in node.outputs if v.name)
-    return names
 
 
 def first_consumer(value: ir.Value, graph: ir.Graph) -> ir.Node:
