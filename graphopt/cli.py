@@ -489,7 +489,7 @@ def _evaluate_summary(result: dict[str, Any]) -> str:
 
 def cmd_distill(args: argparse.Namespace) -> int:
     try:
-        from graphopt.torch.pipeline import run_config
+        from graphopt.torch.config import run_config
     except ImportError as exc:
         raise UsageError(f"distill needs torch: pip install -e \".[torch]\" ({exc})") from None
 

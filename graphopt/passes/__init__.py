@@ -1,7 +1,6 @@
 """Graph passes. Importing this package registers every built-in pass."""
 
 from graphopt.passes import cleanup, lift_constants, quantize, simplify, upgrade_opset  # noqa: F401  (registration)
-from graphopt.passes import quantize_codebook  # noqa: F401  (registration)
 from graphopt.passes import fuse_attention  # noqa: F401  (registration)
 from graphopt.passes import lowrank  # noqa: F401  (registration)
 from graphopt.passes import prune  # noqa: F401  (registration)

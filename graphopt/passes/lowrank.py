@@ -33,7 +33,7 @@ import onnx_ir as ir
 
 from graphopt.errors import PassFailed, RecipeError
 from graphopt.passes.base import GraphoptPass, PassResult, check_fractions
-from graphopt.passes.quantize.targets import WeightUse, exclusion, initializer, replace_output, weight_use
+from graphopt.passes.weights import WeightUse, exclusion, initializer, replace_output, weight_use
 from graphopt.passes.registry import register
 from graphopt.verify.judge import HeldOut, Judge, Verdict, hold_out, run_budget
 

@@ -18,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 from graphopt.errors import InputError, RecipeError
 from graphopt.passes import Pipeline, get_pass
 from graphopt.passes.pipeline import op_histogram
-from graphopt.passes.quantize_codebook import CODEBOOK_TAG, bit_layout, kmeans_codebook
+from graphopt.passes.quantize.codebook import CODEBOOK_TAG, bit_layout, kmeans_codebook
 from graphopt.recipe import load_recipe, parse_recipe
 from tests.conftest import make_model, run, tensor
 

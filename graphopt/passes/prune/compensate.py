@@ -14,7 +14,7 @@ from graphopt.passes.naming import unique_node_name
 from graphopt.passes.prune.cut import Removed, replace_constant
 from graphopt.passes.prune.dependency import ChannelTensor, Dependency, constant, weight_layout
 from graphopt.passes.prune.moments import ChannelMoments
-from graphopt.passes.quantize.targets import initializer
+from graphopt.passes.weights import initializer
 
 
 def weight_slices(tensor: ChannelTensor) -> list[tuple[str, ir.Node, np.ndarray, int]]:

@@ -25,7 +25,7 @@ from collections import defaultdict, deque
 import numpy as np
 import onnx_ir as ir
 
-from graphopt.passes.quantize.targets import exclusion
+from graphopt.passes.weights import exclusion
 
 WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 UNARY_OPS = frozenset({

@@ -18,7 +18,7 @@ import onnx_ir as ir
 from graphopt.errors import DataError
 from graphopt.passes.base import GraphoptPass, PassResult
 from graphopt.passes.prune.cut import replace_constant
-from graphopt.passes.quantize.targets import weight_uses
+from graphopt.passes.weights import weight_uses
 from graphopt.passes.registry import register
 
 logger = logging.getLogger(__name__)

@@ -1,3 +1,4 @@
-"""int8 quantization passes: weight-only, dynamic, static QDQ, and the automatic choice."""
+"""Weight quantization passes: int8 weight-only, dynamic, static QDQ and the automatic choice
+per layer; non-uniform codebooks."""
 
-from graphopt.passes.quantize import auto, dynamic, static, weight_only  # noqa: F401  (registration)
+from graphopt.passes.quantize import auto, codebook, dynamic, static, weight_only  # noqa: F401  (registration)

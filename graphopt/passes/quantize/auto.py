@@ -34,7 +34,7 @@ from graphopt.passes.quantize.calibrate import collect
 from graphopt.passes.quantize.dynamic import QuantizeDynamicPass, dynamic_refusal
 from graphopt.passes.quantize.profile import SpeedProfile, default_cache_dir
 from graphopt.passes.quantize.static import StaticPlan, apply_static, calibrate_static, plan_static, static_refusal
-from graphopt.passes.quantize.targets import WEIGHT_OPS, WeightUse, weight_use, weight_uses
+from graphopt.passes.weights import WEIGHT_OPS, WeightUse, weight_use, weight_uses
 from graphopt.passes.quantize.weight_only import QuantizeWeightsPass
 from graphopt.passes.registry import register
 from graphopt.progress import progress

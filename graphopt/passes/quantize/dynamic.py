@@ -17,7 +17,7 @@ import onnx_ir as ir
 
 from graphopt.passes.base import GraphoptPass, PassResult
 from graphopt.passes.quantize.numeric import quantize_symmetric, relative_error
-from graphopt.passes.quantize.targets import WeightUse, initializer, replace_output, select_uses, weight_uses
+from graphopt.passes.weights import WeightUse, initializer, replace_output, select_uses, weight_uses
 from graphopt.passes.registry import register
 
 

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from graphopt.passes.quantize.targets import WeightUse
+from graphopt.passes.weights import WeightUse
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def _one_node_models(use: WeightUse, input_shape: tuple[int, ...], mode: str) ->
     """The layer alone, float and int8, with its real weight and bias."""
     from graphopt.passes.quantize.dynamic import _ActivationQuantizer, encode_dynamic
     from graphopt.passes.quantize.static import ActivationParams, _QdqInserter, encode_static
-    from graphopt.passes.quantize.targets import weight_use
+    from graphopt.passes.weights import weight_use
 
     def build() -> tuple[ir.Model, WeightUse]:
         x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(input_shape))

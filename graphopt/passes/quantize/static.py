@@ -20,7 +20,7 @@ import onnx_ir as ir
 from graphopt.passes.base import GraphoptPass, PassResult
 from graphopt.passes.quantize.calibrate import RangeMethod, TensorStats, activation_range, collect
 from graphopt.passes.quantize.numeric import QuantizedWeight, quantize_bias, quantize_symmetric, relative_error
-from graphopt.passes.quantize.targets import WeightUse, column_importance, initializer, select_uses, weight_uses
+from graphopt.passes.weights import WeightUse, column_importance, initializer, select_uses, weight_uses
 from graphopt.passes.registry import register
 
 STATIC_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")

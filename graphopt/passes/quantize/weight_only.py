@@ -16,7 +16,7 @@ import onnx_ir as ir
 
 from graphopt.passes.base import GraphoptPass, PassResult
 from graphopt.passes.quantize.numeric import quantize_symmetric, relative_error
-from graphopt.passes.quantize.targets import (
+from graphopt.passes.weights import (
     WEIGHT_OPS,
     WeightUse,
     column_importance,

@@ -53,7 +53,7 @@ import onnx_ir as ir
 from graphopt.errors import RecipeError
 from graphopt.passes.base import GraphoptPass, PassResult
 from graphopt.passes.naming import fresh_name, value_names
-from graphopt.passes.quantize.targets import exclusion
+from graphopt.passes.weights import exclusion
 from graphopt.passes.registry import register
 
 logger = logging.getLogger(__name__)

@@ -1,6 +1,7 @@
-"""Which weights can be quantized, and small graph-editing helpers shared by the
-quantization passes. Knows op semantics (where the weight is, which axis is the output
-channel); knows nothing about modes."""
+"""The weight finder every pass uses: which constant weight an op reads and along which axis
+its output channels lie, which uses a pass may take (``--exclude`` honoured), and the small
+graph edits shared by the quantizing, pruning and factorizing passes. Knows op semantics;
+knows nothing about modes."""
 
 from __future__ import annotations
 
