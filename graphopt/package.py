@@ -246,7 +246,7 @@ def _verify(onnx_path: Path, ort_path: Path, feeds: Any, options: PackageOptions
     gated by ``max_abs``. The distance to the .onnx with optimizations off is recorded too:
     for int8 QDQ models onnxruntime's fused kernels round differently from the float
     simulation of quantization, which is expected and not the conversion's doing."""
-    from graphopt.verify.gate import Thresholds, evaluate, failures
+    from graphopt.verify.gate import Thresholds, gate_checks, failures
     from graphopt.verify.parity import compare_outputs, run_outputs
     from graphopt.verify.runtime import make_session
 
@@ -259,7 +259,7 @@ def _verify(onnx_path: Path, ort_path: Path, feeds: Any, options: PackageOptions
     }
     parity = compare_outputs(outputs["optimized"], outputs["ort"])
     unoptimized = compare_outputs(outputs["reference"], outputs["ort"])
-    checks = evaluate(Thresholds(max_abs=options.max_abs), parity)
+    checks = gate_checks(Thresholds(max_abs=options.max_abs), parity)
     failed = failures(checks)
     if failed:
         raise GateFailed(f"bundle not written: {ort_path.name} differs from {onnx_path.name} optimized to the "

@@ -5,7 +5,7 @@ The only package of graphopt that imports torch (install with ``pip install -e "
 """
 
 from graphopt.torch.compress import compress, parameter_count
-from graphopt.torch.distill import DistillOptions, DistillResult, distill, evaluate
+from graphopt.torch.distill import DistillOptions, DistillResult, distill, validation_metrics
 from graphopt.torch.export import export
 from graphopt.torch.layers import drop_layers
 from graphopt.torch.lowrank import FrequencySplitEmbedding, LowRankEmbedding, LowRankLinear, factorize
@@ -24,7 +24,7 @@ __all__ = [
     "compress",
     "distill",
     "drop_layers",
-    "evaluate",
+    "validation_metrics",
     "export",
     "factorize",
     "find_chains",

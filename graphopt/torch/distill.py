@@ -179,7 +179,7 @@ def _length(data: Iterable[Any]) -> int | None:
 
 
 @torch.no_grad()
-def evaluate(teacher: nn.Module, student: nn.Module, data: Any, options: DistillOptions) -> dict[str, float]:
+def validation_metrics(teacher: nn.Module, student: nn.Module, data: Any, options: DistillOptions) -> dict[str, float]:
     """Validation metrics on a Dataset or an iterable of batches: ``loss``, and ``accuracy`` (labels), ``agreement`` (teacher's
     argmax) for classification or ``cosine`` (to the teacher) for embeddings."""
     data, _ = _loader(data, options, shuffle=False)
@@ -296,7 +296,7 @@ def distill(
             record = {"epoch": epoch + 1, "train_loss": _mean_over_ranks([loss_sum / batches])[0],
                       "seconds": round(time.perf_counter() - started, 3)}
             if val_loader is not None:
-                metrics = evaluate(teacher, student, val_loader, options)
+                metrics = validation_metrics(teacher, student, val_loader, options)
                 record.update({f"val_{k}": v for k, v in metrics.items()})
                 value = metrics[_headline(metrics)]
                 if best is None or value > best[0]:

@@ -2,7 +2,7 @@
 
 from graphopt.verify.compare import Comparison, compare_files
 from graphopt.verify.feeds import FeedSet, InputSpec, input_specs, load_feeds, parse_shape_overrides
-from graphopt.verify.gate import CheckResult, Thresholds, evaluate
+from graphopt.verify.gate import CheckResult, Thresholds, gate_checks
 from graphopt.verify.parity import ParityReport, compare_outputs
 
 __all__ = [
@@ -14,7 +14,7 @@ __all__ = [
     "Thresholds",
     "compare_files",
     "compare_outputs",
-    "evaluate",
+    "gate_checks",
     "input_specs",
     "load_feeds",
     "parse_shape_overrides",

@@ -9,7 +9,7 @@ from typing import Any
 
 from graphopt.verify import latency as latency_mod
 from graphopt.verify.feeds import FeedSet
-from graphopt.verify.gate import CheckResult, Thresholds, evaluate
+from graphopt.verify.gate import CheckResult, Thresholds, gate_checks
 from graphopt.verify.judge import Budget
 from graphopt.verify.parity import ParityReport, compare_outputs, run_outputs
 from graphopt.verify.runtime import default_threads, make_session
@@ -94,7 +94,7 @@ def compare_files(
             logger.info("measuring latency (interleaved A/B, %d threads)", threads)
             base_session = make_session(base, optimize=True, threads=threads, provider=provider)
             ab = latency_mod.compare_interleaved(base_session, candidate_session, feeds.feeds, threads=threads)
-    checks = evaluate(
+    checks = gate_checks(
         thresholds,
         parity,
         budget=budget,

@@ -46,7 +46,7 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.6g}"
 
 
-def evaluate(
+def gate_checks(
     thresholds: Thresholds,
     parity: ParityReport,
     *,

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from graphopt.errors import UsageError
-from graphopt.torch import DistillOptions, distill, evaluate
+from graphopt.torch import DistillOptions, distill, validation_metrics
 from graphopt.torch.batches import split_batch
 from graphopt.torch.distill import output_loss, soft_target_loss
 
@@ -71,7 +71,7 @@ def test_batches_are_split_into_inputs_and_labels():
 def test_distilled_student_learns_the_teacher_and_runs_deterministically():
     teacher, data, val = trained_teacher(), blobs(), blobs(128, seed=1)
     options = DistillOptions(epochs=12, lr=1e-2, batch_size=32, patience=None, quiet=True, seed=3)
-    before = evaluate(teacher, student(), val, options)
+    before = validation_metrics(teacher, student(), val, options)
     first = distill(teacher, student(), data, val=val, options=options)
     second = distill(teacher, student(), data, val=val, options=options)
     assert first.history[-1]["val_agreement"] > before["agreement"]
@@ -102,7 +102,7 @@ def test_early_stopping_restores_the_best_epoch():
     result = distill(teacher, student(), data, val=val, options=options)
     assert result.stopped.startswith("early stop") and len(result.history) < 40
     assert len(result.history) - result.best_epoch == 2
-    assert evaluate(teacher, result.student, val, options)["accuracy"] == pytest.approx(result.best_metric)
+    assert validation_metrics(teacher, result.student, val, options)["accuracy"] == pytest.approx(result.best_metric)
 
 
 def test_embedding_task_with_intermediate_features_raises_cosine():
@@ -112,7 +112,7 @@ def test_embedding_task_with_intermediate_features_raises_cosine():
     x = torch.randn(256, 8)
     options = DistillOptions(task="embedding", loss="cosine", features={"1": "1"}, feature_weight=0.5,
                              epochs=10, lr=1e-2, batch_size=32, patience=None, quiet=True)
-    before = evaluate(teacher, pupil, [x], options)["cosine"]
+    before = validation_metrics(teacher, pupil, [x], options)["cosine"]
     result = distill(teacher, pupil, torch.utils.data.TensorDataset(x), val=[x], options=options)
     assert result.history[-1]["val_cosine"] > max(before, 0.9)
     with pytest.raises(UsageError, match="no module 'nope'"):

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from graphopt.errors import UsageError
-from graphopt.torch import CachedBatches, DistillOptions, cache_teacher, distill, evaluate, length_buckets
+from graphopt.torch import CachedBatches, DistillOptions, cache_teacher, distill, validation_metrics, length_buckets
 
 
 class CountingTeacher(nn.Module):
@@ -48,7 +48,7 @@ def test_cached_teacher_runs_once_and_trains_exactly_as_the_live_teacher():
     assert teacher.calls == len(data) * (1 + OPTIONS.epochs)
     for a, b in zip(with_cache.student.state_dict().values(), live.student.state_dict().values()):
         torch.testing.assert_close(a, b)
-    assert evaluate(teacher, live.student, cached, OPTIONS) == pytest.approx(evaluate(teacher, live.student, data, OPTIONS))
+    assert validation_metrics(teacher, live.student, cached, OPTIONS) == pytest.approx(validation_metrics(teacher, live.student, data, OPTIONS))
 
 
 def test_cached_and_live_batches_mix_in_one_epoch():

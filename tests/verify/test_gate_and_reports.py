@@ -17,7 +17,7 @@ import pytest
 
 from graphopt.report import check_markdown, checks_text, junit_xml, to_json, write_text
 from graphopt.verify.feeds import load_feeds
-from graphopt.verify.gate import CheckResult, Thresholds, evaluate, failures
+from graphopt.verify.gate import CheckResult, Thresholds, gate_checks, failures
 from graphopt.verify.latency import ABLatency, LatencyStats, compare_interleaved, measure
 from graphopt.verify.parity import OutputParity, ParityReport
 from graphopt.verify.runtime import make_session
@@ -56,8 +56,8 @@ BOUNDARIES = [
 def test_each_threshold_passes_at_its_boundary_and_fails_beyond(name: str, equal: float, failing: float) -> None:
     measured = {"latency_ratio": 1.25, "size_ratio": 0.5}
 
-    at_boundary = _one(evaluate(Thresholds(**{name: equal}), _parity(), **measured), name)
-    beyond = _one(evaluate(Thresholds(**{name: failing}), _parity(), **measured), name)
+    at_boundary = _one(gate_checks(Thresholds(**{name: equal}), _parity(), **measured), name)
+    beyond = _one(gate_checks(Thresholds(**{name: failing}), _parity(), **measured), name)
 
     assert at_boundary.passed and at_boundary.threshold == equal and at_boundary.measured == equal
     assert not beyond.passed and beyond.measured == equal
@@ -65,7 +65,7 @@ def test_each_threshold_passes_at_its_boundary_and_fails_beyond(name: str, equal
 
 
 def test_only_stated_thresholds_are_checked_besides_the_two_that_always_apply() -> None:
-    results = evaluate(Thresholds(max_abs=1.0), _parity())
+    results = gate_checks(Thresholds(max_abs=1.0), _parity())
 
     assert [r.name for r in results] == ["output_shapes", "no_new_nonfinite", "max_abs"]
     assert all(r.passed for r in results)
@@ -73,7 +73,7 @@ def test_only_stated_thresholds_are_checked_besides_the_two_that_always_apply() 
 
 
 def test_unmeasured_latency_fails_a_latency_threshold() -> None:
-    (check,) = failures(evaluate(Thresholds(max_latency_ratio=10.0), _parity(), latency_ratio=None))
+    (check,) = failures(gate_checks(Thresholds(max_latency_ratio=10.0), _parity(), latency_ratio=None))
 
     assert check.name == "max_latency_ratio"
     assert check.measured is None
@@ -81,14 +81,14 @@ def test_unmeasured_latency_fails_a_latency_threshold() -> None:
 
 
 def test_top1_threshold_fails_where_top1_means_nothing() -> None:
-    (check,) = failures(evaluate(Thresholds(min_top1=0.0), _parity(top1=None)))
+    (check,) = failures(gate_checks(Thresholds(min_top1=0.0), _parity(top1=None)))
 
     assert check.name == "min_top1"
     assert check.message == "top-1 agreement could not be measured (no output holds class scores or integers: Y other)"
 
 
 def test_new_nonfinite_values_fail_even_without_thresholds() -> None:
-    (check,) = failures(evaluate(Thresholds(), _parity(new_nonfinite=3)))
+    (check,) = failures(gate_checks(Thresholds(), _parity(new_nonfinite=3)))
 
     assert check.name == "no_new_nonfinite"
     assert (check.threshold, check.measured) == (0, 3)
@@ -96,7 +96,7 @@ def test_new_nonfinite_values_fail_even_without_thresholds() -> None:
 
 
 def test_shape_mismatch_fails_even_without_thresholds() -> None:
-    (check,) = failures(evaluate(Thresholds(), _parity(shape_mismatch="shape [1, 4] != [1, 3]")))
+    (check,) = failures(gate_checks(Thresholds(), _parity(shape_mismatch="shape [1, 4] != [1, 3]")))
 
     assert check.name == "output_shapes"
     assert check.message == "Y: shape [1, 4] != [1, 3]"

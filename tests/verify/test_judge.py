@@ -9,7 +9,7 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper
 
-from graphopt.verify.gate import Thresholds, evaluate, failures
+from graphopt.verify.gate import Thresholds, gate_checks, failures
 from graphopt.verify.judge import Bound, Budget, Judge, hold_out
 from graphopt.verify.kinds import output_kinds
 from graphopt.verify.parity import OutputParity, ParityReport, compare_outputs
@@ -73,7 +73,7 @@ def test_gate_checks_name_the_worst_output():
     budget = Budget.resolve(Thresholds(min_cosine=0.99), KINDS)
     parity = ParityReport([_out("probs", cosine=0.999), _out("emb", cosine=0.98), _out("mask", cosine=0.995)], 8)
 
-    (failed,) = failures(evaluate(Thresholds(min_cosine=0.99), parity, budget=budget))
+    (failed,) = failures(gate_checks(Thresholds(min_cosine=0.99), parity, budget=budget))
 
     assert failed.measured == 0.98
     assert failed.message == "cosine (mean per sample) 0.98 on 'emb' (required >= 0.99)"
