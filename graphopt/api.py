@@ -85,10 +85,8 @@ def check(base: PathLike, candidate: PathLike, *, data: DataSource = None, label
     result = comparison.to_dict()
     failed = [c for c in comparison.checks if not c.passed]
     if failed:
-        error = GateFailed("check failed: " + "; ".join(f"{c.name}: {c.message}" for c in failed),
-                           [c.name for c in failed])
-        error.report = result  # type: ignore[attr-defined]
-        raise error
+        raise GateFailed("check failed: " + "; ".join(f"{c.name}: {c.message}" for c in failed),
+                         [c.name for c in failed], report=result)
     return result
 
 

@@ -262,7 +262,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     try:
         report = optimize(args.model, args.output, options)
     except GateFailed as exc:
-        if getattr(exc, "report", None):
+        if exc.report:
             _write_optimize_reports(args, exc.report)
             if not args.quiet:  # the same PASS/FAIL table a failed `check` prints
                 print(checks_text(exc.report["verification"]["checks"]))
@@ -347,7 +347,7 @@ def cmd_check(args: argparse.Namespace) -> int:
                      seed=args.seed, extra_checks=cv_checks, provider=args.provider, **thresholds.stated())
         failure = None
     except GateFailed as exc:
-        data, failure = exc.report, exc  # type: ignore[attr-defined]
+        data, failure = exc.report, exc
     if cv_result is not None:
         data["cross_validation"] = cv_result
     checks = [CheckResult(**c) for c in data["checks"]]

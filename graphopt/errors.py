@@ -69,13 +69,15 @@ class PassFailed(GraphoptError):
 
 
 class GateFailed(GraphoptError):
-    """A measured value missed a stated threshold; ``failures`` names each one."""
+    """A measured value missed a stated threshold; ``failures`` names each one and ``report``
+    (when the command measured one) holds everything it measured."""
 
     exit_code = EXIT_GATE_FAILED
 
-    def __init__(self, message: str, failures: list[str] | None = None):
+    def __init__(self, message: str, failures: list[str] | None = None, report: dict | None = None):
         super().__init__(message)
         self.failures = list(failures or [])
+        self.report = report
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")

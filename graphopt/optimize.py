@@ -97,7 +97,7 @@ def optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, opti
         except GateFailed as exc:
             searched = any(step.modified and pass_.searches() for step, pass_ in zip(result.steps, pipeline.passes))
             if not searched or retreat >= MAX_RETREATS or not set(exc.failures) <= _PARITY_CHECKS:
-                exc.report["seconds"] = round(time.perf_counter() - started, 3)  # type: ignore[attr-defined]
+                exc.report["seconds"] = round(time.perf_counter() - started, 3)
                 raise
             retreat += 1
             logger.warning("verification missed the budget (%s); searching again one step further down "
@@ -167,11 +167,7 @@ def _write_verified(result: PipelineResult, loaded: LoadedModel, output_path: st
         }
         failed = failures(comparison.checks)
         if failed:
-            error = GateFailed(
-                f"{Path(output_path).name} not written: " + "; ".join(f.message for f in failed),
-                [f.name for f in failed],
-            )
-            error.report = report  # type: ignore[attr-defined]
-            raise error
+            raise GateFailed(f"{Path(output_path).name} not written: " + "; ".join(f.message for f in failed),
+                             [f.name for f in failed], report=report)
     report["written"] = True
     return report

@@ -173,9 +173,8 @@ def export(
         }
         if not passed:
             detail = "; ".join(parity.shape_mismatches) or f"max abs {parity.max_abs:.3g} > budget {budget:.3g}"
-            error = GateFailed(f"{target.name} not written: ONNX ({name}) disagrees with torch: {detail}", ["export_parity"])
-            error.report = report  # type: ignore[attr-defined]
-            raise error
+            raise GateFailed(f"{target.name} not written: ONNX ({name}) disagrees with torch: {detail}",
+                             ["export_parity"], report=report)
         for file in files:
             os.replace(file, target.parent / file.name)
         logger.info("exported %s with %s (max abs %.3g)", target.name, name, parity.max_abs)
