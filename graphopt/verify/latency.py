@@ -34,15 +34,21 @@ class ABLatency:
     a: LatencyStats
     b: LatencyStats
     threads: int
+    pair_ratios: list[float] = dataclasses.field(default_factory=list)  # B block / adjacent A block
 
     @property
     def ratio(self) -> float:
-        """B's median over A's median, from interleaved runs."""
+        """The median over adjacent block pairs of B's block median over A's: each pair ran
+        within a few hundred milliseconds, so a slow minute of a shared machine (other tenants,
+        CPU steal) moves both sides of a pair alike. Without pairs, B's median over A's."""
+        if self.pair_ratios:
+            return float(np.median(self.pair_ratios))
         return self.b.median_ms / self.a.median_ms if self.a.median_ms > 0 else float("inf")
 
     def to_dict(self) -> dict[str, Any]:
         return {"a": dataclasses.asdict(self.a), "b": dataclasses.asdict(self.b),
-                "ratio": self.ratio, "threads": self.threads, "mode": "interleaved blocks"}
+                "ratio": self.ratio, "threads": self.threads, "mode": "interleaved blocks, median of paired ratios",
+                "pairs": len(self.pair_ratios)}
 
 
 def _timed_run(session: Any, feed: Feed) -> float:
@@ -88,19 +94,23 @@ def compare_interleaved(
     for i in range(warmup):
         _timed_run(session_a, feeds[i % len(feeds)])
         _timed_run(session_b, feeds[i % len(feeds)])
-    times = {"a": [], "b": []}
+    times: dict[str, list[float]] = {"a": [], "b": []}
     sessions = {"a": session_a, "b": session_b}
+    pair_ratios = []
     deadline = time.perf_counter() + max_seconds
     index = 0
     while len(times["a"]) < rounds and (len(times["a"]) < 5 or time.perf_counter() < deadline):
         order = ("a", "b") if (index // block) % 2 == 0 else ("b", "a")
+        blocks = {}
         for key in order:
             time.sleep(pause)  # let the other session's worker threads stop spinning
             _timed_run(sessions[key], feeds[index % len(feeds)])  # discarded: see docstring
-            for offset in range(block):
-                times[key].append(_timed_run(sessions[key], feeds[(index + offset) % len(feeds)]))
+            blocks[key] = [_timed_run(sessions[key], feeds[(index + offset) % len(feeds)]) for offset in range(block)]
+            times[key] += blocks[key]
+        if np.median(blocks["a"]) > 0:
+            pair_ratios.append(float(np.median(blocks["b"]) / np.median(blocks["a"])))
         index += block
-    return ABLatency(LatencyStats.from_seconds(times["a"]), LatencyStats.from_seconds(times["b"]), threads)
+    return ABLatency(LatencyStats.from_seconds(times["a"]), LatencyStats.from_seconds(times["b"]), threads, pair_ratios)
 
 
 _STATUS = Path("/proc/self/status")

@@ -274,4 +274,15 @@ def test_interleaved_comparison_times_both_sessions_alike(
     assert ab.a.runs == ab.b.runs == 6
     assert ab.a.median_ms <= ab.a.p90_ms and ab.b.median_ms <= ab.b.p90_ms
     assert math.isfinite(ab.ratio) and ab.ratio > 0
-    assert ab.to_dict()["mode"] == "interleaved blocks" and ab.to_dict()["threads"] == 1
+    assert len(ab.pair_ratios) == 2  # 6 runs per side in blocks of 3
+    assert ab.ratio == pytest.approx(float(np.median(ab.pair_ratios)))
+    assert ab.to_dict()["mode"] == "interleaved blocks, median of paired ratios" and ab.to_dict()["threads"] == 1
+
+
+def test_the_latency_ratio_pairs_adjacent_blocks() -> None:
+    """A machine twice as slow during the second pair slows both of its blocks: the paired ratio
+    stays 1.25, where the ratio of overall medians would not."""
+    a = LatencyStats(1.0, 1.0, 1.0, 6)
+    ab = ABLatency(a, a, 1, pair_ratios=[1.25, 1.25, 1.2, 1.3])
+    assert ab.ratio == pytest.approx(1.25)
+    assert ABLatency(LatencyStats(2.0, 2.0, 2.0, 6), LatencyStats(3.0, 3.0, 3.0, 6), 1).ratio == 1.5
