@@ -41,7 +41,6 @@ pass = "quantize-weights"
 def build_model(folder: Path, layers: int, width: int, seed: int = 0) -> Path:
     """X[N,width] → MatMul × layers → Y, weights in ``large.onnx.data`` (scale 1/√width keeps
     activations of order 1 through the chain)."""
-    import onnx
     from onnx import TensorProto, helper
 
     rng = np.random.default_rng(seed)

@@ -22,7 +22,6 @@ from graphopt.errors import (
     EXIT_INTERNAL,
     EXIT_INTERRUPTED,
     EXIT_OK,
-    DataError,
     GateFailed,
     GraphoptError,
     UsageError,
@@ -237,7 +236,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_optimize(args: argparse.Namespace) -> int:
     from graphopt.optimize import OptimizeOptions, optimize
-    from graphopt.report import checks_text, to_json, write_text
+    from graphopt.report import checks_text
     from graphopt.verify.feeds import parse_shape_overrides
 
     options = OptimizeOptions(

@@ -4,7 +4,6 @@ and only when a function here is called."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import onnx

@@ -13,7 +13,7 @@ import onnx_ir as ir
 import pytest
 from onnx import helper
 
-from graphopt.errors import DataError, PassFailed, RecipeError
+from graphopt.errors import DataError, RecipeError
 from graphopt.passes import get_pass
 from graphopt.passes.base import PassContext
 from graphopt.passes.pipeline import op_histogram

@@ -15,7 +15,7 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from graphopt.errors import InputError, RecipeError
+from graphopt.errors import RecipeError
 from graphopt.passes import Pipeline, get_pass
 from graphopt.passes.pipeline import op_histogram
 from graphopt.passes.quantize.codebook import CODEBOOK_TAG, bit_layout, kmeans_codebook
