@@ -371,3 +371,13 @@ def test_minilm_ffn_benchmark_quick_smoke():
     section = bench_prune.main(quick=True)
     assert section.startswith("## Pruning: MiniLM FFN neurons")
     assert "| FFN neurons removed |" in section and "| latency ratio" in section
+
+
+def test_prune_weights_refuses_an_amount_outside_0_1_when_built():
+    from graphopt.errors import RecipeError
+    from graphopt.recipe import parse_recipe
+
+    with pytest.raises(RecipeError, match="'amount' must be a fraction in \\[0, 1\\), got 1.5"):
+        get_pass("prune-weights")(amount=1.5)
+    with pytest.raises(RecipeError, match="must be one of 'layer', 'global'"):
+        parse_recipe({"steps": [{"pass": "prune-weights", "scope": "tile"}]}, "r")

@@ -11,12 +11,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import zlib
+from typing import Any, Literal
 
 import numpy as np
 import onnx_ir as ir
 
-from graphopt.errors import DataError
-from graphopt.passes.base import GraphoptPass, PassResult
+from graphopt.passes.base import GraphoptPass, PassResult, check_fractions
 from graphopt.passes.prune.cut import replace_constant
 from graphopt.passes.weights import weight_uses
 from graphopt.passes.registry import register
@@ -38,15 +38,17 @@ class PruneWeightsPass(GraphoptPass):
     class Options:
         amount: float = 0.5
         """Fraction of the weights set to 0."""
-        scope: str = "layer"
+        scope: Literal["layer", "global"] = "layer"
         """'layer': ``amount`` of each weight; 'global': the smallest |w| over all of them."""
         ops: tuple[str, ...] = ("Conv", "ConvTranspose", "Gemm", "MatMul")
         min_elements: int = 1024
         """Smaller weights are left alone (biases, tiny layers)."""
 
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        check_fractions(self.name, amount=self.options.amount)
+
     def call(self, model: ir.Model) -> PassResult:
-        if not 0 <= self.options.amount < 1 or self.options.scope not in ("layer", "global"):
-            raise DataError(f"pass '{self.name}': amount must be in [0, 1) and scope 'layer' or 'global'")
         uses, _ = weight_uses(model.graph, self.options.ops, self.options.min_elements, self.context.exclude)
         uses = list({id(u.weight): u for u in uses}.values())
         if not uses:
