@@ -18,14 +18,14 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	mkdir -p $(DEMO)
-	cp "$$($(BIN)/python -c 'from benchmarks.datasets import ppocr_det_model_path as p; print(p())')" $(DEMO)/det.onnx
-	$(BIN)/python -m benchmarks.datasets ocr-images --n 16 --seed 0 --out $(DEMO)/images.npz
+	$(BIN)/python -m graphopt.samples ppocr-model det --out $(DEMO)/det.onnx
+	$(BIN)/python -m graphopt.samples ocr-images --n 16 --seed 0 --out $(DEMO)/images.npz
 	$(BIN)/graphopt inspect $(DEMO)/det.onnx
 	$(BIN)/graphopt optimize $(DEMO)/det.onnx -o $(DEMO)/det.opt.onnx --recipe lossless \
 		--data $(DEMO)/images.npz --report $(DEMO)/report.json
 	$(BIN)/graphopt check $(DEMO)/det.onnx $(DEMO)/det.opt.onnx --data $(DEMO)/images.npz \
 		--max-abs 1e-4 --max-size-ratio 1.0 --max-latency-ratio 1.1 --markdown $(DEMO)/check.md
-	$(BIN)/python -m benchmarks.datasets ocr-images --n 32 --seed 100 --out $(DEMO)/calib.npz
+	$(BIN)/python -m graphopt.samples ocr-images --n 32 --seed 100 --out $(DEMO)/calib.npz
 	$(BIN)/graphopt optimize $(DEMO)/det.onnx -o $(DEMO)/det.int8.onnx --recipe int8 \
 		--calib $(DEMO)/calib.npz --data $(DEMO)/images.npz --report $(DEMO)/int8.json --html $(DEMO)/int8.html
 	$(BIN)/graphopt package $(DEMO)/det.int8.onnx -o $(DEMO)/det-bundle.zip --optimize-report $(DEMO)/int8.json \

@@ -218,9 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from graphopt.describe import describe, format_text
-    from graphopt.io import load_model
-    from graphopt.report import to_json, write_text
+    from graphopt.io import load_model, to_json, write_text
+    from graphopt.report.inspection import describe, format_text
 
     if args.json_out not in (None, "-"):
         _check_output_folders(args.json_out)
@@ -236,7 +235,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_optimize(args: argparse.Namespace) -> int:
     from graphopt.optimize import OptimizeOptions, optimize
-    from graphopt.report import checks_text
+    from graphopt.report.checks import checks_text
     from graphopt.verify.feeds import parse_shape_overrides
 
     options = OptimizeOptions(
@@ -274,8 +273,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
 
 
 def _write_optimize_reports(args: argparse.Namespace, report: dict[str, Any]) -> None:
-    from graphopt.layer_report import layers_html, layers_markdown
-    from graphopt.report import to_json, write_text
+    from graphopt.io import to_json, write_text
+    from graphopt.report.layers import layers_html, layers_markdown
 
     if args.report:
         write_text(args.report, to_json(report))
@@ -332,7 +331,8 @@ def _check_output_folders(*paths: str | None) -> None:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from graphopt.api import check
-    from graphopt.report import check_markdown, checks_text, junit_xml, to_json, write_text
+    from graphopt.io import to_json, write_text
+    from graphopt.report.checks import check_markdown, checks_text, junit_xml
     from graphopt.verify.feeds import parse_shape_overrides
     from graphopt.verify.gate import CheckResult
 
@@ -368,7 +368,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from graphopt.api import bench
-    from graphopt.report import to_json, write_text
+    from graphopt.io import to_json, write_text
     from graphopt.verify.feeds import parse_shape_overrides
 
     _check_output_folders(args.json_out)
@@ -448,7 +448,7 @@ def _cv_gate(args: argparse.Namespace, base: Path, candidate: Path) -> tuple[lis
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from graphopt.evaluate import EvaluateOptions, evaluate
-    from graphopt.report import to_json, write_text
+    from graphopt.io import to_json, write_text
 
     _check_output_folders(args.json_out)
     options = EvaluateOptions(

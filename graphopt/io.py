@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -21,13 +23,20 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
 from graphopt import validation
-from graphopt.errors import GraphoptError, InvalidModelError, UnsafeModelError, UsageError, reason
+from graphopt.errors import (
+    GraphoptError,
+    InvalidModelError,
+    UnsafeModelError,
+    UsageError,
+    reason,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -367,3 +376,42 @@ def fsync_dir(folder: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+# -- text files (reports, manifests, caches) ----------------------------------------------
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/Infinity
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "item") and callable(value.item):  # numpy scalars
+        return _jsonable(value.item())
+    return value
+
+
+def to_json(data: dict[str, Any]) -> str:
+    return json.dumps(_jsonable(data), indent=2, sort_keys=False) + "\n"
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a small text file atomically (temporary file in the same folder, then rename)."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise UsageError(f"{path}: folder {path.parent} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a report is for everyone
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

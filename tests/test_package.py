@@ -17,8 +17,8 @@ from onnx import helper
 import graphopt
 from graphopt.cli import main
 from graphopt.errors import TargetError
-from graphopt.targets import builtin_targets, load_target, model_operators
-from graphopt.targets import ortformat
+from graphopt.package import ortformat
+from graphopt.package.targets import builtin_targets, load_target, model_operators
 from tests.conftest import linear_model, make_model, run, save, tensor
 from tests.hostile.corpus import build_corpus
 
@@ -336,7 +336,7 @@ def test_interrupt_exits_130_and_leaves_no_staging(model_path, tmp_path, monkeyp
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("graphopt.package.convert_to_ort", interrupted)
+    monkeypatch.setattr("graphopt.package.bundle.convert_to_ort", interrupted)
     assert package(model_path, tmp_path / "bundle.zip") == 130
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
 
@@ -366,7 +366,7 @@ def test_unreadable_report_exits_2(model_path, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_ppocr_det_after_lossless_packages_reproducibly(tmp_path):
-    from benchmarks.datasets import render_text_images
+    from graphopt.samples import render_text_images
     from tests.conftest import ppocr_det_path
 
     model = tmp_path / "det.onnx"
@@ -444,7 +444,7 @@ def test_cpu_minimal_takes_what_graphopt_emits_for_transformers():
     NaN guard (IsNaN, Where), mask arithmetic (And, GreaterOrEqual) and ReduceL2 pooling."""
     import onnx_ir as ir
 
-    from graphopt.targets import check_model
+    from graphopt.package.targets import check_model
 
     nodes = [
         helper.make_node("IsNaN", ["X"], ["nan"]), helper.make_node("GreaterOrEqual", ["X", "X"], ["ge"]),

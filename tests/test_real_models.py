@@ -17,7 +17,7 @@ LIGHT = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
 
 
 def test_ppocr_det_lossless_on_rendered_text(tmp_path):
-    from benchmarks.datasets import render_text_images
+    from graphopt.samples import render_text_images
 
     model = tmp_path / "det.onnx"
     model.write_bytes(ppocr_det_path().read_bytes())
@@ -133,7 +133,7 @@ def test_transformers_bert_attention_fuses_for_each_exporter(tmp_path, dynamo, a
 def test_paddle_classifier_with_minus_one_batch_quantizes_on_a_stacked_npz(tmp_path, capsys, monkeypatch):
     """PP-OCR's angle classifier declares x: [-1, 3, ?, ?]: a stacked .npz of 8 rendered lines
     is 8 feeds, its [-1, 2] output is judged by top-1 agreement, and int8 writes a model."""
-    from benchmarks.datasets import ppocr_model_path, render_text_lines
+    from graphopt.samples import ppocr_model_path, render_text_lines
 
     monkeypatch.setenv("GRAPHOPT_CACHE_DIR", str(tmp_path / "cache"))
     model = tmp_path / "cls.onnx"

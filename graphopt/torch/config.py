@@ -124,7 +124,7 @@ def run_config(path: str | Path, *, quiet: bool = False) -> dict[str, Any]:
     """Run a distill config; return its report (also written beside the outputs)."""
     import torch
 
-    from graphopt.report import to_json, write_text
+    from graphopt.io import to_json, write_text
     from graphopt.torch.compress import parameter_count
     from graphopt.torch.distill import DistillOptions, distill
     from graphopt.torch.export import export

@@ -342,7 +342,7 @@ def test_a_layer_whose_int8_and_weight_only_forms_both_break_the_budget_ends_in_
 
 
 def test_layer_reports_name_the_most_sensitive_layers(rng, injected_profile):
-    from graphopt.layer_report import layers_html, layers_markdown
+    from graphopt.report.layers import layers_html, layers_markdown
 
     injected_profile["Conv"] = (2.0, 1.0)
     model = ir.serde.deserialize_model(conv_model(rng))

@@ -15,10 +15,16 @@ import numpy as np
 import onnx
 import pytest
 
-from graphopt.report import check_markdown, checks_text, junit_xml, to_json, write_text
+from graphopt.io import to_json, write_text
+from graphopt.report.checks import check_markdown, checks_text, junit_xml
 from graphopt.verify.feeds import load_feeds
-from graphopt.verify.gate import CheckResult, Thresholds, gate_checks, failures
-from graphopt.verify.latency import ABLatency, LatencyStats, compare_interleaved, measure
+from graphopt.verify.gate import CheckResult, Thresholds, failures, gate_checks
+from graphopt.verify.latency import (
+    ABLatency,
+    LatencyStats,
+    compare_interleaved,
+    measure,
+)
 from graphopt.verify.parity import OutputParity, ParityReport
 from graphopt.verify.runtime import make_session
 

@@ -76,7 +76,7 @@ class SpeedProfile:
     def save(self) -> None:
         if not self.measured:
             return
-        from graphopt.report import to_json, write_text
+        from graphopt.io import to_json, write_text
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
         write_text(self.path, to_json(self._data))
@@ -95,7 +95,11 @@ class SpeedProfile:
 def _one_node_models(use: WeightUse, input_shape: tuple[int, ...], mode: str) -> tuple[bytes, bytes]:
     """The layer alone, float and int8, with its real weight and bias."""
     from graphopt.passes.quantize.dynamic import _ActivationQuantizer, encode_dynamic
-    from graphopt.passes.quantize.static import ActivationParams, _QdqInserter, encode_static
+    from graphopt.passes.quantize.static import (
+        ActivationParams,
+        _QdqInserter,
+        encode_static,
+    )
     from graphopt.passes.weights import weight_use
 
     def build() -> tuple[ir.Model, WeightUse]:

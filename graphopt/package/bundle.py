@@ -8,7 +8,7 @@ onnxruntime's own converter → verify that the ``.ort`` computes what the ``.on
 Packaging the same model twice gives the same bytes: zip members have fixed dates, order and
 permissions; the manifest holds no dates and no absolute paths; and the ``.ort`` is rewritten
 into a canonical form, because onnxruntime serializes one of its tables from a hash map
-whose order changes from process to process (see ``graphopt.targets.ortformat``).
+whose order changes from process to process (see ``graphopt.package.ortformat``).
 """
 
 from __future__ import annotations
@@ -27,12 +27,18 @@ from pathlib import Path
 from typing import Any
 
 from graphopt import __version__
-from graphopt.describe import describe
 from graphopt.errors import GateFailed, InputError, UsageError
-from graphopt.io import LoadedModel, fsync_dir, load_model, remove_stale_staging, save_model
-from graphopt.report import to_json
-from graphopt.targets import Target, check_model, load_target
-from graphopt.targets.ortformat import convert_to_ort
+from graphopt.io import (
+    LoadedModel,
+    fsync_dir,
+    load_model,
+    remove_stale_staging,
+    save_model,
+    to_json,
+)
+from graphopt.package.ortformat import convert_to_ort
+from graphopt.package.targets import Target, check_model, load_target
+from graphopt.report.inspection import describe
 from graphopt.verify.feeds import DataSource
 
 logger = logging.getLogger(__name__)
@@ -246,7 +252,7 @@ def _verify(onnx_path: Path, ort_path: Path, feeds: Any, options: PackageOptions
     gated by ``max_abs``. The distance to the .onnx with optimizations off is recorded too:
     for int8 QDQ models onnxruntime's fused kernels round differently from the float
     simulation of quantization, which is expected and not the conversion's doing."""
-    from graphopt.verify.gate import Thresholds, gate_checks, failures
+    from graphopt.verify.gate import Thresholds, failures, gate_checks
     from graphopt.verify.parity import compare_outputs, run_outputs
     from graphopt.verify.runtime import make_session
 

@@ -58,12 +58,12 @@ _TYPES: dict[str, type] = {
 
 
 def builtin_targets() -> list[str]:
-    return builtin_presets("graphopt.targets")
+    return builtin_presets("graphopt.package.targets")
 
 
 def load_target(name_or_path: str | Path) -> Target:
     """A built-in target by name, or a TOML file by path."""
-    data, name = read_preset(str(name_or_path), package="graphopt.targets", kind="target", error=TargetError)
+    data, name = read_preset(str(name_or_path), package="graphopt.package.targets", kind="target", error=TargetError)
     return parse_target(data, Path(name).name)  # the name goes into bundle manifests: no machine paths
 
 

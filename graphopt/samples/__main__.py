@@ -1,0 +1,3 @@
+from graphopt.samples import main
+
+main()
