@@ -22,15 +22,18 @@ def make_model(
     *,
     opset: int = OPSET,
     names: Sequence[str] = (),
+    ir_version: int = 8,
+    full_check: bool = False,
 ) -> onnx.ModelProto:
-    """A checked ModelProto; numpy initializers are named by ``names`` in order."""
+    """A checked ModelProto (``full_check``: with shape inference too); numpy initializers are
+    named by ``names`` in order."""
     tensors = [
         t if isinstance(t, onnx.TensorProto) else numpy_helper.from_array(t, name)
         for t, name in zip(initializers, list(names) + [""] * len(initializers))
     ]
     graph = helper.make_graph(list(nodes), "test", list(inputs), list(outputs), tensors)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
-    onnx.checker.check_model(model)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=ir_version)
+    onnx.checker.check_model(model, full_check=full_check)
     return model
 
 

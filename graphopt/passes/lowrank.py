@@ -32,9 +32,10 @@ import numpy as np
 import onnx_ir as ir
 
 from graphopt.errors import PassFailed, RecipeError
+from graphopt.passes.activations import ActivationCollector, RowFrequency, SecondMoment
 from graphopt.passes.base import GraphoptPass, PassResult, check_fractions
-from graphopt.passes.weights import WeightUse, exclusion, initializer, replace_output, weight_use
 from graphopt.passes.registry import register
+from graphopt.passes.weights import WeightUse, exclusion, initializer, replace_output, weight_use
 from graphopt.verify.judge import HeldOut, Judge, Verdict, hold_out, run_budget
 
 logger = logging.getLogger(__name__)
@@ -398,39 +399,11 @@ def input_moments(model: ir.Model, names: list[str], feeds: list[dict], transpos
     """E[xxᵀ] over the rows of each float tensor in ``names`` (channels on the last axis, on
     the first for ``transposed``; only the diagonal with ``diagonal``), and for index tensors
     in ``tables`` (name → table rows) the frequency of each row. Streamed over ``feeds``."""
-    from graphopt.verify.runtime import make_session
-
-    given = {v.name for v in model.graph.inputs}
-    computed = [name for name in names if name not in given]
-    session = make_session(_with_outputs(model, computed), optimize=False, threads=threads)
-    sums: dict[str, np.ndarray] = {}
-    counts = dict.fromkeys(names, 0)
-    for feed in feeds:
-        values = {**{name: feed[name] for name in names if name in given},
-                  **dict(zip(computed, session.run(computed, feed) if computed else []))}
-        for name, value in values.items():
-            if name in tables:
-                ids = np.asarray(value, np.int64).reshape(-1) % tables[name]
-                moment, rows = np.bincount(ids, minlength=tables[name]).astype(np.float64), ids.size
-            else:
-                value = np.asarray(value, np.float64)
-                matrix = value.T if name in transposed else value.reshape(-1, value.shape[-1])
-                moment = np.einsum("ij,ij->j", matrix, matrix) if diagonal else matrix.T @ matrix
-                rows = matrix.shape[0]
-            sums[name] = moment if name not in sums else sums[name] + moment
-            counts[name] += rows
-    return {name: total / counts[name] for name, total in sums.items() if counts[name]}
-
-
-def _with_outputs(model: ir.Model, names: list[str]) -> bytes:
-    """The model with ``names`` exposed as graph outputs, untyped: onnxruntime infers each
-    type (index tensors are int64, and a cleaned graph may no longer say so)."""
-    import onnx
-
-    proto = ir.serde.serialize_model(model)
-    existing = {o.name for o in proto.graph.output}
-    proto.graph.output.extend(onnx.ValueInfoProto(name=name) for name in names if name not in existing)
-    return proto.SerializeToString()
+    moments: dict[str, Any] = {
+        name: RowFrequency(tables[name]) if name in tables else SecondMoment(name in transposed, diagonal)
+        for name in dict.fromkeys(names)}
+    ActivationCollector(model, moments, threads=threads).stream(feeds, moments)
+    return {name: m.value for name, m in moments.items() if m.count}
 
 
 def _square_root(covariance: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

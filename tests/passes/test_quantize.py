@@ -102,11 +102,15 @@ def test_bias_overflow_raises_the_weight_scale():
 @pytest.mark.parametrize("method", ["minmax", "percentile", "entropy", "mse"])
 def test_activation_ranges_contain_zero_and_clip_outliers(method, rng):
     values = np.concatenate([rng.standard_normal(100_000), [400.0]]).astype(np.float32)
-    from graphopt.passes.quantize.calibrate import _update_histogram, _update_range
+    from graphopt.passes.activations import AbsHistogram, ChannelRange
+    from graphopt.passes.quantize.calibrate import BINS
 
-    stats = TensorStats()
-    _update_range(stats, values[None])
-    _update_histogram(stats, values[None])
+    seen = ChannelRange()
+    seen.update(values[None])
+    stats = TensorStats(seen.minimum, seen.maximum)
+    histogram = AbsHistogram(stats.absmax, BINS)
+    histogram.update(values[None])
+    stats.histogram = histogram.counts
     low, high = activation_range(stats, method)
     assert low <= 0.0 <= high
     if method == "minmax":

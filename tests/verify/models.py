@@ -11,6 +11,7 @@ import onnx_ir as ir
 from onnx import TensorProto, helper, numpy_helper
 
 from graphopt.verify.feeds import InputSpec, input_specs
+from tests.conftest import make_model as shared_make_model
 
 # Exactly representable in float32, so numpy and onnxruntime agree to the last bit.
 LINEAR_W = np.arange(12, dtype=np.float32).reshape(4, 3) / 8
@@ -19,17 +20,10 @@ LINEAR_B = np.array([0.5, -0.25, 0.125], dtype=np.float32)
 Dim = int | str | None
 
 
-def make_model(
-    nodes: Sequence[onnx.NodeProto],
-    inputs: Sequence[onnx.ValueInfoProto],
-    outputs: Sequence[onnx.ValueInfoProto],
-    initializers: Sequence[onnx.TensorProto] = (),
-) -> onnx.ModelProto:
-    graph = helper.make_graph(list(nodes), "g", list(inputs), list(outputs), list(initializers))
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 9
-    onnx.checker.check_model(model, full_check=True)
-    return model
+def make_model(nodes: Sequence[onnx.NodeProto], inputs: Sequence[onnx.ValueInfoProto],
+               outputs: Sequence[onnx.ValueInfoProto], initializers: Sequence[onnx.TensorProto] = ()) -> onnx.ModelProto:
+    """``tests.conftest.make_model`` at opset 17, IR 9, fully checked."""
+    return shared_make_model(nodes, inputs, outputs, initializers, ir_version=9, full_check=True)
 
 
 def linear_model(scale: float = 1.0, *, batch: Dim = "N", input_name: str = "X", output_name: str = "Y") -> onnx.ModelProto:

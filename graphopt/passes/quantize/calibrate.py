@@ -1,6 +1,5 @@
-"""Activation statistics on calibration data, streamed: one onnxruntime session with the
-needed intermediate tensors exposed as outputs; running min/max, per-channel max|x| and
-histograms are updated per feed, so memory does not grow with the number of samples.
+"""Activation ranges for static quantization, from the streamed statistics of
+``graphopt.passes.activations`` (running min/max, per-channel max|x| and histograms).
 
 Range methods for static quantization (from the histogram of each tensor):
 minmax, percentile (99.99% of |x| mass by default), entropy (KL divergence, TensorRT-style)
@@ -15,8 +14,9 @@ from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
-import onnx
 import onnx_ir as ir
+
+from graphopt.passes.activations import AbsHistogram, ActivationCollector, ChannelRange
 
 logger = logging.getLogger(__name__)
 
@@ -44,61 +44,24 @@ class TensorStats:
         return float(max(abs(self.minimum), abs(self.maximum)))
 
 
-def _exposed_model(model: ir.Model, names: Sequence[str]) -> bytes:
-    proto = ir.serde.serialize_model(model)
-    existing = {o.name for o in proto.graph.output}
-    for name in names:
-        if name not in existing:
-            # Untyped: onnxruntime infers it, and exposing an int64 tensor must not fail.
-            proto.graph.output.append(onnx.ValueInfoProto(name=name))
-    return proto.SerializeToString()
-
-
 def collect(model: ir.Model, names: Sequence[str], feeds: Sequence[dict[str, np.ndarray]],
             *, histograms: bool = False, threads: int | None = None) -> dict[str, TensorStats]:
     """Statistics of the float tensors ``names`` over ``feeds``.
 
     One pass gives min/max and per-channel max|x|; ``histograms=True`` adds a second pass
     binning |x| into fixed ranges known from the first."""
-    from graphopt.verify.runtime import make_session
-
-    names = list(dict.fromkeys(names))
-    session = make_session(_exposed_model(model, names), optimize=False, threads=threads)
-    stats = {name: TensorStats() for name in names}
-    for feed in feeds:
-        for name, value in zip(names, session.run(names, feed)):
-            _update_range(stats[name], np.asarray(value, dtype=np.float32))
+    collector = ActivationCollector(model, names, threads=threads)
+    ranges = {name: ChannelRange() for name in collector.names}
+    collector.stream(feeds, ranges)
+    stats = {name: TensorStats(r.minimum, r.maximum, r.channel_absmax, r.channel_sumsq, r.count, shape=r.shape)
+             for name, r in ranges.items()}
     if histograms:
-        for feed in feeds:
-            for name, value in zip(names, session.run(names, feed)):
-                _update_histogram(stats[name], np.asarray(value, dtype=np.float32))
-    logger.debug("calibrated %d tensors on %d feeds", len(names), len(feeds))
+        bins = {name: AbsHistogram(s.absmax, BINS) for name, s in stats.items()}
+        collector.stream(feeds, bins)
+        for name, histogram in bins.items():
+            stats[name].histogram = histogram.counts
+    logger.debug("calibrated %d tensors on %d feeds", len(stats), len(feeds))
     return stats
-
-
-def _update_range(stats: TensorStats, value: np.ndarray) -> None:
-    if value.size == 0:
-        return
-    stats.shape = value.shape
-    stats.minimum = min(stats.minimum, float(value.min()))
-    stats.maximum = max(stats.maximum, float(value.max()))
-    if value.ndim >= 1:
-        rows = np.moveaxis(value, 1, -1) if value.ndim == 4 else value
-        rows = rows.reshape(-1, rows.shape[-1])
-        channel = np.abs(rows).max(axis=0)
-        sumsq = np.square(rows, dtype=np.float64).sum(axis=0)
-        if stats.channel_absmax is None or stats.channel_absmax.shape != channel.shape:
-            stats.channel_absmax, stats.channel_sumsq, stats.count = channel, sumsq, 0
-        else:
-            stats.channel_absmax = np.maximum(stats.channel_absmax, channel)
-            stats.channel_sumsq = stats.channel_sumsq + sumsq
-        stats.count += rows.shape[0]
-
-
-def _update_histogram(stats: TensorStats, value: np.ndarray) -> None:
-    top = stats.absmax if stats.absmax > 0 else 1.0
-    counts, _ = np.histogram(np.abs(value), bins=BINS, range=(0.0, top))
-    stats.histogram = counts if stats.histogram is None else stats.histogram + counts
 
 
 def activation_range(stats: TensorStats, method: RangeMethod, *, percentile: float = 99.99) -> tuple[float, float]:
