@@ -62,8 +62,7 @@ def _factorized(work: Workload, folder: Path, part: str, ratio: float, mode: str
     model = graphopt.load_model(work.model).model
     pass_ = get_pass("lowrank")(select="ratio", ratio=ratio, activation_aware=MODES[mode], min_saving=0.0,
                                 **PARTS[part])
-    pass_.context = PassContext(calibration=FeedSet(work.calib, "calibration", False), threads=THREADS)
-    result = pass_(model)
+    result = pass_(model, PassContext(calibration=FeedSet(work.calib, "calibration", False), threads=THREADS))
     path = folder / f"{part.split()[0]}-{ratio}-{mode}.onnx"
     ir.save(model, path)
     return path, result.changes.get("parameters removed", 0)

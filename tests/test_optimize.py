@@ -15,6 +15,7 @@ from onnx import helper, numpy_helper
 
 from graphopt.cli import main
 from graphopt.passes import GraphoptPass, PassResult
+from graphopt.passes.base import PassContext
 from graphopt.passes.registry import _PASSES, register
 from graphopt.verify.feeds import input_specs
 from tests.conftest import linear_model, make_model, run, save, tensor
@@ -100,12 +101,12 @@ class _NoisyUntilRetreatPass(GraphoptPass):
     def searches(self) -> bool:
         return True
 
-    def call(self, model: ir.Model) -> PassResult:
+    def apply(self, model: ir.Model, context: PassContext) -> PassResult:
         weight = model.graph.initializers["W"]
-        noise = 0.5 if self.context.retreat == 0 else 1e-7
+        noise = 0.5 if context.retreat == 0 else 1e-7
         array = weight.const_value.numpy() + noise
         weight.const_value = ir.tensor(array.astype(np.float32), name="W")
-        return PassResult(model, modified=True, details={"retreat": self.context.retreat})
+        return PassResult(model, modified=True, details={"retreat": context.retreat})
 
 
 @pytest.fixture
@@ -167,8 +168,7 @@ def test_prune_channels_leaves_excluded_layers_whole(tmp_path, rng, capsys):
 
     model = ir.serde.deserialize_model(_two_layer_model(rng))
     pass_ = get_pass("prune-channels")(amount=0.5)
-    pass_.context = PassContext(exclude=("first",))
-    result = pass_(model)
+    result = pass_(model, PassContext(exclude=("first",)))
     assert not result.modified and model.graph.initializers["W1"].const_value.shape == (64, 64)
 
 

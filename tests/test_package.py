@@ -399,9 +399,8 @@ def test_int8_qdq_model_packages_with_an_exact_ort(tmp_path, rng):
 
     model = ir.serde.deserialize_model(conv_model(rng))
     step = get_pass("quantize-static")()
-    step.context = PassContext(calibration=FeedSet(
-        [{"X": rng.standard_normal((1, 8, 16, 16)).astype(np.float32)} for _ in range(4)], "test", False), threads=1)
-    step(model)
+    step(model, PassContext(calibration=FeedSet(
+        [{"X": rng.standard_normal((1, 8, 16, 16)).astype(np.float32)} for _ in range(4)], "test", False), threads=1))
     path = save(model, tmp_path / "int8.onnx")
     out = tmp_path / "bundle.zip"
     assert package(path, out) == 0

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import onnx_ir as ir
+
+if TYPE_CHECKING:
+    from graphopt.passes.quantize.calibrate import TensorStats
+    from graphopt.verify.feeds import FeedSet
+    from graphopt.verify.judge import Budget
 
 
 @dataclasses.dataclass
@@ -19,17 +25,43 @@ class PassResult(ir.passes.PassResult):
 
 @dataclasses.dataclass(frozen=True)
 class PassContext:
-    """What a run gives every pass besides the model: calibration feeds (``--calib``), the
-    thread count for any measurement, and a folder for per-machine caches."""
+    """What a run hands every pass call besides the model. Immutable: a pass that needs a
+    variant for the passes it runs itself makes one with ``dataclasses.replace``."""
 
-    calibration: Any = None  # graphopt.verify.feeds.FeedSet
+    calibration: FeedSet | None = None
+    """Calibration feeds (``--calib``)."""
     threads: int | None = None
+    """Thread count for any measurement."""
     cache_dir: str | None = None
-    budget: Any = None  # graphopt.verify.judge.Budget the result must meet
-    retreat: int = 0  # the final check missed the budget this many times: searching passes step further down
-    exclude: tuple[str, ...] = ()  # glob patterns (node names, op types, weight names) no lossy pass may touch
-    activation_stats: Any = None  # name -> TensorStats measured on the float model, reused by trials
-    analyze: bool = False  # passes may spend extra time to explain their choices (layer reports)
+    """Folder for per-machine caches (the int8 speed profile)."""
+    budget: Budget | None = None
+    """What the result must meet (``verify.judge``); a searching pass searches under it."""
+    retreat: int = 0
+    """The final check missed the budget this many times: searching passes step further down."""
+    exclude: tuple[str, ...] = ()
+    """Glob patterns (node names, op types, weight names) no lossy pass may touch."""
+    activation_stats: Mapping[str, TensorStats] | None = None
+    """Statistics measured on the float model, reused by the trials of a search."""
+    analyze: bool = False
+    """Passes may spend extra time to explain their choices (layer reports)."""
+
+    def calibration_feeds(self, pass_name: str) -> FeedSet:
+        """The calibration feeds; a DataError naming the pass when the run has none."""
+        from graphopt.errors import DataError
+
+        if self.calibration is None:
+            raise DataError(f"pass '{pass_name}' needs calibration data: give --calib DATA")
+        return self.calibration
+
+    def statistics(self, pass_name: str, model: ir.Model, names: list[str]) -> dict[str, TensorStats]:
+        """Calibration statistics of ``names``: from ``activation_stats`` when it has them all,
+        else measured now on the calibration feeds."""
+        from graphopt.passes.quantize.calibrate import collect
+
+        cached = self.activation_stats or {}
+        if all(name in cached for name in names):
+            return {name: cached[name] for name in names}
+        return collect(model, names, self.calibration_feeds(pass_name).feeds, threads=self.threads)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -60,36 +92,41 @@ class GraphoptPass(ir.passes.PassBase):
                 f"valid options: {', '.join(sorted(valid)) or '(none)'}"
             )
         self.options = self.Options(**options)
-        self.context = PassContext()
 
-    def activation_stats(self, model: Any, names: list[str]) -> dict[str, Any]:
-        """Calibration statistics of ``names``: from the run's cache (statistics of the float
-        model, shared by the automatic mode's trials) or measured now."""
-        from graphopt.passes.quantize.calibrate import collect
-
-        cached = self.context.activation_stats or {}
-        if all(name in cached for name in names):
-            return {name: cached[name] for name in names}
-        return collect(model, names, self.calibration_feeds().feeds, threads=self.context.threads)
-
-    def calibration_feeds(self) -> Any:
-        """The calibration FeedSet; a DataError naming this pass when the run has none."""
-        from graphopt.errors import DataError
-
-        if self.context.calibration is None:
-            raise DataError(f"pass '{self.name}' needs calibration data: give --calib DATA")
-        return self.context.calibration
-
-    def __call__(self, model: Any) -> PassResult:  # type: ignore[override]
-        """Run on an ``onnx_ir.Model``, or on what ``graphopt.load_model`` returned. A failed
-        precondition (the pass placed where it cannot run) is the recipe's mistake: RecipeError."""
+    def __call__(self, model: Any, /, context: PassContext | None = None) -> PassResult:  # type: ignore[override]
+        """Run on an ``onnx_ir.Model`` (or what ``graphopt.load_model`` returned) with the run's
+        ``context`` (none: an empty one). onnx-ir's checks apply: ``requires`` before, ``ensures``
+        after, the declared in-place behaviour. A failed precondition (the pass placed where it
+        cannot run) is the recipe's mistake: RecipeError."""
         from graphopt.errors import RecipeError
         from graphopt.io import LoadedModel
 
+        if isinstance(model, LoadedModel):
+            model = model.model
+        elif isinstance(model, ir.passes.PassResult):
+            model = model.model
         try:
-            return super().__call__(model.model if isinstance(model, LoadedModel) else model)
-        except ir.passes.PreconditionError as exc:
+            self.requires(model)
+        except Exception as exc:  # onnx-ir's rule: whatever stops ``requires`` is a failed precondition
             raise RecipeError(f"pass '{self.name}': {exc}") from exc
+        result = self.apply(model, context or PassContext())
+        if not isinstance(result, ir.passes.PassResult):
+            raise TypeError(f"pass '{self.name}' returned {type(result).__name__}, not a PassResult")
+        try:
+            self.ensures(result.model)
+        except Exception as exc:
+            raise ir.passes.PostconditionError(f"post-condition of pass '{self.name}' failed: {exc}") from exc
+        if self.in_place and result.model is not model:
+            raise ir.passes.PassError(f"pass '{self.name}' is declared in place but returned another model")
+        return result
+
+    def call(self, model: ir.Model) -> PassResult:
+        """onnx-ir's entry point (a pass manager's): the pass with an empty context."""
+        return self.apply(model, PassContext())
+
+    def apply(self, model: ir.Model, context: PassContext) -> PassResult:
+        """The pass itself: rewrite ``model`` as ``self.options`` say, using ``context``."""
+        raise NotImplementedError
 
     def require_opset(self, model: ir.Model, minimum: int) -> None:
         """The precondition of passes that emit operators of opset ``minimum``."""

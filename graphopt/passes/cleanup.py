@@ -8,7 +8,7 @@ import dataclasses
 import onnx_ir as ir
 from onnx_ir.passes import common
 
-from graphopt.passes.base import GraphoptPass, PassResult
+from graphopt.passes.base import GraphoptPass, PassContext, PassResult
 from graphopt.passes.registry import register
 
 
@@ -23,7 +23,7 @@ class CleanupPass(GraphoptPass):
         """Keep the types and shapes recorded for intermediate tensors. onnxruntime infers them
         itself; dropping them keeps a simplified model from growing."""
 
-    def call(self, model: ir.Model) -> PassResult:
+    def apply(self, model: ir.Model, context: PassContext) -> PassResult:
         nodes_before = _count_nodes(model)
         inits_before = _count_initializers(model)
         steps = (

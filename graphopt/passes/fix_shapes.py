@@ -13,7 +13,7 @@ import dataclasses
 import onnx_ir as ir
 
 from graphopt.errors import RecipeError
-from graphopt.passes.base import GraphoptPass, PassResult
+from graphopt.passes.base import GraphoptPass, PassContext, PassResult
 from graphopt.passes.registry import register
 
 
@@ -51,7 +51,7 @@ class FixInputShapesPass(GraphoptPass):
                     raise RecipeError(f"--fix-shape {name}: axis {axis} is fixed at {have} in the model, not {want}")
         return inputs
 
-    def call(self, model: ir.Model) -> PassResult:
+    def apply(self, model: ir.Model, context: PassContext) -> PassResult:
         inputs = self.validate(model)
         changed = 0
         for name, shape in self.fixed.items():

@@ -34,7 +34,7 @@ import onnx_ir.passes.common as ir_common
 
 from graphopt.errors import reason
 from graphopt.passes.naming import unique_value_name
-from graphopt.passes.base import GraphoptPass, PassResult
+from graphopt.passes.base import GraphoptPass, PassContext, PassResult
 from graphopt.passes.cleanup import drop_value_info
 from graphopt.passes.registry import register
 
@@ -56,7 +56,7 @@ class FuseAttentionPass(GraphoptPass):
         must match the original within ``tolerance`` (max abs); 0 skips the check."""
         tolerance: float = 1e-4
 
-    def call(self, model: ir.Model) -> PassResult:
+    def apply(self, model: ir.Model, context: PassContext) -> PassResult:
         if not any(node.op_type == "Softmax" for node in model.graph):
             return PassResult(model.clone(), modified=False)
         try:
@@ -69,13 +69,13 @@ class FuseAttentionPass(GraphoptPass):
         if leftover:
             return PassResult(model.clone(), modified=False,
                               notes=[f"attention matched but not lowered to an onnxruntime kernel ({', '.join(leftover)}); skipped"])
-        mismatch = self._outputs_differ(model, fused)
+        mismatch = self._outputs_differ(model, fused, context)
         if mismatch:
             return PassResult(model.clone(), modified=False, notes=[f"fused attention changed the outputs ({mismatch}); skipped"])
         logger.debug("fuse-attention: %s", counts)
         return PassResult(fused, modified=True, changes=counts)
 
-    def _outputs_differ(self, before: ir.Model, after: ir.Model) -> str | None:
+    def _outputs_differ(self, before: ir.Model, after: ir.Model, context: PassContext) -> str | None:
         if self.options.check_n <= 0:
             return None
         from graphopt.errors import GraphoptError
@@ -83,15 +83,15 @@ class FuseAttentionPass(GraphoptPass):
         from graphopt.verify.parity import rewrite_mismatch
 
         n = self.options.check_n
-        if self.context.calibration is not None:
-            feeds, source = self.context.calibration.feeds[:n], "calibration"
+        if context.calibration is not None:
+            feeds, source = context.calibration.feeds[:n], "calibration"
         else:
             try:
                 feeds, source = random_feeds(input_specs(before), shapes={}, seed=0, count=n).feeds, "random"
             except GraphoptError as exc:  # inputs random data cannot fill
                 return str(exc)
         mismatch = rewrite_mismatch(_bytes(before), _bytes(after), feeds, tolerance=self.options.tolerance,
-                                    threads=self.context.threads)
+                                    threads=context.threads)
         return f"{mismatch} on {len(feeds)} {source} feeds" if mismatch else None
 
 

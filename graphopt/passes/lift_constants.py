@@ -11,7 +11,7 @@ import dataclasses
 import onnx_ir as ir
 from onnx_ir.passes.common import LiftConstantsToInitializersPass as _IrLift
 
-from graphopt.passes.base import GraphoptPass, PassResult
+from graphopt.passes.base import GraphoptPass, PassContext, PassResult
 from graphopt.passes.registry import register
 
 
@@ -25,7 +25,7 @@ class LiftConstantsPass(GraphoptPass):
         min_elements: int = 0
         """Constants with fewer elements stay Constant nodes."""
 
-    def call(self, model: ir.Model) -> PassResult:
+    def apply(self, model: ir.Model, context: PassContext) -> PassResult:
         before = _count_constants(model)
         result = _IrLift(lift_all_constants=False, size_limit=self.options.min_elements)(model)
         lifted = before - _count_constants(model)

@@ -33,7 +33,7 @@ import onnx_ir as ir
 
 from graphopt.errors import PassFailed, RecipeError
 from graphopt.passes.activations import ActivationCollector, RowFrequency, SecondMoment
-from graphopt.passes.base import GraphoptPass, PassResult, check_fractions
+from graphopt.passes.base import GraphoptPass, PassContext, PassResult, check_fractions
 from graphopt.passes.registry import register
 from graphopt.passes.weights import WeightUse, exclusion, initializer, replace_output, weight_use
 from graphopt.verify.judge import HeldOut, Judge, Verdict, hold_out, run_budget
@@ -131,15 +131,15 @@ class LowRankPass(GraphoptPass):
     def needs_calibration(self) -> bool:
         return self.options.select == "parity"
 
-    def call(self, model: ir.Model) -> PassResult:
+    def apply(self, model: ir.Model, context: PassContext) -> PassResult:
         notes: list[str] = []
-        uses, skipped = self._eligible(model.graph)
-        split = self._split_feeds()
-        scales = self._input_scales(model, uses, split.tune, notes)
+        uses, skipped = self._eligible(model.graph, context.exclude)
+        split = self._split_feeds(context)
+        scales = self._input_scales(model, uses, split.tune, notes, context.threads)
         candidates = [_decompose(index, use, scales.get(index)) for index, use in uses]
         search: dict[str, Any] = {}
         if self.options.select == "parity" and candidates:
-            ranks, search = self._parity_ranks(model, candidates, split)
+            ranks, search = self._parity_ranks(model, candidates, split, context)
             if split.weak:
                 notes.append("one calibration feed: it both calibrated and judged the ranks (weak evidence)")
         else:
@@ -165,14 +165,14 @@ class LowRankPass(GraphoptPass):
 
     # -- which weights ----------------------------------------------------------------------
 
-    def _eligible(self, graph: ir.Graph) -> tuple[list[tuple[int, WeightUse]], dict[str, str]]:
+    def _eligible(self, graph: ir.Graph, exclude: tuple[str, ...]) -> tuple[list[tuple[int, WeightUse]], dict[str, str]]:
         ops = set(self.options.ops) | ({"Gather"} if self.options.embeddings else set())
         uses, skipped = [], {}
         for index, node in enumerate(graph):
             if node.op_type not in ops or (self.options.nodes and node.name not in self.options.nodes):
                 continue
             use, reason = weight_use(node, graph)
-            reason = exclusion(node, self.context.exclude) or reason or _refusal(use, graph, self.options.min_elements)
+            reason = exclusion(node, exclude) or reason or _refusal(use, graph, self.options.min_elements)
             if reason:
                 skipped[node.name or node.op_type] = reason
             else:
@@ -192,14 +192,14 @@ class LowRankPass(GraphoptPass):
 
     # -- calibration ------------------------------------------------------------------------
 
-    def _split_feeds(self) -> HeldOut:
+    def _split_feeds(self, context: PassContext) -> HeldOut:
         if self.options.select == "parity":
-            return hold_out(self.calibration_feeds().feeds, self.options.holdout)
-        feeds = list(self.context.calibration.feeds) if self.context.calibration is not None else []
+            return hold_out(context.calibration_feeds(self.name).feeds, self.options.holdout)
+        feeds = list(context.calibration.feeds) if context.calibration is not None else []
         return HeldOut(feeds, [], False)
 
     def _input_scales(self, model: ir.Model, uses: list[tuple[int, WeightUse]], tune: list[dict],
-                      notes: list[str]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+                      notes: list[str], threads: int | None) -> dict[int, tuple[np.ndarray, np.ndarray]]:
         """Per candidate index: (S, S⁻¹) from the calibration inputs. A Gather's input is a
         one-hot row selector, so its covariance is diagonal: how often each row is read."""
         mode = self.options.activation_aware
@@ -213,7 +213,7 @@ class LowRankPass(GraphoptPass):
                       if u.kind == "Gemm" and u.node.attributes.get_int("transA", 0)}
         rows = {_stat_input(u).name: u.weight.const_value.shape[0] for _, u in uses if u.kind == "Gather"}
         moments = input_moments(model, names, tune, transposed, rows, diagonal=mode == "diagonal",
-                                threads=self.context.threads)
+                                threads=threads)
         return {i: _square_root(moments[_stat_input(u).name]) for i, u in uses if _stat_input(u).name in moments}
 
     # -- ranks ------------------------------------------------------------------------------
@@ -242,13 +242,13 @@ class LowRankPass(GraphoptPass):
             dense |= newly
 
     def _parity_ranks(self, model: ir.Model, candidates: list[Candidate],
-                      split: HeldOut) -> tuple[dict[int, int], dict[str, Any]]:
+                      split: HeldOut, context: PassContext) -> tuple[dict[int, int], dict[str, Any]]:
         """The smallest parameter budget (bisection) whose model meets this pass's share of
         the run's budget on the held-out feeds; ``context.retreat`` then moves it that many
         halvings of the way to keeping everything."""
         from graphopt.verify.gate import Thresholds
 
-        budget = run_budget(model, self.context.budget, Thresholds(min_cosine=self.options.min_cosine))
+        budget = run_budget(model, context.budget, Thresholds(min_cosine=self.options.min_cosine))
         judge = Judge(model, split.judge, budget, share=self.options.budget_share, reserve=self.options.margin,
                       weak=split.weak)
         by_index = {c.index: c for c in candidates}
@@ -269,8 +269,8 @@ class LowRankPass(GraphoptPass):
                 high, best = middle, (ranks, middle, result)
             else:
                 low = middle
-        if self.context.retreat:
-            fraction = 1.0 - (1.0 - (best[1] if best else 1.0)) / 2**self.context.retreat
+        if context.retreat:
+            fraction = 1.0 - (1.0 - (best[1] if best else 1.0)) / 2**context.retreat
             ranks, result = verdict(fraction)
             best = (ranks, fraction, result)
         if best is None:

@@ -67,22 +67,27 @@ def weight_bytes(model: ir.Model) -> int:
 
 
 class Pipeline:
-    """An ordered list of passes; ``check`` runs after every pass that modified the model."""
+    """An ordered list of passes, each called with the run's ``context``; ``check`` runs after
+    every pass that modified the model (a failing step is undone). A pass that composes others
+    (int8's automatic mode) runs them through a pipeline of its own."""
 
     def __init__(
         self, passes: Sequence[GraphoptPass], *, check: ModelCheck | None = None, context: PassContext | None = None
     ) -> None:
         self.passes = list(passes)
         self.check = check
-        for pass_ in self.passes:
-            pass_.context = context or PassContext()
+        self.context = context or PassContext()
 
-    def run(self, model: ir.Model) -> PipelineResult:
+    def run(self, model: ir.Model, *, announce: bool = True) -> PipelineResult:
+        """Run every pass in order; ``announce`` logs each step (off for a search's trials)."""
         steps = []
         for index, pass_ in enumerate(self.passes, start=1):
-            logger.info("[%d/%d] %s …", index, len(self.passes), pass_.name)
+            if announce:
+                logger.info("[%d/%d] %s …", index, len(self.passes), pass_.name)
             model, record = self._run_one(pass_, model)
             steps.append(record)
+            if not announce:
+                continue
             summary = ", ".join(f"{k} {v}" for k, v in record.changes.items() if v) or "no change"
             logger.info("[%d/%d] %s: %s (%.2fs)", index, len(self.passes), pass_.name, summary, record.seconds)
             for note in record.notes:
@@ -95,7 +100,7 @@ class Pipeline:
         # Passes rewrite in place; a copy (sharing the tensors) lets a step be undone.
         before = model.clone() if self.check is not None else None
         try:
-            result = pass_(model)
+            result = pass_(model, self.context)
         except GraphoptError:
             raise
         except ir.passes.InvariantError as exc:

@@ -17,7 +17,7 @@ import onnx_ir as ir
 
 from graphopt.io import EXTERNAL_DATA_THRESHOLD_BYTES, weights_nbytes
 from graphopt.errors import reason
-from graphopt.passes.base import GraphoptPass, PassResult
+from graphopt.passes.base import GraphoptPass, PassContext, PassResult
 from graphopt.passes.registry import register
 
 logger = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ class SimplifyPass(GraphoptPass):
         fuse_bn: bool = True
         """Fold BatchNormalization into the preceding Conv."""
 
-    def call(self, model: ir.Model) -> PassResult:
+    def apply(self, model: ir.Model, context: PassContext) -> PassResult:
         if weights_nbytes(model) > EXTERNAL_DATA_THRESHOLD_BYTES:
             return self._skipped(model, "model is too large for onnxsim (protobuf limit of 2 GB)")
         import onnxsim

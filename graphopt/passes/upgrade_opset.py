@@ -11,7 +11,7 @@ import onnx
 import onnx_ir as ir
 
 from graphopt.errors import UnsupportedModelError, reason
-from graphopt.passes.base import GraphoptPass, PassResult
+from graphopt.passes.base import GraphoptPass, PassContext, PassResult
 from graphopt.passes.registry import register
 
 
@@ -26,7 +26,7 @@ class UpgradeOpsetPass(GraphoptPass):
         target: int = 13
         """Opset to reach; models already at or above it are left alone."""
 
-    def call(self, model: ir.Model) -> PassResult:
+    def apply(self, model: ir.Model, context: PassContext) -> PassResult:
         current = model.opset_imports.get("", 1)
         if current >= self.options.target:
             return PassResult(model.clone(), modified=False)

@@ -203,8 +203,8 @@ def test_refuses_a_fusion_the_check_catches(rng, monkeypatch):
 
     monkeypatch.setattr(fuse_attention, "_guard_masked_rows", lambda model: 0)
     fuse = get_pass("fuse-attention")()
-    fuse.context = PassContext(calibration=FeedSet([_feeds(rng)], source="test", synthetic=False))
-    result = fuse(ir.serde.deserialize_model(sdpa_block(rng)))
+    result = fuse(ir.serde.deserialize_model(sdpa_block(rng)),
+                  PassContext(calibration=FeedSet([_feeds(rng)], source="test", synthetic=False)))
     assert not result.modified
     assert result.notes and "changed the outputs" in result.notes[0]
     assert op_histogram(result.model).get("Softmax") == 1

@@ -6,6 +6,8 @@ on purpose, and those tests compare errors between variants rather than against 
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import onnx_ir as ir
 import pytest
@@ -37,7 +39,7 @@ def matmul_model(weight: np.ndarray):
 
 
 def with_calibration(pass_, feeds, **context):
-    pass_.context = PassContext(calibration=FeedSet(feeds, "test", False), threads=1, **context)
+    return functools.partial(pass_, context=PassContext(calibration=FeedSet(feeds, "test", False), threads=1, **context))
     return pass_
 
 

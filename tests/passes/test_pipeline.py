@@ -9,6 +9,7 @@ import pytest
 
 from graphopt.errors import InvalidModelError, PassFailed, RecipeError
 from graphopt.passes import GraphoptPass, PassResult, Pipeline, get_pass
+from graphopt.passes.base import PassContext
 from graphopt.verify.runtime import check_loadable
 from tests.conftest import linear_model
 
@@ -19,7 +20,7 @@ class BreakGraphPass(GraphoptPass):
     name = "break-graph"
     summary = "test only"
 
-    def call(self, model: ir.Model) -> PassResult:
+    def apply(self, model: ir.Model, context: PassContext) -> PassResult:
         node = next(iter(model.graph))
         model.graph.remove(node, safe=False)
         return PassResult(model, modified=True)
@@ -33,7 +34,7 @@ class CrashPass(GraphoptPass):
     class Options:
         message: str = "boom"
 
-    def call(self, model: ir.Model) -> PassResult:
+    def apply(self, model: ir.Model, context: PassContext) -> PassResult:
         raise ZeroDivisionError(self.options.message)
 
 
@@ -106,3 +107,35 @@ def test_an_ir3_model_moves_to_ir4_when_a_pass_adds_initializers():
 
     assert not step.rolled_back and step.changes == {"constants lifted": 1, "IR version 3 -> 4": 1}
     assert model.ir_version == 4
+
+
+class SeeContextPass(GraphoptPass):
+    name = "see-context"
+    summary = "test only"
+    seen: list = []
+
+    def apply(self, model: ir.Model, context: PassContext) -> PassResult:
+        self.seen.append(context)
+        return PassResult(model, modified=False)
+
+
+def test_each_call_gets_the_runs_context_and_the_pass_keeps_no_run_state(rng):
+    """The context is handed to the call (immutable), not stored on the pass: one pass object
+    can serve two runs with different contexts, and onnx-ir's own entry point gets an empty one."""
+    model = ir.serde.deserialize_model(linear_model(rng))
+    pass_ = SeeContextPass()
+    first, second = PassContext(threads=1, exclude=("a",)), PassContext(retreat=2)
+    Pipeline([pass_], context=first).run(model)
+    Pipeline([pass_], context=second).run(model)
+    pass_.call(model)
+    assert pass_.seen == [first, second, PassContext()]
+    assert not hasattr(pass_, "context")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        first.retreat = 1  # type: ignore[misc]
+
+
+def test_a_context_without_calibration_names_the_pass_that_needs_it():
+    from graphopt.errors import DataError
+
+    with pytest.raises(DataError, match="pass 'quantize-static' needs calibration data: give --calib DATA"):
+        PassContext().calibration_feeds("quantize-static")

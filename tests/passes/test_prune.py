@@ -242,8 +242,7 @@ def test_activation_importance_with_mean_compensation_matches_the_masked_model(r
     proto = mlp(rng)
     feeds = [{"X": rng.standard_normal((32, 8)).astype(np.float32)} for _ in range(2)]
     pass_ = get_pass("prune-channels")(amount=0.25, importance="activation", refit=False)
-    pass_.context = PassContext(calibration=FeedSet(feeds=feeds, source="test", synthetic=True))
-    result = pass_(ir.serde.deserialize_model(proto))
+    result = pass_(ir.serde.deserialize_model(proto), PassContext(calibration=FeedSet(feeds, "test", True)))
     assert result.details["bias_compensation"] and result.changes["channels removed"] == 4
     inits = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
     hidden = np.concatenate([np.maximum(f["X"] @ inits["W1"] + inits["b1"], 0) for f in feeds])
@@ -264,8 +263,7 @@ def test_least_squares_refit_beats_mean_compensation_on_calibration_data(rng):
     errors = {}
     for refit in (False, True):
         pass_ = get_pass("prune-channels")(amount=0.5, importance="activation", refit=refit)
-        pass_.context = PassContext(calibration=FeedSet(feeds=feeds, source="test", synthetic=True))
-        pruned = pass_(ir.serde.deserialize_model(proto)).model
+        pruned = pass_(ir.serde.deserialize_model(proto), PassContext(calibration=FeedSet(feeds, "test", True))).model
         errors[refit] = float(np.mean(np.square(run(pruned, feeds[0])[0] - run(proto, feeds[0])[0])))
     assert errors[True] < 0.5 * errors[False]
 
@@ -279,16 +277,15 @@ def test_search_finds_the_largest_amount_meeting_the_budget_on_held_out_feeds(rn
     feeds = [{"X": rng.standard_normal((64, 8)).astype(np.float32)} for _ in range(4)]
     calibration = FeedSet(feeds=feeds, source="test", synthetic=True)
     pass_ = get_pass("prune-channels")(importance="activation", search=True)
-    pass_.context = PassContext(calibration=calibration, budget=Thresholds(min_cosine=0.99))
-    result = pass_(ir.serde.deserialize_model(proto))
+    result = pass_(ir.serde.deserialize_model(proto), PassContext(calibration=calibration,
+                                                                  budget=Thresholds(min_cosine=0.99)))
     search = result.details["search"]
     assert search["judged_on_feeds"] == 1 and search["allowed"] == pytest.approx(0.6)  # margin 0.4
     passing = [t["amount"] for t in search["trials"] if t["meets"]]
     assert result.details["amount"] == max(passing, default=0.0)
     assert all(t["amount"] > result.details["amount"] for t in search["trials"] if not t["meets"])
-    pass_.context = PassContext(calibration=calibration)
     with pytest.raises(DataError, match="needs a budget"):
-        pass_(ir.serde.deserialize_model(proto))
+        pass_(ir.serde.deserialize_model(proto), PassContext(calibration=calibration))
 
 
 def test_prune_channels_leaves_blocked_groups_alone(rng):

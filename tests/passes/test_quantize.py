@@ -7,6 +7,8 @@ the output's scale. Each test states its bound next to the assertion."""
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -46,8 +48,7 @@ def conv_model(rng: np.random.Generator, *, opset: int = 17) -> onnx.ModelProto:
 
 def calibrated(pass_, rng: np.random.Generator, shape=(1, 8, 16, 16), name="X", count=8):
     feeds = [{name: rng.standard_normal(shape).astype(np.float32)} for _ in range(count)]
-    pass_.context = PassContext(calibration=FeedSet(feeds, "test", False), threads=1)
-    return pass_
+    return functools.partial(pass_, context=PassContext(calibration=FeedSet(feeds, "test", False), threads=1))
 
 
 # -- numeric ----------------------------------------------------------------------------------
@@ -206,8 +207,7 @@ def test_smoothing_tames_outlier_channels(rng):
     for alpha in (0.0, 0.8):
         model = ir.serde.deserialize_model(proto)
         step = get_pass("quantize-dynamic")(smooth_alpha=alpha)
-        step.context = PassContext(calibration=FeedSet(feeds, "test", False), threads=1)
-        step(model)
+        step(model, PassContext(calibration=FeedSet(feeds, "test", False), threads=1))
         x = feeds[0]["X"]
         reference = run(proto, {"X": x})[0]
         errors[alpha] = float(np.abs(run(model, {"X": x})[0] - reference).mean())

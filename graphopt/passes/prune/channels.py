@@ -30,7 +30,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphopt.errors import DataError
-from graphopt.passes.base import GraphoptPass, PassResult, check_fractions
+from graphopt.passes.base import GraphoptPass, PassContext, PassResult, check_fractions
 from graphopt.passes.prune.compensate import apply_bias_corrections, bias_corrections, weight_slices
 from graphopt.passes.prune.cut import Removed, apply_cuts, removal_plan
 from graphopt.passes.prune.dependency import ChannelGroup, Dependency, analyze
@@ -150,15 +150,15 @@ class PruneChannelsPass(GraphoptPass):
     def needs_calibration(self) -> bool:
         return self.options.search or self.options.importance == "activation"
 
-    def call(self, model: ir.Model) -> PassResult:
-        dependency = analyze(model, self.context.exclude)
-        moments = self._moments(model, dependency)
+    def apply(self, model: ir.Model, context: PassContext) -> PassResult:
+        dependency = analyze(model, context.exclude)
+        moments = self._moments(model, dependency, context)
         compensate = self.options.compensate and bool(moments)
         scores = group_importance(dependency, self.options.importance, moments, compensate=compensate)
         layers = {family: groups for family, groups in layers_of(dependency.groups).items()
                   if not self.options.nodes or _producers(dependency, family) & set(self.options.nodes)}
         details: dict[str, Any] = {"importance": self.options.importance, "before": model_cost(model)}
-        amount = self._search(model, layers, scores, moments, details) if self.options.search else self.options.amount
+        amount = self._search(model, layers, scores, moments, details, context) if self.options.search else self.options.amount
         chosen = self._choose(layers, scores, amount)
         details["layers"] = layer_report(dependency, removal_plan(dependency, chosen)[0])
         details["amount"] = amount
@@ -171,8 +171,8 @@ class PruneChannelsPass(GraphoptPass):
                           changes={"channels removed": len(groups), "prunable channels": total,
                                    "parameters removed": details["before"]["parameters"] - details["after"]["parameters"]})
 
-    def _moments(self, model: ir.Model, dependency: Dependency) -> dict[str, ChannelMoments]:
-        wanted = self.options.importance == "activation" or (self.options.compensate and self.context.calibration)
+    def _moments(self, model: ir.Model, dependency: Dependency, context: PassContext) -> dict[str, ChannelMoments]:
+        wanted = self.options.importance == "activation" or (self.options.compensate and context.calibration)
         if not wanted:
             return {}
         prunable = {t.value.name for g in dependency.groups if g.prunable for t, _ in g.members}
@@ -181,12 +181,12 @@ class PruneChannelsPass(GraphoptPass):
         gram = frozenset(name for name, t in readers.items() if self.options.refit and t.size <= 8192 and any(n.op_type in ("MatMul", "Gemm") for _, n, *_ in weight_slices(t)))
         if not readers:
             return {}
-        return channel_moments(model, {name: t.axis for name, t in readers.items()}, self._split_feeds().tune,
-                               threads=self.context.threads, gram=gram)
+        return channel_moments(model, {name: t.axis for name, t in readers.items()}, self._split_feeds(context).tune,
+                               threads=context.threads, gram=gram)
 
-    def _split_feeds(self) -> HeldOut:
+    def _split_feeds(self, context: PassContext) -> HeldOut:
         """Feeds for statistics and, with ``search``, the held-out feeds judging it."""
-        feeds = list(self.calibration_feeds().feeds)
+        feeds = list(context.calibration_feeds(self.name).feeds)
         return hold_out(feeds, self.options.holdout) if self.options.search else HeldOut(feeds, [], False)
 
     def _prune(self, model: ir.Model, dependency: Dependency, chosen: list[ChannelGroup],
@@ -214,20 +214,20 @@ class PruneChannelsPass(GraphoptPass):
         return chosen
 
     def _search(self, model: ir.Model, layers: dict, scores: np.ndarray, moments: dict[str, ChannelMoments],
-                details: dict[str, Any]) -> float:
+                details: dict[str, Any], context: PassContext) -> float:
         """Bisection on a grid of 1/32 steps: the largest amount meeting the run's budget on the
         held-out feeds (``verify.judge``); ``context.retreat`` halves it that many times."""
-        budget = run_budget(model, self.context.budget)
+        budget = run_budget(model, context.budget)
         if not budget.bounds:
             raise DataError(f"pass '{self.name}': search needs a budget: give --min-cosine, --min-top1 or --max-abs")
-        split = self._split_feeds()
+        split = self._split_feeds(context)
         judge = Judge(model, split.judge, budget, reserve=self.options.margin, weak=split.weak,
-                      threads=self.context.threads or 1)
+                      threads=context.threads or 1)
         proto = ir.serde.serialize_model(model)
 
         def meets(amount: float) -> Verdict:
             trial = ir.serde.deserialize_model(proto)
-            trial_dependency = analyze(trial, self.context.exclude)
+            trial_dependency = analyze(trial, context.exclude)
             chosen = {g.index for g in self._choose(layers, scores, amount)}
             self._prune(trial, trial_dependency, [g for g in trial_dependency.groups if g.index in chosen], moments)
             return judge.verdict(trial)
@@ -246,7 +246,7 @@ class PruneChannelsPass(GraphoptPass):
                              "judged_on_feeds": len(split.judge), "weak_evidence": split.weak}
         if low == 0 and trials and not any(t["meets"] for t in trials):
             logger.info("no amount above 0 meets the budget on the calibration data")
-        return (low >> self.context.retreat) / 32
+        return (low >> context.retreat) / 32
 
     def searches(self) -> bool:
         return self.options.search

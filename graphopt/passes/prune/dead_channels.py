@@ -19,7 +19,7 @@ import math
 import numpy as np
 import onnx_ir as ir
 
-from graphopt.passes.base import GraphoptPass, PassResult
+from graphopt.passes.base import GraphoptPass, PassContext, PassResult
 from graphopt.passes.prune.cut import apply_cuts, removal_plan
 from graphopt.passes.prune.dependency import ChannelGroup, Dependency, analyze, constant, weight_layout
 from graphopt.passes.prune.report import layer_report
@@ -183,8 +183,8 @@ class PruneDeadChannelsPass(GraphoptPass):
     name = "prune-dead-channels"
     summary = "remove channels that are exactly zero (torch pruning masks) with their consumers' inputs: exact"
 
-    def call(self, model: ir.Model) -> PassResult:
-        dependency = analyze(model, self.context.exclude)
+    def apply(self, model: ir.Model, context: PassContext) -> PassResult:
+        dependency = analyze(model, context.exclude)
         dead = dead_groups(model.graph, dependency)
         if not dead:
             return PassResult(model, modified=False, changes={"channels removed": 0})

@@ -16,7 +16,7 @@ from typing import Any, Literal
 import numpy as np
 import onnx_ir as ir
 
-from graphopt.passes.base import GraphoptPass, PassResult, check_fractions
+from graphopt.passes.base import GraphoptPass, PassContext, PassResult, check_fractions
 from graphopt.passes.prune.cut import replace_constant
 from graphopt.passes.weights import weight_uses
 from graphopt.passes.registry import register
@@ -48,8 +48,8 @@ class PruneWeightsPass(GraphoptPass):
         super().__init__(**options)
         check_fractions(self.name, amount=self.options.amount)
 
-    def call(self, model: ir.Model) -> PassResult:
-        uses, _ = weight_uses(model.graph, self.options.ops, self.options.min_elements, self.context.exclude)
+    def apply(self, model: ir.Model, context: PassContext) -> PassResult:
+        uses, _ = weight_uses(model.graph, self.options.ops, self.options.min_elements, context.exclude)
         uses = list({id(u.weight): u for u in uses}.values())
         if not uses:
             return PassResult(model, modified=False, changes={"weights zeroed": 0})

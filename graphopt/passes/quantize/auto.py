@@ -30,6 +30,7 @@ import onnx_ir as ir
 
 from graphopt.errors import GateFailed
 from graphopt.passes.base import GraphoptPass, PassContext, PassResult, check_fractions
+from graphopt.passes.pipeline import Pipeline
 from graphopt.passes.quantize.calibrate import collect
 from graphopt.passes.quantize.dynamic import QuantizeDynamicPass, dynamic_refusal
 from graphopt.passes.quantize.profile import SpeedProfile, default_cache_dir
@@ -129,27 +130,27 @@ class QuantizeInt8Pass(GraphoptPass):
     def needs_calibration(self) -> bool:
         return True
 
-    def call(self, model: ir.Model) -> PassResult:
+    def apply(self, model: ir.Model, context: PassContext) -> PassResult:
         from graphopt.verify.gate import Thresholds
 
-        split = hold_out(self.calibration_feeds().feeds, self.options.holdout)
-        budget = run_budget(model, self.context.budget,
+        split = hold_out(context.calibration_feeds(self.name).feeds, self.options.holdout)
+        budget = run_budget(model, context.budget,
                             Thresholds(min_cosine=self.options.min_cosine, min_top1=self.options.min_top1))
         judge = Judge(model, split.judge, budget, reserve=self.options.margin, weak=split.weak)
-        uses, skipped = weight_uses(model.graph, WEIGHT_OPS, self.options.min_elements, self.context.exclude)
+        uses, skipped = weight_uses(model.graph, WEIGHT_OPS, self.options.min_elements, context.exclude)
         names = sorted({u.node.inputs[0].name for u in uses if u.node.inputs[0].name and u.kind != "Gather"})
         stats = collect(model, names, split.tune, threads=1)
-        build = _Builder(model, uses, split.tune, self.options, dataclasses.replace(self.context, activation_stats=stats))
-        choices = self._speed_choices(uses, stats)
+        build = _Builder(model, uses, split.tune, self.options, dataclasses.replace(context, activation_stats=stats))
+        choices, profile = self._speed_choices(uses, stats, context)
         ladder = _Ladder(choices, build, judge)
         verdict = judge.verdict(build(choices))
-        if ladder.compute and (not verdict.meets_target or self.options.sensitivity or self.context.analyze):
+        if ladder.compute and (not verdict.meets_target or self.options.sensitivity or context.analyze):
             ladder.measure("weight-only")
         first, second = 0, 0
         if not verdict.meets_target:
             first, second, verdict = ladder.search()
-        if self.context.retreat:
-            first, second = ladder.retreat(first, second, self.context.retreat)
+        if context.retreat:
+            first, second = ladder.retreat(first, second, context.retreat)
             verdict = ladder.judge_plan(first, second)
         if not verdict.meets_budget:
             raise GateFailed(
@@ -173,17 +174,19 @@ class QuantizeInt8Pass(GraphoptPass):
                 "budget": budget.describe(),
                 "held_out": verdict.to_dict(),
                 "ladder": {"rungs": ladder.length, "to_weight_only": first, "to_float": second,
-                           "retreat": self.context.retreat},
+                           "retreat": context.retreat},
                 "calibration_feeds": len(split.tune),
                 "held_out_feeds": len(split.judge),
-                "profile": self._profile_info,
+                "profile": profile,
             },
         )
 
-    def _speed_choices(self, uses: list[WeightUse], stats: dict[str, Any]) -> list[LayerChoice]:
+    def _speed_choices(self, uses: list[WeightUse], stats: dict[str, Any],
+                       context: PassContext) -> tuple[list[LayerChoice], dict[str, Any]]:
+        """Each layer's fastest form by this machine's speed profile, and where that profile is."""
         shapes = {n: s.shape for n, s in stats.items()}
-        threads = self.context.threads or _cores()
-        profile = SpeedProfile(Path(self.context.cache_dir) if self.context.cache_dir else default_cache_dir(), threads)
+        threads = context.threads or _cores()
+        profile = SpeedProfile(Path(context.cache_dir) if context.cache_dir else default_cache_dir(), threads)
         choices = []
         for use in uses:
             form = _int8_form(use)
@@ -201,9 +204,8 @@ class QuantizeInt8Pass(GraphoptPass):
             choices.append(LayerChoice(use.name, use.kind, mode, reason, timing["float_ms"], timing["int8_ms"],
                                        weight_bytes=nbytes, label=_label(use)))
         profile.save()
-        self._profile_info = {"path": str(profile.path), "machine": profile.key,
-                              "measured": profile.measured, "reused": profile.reused}
-        return choices
+        return choices, {"path": str(profile.path), "machine": profile.key,
+                         "measured": profile.measured, "reused": profile.reused}
 
 
 def _notes(verdict: Verdict, final: list[LayerChoice], weak: bool) -> list[str]:
@@ -401,9 +403,11 @@ def _apply(model: ir.Model, choices: list[LayerChoice], build: _Builder) -> dict
                                          min_elements=options.min_elements))
     if weight_only:
         steps.append(QuantizeWeightsPass(nodes=weight_only, min_elements=options.min_elements))
-    for step in steps:
-        step.context = inner
-        reports += step(model).details["layers"]
+    if steps:
+        # The sub-passes rewrite this trial's model in place: the pipeline runs them, unannounced
+        # (a search builds many trials) and unchecked (the judge runs every trial).
+        result = Pipeline(steps, context=inner).run(model, announce=False)
+        reports += [layer for step in result.steps for layer in step.details["layers"]]
     return {str(entry.get("node") or (entry.get("nodes") or [""])[0]): entry for entry in reports}
 
 

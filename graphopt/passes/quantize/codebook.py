@@ -51,7 +51,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphopt.errors import RecipeError
-from graphopt.passes.base import GraphoptPass, PassResult
+from graphopt.passes.base import GraphoptPass, PassContext, PassResult
 from graphopt.passes.naming import fresh_name, value_names
 from graphopt.passes.weights import exclusion
 from graphopt.passes.registry import register
@@ -97,14 +97,14 @@ class QuantizeCodebookPass(GraphoptPass):
     def requires(self, model: ir.Model) -> None:
         self.require_opset(model, MIN_OPSET)
 
-    def call(self, model: ir.Model) -> PassResult:
+    def apply(self, model: ir.Model, context: PassContext) -> PassResult:
         graph = model.graph
         taken = value_names(graph)
         encoded: list[dict[str, Any]] = []
         skipped: list[dict[str, str]] = []
         notes: list[str] = []
         for weight, axis in _candidates(graph, self.options.ops):
-            refusal = _refusal(weight, graph, self.options, self.context.exclude)
+            refusal = _refusal(weight, graph, self.options, context.exclude)
             rebuild = None
             if refusal is None:
                 rebuild = _plan_rebuild(weight, axis if self.options.per_channel else None, self.options, taken)

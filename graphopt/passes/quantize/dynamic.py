@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from graphopt.passes.base import GraphoptPass, PassResult
+from graphopt.passes.base import GraphoptPass, PassContext, PassResult
 from graphopt.passes.quantize.numeric import quantize_symmetric, relative_error
 from graphopt.passes.weights import WeightUse, initializer, replace_output, select_uses, weight_uses
 from graphopt.passes.registry import register
@@ -129,14 +129,14 @@ class QuantizeDynamicPass(GraphoptPass):
         nodes: tuple[str, ...] = ()
         """When given, only these node names are quantized (the automatic mode's choice)."""
 
-    def call(self, model: ir.Model) -> PassResult:
+    def apply(self, model: ir.Model, context: PassContext) -> PassResult:
         graph = model.graph
-        uses, skipped = weight_uses(graph, self.options.ops, self.options.min_elements, self.context.exclude)
+        uses, skipped = weight_uses(graph, self.options.ops, self.options.min_elements, context.exclude)
         eligible = select_uses(uses, dynamic_refusal, self.options.nodes, skipped)
         groups: dict[int, list[WeightUse]] = {}
         for use in eligible:
             groups.setdefault(id(use.node.inputs[0]), []).append(use)
-        channel_max = self._activation_channel_max(model, eligible) if self.options.smooth_alpha > 0 else {}
+        channel_max = self._activation_channel_max(model, eligible, context) if self.options.smooth_alpha > 0 else {}
         quantize_activation = _ActivationQuantizer(graph)
         layers = []
         for group in groups.values():
@@ -151,9 +151,9 @@ class QuantizeDynamicPass(GraphoptPass):
         return PassResult(model, modified=bool(layers), changes={"layers quantized": len(layers)},
                           details={"layers": layers, "skipped": skipped})
 
-    def _activation_channel_max(self, model: ir.Model, uses: list[WeightUse]) -> dict[str, np.ndarray]:
+    def _activation_channel_max(self, model: ir.Model, uses: list[WeightUse], context: PassContext) -> dict[str, np.ndarray]:
         names = sorted({u.node.inputs[0].name for u in uses if u.node.inputs[0].name})
-        stats = self.activation_stats(model, names)
+        stats = context.statistics(self.name, model, names)
         return {name: s.channel_absmax for name, s in stats.items() if s.channel_absmax is not None}
 
 

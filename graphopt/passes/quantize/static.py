@@ -17,7 +17,7 @@ from typing import Any, Literal
 import numpy as np
 import onnx_ir as ir
 
-from graphopt.passes.base import GraphoptPass, PassResult
+from graphopt.passes.base import GraphoptPass, PassContext, PassResult
 from graphopt.passes.quantize.calibrate import RangeMethod, TensorStats, activation_range, collect
 from graphopt.passes.quantize.numeric import QuantizedWeight, quantize_bias, quantize_symmetric, relative_error
 from graphopt.passes.weights import WeightUse, column_importance, initializer, select_uses, weight_uses
@@ -173,14 +173,14 @@ class QuantizeStaticPass(GraphoptPass):
     def requires(self, model: ir.Model) -> None:
         self.require_opset(model, 13)  # per-channel DequantizeLinear ``axis``
 
-    def call(self, model: ir.Model) -> PassResult:
+    def apply(self, model: ir.Model, context: PassContext) -> PassResult:
         graph = model.graph
-        uses, skipped = weight_uses(graph, self.options.ops, self.options.min_elements, self.context.exclude)
+        uses, skipped = weight_uses(graph, self.options.ops, self.options.min_elements, context.exclude)
         chosen = select_uses(uses, static_refusal, self.options.nodes, skipped)
         if not chosen:
             return PassResult(model, modified=False, details={"layers": [], "skipped": skipped})
-        stats = calibrate_static(model, chosen, self.calibration_feeds().feeds, self.options.method,
-                                 threads=self.context.threads)
+        stats = calibrate_static(model, chosen, context.calibration_feeds(self.name).feeds, self.options.method,
+                                 threads=context.threads)
         layers = apply_static(graph, plan_static(chosen, stats, self.options.method, self.options.percentile))
         return PassResult(model, modified=True, changes={"layers quantized": len(layers)},
                           details={"layers": layers, "skipped": skipped, "method": self.options.method})

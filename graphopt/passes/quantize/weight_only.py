@@ -14,7 +14,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from graphopt.passes.base import GraphoptPass, PassResult
+from graphopt.passes.base import GraphoptPass, PassContext, PassResult
 from graphopt.passes.quantize.numeric import quantize_symmetric, relative_error
 from graphopt.passes.weights import (
     WEIGHT_OPS,
@@ -79,12 +79,12 @@ class QuantizeWeightsPass(GraphoptPass):
         nodes: tuple[str, ...] = ()
         """When given, only the weights of these node names are encoded."""
 
-    def call(self, model: ir.Model) -> PassResult:
+    def apply(self, model: ir.Model, context: PassContext) -> PassResult:
         uses, skipped = weight_uses(model.graph, self.options.ops, self.options.min_elements,
-                                      self.context.exclude)
+                                      context.exclude)
         if self.options.nodes:
             uses = [u for u in uses if u.node.name in self.options.nodes]
-        meansq = self._input_energy(model, uses)
+        meansq = self._input_energy(model, uses, context)
         details = []
         for uses_of_weight in group_by_weight(uses).values():
             first = uses_of_weight[0]
@@ -100,9 +100,9 @@ class QuantizeWeightsPass(GraphoptPass):
             details={"layers": details, "skipped": skipped},
         )
 
-    def _input_energy(self, model: ir.Model, uses: list[WeightUse]) -> dict[str, np.ndarray]:
-        if not self.options.activation_aware or self.context.calibration is None:
+    def _input_energy(self, model: ir.Model, uses: list[WeightUse], context: PassContext) -> dict[str, np.ndarray]:
+        if not self.options.activation_aware or context.calibration is None:
             return {}
         names = sorted({u.node.inputs[0].name for u in uses if u.kind != "Gather" and u.node.inputs[0].name})
-        stats = self.activation_stats(model, names)
+        stats = context.statistics(self.name, model, names)
         return {name: s.channel_meansq for name, s in stats.items() if s.channel_meansq is not None}
