@@ -19,7 +19,7 @@ from graphopt.passes.base import PassContext
 from graphopt.passes.registry import _PASSES, register
 from graphopt.verify.feeds import input_specs
 from tests.conftest import linear_model, make_model, run, save, tensor
-from tests.passes.test_quantize import sensitive_model
+from tests.passes.quantize.models import sensitive_model
 
 
 @pytest.fixture(autouse=True)

@@ -395,7 +395,7 @@ def test_int8_qdq_model_packages_with_an_exact_ort(tmp_path, rng):
     from graphopt.passes import get_pass
     from graphopt.passes.base import PassContext
     from graphopt.verify.feeds import FeedSet
-    from tests.passes.test_quantize import conv_model
+    from tests.passes.quantize.models import conv_model
 
     model = ir.serde.deserialize_model(conv_model(rng))
     step = get_pass("quantize-static")()
