@@ -160,34 +160,27 @@ def _build_root(builder: Any, fbs: Any, entries: list[Any], *, version: int, mod
             builder.PrependUOffsetTRelative(offset)
         return builder.EndVector()
 
+    def table(kind: Any, *fields: tuple[Any, Any]) -> int:
+        """One table; its strings and vectors must already be in the buffer."""
+        kind.Start(builder)
+        for add, value in fields:
+            add(builder, value)
+        return kind.End(builder)
+
+    arg, kind_entry, op_entry = fbs.ArgTypeAndIndex, fbs.KernelTypeStrArgsEntry, fbs.OpIdKernelTypeStrArgsEntry
     op_offsets = []
     for op_id, kinds in entries:
         kind_offsets = []
         for kernel_type_str, args in kinds:
-            arg_offsets = []
-            for arg_type, index in args:
-                fbs.ArgTypeAndIndex.Start(builder)
-                fbs.ArgTypeAndIndex.AddArgType(builder, arg_type)
-                fbs.ArgTypeAndIndex.AddIndex(builder, index)
-                arg_offsets.append(fbs.ArgTypeAndIndex.End(builder))
-            args_vector = vector(fbs.KernelTypeStrArgsEntry.StartArgsVector, arg_offsets)
+            arg_offsets = [table(arg, (arg.AddArgType, arg_type), (arg.AddIndex, index)) for arg_type, index in args]
+            args_vector = vector(kind_entry.StartArgsVector, arg_offsets)
             name = builder.CreateString(kernel_type_str)
-            fbs.KernelTypeStrArgsEntry.Start(builder)
-            fbs.KernelTypeStrArgsEntry.AddKernelTypeStr(builder, name)
-            fbs.KernelTypeStrArgsEntry.AddArgs(builder, args_vector)
-            kind_offsets.append(fbs.KernelTypeStrArgsEntry.End(builder))
-        kinds_vector = vector(fbs.OpIdKernelTypeStrArgsEntry.StartKernelTypeStrArgsVector, kind_offsets)
+            kind_offsets.append(table(kind_entry, (kind_entry.AddKernelTypeStr, name), (kind_entry.AddArgs, args_vector)))
+        kinds_vector = vector(op_entry.StartKernelTypeStrArgsVector, kind_offsets)
         op_name = builder.CreateString(op_id)
-        fbs.OpIdKernelTypeStrArgsEntry.Start(builder)
-        fbs.OpIdKernelTypeStrArgsEntry.AddOpId(builder, op_name)
-        fbs.OpIdKernelTypeStrArgsEntry.AddKernelTypeStrArgs(builder, kinds_vector)
-        op_offsets.append(fbs.OpIdKernelTypeStrArgsEntry.End(builder))
-    ops_vector = vector(fbs.KernelTypeStrResolver.StartOpKernelTypeStrArgsVector, op_offsets)
-    fbs.KernelTypeStrResolver.Start(builder)
-    fbs.KernelTypeStrResolver.AddOpKernelTypeStrArgs(builder, ops_vector)
-    resolver = fbs.KernelTypeStrResolver.End(builder)
-    fbs.InferenceSession.Start(builder)
-    fbs.InferenceSession.AddOrtVersion(builder, version)
-    fbs.InferenceSession.AddModel(builder, model)
-    fbs.InferenceSession.AddKernelTypeStrResolver(builder, resolver)
-    return fbs.InferenceSession.End(builder)
+        op_offsets.append(table(op_entry, (op_entry.AddOpId, op_name), (op_entry.AddKernelTypeStrArgs, kinds_vector)))
+    resolver_kind, session = fbs.KernelTypeStrResolver, fbs.InferenceSession
+    ops_vector = vector(resolver_kind.StartOpKernelTypeStrArgsVector, op_offsets)
+    resolver = table(resolver_kind, (resolver_kind.AddOpKernelTypeStrArgs, ops_vector))
+    return table(session, (session.AddOrtVersion, version), (session.AddModel, model),
+                 (session.AddKernelTypeStrResolver, resolver))

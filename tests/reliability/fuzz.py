@@ -98,12 +98,17 @@ def rename_tensor(model: onnx.ModelProto, rng: random.Random) -> None:
         field[index] = rng.choice([*_tensor_names(model.graph), "", "ghost", "X", "Y"])
 
 
-def change_dims(model: onnx.ModelProto, rng: random.Random) -> None:
+def _pick_declaration(model: onnx.ModelProto, rng: random.Random) -> object | None:
+    """A random initializer, graph input or graph output of a random graph (None: there is none)."""
     graph = _pick_graph(model, rng)
     targets: list[object] = [*graph.initializer, *graph.input, *graph.output]
-    if not targets:
+    return rng.choice(targets) if targets else None
+
+
+def change_dims(model: onnx.ModelProto, rng: random.Random) -> None:
+    target = _pick_declaration(model, rng)
+    if target is None:
         return
-    target = rng.choice(targets)
     if isinstance(target, TensorProto):
         dims = list(target.dims)
         if dims and rng.random() < 0.7:
@@ -127,11 +132,9 @@ def change_dims(model: onnx.ModelProto, rng: random.Random) -> None:
 
 
 def change_dtype(model: onnx.ModelProto, rng: random.Random) -> None:
-    graph = _pick_graph(model, rng)
-    targets: list[object] = [*graph.initializer, *graph.input, *graph.output]
-    if not targets:
+    target = _pick_declaration(model, rng)
+    if target is None:
         return
-    target = rng.choice(targets)
     if isinstance(target, TensorProto):
         target.data_type = rng.choice(_DTYPES)
     else:

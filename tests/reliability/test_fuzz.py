@@ -48,11 +48,11 @@ def test_the_harness_catches_a_pass_that_breaks_the_model(tmp_path, cache_dir, m
     from graphopt.passes.cleanup import CleanupPass
     from graphopt.passes.base import PassResult
 
-    def breaking(self, model):
+    def breaking(self, model, context):
         next(iter(model.graph)).op_type = "NoSuchOp"
         return PassResult(model, modified=False)
 
-    monkeypatch.setattr(CleanupPass, "call", breaking)
+    monkeypatch.setattr(CleanupPass, "apply", breaking)
     with pytest.raises(ContractViolation, match="cleanup"):
         check_example(SEEDS["mlp"]().SerializeToString(), tmp_path, cache_dir=cache_dir, passes=["cleanup"])
 

@@ -350,15 +350,17 @@ def _batchnorm_rule(b: _Builder, node: ir.Node, via: ChannelTensor | None) -> No
         raise _Blocked("training-mode outputs are used")
     if any(constant(v) is None for v in node.inputs[1:5]):
         raise _Blocked("scale, bias, mean or variance is not constant")
-    anchor = via or b.channel_of(node.outputs[0], via)
-    if anchor.rank is None or anchor.axis != 1 - anchor.rank:
-        raise _Blocked("channels are not on axis 1")
-    _unary_rule(b, node, via)
+    _channel_first_rule(b, node, via)
 
 
 def _pool_rule(b: _Builder, node: ir.Node, via: ChannelTensor | None) -> None:
     if len(node.outputs) > 1 and node.outputs[1].consumers():
         raise _Blocked("its indices output is used")
+    _channel_first_rule(b, node, via)
+
+
+def _channel_first_rule(b: _Builder, node: ir.Node, via: ChannelTensor | None) -> None:
+    """An elementwise-per-channel op that only works with channels on axis 1 (NCHW)."""
     anchor = via or b.channel_of(node.outputs[0], via)
     if anchor.rank is None or anchor.axis != 1 - anchor.rank:
         raise _Blocked("channels are not on axis 1")
