@@ -290,6 +290,8 @@ def _refuse_same_path(model: str, output: str) -> None:
 
 
 def _optimize_summary(report: dict[str, Any]) -> str:
+    from graphopt.report.layers import quantization_layers
+
     verification = report["verification"]
     lines = [
         f"wrote {report['output']}: {report['output_bytes']:,} bytes "
@@ -300,8 +302,8 @@ def _optimize_summary(report: dict[str, Any]) -> str:
         + (f", top-1 agreement {verification['parity']['top1']:.6f}" if verification['parity'].get("top1") is not None
            else ""),
     ]
-    floats = [layer.get("label") or layer["node"] for step in report["steps"]
-              for layer in step.get("details", {}).get("layers", []) if layer.get("mode") == "float"]
+    floats = [layer.get("label") or layer["node"] for layer in quantization_layers(report)[0]
+              if layer.get("mode") == "float"]
     if floats:
         lines.append(f"left in float for accuracy: {len(floats)} layer(s) (see the report's steps)")
     if report.get("retreats"):

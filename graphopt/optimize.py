@@ -17,7 +17,7 @@ from typing import Any
 from graphopt import __version__
 from graphopt.errors import DataError, GateFailed, UnsupportedModelError
 from graphopt.io import LoadedModel, load_model, staged_save
-from graphopt.passes import Pipeline, PipelineResult
+from graphopt.passes import Pipeline, PipelineResult, StepRecord
 from graphopt.passes.base import PassContext
 from graphopt.passes.fix_shapes import FixInputShapesPass
 from graphopt.recipe import Recipe, load_recipe
@@ -48,6 +48,43 @@ class OptimizeOptions:
     exclude: tuple[str, ...] = ()  # glob patterns of nodes, op types or weights no lossy pass may touch
     fix_shapes: tuple[str, ...] = ()  # "NAME=D1,D2,..": inputs written with these static shapes
     analyze: bool = False
+
+
+@dataclasses.dataclass
+class OptimizeReport:
+    """What one run did, as the JSON report (``--report``) holds it: ``to_dict`` is that file's
+    content, and the Python API returns it."""
+
+    input: str
+    output: str
+    recipe: Recipe
+    budget: Budget
+    input_bytes: int
+    output_bytes: int
+    steps: list[StepRecord]
+    verification: dict[str, Any]  # verify.compare's comparison, plus the candidate's path
+    notes: list[str] = dataclasses.field(default_factory=list)
+    written: bool = False
+    retreats: int = 0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "graphopt": __version__,
+            "onnxruntime": onnxruntime_version(),
+            "input": self.input,
+            "output": self.output,
+            "recipe": {"name": self.recipe.name, "description": self.recipe.description},
+            "budget": self.budget.to_dict(),
+            "input_bytes": self.input_bytes,
+            "output_bytes": self.output_bytes,
+            "steps": [step.to_dict() for step in self.steps],
+            "verification": self.verification,
+            "notes": list(self.notes),
+            "written": self.written,
+            "retreats": self.retreats,
+            "seconds": self.seconds,
+        }
 
 
 # Times the final verification may send the searching passes further down their ladders.
@@ -92,25 +129,26 @@ def optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, opti
             result = pipeline.run(model)
         except UnsupportedModelError as exc:
             raise UnsupportedModelError(f"{loaded.path}: {exc}") from exc
+        report = OptimizeReport(str(loaded.path), str(Path(output_path)), recipe, budget, loaded.file_bytes, 0,
+                                result.steps, {}, retreats=retreat)
         try:
-            report = _write_verified(result, loaded, output_path, feeds, reference, budget, recipe, options)
+            _write_verified(report, result, loaded, output_path, feeds, reference, options)
         except GateFailed as exc:
             searched = any(step.modified and pass_.searches() for step, pass_ in zip(result.steps, pipeline.passes))
             if not searched or retreat >= MAX_RETREATS or not set(exc.failures) <= _PARITY_CHECKS:
-                exc.report["seconds"] = round(time.perf_counter() - started, 3)
-                raise
+                report.seconds = round(time.perf_counter() - started, 3)
+                raise GateFailed(str(exc), exc.failures, report=report.to_dict()) from None
             retreat += 1
             logger.warning("verification missed the budget (%s); searching again one step further down "
                            "(retreat %d of at most %d)", "; ".join(exc.failures), retreat, MAX_RETREATS)
             continue
-        report["retreats"] = retreat
-        report["seconds"] = round(time.perf_counter() - started, 3)
-        if report["output_bytes"] > report["input_bytes"]:
-            report["notes"].append(f"the output is {report['output_bytes'] / report['input_bytes']:.3f}x the input's "
-                                   "size: no step made the model smaller")
-        for note in report["notes"]:
+        report.seconds = round(time.perf_counter() - started, 3)
+        if report.output_bytes > report.input_bytes:
+            report.notes.append(f"the output is {report.output_bytes / report.input_bytes:.3f}x the input's "
+                                "size: no step made the model smaller")
+        for note in report.notes:
             logger.warning("%s", note)
-        return report
+        return report.to_dict()
 
 
 def _load_data(options: OptimizeOptions, specs: list[Any]) -> tuple[FeedSet | None, FeedSet]:
@@ -126,17 +164,18 @@ def _load_data(options: OptimizeOptions, specs: list[Any]) -> tuple[FeedSet | No
                                    seed=options.seed, extra_keys=extra)
 
 
-def _write_verified(result: PipelineResult, loaded: LoadedModel, output_path: str | os.PathLike, feeds: FeedSet,
-                    reference: list[dict[str, Any]], budget: Budget, recipe: Recipe,
-                    options: OptimizeOptions) -> dict[str, Any]:
-    """Write ``result`` to staging, verify the written bytes, and commit only if they pass."""
+def _write_verified(report: OptimizeReport, result: PipelineResult, loaded: LoadedModel,
+                    output_path: str | os.PathLike, feeds: FeedSet, reference: list[dict[str, Any]],
+                    options: OptimizeOptions) -> None:
+    """Write ``result`` to staging, verify the written bytes, and commit only if they pass;
+    ``report`` gets the verification (GateFailed when it fails: nothing is written)."""
     # A model that came with external data keeps it; otherwise external data above ~1.8 GB.
     external = True if options.external_data is None and loaded.has_external_data else options.external_data
     unchanged = None if result.modified else loaded.path
     with staged_save(result.model, output_path, external_data=external, protected=loaded.files,
                      unchanged_from=unchanged) as staged:
         size_check = []
-        if recipe.never_larger:
+        if report.recipe.never_larger:
             size_check.append(CheckResult("never_larger", loaded.file_bytes, staged.size_bytes(),
                                           staged.size_bytes() <= loaded.file_bytes,
                                           f"output {staged.size_bytes()} bytes vs input {loaded.file_bytes}"))
@@ -149,25 +188,12 @@ def _write_verified(result: PipelineResult, loaded: LoadedModel, output_path: st
             threads=options.threads,
             reference=reference,
             extra_checks=size_check,
-            budget=budget,
+            budget=report.budget,
         )
-        report = {
-            "graphopt": __version__,
-            "onnxruntime": onnxruntime_version(),
-            "input": str(loaded.path),
-            "output": str(Path(output_path)),
-            "recipe": {"name": recipe.name, "description": recipe.description},
-            "budget": budget.to_dict(),
-            "input_bytes": loaded.file_bytes,
-            "output_bytes": staged.size_bytes(),
-            "steps": [step.to_dict() for step in result.steps],
-            "verification": {**comparison.to_dict(), "candidate": str(Path(output_path))},
-            "notes": [],
-            "written": False,
-        }
+        report.output_bytes = staged.size_bytes()
+        report.verification = {**comparison.to_dict(), "candidate": str(Path(output_path))}
         failed = failures(comparison.checks)
         if failed:
             raise GateFailed(f"{Path(output_path).name} not written: " + "; ".join(f.message for f in failed),
-                             [f.name for f in failed], report=report)
-    report["written"] = True
-    return report
+                             [f.name for f in failed])
+    report.written = True

@@ -9,12 +9,17 @@ from typing import Any
 _MODE_COLOURS = {"dynamic": "#3b82f6", "static": "#10b981", "weight-only": "#f59e0b", "float": "#9ca3af"}
 
 
+# The passes whose report holds a per-layer precision table (``details["layers"]``, one entry
+# per weight layer with its ``mode``): the ones that choose a precision per layer.
+PRECISION_TABLE_PASSES = ("quantize-int8",)
+
+
 def quantization_layers(report: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """The per-layer table of the last step that has one, and that step's details."""
+    """The per-layer precision table of the run's last precision-choosing step, and that step's
+    details (empty when the recipe has none)."""
     for step in reversed(report.get("steps", [])):
-        layers = step.get("details", {}).get("layers")
-        if layers and any("mode" in layer for layer in layers):
-            return layers, step["details"]
+        if step["name"] in PRECISION_TABLE_PASSES and not step.get("rolled_back"):
+            return step["details"].get("layers", []), step["details"]
     return [], {}
 
 

@@ -99,7 +99,7 @@ def test_layer_reports_name_the_most_sensitive_layers(rng, injected_profile):
     injected_profile["Conv"] = (2.0, 1.0)
     model = ir.serde.deserialize_model(conv_model(rng))
     result = calibrated(get_pass("quantize-int8")(min_elements=16, min_cosine=0.9, sensitivity=True), rng, count=12)(model)
-    report = {"output": "m.onnx", "steps": [{"details": result.details}]}
+    report = {"output": "m.onnx", "steps": [{"name": "quantize-int8", "details": result.details}]}
     worst = max(result.details["layers"], key=lambda layer: layer["compute_alone"])["node"]
     page = layers_html(report)
     assert page.startswith("<!DOCTYPE html>") and "<svg" in page and worst in page
