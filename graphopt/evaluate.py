@@ -23,7 +23,7 @@ from graphopt import __version__
 from graphopt.errors import DataError, GateFailed, GraphoptError, UsageError, reason
 from graphopt.io import load_model
 from graphopt.optimize import OptimizeOptions, optimize
-from graphopt.verify.feeds import InputSpec, batched_feeds, input_specs, read_npz
+from graphopt.verify.feeds import InputSpec, batched_feeds, check_same_inputs, input_specs, read_npz
 from graphopt.verify.runtime import make_session
 from graphopt.verify.statistics import METRICS, FoldScores, Metric, macro_f1, mcnemar, mean_std, paired_bootstrap
 
@@ -256,10 +256,7 @@ def evaluate(model: str | Path, data: str | Path, options: EvaluateOptions) -> d
     specs = input_specs(base.model)
     candidate = load_model(options.candidate) if options.candidate is not None else None
     if candidate is not None:
-        cand_specs = input_specs(candidate.model)
-        if [(s.name, s.dtype) for s in specs] != [(s.name, s.dtype) for s in cand_specs]:
-            raise DataError(f"{candidate.path.name} takes inputs {[s.describe() for s in cand_specs]}, "
-                            f"{base.path.name} takes {[s.describe() for s in specs]}")
+        check_same_inputs(specs, input_specs(candidate.model), base.path.name, candidate.path.name)
     output = _output_name(base, options.output)
     labelled = load_labelled(data, specs, options.labels)
     splits = split_indices(labelled.samples, labelled.labels, options)
