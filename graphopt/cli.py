@@ -26,6 +26,7 @@ from graphopt.errors import (
     GraphoptError,
     UsageError,
 )
+from graphopt.verify.metrics import METRICS
 
 logger = logging.getLogger("graphopt")
 
@@ -188,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     against = p.add_mutually_exclusive_group(required=True)
     against.add_argument("--recipe", help="compress in each fold with this recipe (name or .toml)")
     against.add_argument("--candidate", metavar="MODEL", help="compare with this given model")
-    p.add_argument("--metric", default="accuracy", choices=["accuracy", "top5", "f1", "cosine"],
+    p.add_argument("--metric", default="accuracy", choices=METRICS,
                    help="accuracy / top5 (argmax over the last axis), macro f1, or cosine to the base "
                    "per sample (default accuracy)")
     p.add_argument("--output", metavar="NAME", help="model output to score (default: the first)")
@@ -418,7 +419,7 @@ def _add_cv_gate(parser: argparse.ArgumentParser) -> None:
         "--metric, over K folds of --data, is below -X.")
     group.add_argument("--cv", type=int, metavar="K", help="K-fold cross-validated metric gate (needs --max-drop)")
     group.add_argument("--max-drop", type=float, metavar="X", help="largest tolerated metric drop, e.g. 0.01")
-    group.add_argument("--metric", default="accuracy", choices=["accuracy", "top5", "f1", "cosine"],
+    group.add_argument("--metric", default="accuracy", choices=METRICS,
                        help="metric of the --cv gate (default accuracy)")
 
 

@@ -24,8 +24,9 @@ from graphopt.errors import DataError, GateFailed, GraphoptError, UsageError, re
 from graphopt.io import load_model
 from graphopt.optimize import OptimizeOptions, optimize
 from graphopt.verify.feeds import InputSpec, batched_feeds, check_same_inputs, input_specs, read_npz
+from graphopt.verify.metrics import METRICS, Metric
 from graphopt.verify.runtime import make_session
-from graphopt.verify.statistics import METRICS, FoldScores, Metric, macro_f1, mcnemar, mean_std, paired_bootstrap
+from graphopt.verify.statistics import FoldScores, macro_f1, mcnemar, mean_std, paired_bootstrap
 
 logger = logging.getLogger(__name__)
 
