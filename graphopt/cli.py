@@ -332,6 +332,7 @@ def _check_output_folders(*paths: str | None) -> None:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from graphopt.api import check
+    from graphopt.evaluate import cross_validated_gate
     from graphopt.io import to_json, write_text
     from graphopt.report.checks import check_markdown, checks_text, junit_xml
     from graphopt.verify.feeds import parse_shape_overrides
@@ -339,7 +340,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     _check_output_folders(args.json_out, args.junit, args.markdown)
-    cv_checks, cv_result = _cv_gate(args, Path(args.base), Path(args.candidate))
+    cv_checks, cv_result = cross_validated_gate(
+        args.base, args.candidate, args.data, folds=args.cv, max_drop=args.max_drop, metric=args.metric,
+        labels=args.labels, seed=args.seed, batch_size=args.batch_size, threads=args.threads)
     thresholds = _thresholds(args)
     try:
         data = check(args.base, args.candidate, data=args.data, labels=args.labels, latency=args.latency,
@@ -421,30 +424,6 @@ def _add_cv_gate(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-drop", type=float, metavar="X", help="largest tolerated metric drop, e.g. 0.01")
     group.add_argument("--metric", default="accuracy", choices=METRICS,
                        help="metric of the --cv gate (default accuracy)")
-
-
-def _cv_gate(args: argparse.Namespace, base: Path, candidate: Path) -> tuple[list[Any], dict[str, Any] | None]:
-    """The ``--cv`` check of ``graphopt check`` and the evaluation behind it."""
-    from graphopt.evaluate import EvaluateOptions, evaluate
-    from graphopt.verify.gate import CheckResult
-
-    if args.cv is None:
-        if args.max_drop is not None:
-            raise UsageError("check: --max-drop goes with --cv K")
-        return [], None
-    if args.max_drop is None or args.max_drop < 0:
-        raise UsageError("check: --cv needs --max-drop X (a metric drop >= 0)")
-    if args.data is None:
-        raise UsageError("check: --cv needs --data (a labelled .npz)")
-    result = evaluate(base, args.data, EvaluateOptions(
-        labels=args.labels, folds=args.cv, candidate=candidate, metric=args.metric, seed=args.seed,
-        batch_size=args.batch_size, threads=args.threads,
-    ))
-    diff = result["difference"]
-    passed = diff["ci_high"] >= -args.max_drop
-    message = (f"{args.metric} difference {diff['estimate']:+.4g}, 95% CI [{diff['ci_low']:+.4g}, "
-               f"{diff['ci_high']:+.4g}] over {args.cv} folds (fails when the upper bound < -{args.max_drop:g})")
-    return [CheckResult("cv_max_drop", -args.max_drop, diff["ci_high"], passed, message)], result
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
