@@ -50,17 +50,21 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _add_data(parser: argparse.ArgumentParser, flag: str = "--data") -> None:
-    parser.add_argument(flag, metavar="DATA", help=".npz (samples on axis 0), folder of .npz, or ONNX "
+def _add_data(parser: argparse.ArgumentParser, *, labels: bool = True, threads: int | None = None,
+              threads_help: str = "onnxruntime threads (default: all cores)") -> None:
+    """The data a command runs the model on: --data, --batch-size, --shape, --threads, --seed and,
+    where the data may hold labels, --labels."""
+    parser.add_argument("--data", metavar="DATA", help=".npz (samples on axis 0), folder of .npz, or ONNX "
                         "test_data_set_* folder; default: seeded random inputs (weaker evidence)")
     parser.add_argument("--batch-size", type=_positive_int, default=1,
                         help="samples per run: stacked .npz, or the batch axis of random feeds (default 1)")
     parser.add_argument("--shape", action="append", default=[], metavar="NAME=D1,D2,...",
                         help="concrete shape of a dynamic input for random feeds (repeatable)")
-    parser.add_argument("--threads", type=_positive_int, default=None, help="onnxruntime threads (default: all cores)")
+    parser.add_argument("--threads", type=_positive_int, default=threads, help=threads_help)
     parser.add_argument("--seed", type=int, default=0, help="seed of random feeds (default 0)")
-    parser.add_argument("--labels", metavar="KEY", help="an array in the .npz data that holds labels, not a model "
-                        "input: it is left out of the feeds (and is what check --cv scores against)")
+    if labels:
+        parser.add_argument("--labels", metavar="KEY", help="an array in the .npz data that holds labels, not a "
+                            "model input: it is left out of the feeds (and is what check --cv scores against)")
 
 
 def _add_provider(parser: argparse.ArgumentParser) -> None:
@@ -159,15 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(--report: the old spelling, still accepted)")
     p.add_argument("--max-abs", type=float, default=1e-4,
                    help="largest .ort vs .onnx output difference, at most (default 1e-4)")
-    p.add_argument("--data", metavar="DATA", help=".npz (samples on axis 0), folder of .npz, or ONNX "
-                   "test_data_set_* folder; default: seeded random inputs (weaker evidence)")
-    p.add_argument("--batch-size", type=_positive_int, default=1, help="samples per run (default 1)")
-    p.add_argument("--shape", action="append", default=[], metavar="NAME=D1,D2,...",
-                   help="concrete shape of a dynamic input for random feeds (repeatable)")
-    p.add_argument("--threads", type=_positive_int, default=1,
-                   help="onnxruntime threads of the verification (default 1, so the manifest does not "
-                   "depend on the machine's core count)")
-    p.add_argument("--seed", type=int, default=0, help="seed of random feeds (default 0)")
+    _add_data(p, labels=False, threads=1, threads_help="onnxruntime threads of the verification (default 1, so "
+              "the manifest does not depend on the machine's core count)")
     _add_common(p)
     p.set_defaults(func=cmd_package)
 
