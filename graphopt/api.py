@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from graphopt.errors import DataError, GateFailed
+from graphopt.errors import GateFailed
 from graphopt.verify.feeds import DataSource
 
 PathLike = str | os.PathLike
@@ -61,16 +61,14 @@ def check(base: PathLike, candidate: PathLike, *, data: DataSource = None, label
     Raises ``GateFailed`` naming every failed check, with the comparison as ``.report``."""
     from graphopt.io import load_model
     from graphopt.verify.compare import compare_files
-    from graphopt.verify.feeds import input_specs, load_feeds
+    from graphopt.verify.feeds import check_same_inputs, input_specs, load_feeds
     from graphopt.verify.gate import Thresholds
     from graphopt.verify.judge import Budget
     from graphopt.verify.kinds import output_kinds
 
     base_model, candidate_model = load_model(base), load_model(candidate)
-    specs, candidate_specs = input_specs(base_model.model), input_specs(candidate_model.model)
-    if [(s.name, s.dtype) for s in specs] != [(s.name, s.dtype) for s in candidate_specs]:
-        raise DataError(f"{Path(candidate).name} takes inputs {[s.describe() for s in candidate_specs]}, "
-                        f"{Path(base).name} takes {[s.describe() for s in specs]}")
+    specs = input_specs(base_model.model)
+    check_same_inputs(specs, input_specs(candidate_model.model), Path(base).name, Path(candidate).name)
     feeds = load_feeds(data, specs, batch_size=batch_size, shapes=shapes or {}, seed=seed,
                        extra_keys=[labels] if labels else ())
     thresholds = Thresholds(min_cosine=min_cosine, max_abs=max_abs, min_top1=min_top1,

@@ -26,6 +26,7 @@ from graphopt.errors import (
     GraphoptError,
     UsageError,
 )
+from graphopt.verify.metrics import METRICS
 
 logger = logging.getLogger("graphopt")
 
@@ -49,17 +50,21 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _add_data(parser: argparse.ArgumentParser, flag: str = "--data") -> None:
-    parser.add_argument(flag, metavar="DATA", help=".npz (samples on axis 0), folder of .npz, or ONNX "
+def _add_data(parser: argparse.ArgumentParser, *, labels: bool = True, threads: int | None = None,
+              threads_help: str = "onnxruntime threads (default: all cores)") -> None:
+    """The data a command runs the model on: --data, --batch-size, --shape, --threads, --seed and,
+    where the data may hold labels, --labels."""
+    parser.add_argument("--data", metavar="DATA", help=".npz (samples on axis 0), folder of .npz, or ONNX "
                         "test_data_set_* folder; default: seeded random inputs (weaker evidence)")
     parser.add_argument("--batch-size", type=_positive_int, default=1,
                         help="samples per run: stacked .npz, or the batch axis of random feeds (default 1)")
     parser.add_argument("--shape", action="append", default=[], metavar="NAME=D1,D2,...",
                         help="concrete shape of a dynamic input for random feeds (repeatable)")
-    parser.add_argument("--threads", type=_positive_int, default=None, help="onnxruntime threads (default: all cores)")
+    parser.add_argument("--threads", type=_positive_int, default=threads, help=threads_help)
     parser.add_argument("--seed", type=int, default=0, help="seed of random feeds (default 0)")
-    parser.add_argument("--labels", metavar="KEY", help="an array in the .npz data that holds labels, not a model "
-                        "input: it is left out of the feeds (and is what check --cv scores against)")
+    if labels:
+        parser.add_argument("--labels", metavar="KEY", help="an array in the .npz data that holds labels, not a "
+                            "model input: it is left out of the feeds (and is what check --cv scores against)")
 
 
 def _add_provider(parser: argparse.ArgumentParser) -> None:
@@ -158,15 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(--report: the old spelling, still accepted)")
     p.add_argument("--max-abs", type=float, default=1e-4,
                    help="largest .ort vs .onnx output difference, at most (default 1e-4)")
-    p.add_argument("--data", metavar="DATA", help=".npz (samples on axis 0), folder of .npz, or ONNX "
-                   "test_data_set_* folder; default: seeded random inputs (weaker evidence)")
-    p.add_argument("--batch-size", type=_positive_int, default=1, help="samples per run (default 1)")
-    p.add_argument("--shape", action="append", default=[], metavar="NAME=D1,D2,...",
-                   help="concrete shape of a dynamic input for random feeds (repeatable)")
-    p.add_argument("--threads", type=_positive_int, default=1,
-                   help="onnxruntime threads of the verification (default 1, so the manifest does not "
-                   "depend on the machine's core count)")
-    p.add_argument("--seed", type=int, default=0, help="seed of random feeds (default 0)")
+    _add_data(p, labels=False, threads=1, threads_help="onnxruntime threads of the verification (default 1, so "
+              "the manifest does not depend on the machine's core count)")
     _add_common(p)
     p.set_defaults(func=cmd_package)
 
@@ -188,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     against = p.add_mutually_exclusive_group(required=True)
     against.add_argument("--recipe", help="compress in each fold with this recipe (name or .toml)")
     against.add_argument("--candidate", metavar="MODEL", help="compare with this given model")
-    p.add_argument("--metric", default="accuracy", choices=["accuracy", "top5", "f1", "cosine"],
+    p.add_argument("--metric", default="accuracy", choices=METRICS,
                    help="accuracy / top5 (argmax over the last axis), macro f1, or cosine to the base "
                    "per sample (default accuracy)")
     p.add_argument("--output", metavar="NAME", help="model output to score (default: the first)")
@@ -333,6 +331,7 @@ def _check_output_folders(*paths: str | None) -> None:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from graphopt.api import check
+    from graphopt.evaluate import cross_validated_gate
     from graphopt.io import to_json, write_text
     from graphopt.report.checks import check_markdown, checks_text, junit_xml
     from graphopt.verify.feeds import parse_shape_overrides
@@ -340,7 +339,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     _check_output_folders(args.json_out, args.junit, args.markdown)
-    cv_checks, cv_result = _cv_gate(args, Path(args.base), Path(args.candidate))
+    cv_checks, cv_result = cross_validated_gate(
+        args.base, args.candidate, args.data, folds=args.cv, max_drop=args.max_drop, metric=args.metric,
+        labels=args.labels, seed=args.seed, batch_size=args.batch_size, threads=args.threads)
     thresholds = _thresholds(args)
     try:
         data = check(args.base, args.candidate, data=args.data, labels=args.labels, latency=args.latency,
@@ -420,32 +421,8 @@ def _add_cv_gate(parser: argparse.ArgumentParser) -> None:
         "--metric, over K folds of --data, is below -X.")
     group.add_argument("--cv", type=int, metavar="K", help="K-fold cross-validated metric gate (needs --max-drop)")
     group.add_argument("--max-drop", type=float, metavar="X", help="largest tolerated metric drop, e.g. 0.01")
-    group.add_argument("--metric", default="accuracy", choices=["accuracy", "top5", "f1", "cosine"],
+    group.add_argument("--metric", default="accuracy", choices=METRICS,
                        help="metric of the --cv gate (default accuracy)")
-
-
-def _cv_gate(args: argparse.Namespace, base: Path, candidate: Path) -> tuple[list[Any], dict[str, Any] | None]:
-    """The ``--cv`` check of ``graphopt check`` and the evaluation behind it."""
-    from graphopt.evaluate import EvaluateOptions, evaluate
-    from graphopt.verify.gate import CheckResult
-
-    if args.cv is None:
-        if args.max_drop is not None:
-            raise UsageError("check: --max-drop goes with --cv K")
-        return [], None
-    if args.max_drop is None or args.max_drop < 0:
-        raise UsageError("check: --cv needs --max-drop X (a metric drop >= 0)")
-    if args.data is None:
-        raise UsageError("check: --cv needs --data (a labelled .npz)")
-    result = evaluate(base, args.data, EvaluateOptions(
-        labels=args.labels, folds=args.cv, candidate=candidate, metric=args.metric, seed=args.seed,
-        batch_size=args.batch_size, threads=args.threads,
-    ))
-    diff = result["difference"]
-    passed = diff["ci_high"] >= -args.max_drop
-    message = (f"{args.metric} difference {diff['estimate']:+.4g}, 95% CI [{diff['ci_low']:+.4g}, "
-               f"{diff['ci_high']:+.4g}] over {args.cv} folds (fails when the upper bound < -{args.max_drop:g})")
-    return [CheckResult("cv_max_drop", -args.max_drop, diff["ci_high"], passed, message)], result
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

@@ -23,9 +23,11 @@ from graphopt import __version__
 from graphopt.errors import DataError, GateFailed, GraphoptError, UsageError, reason
 from graphopt.io import load_model
 from graphopt.optimize import OptimizeOptions, optimize
-from graphopt.verify.feeds import InputSpec, batched_feeds, input_specs, read_npz
+from graphopt.verify.feeds import InputSpec, batched_feeds, check_same_inputs, input_specs, read_npz
+from graphopt.verify.gate import CheckResult
+from graphopt.verify.metrics import METRICS, Metric
 from graphopt.verify.runtime import make_session
-from graphopt.verify.statistics import METRICS, FoldScores, Metric, macro_f1, mcnemar, mean_std, paired_bootstrap
+from graphopt.verify.statistics import FoldScores, macro_f1, mcnemar, mean_std, paired_bootstrap
 
 logger = logging.getLogger(__name__)
 
@@ -256,10 +258,7 @@ def evaluate(model: str | Path, data: str | Path, options: EvaluateOptions) -> d
     specs = input_specs(base.model)
     candidate = load_model(options.candidate) if options.candidate is not None else None
     if candidate is not None:
-        cand_specs = input_specs(candidate.model)
-        if [(s.name, s.dtype) for s in specs] != [(s.name, s.dtype) for s in cand_specs]:
-            raise DataError(f"{candidate.path.name} takes inputs {[s.describe() for s in cand_specs]}, "
-                            f"{base.path.name} takes {[s.describe() for s in specs]}")
+        check_same_inputs(specs, input_specs(candidate.model), base.path.name, candidate.path.name)
     output = _output_name(base, options.output)
     labelled = load_labelled(data, specs, options.labels)
     splits = split_indices(labelled.samples, labelled.labels, options)
@@ -311,6 +310,32 @@ def evaluate(model: str | Path, data: str | Path, options: EvaluateOptions) -> d
     }
 
 
+def cross_validated_gate(base: str | Path, candidate: str | Path, data: str | Path | None, *, folds: int | None,
+                         max_drop: float | None, metric: Metric = "accuracy", labels: str | None = None,
+                         seed: int = 0, batch_size: int = 1,
+                         threads: int | None = None) -> tuple[list[CheckResult], dict[str, Any] | None]:
+    """The ``cv_max_drop`` check of ``graphopt check --cv K --max-drop X`` and the evaluation
+    behind it: ``candidate`` against ``base`` over ``folds`` shuffled folds of ``data``. The check
+    fails only when even the upper bound of the paired interval of (candidate − base) loses more
+    than ``max_drop``. Without ``folds`` nothing is measured: ``([], None)``."""
+    if folds is None:
+        if max_drop is not None:
+            raise UsageError("check: --max-drop goes with --cv K")
+        return [], None
+    if max_drop is None or max_drop < 0:
+        raise UsageError("check: --cv needs --max-drop X (a metric drop >= 0)")
+    if data is None:
+        raise UsageError("check: --cv needs --data (a labelled .npz)")
+    result = evaluate(base, data, EvaluateOptions(
+        labels=labels, folds=folds, candidate=candidate, metric=metric, seed=seed, batch_size=batch_size,
+        threads=threads,
+    ))
+    diff = result["difference"]
+    message = (f"{metric} difference {diff['estimate']:+.4g}, 95% CI [{diff['ci_low']:+.4g}, "
+               f"{diff['ci_high']:+.4g}] over {folds} folds (fails when the upper bound < -{max_drop:g})")
+    return [CheckResult("cv_max_drop", -max_drop, diff["ci_high"], diff["ci_high"] >= -max_drop, message)], result
+
+
 def _output_name(loaded: Any, wanted: str | None) -> str:
     names = [value.name for value in loaded.model.graph.outputs]
     if wanted is None:
@@ -354,5 +379,5 @@ def _split_description(options: EvaluateOptions, count: int) -> dict[str, Any]:
             "shuffled": not options.cyclic}
 
 
-__all__ = ["EvaluateOptions", "LabelledData", "check_options", "evaluate", "load_labelled", "predict",
-           "split_indices"]
+__all__ = ["EvaluateOptions", "LabelledData", "check_options", "cross_validated_gate", "evaluate", "load_labelled",
+           "predict", "split_indices"]

@@ -86,7 +86,10 @@ def _build_step(step: Any, index: int, recipe: str) -> GraphoptPass:
     where = f"recipe '{recipe}', step {index}"
     if not isinstance(step, dict) or "pass" not in step:
         raise RecipeError(f"{where}: each [[steps]] table needs a 'pass' key")
-    pass_cls = get_pass(step["pass"])
+    try:
+        pass_cls = get_pass(step["pass"])
+    except RecipeError as exc:  # the registry knows the pass names, not which recipe asked
+        raise RecipeError(f"{where}: {exc}") from None
     options = {k: v for k, v in step.items() if k != "pass"}
     fields = {f.name: f for f in dataclasses.fields(pass_cls.Options)}
     unknown = sorted(set(options) - set(fields))

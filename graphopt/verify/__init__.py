@@ -1,21 +1,31 @@
-"""Verification with onnxruntime: feeds, parity, latency, the gate."""
+"""Verification with onnxruntime: feeds, parity, latency, the gate.
 
-from graphopt.verify.compare import Comparison, compare_files
-from graphopt.verify.feeds import FeedSet, InputSpec, input_specs, load_feeds, parse_shape_overrides
-from graphopt.verify.gate import CheckResult, Thresholds, gate_checks
-from graphopt.verify.parity import ParityReport, compare_outputs
+The names below are imported on first use, so that a light submodule (``verify.metrics``, the
+command line's choices) loads without numpy, onnx and onnx-ir.
+"""
 
-__all__ = [
-    "CheckResult",
-    "Comparison",
-    "FeedSet",
-    "InputSpec",
-    "ParityReport",
-    "Thresholds",
-    "compare_files",
-    "compare_outputs",
-    "gate_checks",
-    "input_specs",
-    "load_feeds",
-    "parse_shape_overrides",
-]
+import importlib
+
+_HOMES = {
+    "CheckResult": "gate",
+    "Comparison": "compare",
+    "FeedSet": "feeds",
+    "InputSpec": "feeds",
+    "ParityReport": "parity",
+    "Thresholds": "gate",
+    "compare_files": "compare",
+    "compare_outputs": "parity",
+    "gate_checks": "gate",
+    "input_specs": "feeds",
+    "load_feeds": "feeds",
+    "parse_shape_overrides": "feeds",
+}
+
+
+def __getattr__(name: str) -> object:
+    if name in _HOMES:
+        return getattr(importlib.import_module(f"graphopt.verify.{_HOMES[name]}"), name)
+    raise AttributeError(f"module 'graphopt.verify' has no attribute '{name}'")
+
+
+__all__ = sorted(_HOMES)

@@ -83,6 +83,15 @@ def input_specs(model: ir.Model) -> list[InputSpec]:
     return specs
 
 
+def check_same_inputs(base: Sequence[InputSpec], candidate: Sequence[InputSpec], base_name: str,
+                      candidate_name: str) -> None:
+    """A candidate compared with its base must take the same inputs (names and element types, in
+    order; dimensions may differ), or the same feeds cannot run both (DataError naming both)."""
+    if [(s.name, s.dtype) for s in base] != [(s.name, s.dtype) for s in candidate]:
+        raise DataError(f"{candidate_name} takes inputs {[s.describe() for s in candidate]}, "
+                        f"{base_name} takes {[s.describe() for s in base]}")
+
+
 def _dimension(dim: object) -> int | str | None:
     """A declared dimension: a size, a symbol, or None. Exporters write a dynamic dimension as
     a symbol, an empty one, or a size of -1 or 0 (Paddle, older TensorFlow converters): all

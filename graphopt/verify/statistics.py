@@ -10,12 +10,9 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
-
-Metric = Literal["accuracy", "top5", "f1", "cosine"]
-METRICS: tuple[Metric, ...] = ("accuracy", "top5", "f1", "cosine")
 
 # Below this many discordant pairs McNemar's test uses the exact binomial distribution; the
 # chi-square approximation is commonly trusted from about 25 on.
@@ -140,4 +137,4 @@ def mcnemar(base_correct: np.ndarray, candidate_correct: np.ndarray) -> dict[str
             "p_value": math.erfc(math.sqrt(statistic / 2))}
 
 
-__all__ = ["METRICS", "FoldScores", "Interval", "Metric", "macro_f1", "mcnemar", "mean_std", "paired_bootstrap"]
+__all__ = ["FoldScores", "Interval", "macro_f1", "mcnemar", "mean_std", "paired_bootstrap"]
