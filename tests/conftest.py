@@ -92,3 +92,11 @@ def ppocr_det_path() -> Path:
     if spec is None or not spec.submodule_search_locations:
         pytest.skip("rapidocr-onnxruntime is not installed (pip install --no-deps rapidocr-onnxruntime)")
     return Path(next(iter(spec.submodule_search_locations))) / "models" / "ch_PP-OCRv4_det_infer.onnx"
+
+
+def one_line_error(capsys) -> str:
+    """The one stderr line of a refused command (no traceback)."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert "Traceback" not in err[0]
+    return err[0]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from graphopt.cli import main
-from tests.conftest import linear_model, save
+from tests.conftest import linear_model, one_line_error, save
 from tests.hostile.corpus import build_corpus
 
 COMMANDS = {
@@ -30,13 +30,6 @@ def corpus(tmp_path_factory):
 @pytest.fixture
 def model_path(tmp_path, rng):
     return save(linear_model(rng), tmp_path / "model.onnx")
-
-
-def one_line_error(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    assert "Traceback" not in err[0]
-    return err[0]
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))

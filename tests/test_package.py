@@ -19,7 +19,7 @@ from graphopt.cli import main
 from graphopt.errors import TargetError
 from graphopt.package import ortformat
 from graphopt.package.targets import builtin_targets, load_target, model_operators
-from tests.conftest import linear_model, make_model, run, save, tensor
+from tests.conftest import linear_model, make_model, one_line_error, run, save, tensor
 from tests.hostile.corpus import build_corpus
 
 BUNDLE = ["manifest.json", "SUMMARY.txt", "model.onnx", "model.ort", "model.required_operators_and_types.config"]
@@ -30,13 +30,6 @@ def model_path(tmp_path, rng):
     folder = tmp_path / "in"
     folder.mkdir()
     return save(linear_model(rng), folder / "model.onnx")
-
-
-def one_line_error(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    assert "Traceback" not in err[0]
-    return err[0]
 
 
 def package(model: Path, out: Path, *extra: str) -> int:

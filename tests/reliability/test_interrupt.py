@@ -133,13 +133,19 @@ def test_sigint_while_native_libraries_load_exits_130(slow_model, tmp_path, libr
         assert list(tmp_path.iterdir()) == []
 
 
+def _staged_run(slow_model, out):
+    """An optimize run that has begun writing its output (its staging folder exists)."""
+    model, data = slow_model
+    proc = _start(model, data, out)
+    _wait_for_staging(proc, out)
+    return proc
+
+
 @pytest.mark.slow
 def test_sigterm_is_handled_as_an_interrupt(slow_model, tmp_path):
     """`timeout` and CI runners' cancel send SIGTERM."""
-    model, data = slow_model
     out = tmp_path / "out.onnx"
-    proc = _start(model, data, out)
-    _wait_for_staging(proc, out)
+    proc = _staged_run(slow_model, out)
     proc.terminate()
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
@@ -149,10 +155,8 @@ def test_sigterm_is_handled_as_an_interrupt(slow_model, tmp_path):
 
 @pytest.mark.slow
 def test_sigkill_leaves_a_staging_folder_that_the_next_run_removes(slow_model, tmp_path):
-    model, data = slow_model
     out = tmp_path / "out.onnx"
-    proc = _start(model, data, out)
-    _wait_for_staging(proc, out)
+    proc = _staged_run(slow_model, out)
     proc.kill()
     proc.wait(timeout=30)
     left = _staging(out)
