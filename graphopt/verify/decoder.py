@@ -1,0 +1,119 @@
+"""Run a decoder LLM exported in onnxruntime-genai's layout, with its KV cache.
+
+The layout (what ``graphopt export`` writes and onnxruntime-genai reads):
+
+* inputs ``input_ids`` [batch, sequence], ``attention_mask`` [batch, past + sequence],
+  ``position_ids`` [batch, sequence] (optional), ``past_key_values.{i}.key/value``
+  [batch, kv_heads, past, head_size];
+* outputs ``logits`` [batch, sequence, vocab] and ``present.{i}.key/value``
+  [batch, kv_heads, past + sequence, head_size].
+
+A fused model (``GroupQueryAttention``) takes batch > 1 only for a prefill (empty past) or a
+one-token decode step, as onnxruntime-genai drives it; this runner does the same.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from graphopt.errors import UnsupportedModelError
+
+_PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderSignature:
+    """What a session says about a decoder in the genai layout."""
+
+    past_names: tuple[str, ...]  # past_key_values.0.key, .0.value, .1.key, …
+    present_names: tuple[str, ...]
+    kv_heads: int
+    head_size: int
+    has_position_ids: bool
+    float_type: Any  # numpy dtype of the cache
+
+    @property
+    def layers(self) -> int:
+        return len(self.past_names) // 2
+
+
+def decoder_signature(session: Any, name: str = "model") -> DecoderSignature:
+    """The cache layout of ``session``; UnsupportedModelError when it is not a genai-layout decoder."""
+    inputs = {i.name: i for i in session.get_inputs()}
+    outputs = [o.name for o in session.get_outputs()]
+    past = sorted((name_ for name_ in inputs if _PAST.match(name_)),
+                  key=lambda n: (int(_PAST.match(n).group(1)), _PAST.match(n).group(2) == "value"))
+    missing = [n for n in ("input_ids", "attention_mask") if n not in inputs]
+    if missing or not past or "logits" not in outputs:
+        raise UnsupportedModelError(
+            f"{name}: not a decoder with a KV cache in onnxruntime-genai's layout (needs input_ids, attention_mask, "
+            "past_key_values.N.key/value and logits)")
+    present = tuple(n.replace("past_key_values.", "present.", 1) for n in past)
+    absent = [n for n in present if n not in outputs]
+    if absent:
+        raise UnsupportedModelError(f"{name}: output {absent[0]} (for {past[0]}) is missing")
+    shape = inputs[past[0]].shape
+    if len(shape) != 4 or not all(isinstance(d, int) for d in (shape[1], shape[3])):
+        raise UnsupportedModelError(f"{name}: {past[0]} must be [batch, kv_heads, past, head_size] with fixed "
+                                    f"kv_heads and head_size, has {shape}")
+    dtype = np.float16 if "float16" in inputs[past[0]].type else np.float32
+    return DecoderSignature(tuple(past), present, int(shape[1]), int(shape[3]), "position_ids" in inputs, dtype)
+
+
+class OrtDecoder:
+    """One onnxruntime session over a genai-layout decoder: prefill, cached decode steps, greedy."""
+
+    def __init__(self, model: str | Path | bytes, *, threads: int | None = None, optimize: bool = True,
+                 name: str | None = None) -> None:
+        from graphopt.verify.runtime import make_session
+
+        self.session = make_session(model, optimize=optimize, threads=threads)
+        self.signature = decoder_signature(self.session, name or (str(model) if not isinstance(model, bytes) else "model"))
+        self._outputs = ["logits", *self.signature.present_names]
+
+    def empty_cache(self, batch: int = 1) -> list[np.ndarray]:
+        empty = np.zeros((batch, self.signature.kv_heads, 0, self.signature.head_size), self.signature.float_type)
+        return [empty] * len(self.signature.past_names)
+
+    def step(self, input_ids: np.ndarray, cache: Sequence[np.ndarray],
+             attention_mask: np.ndarray | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Logits of ``input_ids`` [batch, sequence] after ``cache`` (past length from it), and the
+        cache that includes them. Without a mask every position is attended."""
+        batch, length = input_ids.shape
+        past = cache[0].shape[2] if cache else 0
+        if attention_mask is None:
+            attention_mask = np.ones((batch, past + length), np.int64)
+        feed = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64)}
+        if self.signature.has_position_ids:
+            # Left padding: a row's positions count its attended tokens only.
+            positions = np.maximum(np.cumsum(attention_mask, axis=-1) - 1, 0)[:, -length:]
+            feed["position_ids"] = positions.astype(np.int64)
+        feed.update(zip(self.signature.past_names, cache))
+        logits, *present = self.session.run(self._outputs, feed)
+        return logits, present
+
+    def greedy(self, prompt: Sequence[int], new_tokens: int, *, stop: Sequence[int] = ()) -> Iterator[int]:
+        """Greedy continuation of ``prompt`` (token ids), one token at a time, with the cache."""
+        logits, cache = self.step(np.asarray([list(prompt)], np.int64), self.empty_cache())
+        for _ in range(new_tokens):
+            token = int(np.argmax(logits[0, -1]))
+            yield token
+            if token in stop:
+                return
+            logits, cache = self.step(np.asarray([[token]], np.int64), cache)
+
+    def teacher_forced(self, prompt: Sequence[int], continuation: Sequence[int]) -> list[np.ndarray]:
+        """Last-position logits after the prompt (prefill) and after each token of
+        ``continuation`` fed one at a time with the cache: len(continuation) + 1 vectors."""
+        logits, cache = self.step(np.asarray([list(prompt)], np.int64), self.empty_cache())
+        rows = [logits[0, -1]]
+        for token in continuation:
+            logits, cache = self.step(np.asarray([[token]], np.int64), cache)
+            rows.append(logits[0, -1])
+        return rows

@@ -1,0 +1,174 @@
+"""`graphopt export` and `graphopt generate` on a tiny randomly initialised Llama (2 layers,
+grouped-query attention 4/2 heads, tied embeddings): the folder's contents, parity with torch on
+the cached and the uncached path, the fused kernels, streaming generation and every refusal.
+
+Tolerance: float32 on both sides, same weights; logits agree to ~1e-6 on this model (the export
+itself refuses above 1e-3)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+pytest.importorskip("transformers")
+
+from graphopt.cli import main  # noqa: E402
+from tests.conftest import one_line_error  # noqa: E402
+
+PROMPTS = ["hello world", "abc", "The quick fox: 1, 2, 3"]
+
+
+def tiny_llama(folder: Path, *, tokenizer: bool = True) -> Path:
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    LlamaForCausalLM(config).eval().save_pretrained(folder)
+    if tokenizer:
+        vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+        for char in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,:;!?'\"()-_=+*/\n":
+            vocab.setdefault(char, len(vocab))
+        word_level = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+        word_level.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+        PreTrainedTokenizerFast(tokenizer_object=word_level, unk_token="<unk>", bos_token="<s>",
+                                eos_token="</s>").save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """(HF folder, fused export folder, export report)."""
+    root = tmp_path_factory.mktemp("decoder")
+    source = tiny_llama(root / "hf")
+    prompts = root / "prompts.json"
+    prompts.write_text(json.dumps(PROMPTS))
+    out = root / "onnx"
+    code = main(["export", str(source), "-o", str(out), "--prompts", str(prompts), "--decode-steps", "6",
+                 "--threads", "1", "--json", str(root / "export.json"), "-q"])
+    assert code == 0
+    return source, out, json.loads((root / "export.json").read_text())
+
+
+def test_the_folder_holds_a_verified_model_tokenizer_and_genai_config(exported):
+    _, out, report = exported
+    assert {"model.onnx", "model.onnx.data", "tokenizer.json", "config.json", "genai_config.json",
+            "graphopt_export.json"} <= {p.name for p in out.iterdir()}
+    parity = report["parity"]
+    assert parity["prompts"] == 3 and parity["greedy_identical"] == 3 and parity["forks"] == []
+    assert parity["prefill_max_abs"] < 1e-4 and parity["decode_max_abs"] < 1e-4
+    genai = json.loads((out / "genai_config.json").read_text())["model"]
+    assert genai["type"] == "llama" and genai["eos_token_id"] == 2
+    decoder = genai["decoder"]
+    assert (decoder["num_hidden_layers"], decoder["num_key_value_heads"], decoder["head_size"]) == (2, 2, 8)
+    assert decoder["inputs"]["past_key_names"] == "past_key_values.%d.key"
+    graph = onnx.load(out / "model.onnx", load_external_data=False).graph
+    assert [i.name for i in graph.input][:3] == ["input_ids", "attention_mask", "position_ids"]
+    assert [o.name for o in graph.output][:3] == ["logits", "present.0.key", "present.0.value"]
+    ops = {node.op_type for node in graph.node if node.domain == "com.microsoft"}
+    assert "GroupQueryAttention" in ops and report["fusion"]["changes"]["GroupQueryAttention nodes"] == 2
+
+
+def test_cached_decoding_equals_recomputing_the_whole_sequence(exported):
+    """The cache path (prefill, then one token at a time) and the no-cache path (the whole
+    sequence each time, empty past) give the same last-position logits."""
+    from graphopt.verify.decoder import OrtDecoder
+
+    _, out, _ = exported
+    decoder = OrtDecoder(out / "model.onnx", threads=1)
+    sequence = [5, 17, 30, 9, 44, 12]
+    cached = decoder.teacher_forced(sequence[:2], sequence[2:])
+    for end, row in zip(range(2, len(sequence) + 1), cached):
+        logits, present = decoder.step(np.asarray([sequence[:end]]), decoder.empty_cache())
+        np.testing.assert_allclose(row, logits[0, -1], atol=1e-5)
+        assert present[0].shape == (1, 2, end, 8)
+
+
+def test_a_batch_with_left_padding_matches_each_row_alone(exported):
+    from graphopt.verify.decoder import OrtDecoder
+
+    _, out, _ = exported
+    decoder = OrtDecoder(out / "model.onnx", threads=1)
+    rows = [[5, 17, 30, 9], [44, 12]]
+    ids = np.array([rows[0], [0, 0, *rows[1]]])
+    mask = np.array([[1, 1, 1, 1], [0, 0, 1, 1]])
+    logits, _ = decoder.step(ids, decoder.empty_cache(2), attention_mask=mask)
+    for index, row in enumerate(rows):
+        alone, _ = decoder.step(np.asarray([row]), decoder.empty_cache())
+        np.testing.assert_allclose(logits[index, -1], alone[0, -1], atol=1e-5)
+
+
+def test_generate_streams_torchs_greedy_continuation(exported, capsys):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source, out, _ = exported
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    prompt = tokenizer("hello", return_tensors="pt")
+    expected = model.generate(**prompt, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+    text = tokenizer.decode(expected[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
+
+    assert main(["generate", str(out), "--prompt", "hello", "--max-new-tokens", "8", "--no-stop",
+                 "--threads", "1"]) == 0
+    assert capsys.readouterr().out == text + "\n"
+
+
+def test_unfused_export_uses_only_standard_operators(tmp_path):
+    source = tiny_llama(tmp_path / "hf")
+    assert main(["export", str(source), "-o", str(tmp_path / "plain"), "--no-fuse", "--decode-steps", "2",
+                 "--threads", "1", "-q"]) == 0
+    graph = onnx.load(tmp_path / "plain" / "model.onnx", load_external_data=False).graph
+    assert {node.domain for node in graph.node} <= {"", "ai.onnx"}
+
+
+@pytest.mark.parametrize("case", ["not-causal", "no-tokenizer", "bad-gguf", "output-not-empty", "no-config"])
+def test_export_refuses_with_one_line_and_writes_nothing(case, tmp_path, capsys):
+    from transformers import BertConfig, BertModel
+
+    out = tmp_path / "out"
+    if case == "not-causal":
+        source = tmp_path / "bert"
+        BertModel(BertConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                             intermediate_size=16)).save_pretrained(source)
+        expected = "not a causal language model (architectures: BertModel)"
+    elif case == "no-tokenizer":
+        source = tiny_llama(tmp_path / "hf", tokenizer=False)
+        expected = "no usable tokenizer"
+    elif case == "bad-gguf":
+        source = tmp_path / "model.gguf"
+        source.write_bytes(b"GGUF" + bytes(60))
+        expected = "model.gguf"
+    elif case == "output-not-empty":
+        source = tiny_llama(tmp_path / "hf")
+        out.mkdir()
+        (out / "keep.txt").write_text("mine")
+        expected = "exists and is not an empty folder"
+    else:
+        source = tmp_path / "empty"
+        source.mkdir()
+        expected = "no config.json"
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    capsys.readouterr()  # the setup's own output (transformers' progress bars)
+    assert main(["export", str(source), "-o", str(out)]) == 2
+    assert expected in one_line_error(capsys)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+def test_generate_refuses_a_folder_without_a_tokenizer(exported, tmp_path, capsys):
+    import shutil
+
+    _, out, _ = exported
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    (copy / "tokenizer.json").unlink()
+    capsys.readouterr()
+    assert main(["generate", str(copy), "--prompt", "hi"]) == 2
+    assert "no tokenizer.json" in one_line_error(capsys)
