@@ -88,6 +88,40 @@ def check(base: PathLike, candidate: PathLike, *, data: DataSource = None, label
     return result
 
 
+def check_decoder(base: PathLike, candidate: PathLike, *, data: PathLike, prompts: PathLike | None = None,
+                  window: int = 128, windows: int = 16, new_tokens: int = 32, latency: bool | None = None,
+                  threads: int | None = None, max_ppl_ratio: float | None = None,
+                  min_token_agree: float | None = None, min_greedy_agree: float | None = None,
+                  max_decode_ratio: float | None = None, max_prefill_ratio: float | None = None,
+                  max_size_ratio: float | None = None) -> dict[str, Any]:
+    """``graphopt check`` on two decoder folders (or genai-layout decoder files beside a
+    tokenizer), judged as text generators on the prose in ``data`` (a ``.txt``) and the prompts
+    in ``prompts`` (JSON list): perplexity ratio, token and greedy agreement, prefill and decode
+    latency. Raises ``GateFailed`` naming every failed check, with the comparison as ``.report``."""
+    from graphopt.verify.decoder import OrtDecoder, folder_bytes, open_folder
+    from graphopt.verify.text import DecoderThresholds, compare_decoders, load_prompts, text_windows
+
+    base_folder, candidate_folder = open_folder(base), open_folder(candidate)
+    thresholds = DecoderThresholds(max_ppl_ratio=max_ppl_ratio, min_token_agree=min_token_agree,
+                                   min_greedy_agree=min_greedy_agree, max_decode_ratio=max_decode_ratio,
+                                   max_prefill_ratio=max_prefill_ratio, max_size_ratio=max_size_ratio)
+    tokenizer = base_folder.tokenizer
+    result = compare_decoders(
+        OrtDecoder(base_folder.model, threads=threads, optimize=False),
+        OrtDecoder(candidate_folder.model, threads=threads),
+        tokenizer, windows=text_windows(data, tokenizer, window=window, limit=windows),
+        prompts=load_prompts(prompts) if prompts else (), new_tokens=new_tokens,
+        measure_latency=thresholds.needs_latency() if latency is None else latency, thresholds=thresholds,
+        base_bytes=folder_bytes(base_folder), candidate_bytes=folder_bytes(candidate_folder))
+    result.update(base=str(base), candidate=str(candidate), data={"source": str(data), "synthetic": False,
+                                                                   "samples": result["windows"]})
+    failed = [c for c in result["checks"] if not c["passed"]]
+    if failed:
+        raise GateFailed("check failed: " + "; ".join(f"{c['name']}: {c['message']}" for c in failed),
+                         [c["name"] for c in failed], report=result)
+    return result
+
+
 def bench(model: PathLike, *, data: DataSource = None, labels: str | None = None, runs: int = 100, warmup: int = 5,
           threads: int | None = None, batch_size: int = 1, shapes: Mapping[str, Sequence[int]] | None = None,
           seed: int = 0, max_seconds: float = 30.0, provider: str | None = None) -> dict[str, Any]:

@@ -82,6 +82,33 @@ def _add_thresholds(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-size-ratio", type=float, help="candidate/base file size, at most")
 
 
+def _add_decoder_gate(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "decoder LLMs (base and candidate are model folders; --data is prose, a .txt file)")
+    group.add_argument("--prompts", metavar="FILE", help="JSON list of prompts for greedy continuations")
+    group.add_argument("--window", type=_positive_int, default=128, help="tokens per text window (default 128)")
+    group.add_argument("--windows", type=_positive_int, default=16, help="text windows scored, at most (default 16)")
+    group.add_argument("--new-tokens", type=_positive_int, default=32,
+                       help="greedy tokens per prompt (default 32)")
+    group.add_argument("--max-ppl-ratio", type=float, help="candidate/base perplexity on the text, at most")
+    group.add_argument("--min-token-agree", type=float, help="teacher-forced next-token agreement, at least")
+    group.add_argument("--min-greedy-agree", type=float, help="greedy continuation token agreement, at least")
+    group.add_argument("--max-decode-ratio", type=float, help="candidate/base decode ms per token, at most")
+    group.add_argument("--max-prefill-ratio", type=float, help="candidate/base prefill ms, at most")
+
+
+def _decoder_check(args: argparse.Namespace) -> dict[str, Any]:
+    from graphopt.api import check_decoder
+
+    if args.data is None:
+        raise UsageError("check: decoder folders are judged on text: give --data PROSE.txt")
+    return check_decoder(args.base, args.candidate, data=args.data, prompts=args.prompts, window=args.window,
+                         windows=args.windows, new_tokens=args.new_tokens, latency=args.latency, threads=args.threads,
+                         max_ppl_ratio=args.max_ppl_ratio, min_token_agree=args.min_token_agree,
+                         min_greedy_agree=args.min_greedy_agree, max_decode_ratio=args.max_decode_ratio,
+                         max_prefill_ratio=args.max_prefill_ratio, max_size_ratio=args.max_size_ratio)
+
+
 def _thresholds(args: argparse.Namespace) -> Any:
     from graphopt.verify.gate import Thresholds
 
@@ -142,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(p)
     _add_thresholds(p)
     _add_cv_gate(p)
+    _add_decoder_gate(p)
     _add_common(p)
     p.set_defaults(func=cmd_check)
 
@@ -358,13 +386,16 @@ def _check_output_folders(*paths: str | None) -> None:
 def cmd_check(args: argparse.Namespace) -> int:
     from graphopt.api import check
     from graphopt.evaluate import cross_validated_gate
-    from graphopt.io import to_json, write_text
-    from graphopt.report.checks import check_markdown, checks_text, junit_xml
     from graphopt.verify.feeds import parse_shape_overrides
-    from graphopt.verify.gate import CheckResult
 
     started = time.perf_counter()
     _check_output_folders(args.json_out, args.junit, args.markdown)
+    if Path(args.base).is_dir() or Path(args.candidate).is_dir():  # decoder model folders
+        try:
+            data, failure = _decoder_check(args), None
+        except GateFailed as exc:
+            data, failure = exc.report, exc
+        return _check_reports(args, data, failure, started)
     cv_checks, cv_result = cross_validated_gate(
         args.base, args.candidate, args.data, folds=args.cv, max_drop=args.max_drop, metric=args.metric,
         labels=args.labels, seed=args.seed, batch_size=args.batch_size, threads=args.threads)
@@ -378,6 +409,14 @@ def cmd_check(args: argparse.Namespace) -> int:
         data, failure = exc.report, exc
     if cv_result is not None:
         data["cross_validation"] = cv_result
+    return _check_reports(args, data, failure, started)
+
+
+def _check_reports(args: argparse.Namespace, data: dict[str, Any], failure: GateFailed | None, started: float) -> int:
+    from graphopt.io import to_json, write_text
+    from graphopt.report.checks import check_markdown, checks_text, decoder_text, junit_xml
+    from graphopt.verify.gate import CheckResult
+
     checks = [CheckResult(**c) for c in data["checks"]]
     if args.json_out:
         write_text(args.json_out, to_json(data))
@@ -386,6 +425,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     if args.markdown:
         write_text(args.markdown, check_markdown(data))
     if not args.quiet:
+        if "perplexity" in data:
+            print(decoder_text(data))
         print(checks_text(data["checks"]))
     if failure is not None:
         raise failure

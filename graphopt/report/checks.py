@@ -33,6 +33,8 @@ def junit_xml(checks: list[CheckResult], *, suite: str, seconds: float = 0.0) ->
 
 def check_markdown(comparison: dict[str, Any]) -> str:
     """A pull-request comment: verdict, the checks, and the headline numbers."""
+    if "perplexity" in comparison:
+        return decoder_markdown(comparison)
     verdict = "✅ passed" if comparison["passed"] else "❌ failed"
     lines = [
         f"### graphopt check: {verdict}",
@@ -73,3 +75,41 @@ def check_markdown(comparison: dict[str, Any]) -> str:
 def checks_text(checks: list[dict[str, Any]]) -> str:
     width = max(len(c["name"]) for c in checks)
     return "\n".join(f"  {'PASS' if c['passed'] else 'FAIL'}  {c['name']:<{width}}  {c['message']}" for c in checks)
+
+
+def decoder_text(comparison: dict[str, Any]) -> str:
+    """The headline numbers of a decoder comparison (``verify.text``), one per line."""
+    ppl, greedy = comparison["perplexity"], comparison["greedy"]
+    lines = [f"perplexity {ppl['candidate']:.4g} vs {ppl['base']:.4g} (ratio {ppl['ratio']:.4f}) on "
+             f"{comparison['windows']} windows of {comparison['window_tokens']} tokens",
+             f"teacher-forced next-token agreement {comparison['token_agreement']:.4f}"]
+    if greedy["prompts"]:
+        lines.append(f"greedy continuations: {greedy['agreement']:.4f} of tokens agree, {greedy['identical']} of "
+                     f"{greedy['prompts']} identical over {greedy['new_tokens']} tokens")
+    latency = comparison.get("latency")
+    if latency:
+        lines.append(f"prefill {latency['prefill_ms']['candidate']:.1f} ms vs {latency['prefill_ms']['base']:.1f} ms "
+                     f"(ratio {latency['prefill_ratio']:.3f}); decode {latency['decode_ms_per_token']['candidate']:.2f} "
+                     f"vs {latency['decode_ms_per_token']['base']:.2f} ms/token (ratio {latency['decode_ratio']:.3f})")
+    if comparison.get("size_ratio") is not None:
+        lines.append(f"size ratio {comparison['size_ratio']:.3f}")
+    return "\n".join(lines)
+
+
+def decoder_markdown(comparison: dict[str, Any]) -> str:
+    """A pull-request comment for two decoder LLMs: verdict, checks, the text measures."""
+    verdict = "✅ passed" if comparison["passed"] else "❌ failed"
+    lines = [f"### graphopt check (decoder): {verdict}", "",
+             f"`{Path(comparison['candidate']).name}` against `{Path(comparison['base']).name}` on "
+             f"{comparison['windows']} windows of {comparison['window_tokens']} tokens from "
+             f"{Path(comparison['data']['source']).name}", "",
+             "| check | measured | threshold | result |", "|---|---|---|---|"]
+    for check in comparison["checks"]:
+        lines.append(f"| {check['name']} | {_fmt(check['measured'])} | {_fmt(check['threshold'])} | "
+                     f"{'pass' if check['passed'] else '**FAIL**'} |")
+    lines += ["", *(f"- {line}" for line in decoder_text(comparison).splitlines())]
+    for item in comparison["greedy"]["continuations"][:5]:
+        if item["fork_at"] is not None:
+            lines.append(f"- `{item['prompt']}` forks at token {item['fork_at']}: base {item['base']!r}, "
+                         f"candidate {item['candidate']!r}")
+    return "\n".join(lines) + "\n"

@@ -15,6 +15,7 @@ one-token decode step, as onnxruntime-genai drives it; this runner does the same
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from graphopt.errors import UnsupportedModelError
+from graphopt.errors import DataError, UnsupportedModelError, UsageError
 
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 
@@ -117,3 +118,68 @@ class OrtDecoder:
             logits, cache = self.step(np.asarray([[token]], np.int64), cache)
             rows.append(logits[0, -1])
         return rows
+
+
+# -- model folders --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderFolder:
+    folder: Path
+    model: Path
+    tokenizer: Any  # tokenizers.Tokenizer
+    stop_ids: tuple[int, ...]
+
+
+def open_folder(path: str | Path) -> DecoderFolder:
+    """The model, tokenizer and stop tokens of a decoder folder; one-line errors naming what is missing."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise UsageError(f"{folder}: not a folder; give the folder graphopt export wrote")
+    models = sorted(folder.glob("*.onnx"))
+    if not models:
+        raise UnsupportedModelError(f"{folder}: no .onnx model in the folder")
+    model = folder / "model.onnx" if (folder / "model.onnx").is_file() else models[0]
+    if not (folder / "tokenizer.json").is_file():
+        raise DataError(f"{folder}: no tokenizer.json: the folder's model has no tokenizer to read text with")
+    try:
+        from tokenizers import Tokenizer
+    except ImportError as exc:
+        raise UsageError(f"generate needs the tokenizers package: pip install tokenizers ({exc})") from None
+    try:
+        tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    except Exception as exc:  # the library raises its own Exception subclass for a malformed file
+        raise DataError(f"{folder / 'tokenizer.json'}: cannot read it: {exc}") from None
+    return DecoderFolder(folder, model, tokenizer, _stop_ids(folder))
+
+
+def _stop_ids(folder: Path) -> tuple[int, ...]:
+    for name, keys in (("genai_config.json", ("model", "eos_token_id")), ("generation_config.json", ("eos_token_id",)),
+                       ("config.json", ("eos_token_id",))):
+        path = folder / name
+        if not path.is_file():
+            continue
+        value: Any = json.loads(path.read_text(encoding="utf-8"))
+        for key in keys:
+            value = value.get(key) if isinstance(value, dict) else None
+        if value is not None:
+            return tuple(value) if isinstance(value, list) else (int(value),)
+    return ()
+
+
+def folder_bytes(folder: DecoderFolder) -> int:
+    """Bytes of the model file and its external data (the tokenizer and configs are not the model)."""
+    import onnx
+
+    proto = onnx.load(folder.model, load_external_data=False)
+    locations = {entry.value for tensor in _initializers(proto.graph) for entry in tensor.external_data
+                 if entry.key == "location"}
+    return folder.model.stat().st_size + sum((folder.model.parent / name).stat().st_size for name in locations)
+
+
+def _initializers(graph: Any) -> Iterator[Any]:
+    yield from graph.initializer
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.t.ByteSize():
+                yield attribute.t

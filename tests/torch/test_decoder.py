@@ -172,3 +172,61 @@ def test_generate_refuses_a_folder_without_a_tokenizer(exported, tmp_path, capsy
     capsys.readouterr()
     assert main(["generate", str(copy), "--prompt", "hi"]) == 2
     assert "no tokenizer.json" in one_line_error(capsys)
+
+
+def _prose(path: Path) -> Path:
+    from graphopt.samples import SENTENCES_FILE
+
+    path.write_text(SENTENCES_FILE.read_text(encoding="utf-8")[:4000], encoding="utf-8")
+    return path
+
+
+def test_check_judges_decoder_folders_as_text_generators(exported, tmp_path, capsys):
+    """The same model twice: perplexity ratio 1, full agreement; the gate flags apply, and the
+    JUnit and Markdown reports carry them."""
+    _, out, _ = exported
+    prose, prompts = _prose(tmp_path / "prose.txt"), tmp_path / "prompts.json"
+    prompts.write_text(json.dumps(PROMPTS))
+    code = main(["check", str(out), str(out), "--data", str(prose), "--prompts", str(prompts), "--window", "16",
+                 "--windows", "4", "--new-tokens", "6", "--max-ppl-ratio", "1.0001", "--min-token-agree", "1",
+                 "--min-greedy-agree", "1", "--max-decode-ratio", "10", "--threads", "1",
+                 "--json", str(tmp_path / "c.json"), "--junit", str(tmp_path / "c.xml"),
+                 "--markdown", str(tmp_path / "c.md")])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "c.json").read_text())
+    assert report["perplexity"]["ratio"] == pytest.approx(1.0, abs=1e-6)
+    assert report["token_agreement"] == 1.0 and report["greedy"]["identical"] == 3
+    assert {c["name"] for c in report["checks"]} == {"max_ppl_ratio", "min_token_agree", "min_greedy_agree",
+                                                     "max_decode_ratio"}
+    assert report["latency"]["decode_ms_per_token"]["base"] > 0
+    assert 'name="max_ppl_ratio"' in (tmp_path / "c.xml").read_text()
+    assert "perplexity" in (tmp_path / "c.md").read_text()
+
+
+def test_check_fails_a_different_model_and_names_the_measure(exported, tmp_path, capsys):
+    """Another random model of the same shape: its perplexity differs, its predictions disagree."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    source, _, _ = exported
+    other = tmp_path / "other-hf"
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.5 * torch.randn_like(parameter))
+    model.save_pretrained(other)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (other / name).write_bytes((source / name).read_bytes())
+    assert main(["export", str(other), "-o", str(tmp_path / "other"), "--decode-steps", "2", "--threads", "1",
+                 "-q"]) == 0
+    capsys.readouterr()
+    code = main(["check", str(exported[1]), str(tmp_path / "other"), "--data", str(_prose(tmp_path / "p.txt")),
+                 "--window", "16", "--windows", "4", "--min-token-agree", "0.99", "--no-latency", "--threads", "1"])
+    assert code == 1
+    assert "min_token_agree" in capsys.readouterr().err
+
+
+def test_decoder_check_without_text_is_a_usage_error(exported, capsys):
+    _, out, _ = exported
+    assert main(["check", str(out), str(out), "--max-ppl-ratio", "1.1"]) == 2
+    assert "give --data PROSE.txt" in one_line_error(capsys)

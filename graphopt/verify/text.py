@@ -1,0 +1,189 @@
+"""Judge a decoder LLM as a text generator: the measures people judge LLMs by, against a base.
+
+Data: prose (a ``.txt`` file) tokenized with the folder's tokenizer into non-overlapping windows
+of ``window`` tokens, and prompts (a JSON list of strings) for free generation.
+
+* **perplexity ratio**: exp of the mean next-token negative log-likelihood over every window
+  position, candidate over base (1.0: as good; 1.03: 3 % more perplexed);
+* **token agreement**: teacher-forced, the share of window positions whose most likely next token
+  is the same in both models;
+* **greedy agreement**: each prompt continued ``new_tokens`` tokens greedily by each model; the
+  share of positions where the two continuations hold the same token (after a fork, positions
+  rarely agree by chance);
+* **prefill ms** (one window) and **decode ms/token** (one token at a time with the cache, after a
+  window): measured interleaved, base and candidate alternating, ratio = median of the paired
+  ratios (as ``verify.latency`` does for other models).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from graphopt.errors import DataError
+from graphopt.verify.decoder import OrtDecoder
+from graphopt.verify.gate import CheckResult
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DecoderThresholds:
+    max_ppl_ratio: float | None = None
+    min_token_agree: float | None = None
+    min_greedy_agree: float | None = None
+    max_decode_ratio: float | None = None
+    max_prefill_ratio: float | None = None
+    max_size_ratio: float | None = None
+
+    def needs_latency(self) -> bool:
+        return self.max_decode_ratio is not None or self.max_prefill_ratio is not None
+
+
+def text_windows(path: str | Path, tokenizer: Any, *, window: int = 128, limit: int | None = 16) -> list[list[int]]:
+    """Non-overlapping windows of ``window`` token ids from the prose in ``path`` (a tokenizers.Tokenizer)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: cannot read text: {exc}") from None
+    ids = tokenizer.encode(text).ids
+    windows = [ids[start:start + window] for start in range(0, len(ids) - window + 1, window)]
+    if not windows:
+        raise DataError(f"{path}: {len(ids)} tokens, fewer than one window of {window}")
+    return windows[:limit] if limit else windows
+
+
+def load_prompts(path: str | Path) -> list[str]:
+    path = Path(path)
+    try:
+        prompts = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read prompts: {exc}") from None
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and p for p in prompts):
+        raise DataError(f"{path}: prompts must be a JSON list of non-empty strings")
+    return prompts
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    logits = logits.astype(np.float64)
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def window_scores(decoder: OrtDecoder, windows: Sequence[Sequence[int]]) -> tuple[float, list[np.ndarray]]:
+    """(mean next-token NLL over all positions, the argmax next token of each window's positions)."""
+    total, count, predictions = 0.0, 0, []
+    for tokens in windows:
+        logits, _ = decoder.step(np.asarray([list(tokens)], np.int64), decoder.empty_cache())
+        logprobs = _log_softmax(logits[0, :-1])
+        targets = np.asarray(tokens[1:])
+        total -= float(logprobs[np.arange(len(targets)), targets].sum())
+        count += len(targets)
+        predictions.append(np.argmax(logits[0, :-1], axis=-1))
+    return total / count, predictions
+
+
+def _timed(action: Any) -> float:
+    start = time.perf_counter()
+    action()
+    return (time.perf_counter() - start) * 1000.0
+
+
+def interleaved_latency(base: OrtDecoder, candidate: OrtDecoder, prompt: Sequence[int], *, decode_tokens: int = 16,
+                        rounds: int = 5) -> dict[str, Any]:
+    """Prefill ms of ``prompt`` and decode ms/token after it, base and candidate alternating."""
+    results: dict[str, dict[str, list[float]]] = {"base": {"prefill": [], "decode": []},
+                                                  "candidate": {"prefill": [], "decode": []}}
+    ids = np.asarray([list(prompt)], np.int64)
+    for round_ in range(rounds + 1):  # the first round warms up and is not counted
+        order = (("base", base), ("candidate", candidate)) if round_ % 2 == 0 else (("candidate", candidate), ("base", base))
+        for label, decoder in order:
+            state: dict[str, Any] = {}
+
+            def prefill(decoder: OrtDecoder = decoder, state: dict[str, Any] = state) -> None:
+                state["logits"], state["cache"] = decoder.step(ids, decoder.empty_cache())
+
+            prefill_ms = _timed(prefill)
+
+            def decode(decoder: OrtDecoder = decoder, state: dict[str, Any] = state) -> None:
+                logits, cache = state["logits"], state["cache"]
+                for _ in range(decode_tokens):
+                    token = np.asarray([[int(np.argmax(logits[0, -1]))]], np.int64)
+                    logits, cache = decoder.step(token, cache)
+
+            decode_ms = _timed(decode) / decode_tokens
+            if round_:
+                results[label]["prefill"].append(prefill_ms)
+                results[label]["decode"].append(decode_ms)
+
+    def ratio(kind: str) -> float:
+        return statistics.median(c / b for c, b in zip(results["candidate"][kind], results["base"][kind]))
+
+    return {
+        "prompt_tokens": len(prompt), "decode_tokens": decode_tokens, "rounds": rounds,
+        "prefill_ms": {label: statistics.median(v["prefill"]) for label, v in results.items()},
+        "decode_ms_per_token": {label: statistics.median(v["decode"]) for label, v in results.items()},
+        "prefill_ratio": ratio("prefill"), "decode_ratio": ratio("decode"),
+    }
+
+
+def compare_decoders(base: OrtDecoder, candidate: OrtDecoder, tokenizer: Any, *, windows: Sequence[Sequence[int]],
+                     prompts: Sequence[str] = (), new_tokens: int = 32, measure_latency: bool = True,
+                     thresholds: DecoderThresholds = DecoderThresholds(), base_bytes: int | None = None,
+                     candidate_bytes: int | None = None) -> dict[str, Any]:
+    """The decoder comparison and its gate checks (only stated thresholds are checked)."""
+    base_nll, base_predictions = window_scores(base, windows)
+    candidate_nll, candidate_predictions = window_scores(candidate, windows)
+    agree = np.concatenate([a == b for a, b in zip(base_predictions, candidate_predictions)])
+    greedy: list[dict[str, Any]] = []
+    for text in prompts:
+        ids = tokenizer.encode(text).ids
+        a, b = list(base.greedy(ids, new_tokens)), list(candidate.greedy(ids, new_tokens))
+        same = sum(x == y for x, y in zip(a, b))
+        fork = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        greedy.append({"prompt": text, "agree": same / new_tokens, "fork_at": fork,
+                       "base": tokenizer.decode(a), "candidate": tokenizer.decode(b)})
+    result: dict[str, Any] = {
+        "windows": len(windows), "window_tokens": len(windows[0]),
+        "perplexity": {"base": float(np.exp(base_nll)), "candidate": float(np.exp(candidate_nll)),
+                       "ratio": float(np.exp(candidate_nll - base_nll))},
+        "token_agreement": float(agree.mean()),
+        "greedy": {"prompts": len(greedy), "new_tokens": new_tokens,
+                   "agreement": float(np.mean([g["agree"] for g in greedy])) if greedy else None,
+                   "identical": sum(g["fork_at"] is None for g in greedy), "continuations": greedy},
+    }
+    if measure_latency or thresholds.needs_latency():
+        result["latency"] = interleaved_latency(base, candidate, windows[0])
+    if base_bytes and candidate_bytes:
+        result["size_ratio"] = candidate_bytes / base_bytes
+    result["checks"] = [c.to_dict() for c in decoder_checks(result, thresholds)]
+    result["passed"] = all(c["passed"] for c in result["checks"])
+    return result
+
+
+def decoder_checks(result: dict[str, Any], thresholds: DecoderThresholds) -> list[CheckResult]:
+    latency = result.get("latency") or {}
+    measured = {
+        "max_ppl_ratio": (result["perplexity"]["ratio"], "perplexity ratio"),
+        "min_token_agree": (result["token_agreement"], "teacher-forced next-token agreement"),
+        "min_greedy_agree": (result["greedy"]["agreement"], "greedy continuation agreement"),
+        "max_decode_ratio": (latency.get("decode_ratio"), "decode ms/token ratio"),
+        "max_prefill_ratio": (latency.get("prefill_ratio"), "prefill ms ratio"),
+        "max_size_ratio": (result.get("size_ratio"), "size ratio"),
+    }
+    checks = []
+    for name, (value, what) in measured.items():
+        limit = getattr(thresholds, name)
+        if limit is None:
+            continue
+        passed = value is not None and (value <= limit if name.startswith("max_") else value >= limit)
+        bound = "at most" if name.startswith("max_") else "at least"
+        shown = "not measured" if value is None else f"{value:.4g}"
+        checks.append(CheckResult(name, limit, value, passed, f"{what} {shown} ({bound} {limit:g})"))
+    return checks
