@@ -100,3 +100,26 @@ def one_line_error(capsys) -> str:
     assert len(err) == 1, err
     assert "Traceback" not in err[0]
     return err[0]
+
+
+def tiny_llama(folder: Path, *, tokenizer: bool = True) -> Path:
+    """A randomly initialised 2-layer Llama (GQA 4/2 heads, tied embeddings) as a Hugging Face
+    folder, with a character-level tokenizer: a decoder LLM in seconds."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    LlamaForCausalLM(config).eval().save_pretrained(folder)
+    if tokenizer:
+        vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+        for char in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,:;!?'\"()-_=+*/\n":
+            vocab.setdefault(char, len(vocab))
+        word_level = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+        word_level.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+        PreTrainedTokenizerFast(tokenizer_object=word_level, unk_token="<unk>", bos_token="<s>",
+                                eos_token="</s>").save_pretrained(folder)
+    return folder

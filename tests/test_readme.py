@@ -61,7 +61,7 @@ def _from_example(commands: list[str]) -> bool:
     return any(c.startswith("python examples/") for c in commands)
 
 
-def _stand_ins(folder: Path) -> None:
+def _stand_ins(folder: Path, *, decoder: bool = False) -> None:
     """Small files under the names the README's commands use."""
     import numpy as np
     import onnx
@@ -82,6 +82,13 @@ def _stand_ins(folder: Path) -> None:
     for name in ("eval.npz", "calib.npz", "images.npz"):
         np.savez(folder / name, X=x)
     np.savez(folder / "labelled.npz", X=x, labels=rng.integers(0, 10, 64))
+    if decoder:  # the decoder section's stand-ins
+        from graphopt.samples import SENTENCES_FILE
+        from tests.conftest import tiny_llama
+
+        tiny_llama(folder / "llm-folder")
+        (folder / "prose.txt").write_text(SENTENCES_FILE.read_text(encoding="utf-8")[:20000], encoding="utf-8")
+        (folder / "prompts.json").write_text('["The capital of France is", "Once upon a time"]', encoding="utf-8")
 
 
 def test_readme_has_the_commands_it_documents():
@@ -98,7 +105,10 @@ def test_readme_command_blocks_run_as_written(line, commands, tmp_path, monkeypa
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("GRAPHOPT_CACHE_DIR", str(tmp_path / "cache"))
-    _stand_ins(tmp_path)
+    decoder = any("llm-folder" in command for command in commands)
+    if decoder:
+        pytest.importorskip("transformers")
+    _stand_ins(tmp_path, decoder=decoder)
     for command in commands:
         assert main(shlex.split(command)[1:]) == 0, f"README line {line}: {command}\n{capsys.readouterr().err}"
 

@@ -44,8 +44,9 @@ class DecoderSignature:
         return len(self.past_names) // 2
 
 
-def decoder_signature(session: Any, name: str = "model") -> DecoderSignature:
-    """The cache layout of ``session``; UnsupportedModelError when it is not a genai-layout decoder."""
+def decoder_signature(session: Any, name: str = "model", config: dict[str, Any] | None = None) -> DecoderSignature:
+    """The cache layout of ``session``; UnsupportedModelError when it is not a genai-layout decoder.
+    ``config``: the ``decoder`` part of a genai_config.json, for head counts the graph leaves symbolic."""
     inputs = {i.name: i for i in session.get_inputs()}
     outputs = [o.name for o in session.get_outputs()]
     past = sorted((name_ for name_ in inputs if _PAST.match(name_)),
@@ -59,7 +60,10 @@ def decoder_signature(session: Any, name: str = "model") -> DecoderSignature:
     absent = [n for n in present if n not in outputs]
     if absent:
         raise UnsupportedModelError(f"{name}: output {absent[0]} (for {past[0]}) is missing")
-    shape = inputs[past[0]].shape
+    shape = list(inputs[past[0]].shape)
+    if len(shape) == 4 and config:
+        shape[1] = shape[1] if isinstance(shape[1], int) else config.get("num_key_value_heads")
+        shape[3] = shape[3] if isinstance(shape[3], int) else config.get("head_size")
     if len(shape) != 4 or not all(isinstance(d, int) for d in (shape[1], shape[3])):
         raise UnsupportedModelError(f"{name}: {past[0]} must be [batch, kv_heads, past, head_size] with fixed "
                                     f"kv_heads and head_size, has {shape}")
@@ -75,7 +79,12 @@ class OrtDecoder:
         from graphopt.verify.runtime import make_session
 
         self.session = make_session(model, optimize=optimize, threads=threads)
-        self.signature = decoder_signature(self.session, name or (str(model) if not isinstance(model, bytes) else "model"))
+        config = None
+        if not isinstance(model, bytes) and (Path(model).parent / "genai_config.json").is_file():
+            genai = json.loads((Path(model).parent / "genai_config.json").read_text(encoding="utf-8"))
+            config = genai.get("model", {}).get("decoder")
+        self.signature = decoder_signature(self.session, name or (str(model) if not isinstance(model, bytes) else "model"),
+                                           config)
         self._outputs = ["logits", *self.signature.present_names]
 
     def empty_cache(self, batch: int = 1) -> list[np.ndarray]:

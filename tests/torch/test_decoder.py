@@ -17,30 +17,9 @@ import pytest
 pytest.importorskip("transformers")
 
 from graphopt.cli import main  # noqa: E402
-from tests.conftest import one_line_error  # noqa: E402
+from tests.conftest import one_line_error, tiny_llama  # noqa: E402
 
 PROMPTS = ["hello world", "abc", "The quick fox: 1, 2, 3"]
-
-
-def tiny_llama(folder: Path, *, tokenizer: bool = True) -> Path:
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
-    LlamaForCausalLM(config).eval().save_pretrained(folder)
-    if tokenizer:
-        vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
-        for char in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,:;!?'\"()-_=+*/\n":
-            vocab.setdefault(char, len(vocab))
-        word_level = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-        word_level.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-        PreTrainedTokenizerFast(tokenizer_object=word_level, unk_token="<unk>", bos_token="<s>",
-                                eos_token="</s>").save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
