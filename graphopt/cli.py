@@ -308,7 +308,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         analyze=bool(args.html or args.layers_markdown),
     )
     _refuse_same_path(args.model, args.output)
-    _check_output_folders(args.output, args.report, args.html, args.layers_markdown)
+    _check_output_folders(None if Path(args.model).is_dir() else args.output, args.report, args.html,
+                          args.layers_markdown)
     try:
         report = optimize(args.model, args.output, options)
     except GateFailed as exc:
@@ -390,7 +391,11 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     _check_output_folders(args.json_out, args.junit, args.markdown)
-    if Path(args.base).is_dir() or Path(args.candidate).is_dir():  # decoder model folders
+    decoder_flags = (args.prompts, args.max_ppl_ratio, args.min_token_agree, args.min_greedy_agree,
+                     args.max_decode_ratio, args.max_prefill_ratio)
+    text = args.data is not None and str(args.data).endswith(".txt")
+    if (Path(args.base).is_dir() or Path(args.candidate).is_dir()) and (text or any(
+            flag is not None for flag in decoder_flags)):  # decoder LLM folders, judged on text
         try:
             data, failure = _decoder_check(args), None
         except GateFailed as exc:

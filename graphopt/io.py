@@ -67,9 +67,37 @@ class LoadedModel:
         return sum(f.stat().st_size for f in self.files)
 
 
-def load_model(path: str | os.PathLike) -> LoadedModel:
-    """Load a model from a stranger safely; raise InvalidModelError/UnsafeModelError otherwise."""
+def model_file(path: str | os.PathLike) -> Path:
+    """``path`` itself, or for a model folder (model + tokenizer + configs, as ``graphopt export``
+    writes) its ``model.onnx``, else its one ``.onnx`` file."""
     path = Path(path)
+    if not path.is_dir():
+        return path
+    if (path / "model.onnx").is_file():
+        return path / "model.onnx"
+    models = sorted(path.glob("*.onnx"))
+    if len(models) != 1:
+        raise InvalidModelError(f"{path}: a model folder needs model.onnx or exactly one .onnx file, "
+                                f"found {len(models)}")
+    return models[0]
+
+
+def side_files(folder: Path, model: Path) -> list[Path]:
+    """The files of a model folder that are not the model: tokenizer, configs, templates."""
+    own = {model.name, *(f.name for f in _external_files(model))}
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.name not in own and not p.name.startswith("."))
+
+
+def _external_files(model: Path) -> list[Path]:
+    proto = onnx.load(model, load_external_data=False)
+    return [model.parent / entry.value for tensor in validation.iter_tensors(proto)
+            for entry in tensor.external_data if entry.key == "location"]
+
+
+def load_model(path: str | os.PathLike) -> LoadedModel:
+    """Load a model (a file, or a model folder's model) from a stranger safely; raise
+    InvalidModelError/UnsafeModelError otherwise."""
+    path = model_file(path)
     proto = _parse(path)
     data_files = check_external_data(proto, path)
     validation.check_structure(proto, path)

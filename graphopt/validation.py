@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -88,9 +89,49 @@ def check_structure(proto: onnx.ModelProto, path: Path) -> None:
         onnx.checker.check_model(str(path))
     except onnx.checker.ValidationError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
-        raise InvalidModelError(f"{name}: ONNX checker: {first}") from None
+        if not _only_runtime_default_domain_ops(proto, path, first):
+            raise InvalidModelError(f"{name}: ONNX checker: {first}") from None
     except UnicodeDecodeError:  # the checker's message quotes a name that is not UTF-8
         raise InvalidModelError(f"{name}: ONNX checker: a name or string in the model is not valid UTF-8") from None
+
+
+# onnxruntime kernels registered in the default ONNX domain though the standard has no such op
+# (fused decoder norms, as onnxruntime and its model builders emit them).
+RUNTIME_DEFAULT_DOMAIN_OPS = frozenset({"SimplifiedLayerNormalization"})
+
+
+def _only_runtime_default_domain_ops(proto: onnx.ModelProto, path: Path, error: str) -> bool:
+    """Whether the checker's complaint is only about such ops: then the model is checked again
+    with them moved to onnxruntime's own domain, where the checker leaves ops alone."""
+    if not any(f"No Op registered for {op} " in error for op in RUNTIME_DEFAULT_DOMAIN_OPS):
+        return False
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    for node in _all_nodes(copy.graph):
+        if node.op_type in RUNTIME_DEFAULT_DOMAIN_OPS and node.domain in ("", "ai.onnx"):
+            node.domain = "com.microsoft"
+    if not any(op.domain == "com.microsoft" for op in copy.opset_import):
+        copy.opset_import.add(domain="com.microsoft", version=1)
+    previous = os.getcwd()
+    os.chdir(path.parent)  # the checker resolves a proto's external data against the working folder
+    try:
+        onnx.checker.check_model(copy)
+    except onnx.checker.ValidationError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
+        raise InvalidModelError(f"{path}: ONNX checker: {first}") from None
+    finally:
+        os.chdir(previous)
+    return True
+
+
+def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    for node in graph.node:
+        yield node
+        for attribute in node.attribute:
+            if attribute.g.ByteSize():
+                yield from _all_nodes(attribute.g)
+            for subgraph in attribute.graphs:
+                yield from _all_nodes(subgraph)
 
 
 def check_input_types(model: ir.Model, name: str) -> None:

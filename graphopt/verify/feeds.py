@@ -304,10 +304,45 @@ def random_feeds(
     if unknown:
         raise DataError(f"--shape names unknown input {', '.join(unknown)}; the model expects {_signature(specs)}")
     rng = np.random.default_rng(seed)
+    if not shapes and _is_decoder(specs):
+        return _decoder_feeds(specs, rng, count, batch_size, seed)
     concrete = {spec.name: _concrete_shape(spec, shapes.get(spec.name), batch_size) for spec in specs}
     feeds = [{spec.name: _random_array(rng, spec, concrete[spec.name]) for spec in specs} for _ in range(count)]
     described = ", ".join(f"{n}={list(s)}" for n, s in concrete.items())
     return FeedSet(feeds, f"random (seed {seed}; {described})", True)
+
+
+def _is_decoder(specs: Sequence[InputSpec]) -> bool:
+    """A decoder LLM with a KV cache in onnxruntime-genai's layout (``verify/decoder.py``)."""
+    names = {spec.name for spec in specs}
+    past = [spec for spec in specs if spec.name.startswith("past_key_values.")]
+    return {"input_ids", "attention_mask"} <= names and bool(past) and all(
+        len(spec.shape) == 4 and isinstance(spec.shape[1], int) and isinstance(spec.shape[3], int) for spec in past)
+
+
+def _decoder_feeds(specs: Sequence[InputSpec], rng: np.random.Generator, count: int, batch: int,
+                   seed: int) -> FeedSet:
+    """Consistent decoder steps: the mask covers past + new tokens, positions continue the past.
+    Even feeds are prefills of 16 tokens (empty cache), odd ones one-token steps after 16 cached
+    positions of random values: the two ways a decoder is driven."""
+    feeds = []
+    for index in range(count):
+        past, length = (0, 16) if index % 2 == 0 else (16, 1)
+        feed: dict[str, np.ndarray] = {}
+        for spec in specs:
+            if spec.name == "input_ids":
+                feed[spec.name] = rng.integers(0, 32, (batch, length)).astype(spec.dtype)  # in any vocabulary
+            elif spec.name == "attention_mask":
+                feed[spec.name] = np.ones((batch, past + length), spec.dtype)
+            elif spec.name == "position_ids":
+                feed[spec.name] = np.tile(np.arange(past, past + length), (batch, 1)).astype(spec.dtype)
+            elif spec.name.startswith("past_key_values."):
+                feed[spec.name] = rng.standard_normal((batch, spec.shape[1], past, spec.shape[3])).astype(spec.dtype)
+            else:
+                feed[spec.name] = _random_array(rng, spec, _concrete_shape(spec, None, batch))
+        feeds.append(feed)
+    return FeedSet(feeds, f"random decoder steps (seed {seed}; prefills of 16 tokens and one-token steps "
+                          "after 16 cached positions)", True)
 
 
 def _concrete_shape(spec: InputSpec, override: Sequence[int] | None, batch_size: int) -> tuple[int, ...]:

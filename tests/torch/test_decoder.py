@@ -209,3 +209,23 @@ def test_decoder_check_without_text_is_a_usage_error(exported, capsys):
     _, out, _ = exported
     assert main(["check", str(out), str(out), "--max-ppl-ratio", "1.1"]) == 2
     assert "give --data PROSE.txt" in one_line_error(capsys)
+
+
+def test_optimize_inspect_and_check_take_a_model_folder(exported, tmp_path, capsys):
+    """optimize DIR -o DIR2 rewrites the model and carries the tokenizer and configs unchanged;
+    its verification drives the decoder as it is driven (prefills and cached steps)."""
+    _, out, _ = exported
+    optimized = tmp_path / "optimized"
+    assert main(["optimize", str(out), "-o", str(optimized), "--no-latency", "--threads", "1",
+                 "--report", str(tmp_path / "r.json"), "-q"]) == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["verification"]["data"]["source"].startswith("random decoder steps")
+    for name in ("tokenizer.json", "tokenizer_config.json", "genai_config.json", "config.json"):
+        assert (optimized / name).read_bytes() == (out / name).read_bytes()
+    assert (optimized / "model.onnx").is_file()
+    assert main(["inspect", str(optimized)]) == 0
+    assert "past_key_values.0.key" in capsys.readouterr().out
+    prose = _prose(tmp_path / "prose.txt")
+    assert main(["check", str(out), str(optimized), "--data", str(prose), "--window", "16", "--windows", "2",
+                 "--max-ppl-ratio", "1.001", "--no-latency", "--threads", "1", "-q"]) == 0
+    assert main(["generate", str(optimized), "--prompt", "abc", "--max-new-tokens", "3", "--no-stop"]) == 0
