@@ -302,6 +302,38 @@ def staged_save(
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def check_new_folder(output: Path, sources: tuple[Path, ...] = ()) -> None:
+    """A folder a command will create: its parent exists, it does not exist or is empty, and it
+    neither is nor holds one of ``sources``. Checked before any work starts."""
+    if not output.parent.is_dir():
+        raise UsageError(f"{output}: folder {output.parent} does not exist")
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise UsageError(f"{output}: exists and is not an empty folder; choose another -o or remove it")
+    for source in sources:
+        if output.resolve() == source.resolve() or source.resolve().is_relative_to(output.resolve()):
+            raise UsageError(f"{output}: would overwrite the input {source}; choose another -o")
+
+
+@contextlib.contextmanager
+def staged_folder(output: Path, sources: tuple[Path, ...] = ()) -> Iterator[Path]:
+    """A new folder, written inside a hidden staging folder beside ``output`` and renamed into
+    place only when the block succeeds (as ``staged_save`` does for one model)."""
+    check_new_folder(output, sources)
+    remove_stale_staging(output)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.{os.getpid()}-", suffix=".graphopt-tmp",
+                                    dir=output.parent)).resolve()
+    try:
+        folder = staging / "folder"
+        folder.mkdir()
+        yield folder
+        if output.exists():
+            output.rmdir()  # empty (checked): the staged folder takes its place
+        os.rename(folder, output)
+        fsync_dir(output.parent)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def remove_stale_staging(path: Path, *, older_than: float = STALE_STAGING_SECONDS) -> list[Path]:
     """Remove staging folders of ``path`` left by killed runs: older than ``older_than``
     seconds and, when the folder names its process (``.NAME.PID-XXXX.graphopt-tmp``), that

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from graphopt import __version__
-from graphopt.errors import DataError, GateFailed, UnsupportedModelError, UsageError
+from graphopt.errors import DataError, GateFailed, UnsupportedModelError
 from graphopt.io import LoadedModel, load_model, staged_save
 from graphopt.passes import Pipeline, PipelineResult, StepRecord
 from graphopt.passes.base import PassContext
@@ -155,34 +155,18 @@ def optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, opti
 
 def _optimize_folder(source: Path, output: Path, options: OptimizeOptions) -> dict[str, Any]:
     """A model folder (model + tokenizer + configs) → a new folder: the optimized model under the
-    same name, every other file copied unchanged; staged beside ``output`` and renamed into place
-    only when the model passed its verification."""
+    same name, every other file copied unchanged; renamed into place only when the model passed
+    its verification."""
     import shutil
-    import tempfile
 
-    from graphopt.io import model_file, remove_stale_staging, side_files
+    from graphopt.io import check_new_folder, model_file, side_files, staged_folder
 
-    if not output.parent.is_dir():
-        raise UsageError(f"{output}: folder {output.parent} does not exist")
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        raise UsageError(f"{output}: exists and is not an empty folder; choose another -o or remove it")
-    if output.resolve() == source.resolve():
-        raise UsageError(f"{output}: output folder equals the input; choose another -o")
+    check_new_folder(output, (source,))
     model = model_file(source)
-    remove_stale_staging(output)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.{os.getpid()}-", suffix=".graphopt-tmp",
-                                    dir=output.parent)).resolve()
-    try:
-        folder = staging / "folder"
-        folder.mkdir()
+    with staged_folder(output, (source,)) as folder:
         report = optimize(model, folder / model.name, options)
         for path in side_files(source, model):
             shutil.copy2(path, folder / path.name)
-        if output.exists():
-            output.rmdir()
-        os.rename(folder, output)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     report["output"] = str(output / model.name)
     report["folder"] = {"input": str(source), "output": str(output),
                         "copied": [p.name for p in side_files(output, output / model.name)]}

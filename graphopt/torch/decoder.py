@@ -26,8 +26,6 @@ import io
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -320,31 +318,17 @@ def _write_side_files(lm: CausalLM, folder: Path) -> None:
                                               encoding="utf-8")
 
 
-def _check_output(out: Path, source: Path) -> None:
-    if not out.parent.is_dir():
-        raise UsageError(f"{out}: folder {out.parent} does not exist")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UsageError(f"{out}: exists and is not an empty folder; choose another -o or remove it")
-    if out.resolve() == source.resolve() or source.resolve().is_relative_to(out.resolve()):
-        raise UsageError(f"{out}: would overwrite the source {source}")
-
-
 def export_decoder(source: str | os.PathLike, output: str | os.PathLike,
                    options: DecoderExportOptions = DecoderExportOptions()) -> dict[str, Any]:
     """Export, fuse, verify and write the model folder ``output``; returns the report (also in
     the folder as ``graphopt_export.json``). GateFailed, nothing written, when the parity fails."""
-    from graphopt.io import fsync_dir, remove_stale_staging, to_json
+    from graphopt.io import check_new_folder, staged_folder, to_json
 
     started = time.perf_counter()
     out, source_path = Path(output), Path(source)
-    _check_output(out, source_path)
+    check_new_folder(out, (source_path,))
     lm = load_causal_lm(source_path)
-    remove_stale_staging(out)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}-", suffix=".graphopt-tmp",
-                                    dir=out.parent)).resolve()
-    try:
-        folder = staging / "model"
-        folder.mkdir()
+    with staged_folder(out, (source_path,)) as folder:
         target = folder / MODEL_FILE
         logger.info("exporting with the dynamo exporter (opset %d)", options.opset)
         clock = time.perf_counter()
@@ -368,12 +352,6 @@ def export_decoder(source: str | os.PathLike, output: str | os.PathLike,
         _write_side_files(lm, folder)
         report["seconds"] = round(time.perf_counter() - started, 2)
         (folder / "graphopt_export.json").write_text(to_json(report), encoding="utf-8")
-        if out.exists():
-            out.rmdir()  # empty (checked): the staged folder takes its place
-        os.rename(folder, out)
-        fsync_dir(out.parent)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return report
 
 
