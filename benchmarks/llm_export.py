@@ -16,7 +16,7 @@ rounds interleaved across models:
 The GGUF's linear weights lie on 4-bit grids of 32-element blocks (Q4_1): every fp32 model here
 carries those dequantized weights, so the comparison is between exporters, not checkpoints.
 
-    python -m benchmarks.bench_decoder --genai-python P --optimum-python P [--out work/bench/decoder]
+    python -m benchmarks.llm_export --genai-python P --optimum-python P [--out work/bench/decoder]
 """
 
 from __future__ import annotations
@@ -177,7 +177,8 @@ def main(argv: list[str] | None = None) -> str:
                                                     str(hf), "-o", str(args.out / "genai"), "-p", "fp32", "-e", "cpu",
                                                     "-c", str(args.out / "genai-cache")], args.out / "genai"))
     if args.optimum_python:
-        runs.append(("Optimum exporter", [args.optimum_python, "-m", "optimum.commands.optimum_cli", "export", "onnx",
+        cli = str(Path(args.optimum_python).parent / "optimum-cli")
+        runs.append(("Optimum exporter", [cli, "export", "onnx",
                                           "-m", str(hf), "--task", "text-generation-with-past",
                                           str(args.out / "optimum")], args.out / "optimum"))
     for name, command, folder in runs:
