@@ -34,6 +34,7 @@ from graphopt.io import (
     load_model,
     remove_stale_staging,
     save_model,
+    side_files,
     to_json,
 )
 from graphopt.package.ortformat import convert_to_ort
@@ -96,12 +97,15 @@ def package(model_path: str | os.PathLike, output: str | os.PathLike, options: P
         bundle = staging / "bundle"
         names = _bundle_names(loaded)
         normalized = _copy_model(loaded, bundle, names["model"])
+        carried = _copy_side_files(Path(model_path), loaded, bundle, names)
         conversion = _convert(bundle / names["model"], bundle, names, target, staging / "convert")
         verification = _verify(bundle / names["model"], bundle / names["ort"], feeds, options,
                                stored_level=_stored_level(conversion["optimization_level"]))
         manifest = _manifest(loaded, names, target, conversion, verification, report)
         if normalized:
             manifest["model"]["normalized"] = normalized
+        if carried:
+            manifest["model"]["folder_files"] = carried
         files = [_file_entry(bundle, name) for name in _bundle_files(bundle)]
         (bundle / SUMMARY).write_text(_summary_text(manifest, files), encoding="utf-8")
         manifest["files"] = [_file_entry(bundle, SUMMARY), *files]
@@ -203,6 +207,19 @@ def _bundle_names(loaded: LoadedModel) -> dict[str, str]:
         if relative in taken:
             raise InputError(f"{loaded.path}: external data file '{relative}' has the name of a bundle file")
     return names
+
+
+def _copy_side_files(source: Path, loaded: LoadedModel, bundle: Path, names: dict[str, str]) -> list[str]:
+    """A model folder's other files (tokenizer, configs), byte for byte beside the model."""
+    if not source.is_dir():
+        return []
+    carried = []
+    for path in side_files(source, loaded.path):
+        if path.name in (MANIFEST, SUMMARY, names["ort"], names["config"]):
+            raise InputError(f"{path}: has the name of a bundle file; rename it")
+        shutil.copyfile(path, bundle / path.name)
+        carried.append(path.name)
+    return carried
 
 
 def _copy_model(loaded: LoadedModel, bundle: Path, name: str) -> str | None:

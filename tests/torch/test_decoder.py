@@ -229,3 +229,15 @@ def test_optimize_inspect_and_check_take_a_model_folder(exported, tmp_path, caps
     assert main(["check", str(out), str(optimized), "--data", str(prose), "--window", "16", "--windows", "2",
                  "--max-ppl-ratio", "1.001", "--no-latency", "--threads", "1", "-q"]) == 0
     assert main(["generate", str(optimized), "--prompt", "abc", "--max-new-tokens", "3", "--no-stop"]) == 0
+
+
+def test_package_carries_a_model_folders_tokenizer_and_configs(exported, tmp_path, capsys):
+    import zipfile
+
+    _, out, _ = exported
+    assert main(["package", str(out), "-o", str(tmp_path / "bundle.zip"), "-q"]) == 0, capsys.readouterr().err
+    bundle = zipfile.ZipFile(tmp_path / "bundle.zip")
+    manifest = json.loads(bundle.read("manifest.json"))
+    assert {"tokenizer.json", "genai_config.json", "config.json"} <= set(manifest["model"]["folder_files"])
+    assert bundle.read("tokenizer.json") == (out / "tokenizer.json").read_bytes()
+    assert {"model.onnx", "model.ort"} <= set(bundle.namelist())
