@@ -84,7 +84,7 @@ def _add_thresholds(parser: argparse.ArgumentParser) -> None:
 
 def _add_decoder_gate(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
-        "decoder LLMs (base and candidate are model folders; --data is prose, a .txt file)")
+        "decoder LLMs (model folders; --data is prose, a .txt file, cut into token windows)")
     group.add_argument("--prompts", metavar="FILE", help="JSON list of prompts for greedy continuations")
     group.add_argument("--window", type=_positive_int, default=128, help="tokens per text window (default 128)")
     group.add_argument("--windows", type=_positive_int, default=16, help="text windows scored, at most (default 16)")
@@ -107,6 +107,23 @@ def _decoder_check(args: argparse.Namespace) -> dict[str, Any]:
                          max_ppl_ratio=args.max_ppl_ratio, min_token_agree=args.min_token_agree,
                          min_greedy_agree=args.min_greedy_agree, max_decode_ratio=args.max_decode_ratio,
                          max_prefill_ratio=args.max_prefill_ratio, max_size_ratio=args.max_size_ratio)
+
+
+def _decoder_text(args: argparse.Namespace) -> Any:
+    """optimize --data PROSE.txt on a decoder: how it is judged as a text generator (or None)."""
+    from graphopt.optimize import DecoderText
+    from graphopt.verify.text import DecoderThresholds
+
+    if args.data is None or not str(args.data).endswith(".txt"):
+        if args.prompts or any(getattr(args, name) is not None for name in _DECODER_FLAGS):
+            raise UsageError("the decoder measures need prose to judge on: give --data PROSE.txt")
+        return None
+    return DecoderText(data=args.data, prompts=args.prompts, window=args.window, windows=args.windows,
+                       new_tokens=args.new_tokens, thresholds=DecoderThresholds(
+                           **{name: getattr(args, name) for name in _DECODER_FLAGS}))
+
+
+_DECODER_FLAGS = ("max_ppl_ratio", "min_token_agree", "min_greedy_agree", "max_decode_ratio", "max_prefill_ratio")
 
 
 def _thresholds(args: argparse.Namespace) -> Any:
@@ -154,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="store weights in OUTPUT.data (default: as the input, or above ~1.8 GB)")
     _add_data(p)
     _add_thresholds(p)
+    _add_decoder_gate(p)
     _add_common(p)
     p.set_defaults(func=cmd_optimize)
 
@@ -290,9 +308,11 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     from graphopt.report.checks import checks_text
     from graphopt.verify.feeds import parse_shape_overrides
 
+    text = _decoder_text(args)
     options = OptimizeOptions(
         recipe=args.recipe,
-        data=args.data,
+        data=None if text else args.data,
+        text=text,
         calib=args.calib,
         cache_dir=args.cache_dir,
         batch_size=args.batch_size,

@@ -48,6 +48,7 @@ class OptimizeOptions:
     exclude: tuple[str, ...] = ()  # glob patterns of nodes, op types or weights no lossy pass may touch
     fix_shapes: tuple[str, ...] = ()  # "NAME=D1,D2,..": inputs written with these static shapes
     analyze: bool = False
+    text: DecoderText | None = None  # decoder LLMs: also judged as text generators on prose
 
 
 @dataclasses.dataclass
@@ -87,6 +88,19 @@ class OptimizeReport:
         }
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DecoderText:
+    """How a decoder LLM is judged as a text generator besides the parity of its logits: on the
+    prose in ``data`` (a .txt) with the tokenizer of the model's folder (``verify/text.py``)."""
+
+    data: str | Path
+    prompts: str | Path | None = None
+    window: int = 128
+    windows: int = 16
+    new_tokens: int = 32
+    thresholds: Any = None  # verify.text.DecoderThresholds
+
+
 # Times the final verification may send the searching passes further down their ladders.
 MAX_RETREATS = 3
 _PARITY_CHECKS = {"min_cosine", "min_top1", "max_abs", "no_new_nonfinite", "output_shapes"}
@@ -111,6 +125,7 @@ def optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, opti
     if needing and options.calib is None:
         raise DataError(f"recipe '{recipe.name}' needs calibration data for {', '.join(needing)}: give --calib DATA")
     loaded = load_model(input_path)
+    tokenizer = _text_tokenizer(loaded, options.text) if options.text else None
     specs = input_specs(loaded.model)
     if options.fix_shapes:  # the data must have the shapes the written model will take
         fix.validate(loaded.model)
@@ -134,7 +149,7 @@ def optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, opti
         report = OptimizeReport(str(loaded.path), str(Path(output_path)), recipe, budget, loaded.file_bytes, 0,
                                 result.steps, {}, retreats=retreat)
         try:
-            _write_verified(report, result, loaded, output_path, feeds, reference, options)
+            _write_verified(report, result, loaded, output_path, feeds, reference, options, tokenizer)
         except GateFailed as exc:
             searched = any(step.modified and pass_.searches() for step, pass_ in zip(result.steps, pipeline.passes))
             if not searched or retreat >= MAX_RETREATS or not set(exc.failures) <= _PARITY_CHECKS:
@@ -164,13 +179,42 @@ def _optimize_folder(source: Path, output: Path, options: OptimizeOptions) -> di
     check_new_folder(output, (source,))
     model = model_file(source)
     with staged_folder(output, (source,)) as folder:
-        report = optimize(model, folder / model.name, options)
+        try:
+            report = optimize(model, folder / model.name, options)
+        except GateFailed as exc:  # name the folder the user asked for, not the staged file
+            message = str(exc).replace(f"{model.name} not written", f"{output} not written", 1)
+            raise GateFailed(message, exc.failures, report=exc.report) from None
         for path in side_files(source, model):
             shutil.copy2(path, folder / path.name)
     report["output"] = str(output / model.name)
     report["folder"] = {"input": str(source), "output": str(output),
                         "copied": [p.name for p in side_files(output, output / model.name)]}
     return report
+
+
+def _text_tokenizer(loaded: LoadedModel, text: DecoderText) -> Any:
+    """The tokenizer of the decoder's folder; refused before any work when there is none or the
+    model is not a decoder with a KV cache."""
+    from graphopt.verify.decoder import open_folder
+    from graphopt.verify.feeds import is_decoder
+
+    if not is_decoder(input_specs(loaded.model)):
+        raise DataError(f"{text.data}: text data is for decoder LLMs with a KV cache; {loaded.path} is not one")
+    return open_folder(loaded.path.parent).tokenizer
+
+
+def _text_comparison(base: Path, candidate: Path, tokenizer: Any, options: OptimizeOptions) -> dict[str, Any]:
+    from graphopt.verify.decoder import OrtDecoder
+    from graphopt.verify.text import DecoderThresholds, compare_decoders, load_prompts, text_windows
+
+    text = options.text
+    assert text is not None
+    logger.info("judging it as a text generator on %s", text.data)
+    return compare_decoders(
+        OrtDecoder(base, threads=options.threads, optimize=False), OrtDecoder(candidate, threads=options.threads),
+        tokenizer, windows=text_windows(text.data, tokenizer, window=text.window, limit=text.windows),
+        prompts=load_prompts(text.prompts) if text.prompts else (), new_tokens=text.new_tokens,
+        measure_latency=options.measure_latency, thresholds=text.thresholds or DecoderThresholds())
 
 
 def _load_data(options: OptimizeOptions, specs: list[Any]) -> tuple[FeedSet | None, FeedSet]:
@@ -188,7 +232,7 @@ def _load_data(options: OptimizeOptions, specs: list[Any]) -> tuple[FeedSet | No
 
 def _write_verified(report: OptimizeReport, result: PipelineResult, loaded: LoadedModel,
                     output_path: str | os.PathLike, feeds: FeedSet, reference: list[dict[str, Any]],
-                    options: OptimizeOptions) -> None:
+                    options: OptimizeOptions, tokenizer: Any = None) -> None:
     """Write ``result`` to staging, verify the written bytes, and commit only if they pass;
     ``report`` gets the verification (GateFailed when it fails: nothing is written)."""
     # A model that came with external data keeps it; otherwise external data above ~1.8 GB.
@@ -212,8 +256,13 @@ def _write_verified(report: OptimizeReport, result: PipelineResult, loaded: Load
             extra_checks=size_check,
             budget=report.budget,
         )
+        if options.text is not None:
+            text = _text_comparison(loaded.path, staged.model_path, tokenizer, options)
+            comparison.checks += [CheckResult(**check) for check in text["checks"]]
         report.output_bytes = staged.size_bytes()
         report.verification = {**comparison.to_dict(), "candidate": str(Path(output_path))}
+        if options.text is not None:
+            report.verification["text"] = text
         failed = failures(comparison.checks)
         if failed:
             raise GateFailed(f"{Path(output_path).name} not written: " + "; ".join(f.message for f in failed),

@@ -304,7 +304,7 @@ def random_feeds(
     if unknown:
         raise DataError(f"--shape names unknown input {', '.join(unknown)}; the model expects {_signature(specs)}")
     rng = np.random.default_rng(seed)
-    if not shapes and _is_decoder(specs):
+    if not shapes and is_decoder(specs):
         return _decoder_feeds(specs, rng, count, batch_size, seed)
     concrete = {spec.name: _concrete_shape(spec, shapes.get(spec.name), batch_size) for spec in specs}
     feeds = [{spec.name: _random_array(rng, spec, concrete[spec.name]) for spec in specs} for _ in range(count)]
@@ -312,7 +312,7 @@ def random_feeds(
     return FeedSet(feeds, f"random (seed {seed}; {described})", True)
 
 
-def _is_decoder(specs: Sequence[InputSpec]) -> bool:
+def is_decoder(specs: Sequence[InputSpec]) -> bool:
     """A decoder LLM with a KV cache in onnxruntime-genai's layout (``verify/decoder.py``)."""
     names = {spec.name for spec in specs}
     past = [spec for spec in specs if spec.name.startswith("past_key_values.")]

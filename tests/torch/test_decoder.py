@@ -241,3 +241,27 @@ def test_package_carries_a_model_folders_tokenizer_and_configs(exported, tmp_pat
     assert {"tokenizer.json", "genai_config.json", "config.json"} <= set(manifest["model"]["folder_files"])
     assert bundle.read("tokenizer.json") == (out / "tokenizer.json").read_bytes()
     assert {"model.onnx", "model.ort"} <= set(bundle.namelist())
+
+
+def test_optimize_judges_a_decoder_on_prose_and_refuses_what_misses_the_budget(exported, tmp_path, capsys):
+    _, out, _ = exported
+    prose = _prose(tmp_path / "prose.txt")
+    common = ["--data", str(prose), "--window", "16", "--windows", "2", "--no-latency", "--threads", "1", "-q"]
+    assert main(["optimize", str(out), "-o", str(tmp_path / "ok"), "--max-ppl-ratio", "1.001",
+                 "--report", str(tmp_path / "r.json"), *common]) == 0, capsys.readouterr().err
+    verification = json.loads((tmp_path / "r.json").read_text())["verification"]
+    assert verification["text"]["perplexity"]["ratio"] == pytest.approx(1.0, abs=1e-4)
+    assert "max_ppl_ratio" in {c["name"] for c in verification["checks"]}
+    capsys.readouterr()
+    assert main(["optimize", str(out), "-o", str(tmp_path / "no"), "--min-token-agree", "1.5", *common]) == 1
+    error = capsys.readouterr().err
+    assert f"{tmp_path / 'no'} not written: teacher-forced next-token agreement" in error
+    assert not (tmp_path / "no").exists()
+
+
+def test_text_data_for_a_model_that_is_not_a_decoder_is_refused(tmp_path, capsys):
+    from tests.conftest import linear_model, save
+
+    model = save(linear_model(np.random.default_rng(0)), tmp_path / "m.onnx")
+    assert main(["optimize", str(model), "-o", str(tmp_path / "o.onnx"), "--data", str(_prose(tmp_path / "p.txt"))]) == 2
+    assert "text data is for decoder LLMs" in one_line_error(capsys)
