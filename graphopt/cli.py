@@ -375,6 +375,10 @@ def _optimize_summary(report: dict[str, Any]) -> str:
         + (f", top-1 agreement {verification['parity']['top1']:.6f}" if verification['parity'].get("top1") is not None
            else ""),
     ]
+    if verification.get("text"):
+        from graphopt.report.checks import decoder_text
+
+        lines.append(decoder_text(verification["text"]))
     floats = [layer.get("label") or layer["node"] for layer in quantization_layers(report)[0]
               if layer.get("mode") == "float"]
     if floats:
