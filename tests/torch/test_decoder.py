@@ -108,7 +108,8 @@ def test_unfused_export_uses_only_standard_operators(tmp_path):
     assert {node.domain for node in graph.node} <= {"", "ai.onnx"}
 
 
-@pytest.mark.parametrize("case", ["not-causal", "no-tokenizer", "bad-gguf", "output-not-empty", "no-config"])
+@pytest.mark.parametrize("case", ["not-causal", "no-tokenizer", "bad-gguf", "unsupported-gguf", "output-not-empty",
+                                  "no-config"])
 def test_export_refuses_with_one_line_and_writes_nothing(case, tmp_path, capsys):
     from transformers import BertConfig, BertModel
 
@@ -125,6 +126,17 @@ def test_export_refuses_with_one_line_and_writes_nothing(case, tmp_path, capsys)
         source = tmp_path / "model.gguf"
         source.write_bytes(b"GGUF" + bytes(60))
         expected = "model.gguf"
+    elif case == "unsupported-gguf":  # a well-formed GGUF of an architecture transformers cannot build
+        gguf = pytest.importorskip("gguf")
+        source = tmp_path / "bogus.gguf"
+        writer = gguf.GGUFWriter(str(source), "bogusarch")
+        writer.add_block_count(1)
+        writer.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        expected = "architecture bogusarch is not supported"
     elif case == "output-not-empty":
         source = tiny_llama(tmp_path / "hf")
         out.mkdir()
@@ -265,3 +277,16 @@ def test_text_data_for_a_model_that_is_not_a_decoder_is_refused(tmp_path, capsys
     model = save(linear_model(np.random.default_rng(0)), tmp_path / "m.onnx")
     assert main(["optimize", str(model), "-o", str(tmp_path / "o.onnx"), "--data", str(_prose(tmp_path / "p.txt"))]) == 2
     assert "text data is for decoder LLMs" in one_line_error(capsys)
+
+
+def test_text_data_for_a_decoder_folder_without_a_tokenizer_is_refused(exported, tmp_path, capsys):
+    import shutil
+
+    _, out, _ = exported
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    (copy / "tokenizer.json").unlink()
+    capsys.readouterr()
+    assert main(["optimize", str(copy), "-o", str(tmp_path / "o"), "--data", str(_prose(tmp_path / "p.txt"))]) == 2
+    assert "no tokenizer.json" in one_line_error(capsys)
+    assert not (tmp_path / "o").exists()
