@@ -82,6 +82,17 @@ def _add_thresholds(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-size-ratio", type=float, help="candidate/base file size, at most")
 
 
+def _add_judging(parser: argparse.ArgumentParser, *, cross_validation: bool = False) -> None:
+    """What optimize and check judge a model on: data, thresholds (the --cv gate for check), the
+    decoder measures; and the common options."""
+    _add_data(parser)
+    _add_thresholds(parser)
+    if cross_validation:
+        _add_cv_gate(parser)
+    _add_decoder_gate(parser)
+    _add_common(parser)
+
+
 def _add_decoder_gate(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
         "decoder LLMs (model folders; --data is prose, a .txt file, cut into token windows)")
@@ -169,10 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the model with this static input shape (verified on data of that shape; repeatable)")
     p.add_argument("--external-data", action=argparse.BooleanOptionalAction, default=None,
                    help="store weights in OUTPUT.data (default: as the input, or above ~1.8 GB)")
-    _add_data(p)
-    _add_thresholds(p)
-    _add_decoder_gate(p)
-    _add_common(p)
+    _add_judging(p)
     p.set_defaults(func=cmd_optimize)
 
     p = sub.add_parser("check", help="CI gate: compare a candidate with its base against thresholds")
@@ -184,11 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", dest="json_out", metavar="FILE", help="write the JSON report")
     p.add_argument("--junit", metavar="FILE", help="write JUnit XML (one testcase per threshold)")
     p.add_argument("--markdown", metavar="FILE", help="write a Markdown summary for a pull request")
-    _add_data(p)
-    _add_thresholds(p)
-    _add_cv_gate(p)
-    _add_decoder_gate(p)
-    _add_common(p)
+    _add_judging(p, cross_validation=True)
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("bench", help="latency of one model in onnxruntime")

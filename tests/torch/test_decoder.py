@@ -153,18 +153,6 @@ def test_export_refuses_with_one_line_and_writes_nothing(case, tmp_path, capsys)
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
 
 
-def test_generate_refuses_a_folder_without_a_tokenizer(exported, tmp_path, capsys):
-    import shutil
-
-    _, out, _ = exported
-    copy = tmp_path / "copy"
-    shutil.copytree(out, copy)
-    (copy / "tokenizer.json").unlink()
-    capsys.readouterr()
-    assert main(["generate", str(copy), "--prompt", "hi"]) == 2
-    assert "no tokenizer.json" in one_line_error(capsys)
-
-
 def _prose(path: Path) -> Path:
     from graphopt.samples import SENTENCES_FILE
 
@@ -279,7 +267,9 @@ def test_text_data_for_a_model_that_is_not_a_decoder_is_refused(tmp_path, capsys
     assert "text data is for decoder LLMs" in one_line_error(capsys)
 
 
-def test_text_data_for_a_decoder_folder_without_a_tokenizer_is_refused(exported, tmp_path, capsys):
+@pytest.mark.parametrize("command", ["generate", "optimize"])
+def test_a_decoder_folder_without_a_tokenizer_cannot_read_text(command, exported, tmp_path, capsys):
+    """generate has a prompt and optimize --data prose to tokenize: exit 2, one line, nothing written."""
     import shutil
 
     _, out, _ = exported
@@ -287,6 +277,8 @@ def test_text_data_for_a_decoder_folder_without_a_tokenizer_is_refused(exported,
     shutil.copytree(out, copy)
     (copy / "tokenizer.json").unlink()
     capsys.readouterr()
-    assert main(["optimize", str(copy), "-o", str(tmp_path / "o"), "--data", str(_prose(tmp_path / "p.txt"))]) == 2
+    args = (["--prompt", "hi"] if command == "generate" else
+            ["-o", str(tmp_path / "o"), "--data", str(_prose(tmp_path / "p.txt"))])
+    assert main([command, str(copy), *args]) == 2
     assert "no tokenizer.json" in one_line_error(capsys)
     assert not (tmp_path / "o").exists()
