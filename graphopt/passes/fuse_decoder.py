@@ -13,7 +13,7 @@ that one step runs. The contract holds for the runner in ``verify/decoder.py``; 
 refuses the unsupported case loudly ("batch_size must be 1 …"), never silently wrong.
 
 Every fusion is verified: the fused graph must give the same logits and cache as the graph
-before, on a prefill of a few tokens and one cached decode step (max abs ≤ ``max_abs`` relative
+before, on a prefill of 16 tokens and one cached decode step (max abs ≤ ``max_abs`` relative
 to the logits' range); otherwise the model is left as it was and the note says why.
 """
 
@@ -80,27 +80,6 @@ def fused_counts(model: ir.Model) -> dict[str, int]:
     return {op: counts[op] for op in FUSED_OPS if counts[op]}
 
 
-def decoder_feeds(model: ir.Model, *, batch: int = 1, prompt: int = 5, seed: int = 0) -> list[dict[str, np.ndarray]]:
-    """A prefill of ``prompt`` tokens with an empty cache, and one decode step after a cache of
-    ``prompt`` positions (random values), shaped from the graph's signature."""
-    rng = np.random.default_rng(seed)
-    inputs = {value.name: value for value in model.graph.inputs}
-    past = [name for name in inputs if name.startswith("past_key_values.")]
-    shape = inputs[past[0]].shape
-    kv_heads, head_size = int(shape[1]), int(shape[3])
-    vocab = 32
-    feeds = []
-    for past_length, length in ((0, prompt), (prompt, 1)):
-        feed = {"input_ids": rng.integers(0, vocab, (batch, length)).astype(np.int64),
-                "attention_mask": np.ones((batch, past_length + length), np.int64)}
-        if "position_ids" in inputs:
-            feed["position_ids"] = np.tile(np.arange(past_length, past_length + length, dtype=np.int64), (batch, 1))
-        for name in past:
-            feed[name] = rng.standard_normal((batch, kv_heads, past_length, head_size)).astype(np.float32)
-        feeds.append(feed)
-    return feeds
-
-
 @register
 class FuseDecoderPass(GraphoptPass):
     name = "fuse-decoder"
@@ -117,6 +96,7 @@ class FuseDecoderPass(GraphoptPass):
     in_place = False  # fuses a copy (tensors shared): the original stays as it was when verification fails
 
     def apply(self, model: ir.Model, context: PassContext) -> PassResult:
+        from graphopt.verify.feeds import input_specs, random_feeds
         from graphopt.verify.runtime import make_session
 
         if not any(value.name.startswith("past_key_values.") for value in model.graph.inputs):
@@ -135,7 +115,8 @@ class FuseDecoderPass(GraphoptPass):
                 ir.save(candidate, path, external_data=f"{label}.onnx.data")
                 sessions.append(make_session(path, optimize=False, threads=context.threads))
             names = [o.name for o in sessions[0].get_outputs()]
-            for feed in decoder_feeds(model):
+            # A prefill and a cached one-token step: the two ways a decoder is driven.
+            for feed in random_feeds(input_specs(model), shapes={}, seed=0, count=2).feeds:
                 for expected, got in zip(*(session.run(names, feed) for session in sessions)):
                     scale = max(float(np.ptp(expected)), 1e-6)
                     worst = max(worst, float(np.abs(np.asarray(got) - expected).max()) / scale)
