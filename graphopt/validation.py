@@ -89,7 +89,7 @@ def check_structure(proto: onnx.ModelProto, path: Path) -> None:
         onnx.checker.check_model(str(path))
     except onnx.checker.ValidationError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
-        if not _only_runtime_default_domain_ops(proto, path, first):
+        if not only_runtime_default_domain_ops(proto, first, name, path.parent):
             raise InvalidModelError(f"{name}: ONNX checker: {first}") from None
     except UnicodeDecodeError:  # the checker's message quotes a name that is not UTF-8
         raise InvalidModelError(f"{name}: ONNX checker: a name or string in the model is not valid UTF-8") from None
@@ -100,9 +100,10 @@ def check_structure(proto: onnx.ModelProto, path: Path) -> None:
 RUNTIME_DEFAULT_DOMAIN_OPS = frozenset({"SimplifiedLayerNormalization"})
 
 
-def _only_runtime_default_domain_ops(proto: onnx.ModelProto, path: Path, error: str) -> bool:
-    """Whether the checker's complaint is only about such ops: then the model is checked again
-    with them moved to onnxruntime's own domain, where the checker leaves ops alone."""
+def only_runtime_default_domain_ops(proto: onnx.ModelProto, error: str, name: str, folder: Path | None = None) -> bool:
+    """Whether the checker's complaint ``error`` is only about such ops: then the model is checked
+    again with them moved to onnxruntime's own domain, where the checker leaves ops alone (an
+    InvalidModelError naming ``name`` if it still fails). ``folder``: where its external data is."""
     if not any(f"No Op registered for {op} " in error for op in RUNTIME_DEFAULT_DOMAIN_OPS):
         return False
     copy = onnx.ModelProto()
@@ -113,12 +114,13 @@ def _only_runtime_default_domain_ops(proto: onnx.ModelProto, path: Path, error: 
     if not any(op.domain == "com.microsoft" for op in copy.opset_import):
         copy.opset_import.add(domain="com.microsoft", version=1)
     previous = os.getcwd()
-    os.chdir(path.parent)  # the checker resolves a proto's external data against the working folder
+    if folder is not None:
+        os.chdir(folder)  # the checker resolves a proto's external data against the working folder
     try:
         onnx.checker.check_model(copy)
     except onnx.checker.ValidationError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
-        raise InvalidModelError(f"{path}: ONNX checker: {first}") from None
+        raise InvalidModelError(f"{name}: ONNX checker: {first}") from None
     finally:
         os.chdir(previous)
     return True

@@ -68,7 +68,11 @@ def check_loadable(model: ir.Model) -> None:
     try:
         onnx.checker.check_model(proto)
     except onnx.checker.ValidationError as exc:
-        raise InvalidModelError(f"ONNX checker: {reason(exc)}") from None
+        from graphopt.validation import only_runtime_default_domain_ops
+
+        if not only_runtime_default_domain_ops(proto, str(exc).strip().splitlines()[0] if str(exc).strip() else "",
+                                               "model"):
+            raise InvalidModelError(f"ONNX checker: {reason(exc)}") from None
     make_session(proto.SerializeToString(), optimize=False, threads=1)
 
 

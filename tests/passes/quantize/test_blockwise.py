@@ -1,0 +1,102 @@
+"""`quantize-blockwise` (`quantize/blockwise.py`): MatMul weights → MatMulNBits, checked against
+onnxruntime's own kernel.
+
+Tolerances: values already on a block's grid come back exactly from the codes; through
+onnxruntime the product differs from numpy's only by float32 summation order (≤ 1e-5 relative to
+the output's scale on these sizes)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+from onnx import helper
+
+from graphopt.errors import RecipeError
+from graphopt.passes import get_pass
+from graphopt.passes.pipeline import op_histogram
+from graphopt.passes.quantize.blockwise import pack, quantize_blocks
+from tests.conftest import make_model, run, tensor
+
+
+def matmul_model(weight: np.ndarray):
+    """X[N,K] → MatMul W[K,N'] → Y."""
+    k, n = weight.shape
+    return make_model([helper.make_node("MatMul", ["X", "W"], ["Y"], name="mm")],
+                      [tensor("X", ["N", k])], [tensor("Y", ["N", n])], [weight], names=["W"])
+
+
+def on_grid(rng, k: int, n: int, *, bits: int, block_size: int) -> np.ndarray:
+    """A weight whose every block already lies on its symmetric grid (+max on the end code);
+    power-of-two scales, so that max / (2^(bits-1) - 1) gives the scale back exactly."""
+    half = 1 << (bits - 1)
+    codes = rng.integers(-(half - 1), half, (k, n))
+    blocks = -(-k // block_size)
+    scales = (2.0 ** -rng.integers(3, 8, (blocks, n))).astype(np.float32)
+    for b in range(blocks):  # make each block reach its end code, so max|W| / (half-1) is its scale
+        codes[b * block_size, :] = half - 1
+    return (codes * np.repeat(scales, block_size, axis=0)[:k]).astype(np.float32)
+
+
+def test_codes_pack_low_bits_first_along_k():
+    assert pack(np.array([[1, 2, 3, 4]], np.uint8), 4).tolist() == [[0x21, 0x43]]
+    assert pack(np.array([[7, 255]], np.uint8), 8).tolist() == [[7, 255]]
+
+
+@pytest.mark.parametrize(("bits", "block_size"), [(4, 32), (4, 16), (8, 64)])
+def test_values_on_the_grid_round_trip_exactly_and_onnxruntime_agrees(rng, bits, block_size):
+    weight = on_grid(rng, 128, 24, bits=bits, block_size=block_size)
+    quantized = quantize_blocks(weight, bits=bits, block_size=block_size, symmetric=True)
+    np.testing.assert_array_equal(quantized.dequantize(), weight)
+    proto = matmul_model(weight)
+    model = ir.serde.deserialize_model(proto)
+    result = get_pass("quantize-blockwise")(bits=bits, block_size=block_size, min_elements=16)(model)
+    assert result.changes == {"weights encoded": 1} and op_histogram(model) == {"MatMulNBits": 1}
+    x = rng.standard_normal((5, 128)).astype(np.float32)
+    expected = x @ weight
+    np.testing.assert_allclose(run(model, {"X": x})[0], expected, atol=1e-5 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_a_k_that_is_not_a_multiple_of_the_block_runs_as_the_codes_say(rng, symmetric):
+    """K = 70 with blocks of 32: a tail block of 6 values (padding must not widen its range);
+    asymmetric adds zero points for an odd number of blocks (3), packed two per byte."""
+    weight = rng.standard_normal((70, 9)).astype(np.float32)
+    quantized = quantize_blocks(weight, bits=4, block_size=32, symmetric=symmetric)
+    rebuilt = quantized.dequantize()
+    assert rebuilt.shape == weight.shape
+    assert np.abs(rebuilt - weight).max() <= quantized.scales.max() / 2 + 1e-6  # rounding, never clipping
+    tail = weight[64:]
+    assert quantized.scales[:, 2].max() <= np.abs(tail).max() / 3.5 + 1e-6  # the tail's own range
+    model = ir.serde.deserialize_model(matmul_model(weight))
+    get_pass("quantize-blockwise")(symmetric=symmetric, min_elements=16)(model)
+    assert len(model.graph.node(0).inputs) == (3 if symmetric else 4)
+    x = rng.standard_normal((4, 70)).astype(np.float32)
+    np.testing.assert_allclose(run(model, {"X": x})[0], x @ rebuilt, atol=1e-4)
+
+
+def test_the_same_model_twice_gives_the_same_bytes(rng):
+    proto = matmul_model(rng.standard_normal((64, 32)).astype(np.float32))
+    outputs = []
+    for _ in range(2):
+        model = ir.serde.deserialize_model(proto)
+        get_pass("quantize-blockwise")(min_elements=16)(model)
+        outputs.append(ir.serde.serialize_model(model).SerializeToString())
+    assert outputs[0] == outputs[1]
+
+
+@pytest.mark.parametrize(("option", "value"), [("bits", 3), ("block_size", 48), ("accuracy_level", 7)])
+def test_options_out_of_range_are_refused_when_built(option, value):
+    with pytest.raises(RecipeError, match=f"'{option}' must be"):
+        get_pass("quantize-blockwise")(**{option: value})
+
+
+def test_a_weight_tied_to_an_embedding_table_stays_float(rng):
+    """ids → Gather(E) → MatMul(E) (a tied LM head reading the table itself): left alone, said why."""
+    table = rng.standard_normal((64, 64)).astype(np.float32)
+    proto = make_model([helper.make_node("Gather", ["E", "ids"], ["h"]), helper.make_node("MatMul", ["h", "E"], ["Y"],
+                                                                                          name="head")],
+                       [tensor("ids", ["N"], 7)], [tensor("Y", ["N", 64])], [table], names=["E"])
+    model = ir.serde.deserialize_model(proto)
+    result = get_pass("quantize-blockwise")(min_elements=16)(model)
+    assert not result.modified and "tied to an embedding table" in result.details["skipped"]["head"]
