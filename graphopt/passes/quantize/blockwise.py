@@ -9,7 +9,8 @@ rows holds codes q ∈ [0, 2^bits) with
 * symmetric: z = 2^(bits-1) and s = max|W_block| / (2^(bits-1) − 1), so that ±max land on codes
   (for 4 bits codes 1..15 are used, −max on 1 and +max on 15);
 * asymmetric: s = (max − min) / (2^bits − 1), z = round(−min / s), clipped to the code range;
-  the grid then holds min and max up to rounding.
+  the grid then holds min and max up to rounding; with ``float_zero_points`` z is a float
+  and the grid runs exactly from the block's min (code 0) to its max (code 2^bits − 1).
 
 The stored layout is what onnxruntime's kernel reads: ``B`` uint8 [N, blocks, block_size·bits/8]
 with codes packed low bits first along K (for 4 bits: the even k in the low nibble), ``scales``
@@ -40,7 +41,7 @@ _BLOCK_SIZES = (16, 32, 64, 128, 256)
 class BlockQuantized:
     codes: np.ndarray  # uint8 [N, blocks, block_size], one code per value (unpacked)
     scales: np.ndarray  # float32 [N, blocks]
-    zero_points: np.ndarray  # uint8 [N, blocks]
+    zero_points: np.ndarray  # uint8 [N, blocks], or float32 (a float offset per block)
     bits: int
     block_size: int
     k: int
@@ -55,7 +56,10 @@ class BlockQuantized:
         return pack(self.codes, self.bits)
 
     def packed_zero_points(self) -> np.ndarray:
-        """uint8 [N · ceil(blocks · bits / 8)]: each column's zero points packed like the codes."""
+        """uint8 [N · ceil(blocks · bits / 8)]: each column's zero points packed like the codes;
+        float zero points are stored as they are, [N · blocks]."""
+        if self.zero_points.dtype != np.uint8:
+            return self.zero_points.reshape(-1).astype(np.float32)
         n, blocks = self.zero_points.shape
         per_byte = 8 // self.bits
         padded = np.full((n, -(-blocks // per_byte) * per_byte), 0, np.uint8)
@@ -71,8 +75,11 @@ def pack(codes: np.ndarray, bits: int) -> np.ndarray:
     return np.bitwise_or.reduce(grouped << shifts, axis=-1).astype(np.uint8)
 
 
-def quantize_blocks(weight: np.ndarray, *, bits: int, block_size: int, symmetric: bool) -> BlockQuantized:
-    """Round-to-nearest blockwise codes of ``weight`` [K, N] along K."""
+def quantize_blocks(weight: np.ndarray, *, bits: int, block_size: int, symmetric: bool,
+                    float_zero_points: bool = False) -> BlockQuantized:
+    """Round-to-nearest blockwise codes of ``weight`` [K, N] along K. ``float_zero_points``
+    (asymmetric only): each block's grid runs exactly from its min to its max (a float offset, as
+    GGUF's Q4_1 stores), instead of an integer zero point on a range that includes 0."""
     k, n = weight.shape
     blocks = -(-k // block_size)
     columns = np.zeros((n, blocks * block_size), np.float32)
@@ -91,14 +98,19 @@ def quantize_blocks(weight: np.ndarray, *, bits: int, block_size: int, symmetric
         magnitude = np.where(mask, np.abs(values), 0).max(axis=-1)
         scales = magnitude / (half - 1)
         zero = np.full((n, blocks), half, np.uint8)
+    elif float_zero_points:
+        low = np.where(mask, values, np.inf).min(axis=-1)
+        high = np.where(mask, values, -np.inf).max(axis=-1)
+        scales = np.where(high > low, (high - low) / levels, 1.0).astype(np.float32)
+        zero = (-low / scales).astype(np.float32)  # code 0 is the block's min, code 2^bits - 1 its max
     else:
         low = np.minimum(np.where(mask, values, np.inf).min(axis=-1), 0.0)
         high = np.maximum(np.where(mask, values, -np.inf).max(axis=-1), 0.0)
         scales = (high - low) / levels
         zero = np.clip(np.rint(-low / np.where(scales > 0, scales, 1.0)), 0, levels).astype(np.uint8)
     scales = np.where(scales > 0, scales, 1.0).astype(np.float32)
-    codes = np.clip(np.rint(values / scales[..., None]) + zero[..., None], 0, levels)
-    codes = np.where(mask, codes, zero[..., None]).astype(np.uint8)
+    codes = np.clip(np.rint(values / scales[..., None] + zero[..., None]), 0, levels)
+    codes = np.where(mask, codes, np.clip(np.rint(zero), 0, levels)[..., None]).astype(np.uint8)
     return BlockQuantized(codes, scales, zero, bits, block_size, k)
 
 
@@ -109,7 +121,7 @@ def encode_matmul_nbits(graph: ir.Graph, use: WeightUse, quantized: BlockQuantiz
     n = quantized.scales.shape[0]
     inputs = [node.inputs[0], initializer(graph, f"{name}_q{quantized.bits}", quantized.packed_codes()),
               initializer(graph, f"{name}_scales", quantized.scales.reshape(-1))]
-    if not np.all(quantized.zero_points == 1 << (quantized.bits - 1)):
+    if quantized.zero_points.dtype != np.uint8 or not np.all(quantized.zero_points == 1 << (quantized.bits - 1)):
         inputs.append(initializer(graph, f"{name}_zero_points", quantized.packed_zero_points()))
     fused = ir.node("MatMulNBits", inputs, {"K": quantized.k, "N": n, "bits": quantized.bits,
                                              "block_size": quantized.block_size, "accuracy_level": accuracy_level},
@@ -137,6 +149,9 @@ class QuantizeBlockwisePass(GraphoptPass):
         """Values per block along K (16, 32, 64, 128 or 256); each block has its own scale."""
         symmetric: bool = True
         """A zero point of 2^(bits-1) for every block (none stored) instead of one fitted per block."""
+        float_zero_points: bool = False
+        """Asymmetric: a float offset per block, so the grid spans exactly the block's min to max
+        (exact on GGUF Q4_1 weights; 4 more bytes per block than a packed integer zero point)."""
         accuracy_level: int = 0
         """onnxruntime's compute type: 0 the kernel's default, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations."""
         min_elements: int = 1024
@@ -172,7 +187,8 @@ class QuantizeBlockwisePass(GraphoptPass):
                 skipped[use.name] = "weight is not a 2-D right-hand MatMul input"
                 continue
             quantized = quantize_blocks(weight, bits=self.options.bits, block_size=self.options.block_size,
-                                        symmetric=self.options.symmetric)
+                                        symmetric=self.options.symmetric,
+                                        float_zero_points=self.options.float_zero_points)
             error = np.linalg.norm(quantized.dequantize() - weight) / max(float(np.linalg.norm(weight)), 1e-12)
             encode_matmul_nbits(graph, use, quantized, self.options.accuracy_level)
             layers.append({"node": use.name, "weight": use.weight.name, "shape": list(weight.shape),

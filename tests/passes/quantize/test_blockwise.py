@@ -100,3 +100,22 @@ def test_a_weight_tied_to_an_embedding_table_stays_float(rng):
     model = ir.serde.deserialize_model(proto)
     result = get_pass("quantize-blockwise")(min_elements=16)(model)
     assert not result.modified and "tied to an embedding table" in result.details["skipped"]["head"]
+
+
+def test_float_zero_points_reproduce_a_q4_1_grid_through_onnxruntime(rng):
+    """GGUF's Q4_1: each block of 32 is d·q + m with q in 0..15 and a float minimum m. An integer
+    zero point cannot hold m/d; a float one can, so the weight comes back to float rounding."""
+    k, n = 96, 16
+    d = rng.uniform(0.01, 0.05, (k // 32, n)).astype(np.float32)
+    m = (-d * rng.uniform(3.0, 12.0, d.shape)).astype(np.float32)
+    q = rng.integers(0, 16, (k, n))
+    q[::32] = 0
+    q[1::32] = 15  # every block reaches both ends, as Q4_1's own min and max do
+    weight = (np.repeat(d, 32, axis=0) * q + np.repeat(m, 32, axis=0)).astype(np.float32)
+    rounded = quantize_blocks(weight, bits=4, block_size=32, symmetric=False)
+    exact = quantize_blocks(weight, bits=4, block_size=32, symmetric=False, float_zero_points=True)
+    assert np.abs(exact.dequantize() - weight).max() < 1e-6 < np.abs(rounded.dequantize() - weight).max()
+    model = ir.serde.deserialize_model(matmul_model(weight))
+    get_pass("quantize-blockwise")(symmetric=False, float_zero_points=True, min_elements=16)(model)
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    np.testing.assert_allclose(run(model, {"X": x})[0], x @ weight, atol=1e-4)
