@@ -14,7 +14,7 @@ that importing this module stays cheap.
 
 CLI::
 
-    python -m benchmarks.datasets ocr-images --n 16 --seed 0 --out images.npz
+    python -m graphopt.samples ocr-images --n 16 --seed 0 --out images.npz   (the demo's data)
     python -m benchmarks.datasets minilm --out-dir DIR [--calib 128] [--eval 256]
 """
 
@@ -302,24 +302,6 @@ def export_minilm(path: str | os.PathLike[str], *, seq_len: int = 128) -> Path:
 # --------------------------------------------------------------------------- CLI
 
 
-def _cmd_ocr_images(args: argparse.Namespace) -> None:
-    start = time.perf_counter()
-    images = render_text_images(args.n, seed=args.seed, height=args.height, width=args.width)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(out, **{PPOCR_DET_INPUT: images})
-    print(f"wrote {out}: {PPOCR_DET_INPUT} {images.shape} {images.dtype} "
-          f"({time.perf_counter() - start:.1f} s)")
-
-
-def _cmd_ocr_lines(args: argparse.Namespace) -> None:
-    lines = render_text_lines(args.n, seed=args.seed, height=args.height, width=args.width)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(out, **{PPOCR_DET_INPUT: lines})
-    print(f"wrote {out}: {PPOCR_DET_INPUT} {lines.shape} {lines.dtype}")
-
-
 def _cmd_minilm(args: argparse.Namespace) -> None:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -350,22 +332,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         prog="python -m benchmarks.datasets", description=(__doc__ or "").split("\n\n")[0]
     )
     sub = parser.add_subparsers(dest="command", required=True)
-
-    ocr = sub.add_parser("ocr-images", help="rendered text images for PP-OCRv4 det (npz key 'x')")
-    ocr.add_argument("--n", type=int, default=16)
-    ocr.add_argument("--seed", type=int, default=0)
-    ocr.add_argument("--height", type=int, default=320)
-    ocr.add_argument("--width", type=int, default=320)
-    ocr.add_argument("--out", required=True)
-    ocr.set_defaults(func=_cmd_ocr_images)
-
-    lines = sub.add_parser("ocr-lines", help="rendered text lines for PP-OCR rec (48x320) and cls (48x192)")
-    lines.add_argument("--n", type=int, default=32)
-    lines.add_argument("--seed", type=int, default=0)
-    lines.add_argument("--height", type=int, default=48)
-    lines.add_argument("--width", type=int, default=320)
-    lines.add_argument("--out", required=True)
-    lines.set_defaults(func=_cmd_ocr_lines)
 
     mini = sub.add_parser("minilm", help="MiniLM ONNX export plus tokenized calib/eval sentences")
     mini.add_argument("--out-dir", required=True)

@@ -72,16 +72,28 @@ class NoOptions:
 class GraphoptPass(ir.passes.PassBase):
     """Base of graphopt passes.
 
-    Subclasses set ``name`` (the registry and recipe name, verb-noun), ``summary``, an
-    ``Options`` dataclass (keyword-only, typed, with defaults) and ``in_place``. A pass is
-    constructed from keyword options: ``SimplifyPass(check_n=2)``; an unknown keyword is
-    a TypeError naming the valid ones.
+    Subclasses give ``name`` (the registry and recipe name, verb-noun) and ``summary`` as class
+    keywords, a nested ``Options`` class (typed fields with defaults; made a frozen keyword-only
+    dataclass) and ``in_place``. A pass is constructed from keyword options:
+    ``SimplifyPass(check_n=2)``; an unknown keyword is a TypeError naming the valid ones.
     """
 
     name: ClassVar[str]
     summary: ClassVar[str]
     Options: ClassVar[type] = NoOptions
     in_place: ClassVar[bool] = True  # type: ignore[misc]
+
+    def __init_subclass__(cls, *, name: str | None = None, summary: str | None = None, **kwargs: Any) -> None:
+        """``class XPass(GraphoptPass, name="verb-noun", summary="…")``; a nested ``class Options``
+        becomes a frozen, keyword-only dataclass (its fields typed, with defaults)."""
+        super().__init_subclass__(**kwargs)
+        if name is not None:
+            cls.name = name
+        if summary is not None:
+            cls.summary = summary
+        options = cls.__dict__.get("Options")
+        if options is not None and not dataclasses.is_dataclass(options):
+            cls.Options = dataclasses.dataclass(frozen=True, kw_only=True)(options)
 
     def __init__(self, **options: Any) -> None:
         valid = {f.name for f in dataclasses.fields(self.Options)}

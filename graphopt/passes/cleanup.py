@@ -3,7 +3,6 @@ initializers, Identity nodes, unused functions and opsets."""
 
 from __future__ import annotations
 
-import dataclasses
 
 import onnx_ir as ir
 from onnx_ir.passes import common
@@ -13,11 +12,8 @@ from graphopt.passes.registry import register
 
 
 @register
-class CleanupPass(GraphoptPass):
-    name = "cleanup"
-    summary = "remove dead nodes, Identity, unused and duplicate initializers, unused functions"
-
-    @dataclasses.dataclass(frozen=True, kw_only=True)
+class CleanupPass(GraphoptPass, name="cleanup",
+                  summary="remove dead nodes, Identity, unused and duplicate initializers, unused functions"):
     class Options:
         keep_value_info: bool = False
         """Keep the types and shapes recorded for intermediate tensors. onnxruntime infers them

@@ -8,7 +8,6 @@ exactly those shapes.
 
 from __future__ import annotations
 
-import dataclasses
 
 import onnx_ir as ir
 
@@ -18,11 +17,8 @@ from graphopt.passes.registry import register
 
 
 @register
-class FixInputShapesPass(GraphoptPass):
-    name = "fix-input-shapes"
-    summary = "dynamic input dimensions become the given static sizes (--fix-shape NAME=D1,D2,...)"
-
-    @dataclasses.dataclass(frozen=True, kw_only=True)
+class FixInputShapesPass(GraphoptPass, name="fix-input-shapes",
+                         summary="dynamic input dimensions become the given static sizes (--fix-shape NAME=D1,D2,...)"):
     class Options:
         shapes: tuple[str, ...] = ()
         """``NAME=D1,D2,...`` per input to fix."""

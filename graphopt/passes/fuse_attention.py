@@ -25,7 +25,6 @@ optimizations off; on any failure the pass leaves the model unchanged with a not
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 
 import numpy as np
@@ -44,12 +43,10 @@ _FUSION_DOMAIN = "ai.onnxruntime._fusion"  # onnxscript's intermediate ops; neve
 
 
 @register
-class FuseAttentionPass(GraphoptPass):
-    name = "fuse-attention"
-    summary = "scaled dot-product attention → com.microsoft.MultiHeadAttention (onnxruntime kernel)"
+class FuseAttentionPass(GraphoptPass, name="fuse-attention",
+                        summary="scaled dot-product attention → com.microsoft.MultiHeadAttention (onnxruntime kernel)"):
     in_place = False
 
-    @dataclasses.dataclass(frozen=True, kw_only=True)
     class Options:
         check_n: int = 4
         """Feeds (calibration data when the run has it, else random) on which the fused model

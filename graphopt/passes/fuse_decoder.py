@@ -20,7 +20,6 @@ to the logits' range); otherwise the model is left as it was and the note says w
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import tempfile
 from collections import Counter
 from collections.abc import Iterator
@@ -81,12 +80,9 @@ def fused_counts(model: ir.Model) -> dict[str, int]:
 
 
 @register
-class FuseDecoderPass(GraphoptPass):
-    name = "fuse-decoder"
-    summary = ("decoder LLMs: attention with its KV cache, rotary embeddings and RMS norms → onnxruntime's "
-               "GroupQueryAttention and (Skip)SimplifiedLayerNormalization (verified)")
-
-    @dataclasses.dataclass(frozen=True, kw_only=True)
+class FuseDecoderPass(GraphoptPass, name="fuse-decoder",
+                      summary="decoder LLMs: attention with its KV cache, rotary embeddings and RMS norms → onnxruntime's "
+               "GroupQueryAttention and (Skip)SimplifiedLayerNormalization (verified)"):
     class Options:
         group_query_attention: bool = True
         """Fuse attention into GroupQueryAttention (the rotary embedding folds into it)."""

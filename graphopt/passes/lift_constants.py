@@ -6,7 +6,6 @@ pruning and factorization all look for initializers.
 
 from __future__ import annotations
 
-import dataclasses
 
 import onnx_ir as ir
 from onnx_ir.passes.common import LiftConstantsToInitializersPass as _IrLift
@@ -16,11 +15,8 @@ from graphopt.passes.registry import register
 
 
 @register
-class LiftConstantsPass(GraphoptPass):
-    name = "lift-constants"
-    summary = "Constant-node tensors become initializers (subgraphs included)"
-
-    @dataclasses.dataclass(frozen=True, kw_only=True)
+class LiftConstantsPass(GraphoptPass, name="lift-constants",
+                        summary="Constant-node tensors become initializers (subgraphs included)"):
     class Options:
         min_elements: int = 0
         """Constants with fewer elements stay Constant nodes."""

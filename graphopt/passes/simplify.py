@@ -8,7 +8,6 @@ pipeline goes on with the untouched model.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import io
 import logging
 
@@ -24,12 +23,10 @@ logger = logging.getLogger(__name__)
 
 
 @register
-class SimplifyPass(GraphoptPass):
-    name = "simplify"
-    summary = "onnxsim: fold constants, infer shapes, fuse ops (skipped with a note if it fails)"
+class SimplifyPass(GraphoptPass, name="simplify",
+                   summary="onnxsim: fold constants, infer shapes, fuse ops (skipped with a note if it fails)"):
     in_place = False
 
-    @dataclasses.dataclass(frozen=True, kw_only=True)
     class Options:
         check_n: int = 2
         """Random feeds on which the simplified model must match the original (max abs below

@@ -5,7 +5,6 @@ Quantization needs opset >= 13 (per-channel QuantizeLinear/DequantizeLinear ``ax
 
 from __future__ import annotations
 
-import dataclasses
 
 import onnx
 import onnx_ir as ir
@@ -16,12 +15,10 @@ from graphopt.passes.registry import register
 
 
 @register
-class UpgradeOpsetPass(GraphoptPass):
-    name = "upgrade-opset"
-    summary = "raise the default-domain opset with onnx's version converter (never lowers it)"
+class UpgradeOpsetPass(GraphoptPass, name="upgrade-opset",
+                       summary="raise the default-domain opset with onnx's version converter (never lowers it)"):
     in_place = False
 
-    @dataclasses.dataclass(frozen=True, kw_only=True)
     class Options:
         target: int = 13
         """Opset to reach; models already at or above it are left alone."""

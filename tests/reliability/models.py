@@ -7,7 +7,7 @@ Weights have at least 1024 elements where a quantizer should consider them (its 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import onnx
@@ -102,16 +102,22 @@ def if_model() -> onnx.ModelProto:
          helper.make_node("MatMul", ["X", "W_else"], ["e"], name="else_fc"),
          helper.make_node("Tanh", ["e"], ["else_out"], name="else_tanh")],
         "else", [], [helper.make_tensor_value_info("else_out", TensorProto.FLOAT, ["N", WIDTH])])
-    nodes = [
-        helper.make_node("If", ["cond"], ["branch"], name="if", then_branch=then_branch, else_branch=else_branch),
-        helper.make_node("MatMul", ["branch", "W_out"], ["Y"], name="out_fc"),
-    ]
+    return _if_around(then_branch, else_branch, "if_model", rng, weight="W_then")
+
+
+def _if_around(then_branch: onnx.GraphProto, else_branch: onnx.GraphProto, name: str, rng: np.random.Generator, *,
+               weight: str, before: Sequence[onnx.NodeProto] = ()) -> onnx.ModelProto:
+    """X, cond → ``before`` → If(cond, then, else) → MatMul W_out → Y, with initializers
+    ``weight`` and W_out (WIDTH×WIDTH)."""
+    nodes = [*before,
+             helper.make_node("If", ["cond"], ["branch"], name="if", then_branch=then_branch, else_branch=else_branch),
+             helper.make_node("MatMul", ["branch", "W_out"], ["Y"], name="out_fc")]
     graph = helper.make_graph(
-        nodes, "if_model",
+        nodes, name,
         [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", WIDTH]),
          helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
         [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["N", WIDTH])],
-        [_init(_weight(rng, WIDTH, WIDTH), "W_then"), _init(_weight(rng, WIDTH, WIDTH), "W_out")])
+        [_init(_weight(rng, WIDTH, WIDTH), weight), _init(_weight(rng, WIDTH, WIDTH), "W_out")])
     return _model(graph)
 
 
@@ -180,18 +186,8 @@ def if_identity_model() -> onnx.ModelProto:
     else_branch = helper.make_graph(
         [helper.make_node("Identity", ["X"], ["else_out"], name="else_copy")],
         "else", [], [helper.make_tensor_value_info("else_out", TensorProto.FLOAT, ["N", WIDTH])])
-    nodes = [
-        helper.make_node("MatMul", ["X", "W_in"], ["h"], name="in_fc"),
-        helper.make_node("If", ["cond"], ["branch"], name="if", then_branch=then_branch, else_branch=else_branch),
-        helper.make_node("MatMul", ["branch", "W_out"], ["Y"], name="out_fc"),
-    ]
-    graph = helper.make_graph(
-        nodes, "if_identity_model",
-        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", WIDTH]),
-         helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
-        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["N", WIDTH])],
-        [_init(_weight(rng, WIDTH, WIDTH), "W_in"), _init(_weight(rng, WIDTH, WIDTH), "W_out")])
-    return _model(graph)
+    return _if_around(then_branch, else_branch, "if_identity_model", rng, weight="W_in",
+                      before=[helper.make_node("MatMul", ["X", "W_in"], ["h"], name="in_fc")])
 
 
 def loop_identity_model() -> onnx.ModelProto:

@@ -19,7 +19,6 @@ keeping ``margin`` of the cosine budget in reserve for unseen data. The consumer
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 from collections import defaultdict
@@ -109,11 +108,8 @@ def _producers(dependency: Dependency, family: tuple[str, ...]) -> set[str]:
 
 
 @register
-class PruneChannelsPass(GraphoptPass):
-    name = "prune-channels"
-    summary = "remove the least important coupled channel groups (L1, L2 or activation importance): lossy"
-
-    @dataclasses.dataclass(frozen=True, kw_only=True)
+class PruneChannelsPass(GraphoptPass, name="prune-channels",
+                        summary="remove the least important coupled channel groups (L1, L2 or activation importance): lossy"):
     class Options:
         amount: float = 0.3
         """Fraction of each layer's prunable channel groups to remove."""

@@ -179,10 +179,8 @@ def dead_groups(graph: ir.Graph, dependency: Dependency) -> list[ChannelGroup]:
 
 
 @register
-class PruneDeadChannelsPass(GraphoptPass):
-    name = "prune-dead-channels"
-    summary = "remove channels that are exactly zero (torch pruning masks) with their consumers' inputs: exact"
-
+class PruneDeadChannelsPass(GraphoptPass, name="prune-dead-channels",
+                            summary="remove channels that are exactly zero (torch pruning masks) with their consumers' inputs: exact"):
     def apply(self, model: ir.Model, context: PassContext) -> PassResult:
         dependency = analyze(model, context.exclude)
         dead = dead_groups(model.graph, dependency)

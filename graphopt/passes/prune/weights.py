@@ -8,7 +8,6 @@ model, remove whole channels (``prune-channels``) or quantize.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import zlib
 from typing import Any, Literal
@@ -30,11 +29,8 @@ def deflated_bytes(model: ir.Model) -> int:
 
 
 @register
-class PruneWeightsPass(GraphoptPass):
-    name = "prune-weights"
-    summary = "unstructured magnitude pruning: zeroes the smallest weights (smaller zip, same .onnx size)"
-
-    @dataclasses.dataclass(frozen=True, kw_only=True)
+class PruneWeightsPass(GraphoptPass, name="prune-weights",
+                       summary="unstructured magnitude pruning: zeroes the smallest weights (smaller zip, same .onnx size)"):
     class Options:
         amount: float = 0.5
         """Fraction of the weights set to 0."""

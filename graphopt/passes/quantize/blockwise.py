@@ -128,7 +128,10 @@ def encode_matmul_nbits(graph: ir.Graph, use: WeightUse, quantized: BlockQuantiz
                     domain="com.microsoft", name=node.name or f"{name}_matmul_nbits")
     graph.insert_before(node, fused)
     output, result = node.outputs[0], fused.outputs[0]
-    result.dtype, result.shape = output.dtype, output.shape
+    if output.dtype is not None:  # an intermediate value may carry no type: leave the new one untyped too
+        result.dtype = output.dtype
+    if output.shape is not None:
+        result.shape = output.shape
     output.replace_all_uses_with(result, replace_graph_outputs=True)
     graph.remove(node, safe=True)
     result.name = output.name  # the tensor keeps its name (a graph output's is its contract)
@@ -137,11 +140,8 @@ def encode_matmul_nbits(graph: ir.Graph, use: WeightUse, quantized: BlockQuantiz
 
 
 @register
-class QuantizeBlockwisePass(GraphoptPass):
-    name = "quantize-blockwise"
-    summary = "MatMul weights → MatMulNBits: 4 or 8 bits in blocks along K (round to nearest), ~7× smaller at 4 bits"
-
-    @dataclasses.dataclass(frozen=True, kw_only=True)
+class QuantizeBlockwisePass(GraphoptPass, name="quantize-blockwise",
+                            summary="MatMul weights → MatMulNBits: 4 or 8 bits in blocks along K (round to nearest), ~7× smaller at 4 bits"):
     class Options:
         bits: int = 4
         """4 or 8 bits per weight."""

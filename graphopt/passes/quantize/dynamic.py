@@ -9,7 +9,6 @@ are quantized once.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import numpy as np
@@ -108,11 +107,8 @@ def encode_dynamic(graph: ir.Graph, use: WeightUse, quantize_activation: _Activa
 
 
 @register
-class QuantizeDynamicPass(GraphoptPass):
-    name = "quantize-dynamic"
-    summary = "dynamic int8 MatMul/Gemm: int8 per-channel weights, uint8 activations at run time"
-
-    @dataclasses.dataclass(frozen=True, kw_only=True)
+class QuantizeDynamicPass(GraphoptPass, name="quantize-dynamic",
+                          summary="dynamic int8 MatMul/Gemm: int8 per-channel weights, uint8 activations at run time"):
     class Options:
         ops: tuple[str, ...] = ("MatMul", "Gemm")
         min_elements: int = 1024

@@ -156,11 +156,8 @@ def _requantize(weight: np.ndarray, axis: int, scale: np.ndarray) -> QuantizedWe
 
 
 @register
-class QuantizeStaticPass(GraphoptPass):
-    name = "quantize-static"
-    summary = "calibrated QDQ int8: per-channel weights, int32 bias, uint8 activations (needs --calib)"
-
-    @dataclasses.dataclass(frozen=True, kw_only=True)
+class QuantizeStaticPass(GraphoptPass, name="quantize-static",
+                         summary="calibrated QDQ int8: per-channel weights, int32 bias, uint8 activations (needs --calib)"):
     class Options:
         ops: tuple[str, ...] = STATIC_OPS
         method: Literal["minmax", "percentile", "entropy", "mse"] = "percentile"

@@ -9,7 +9,6 @@ exactly the float kernels at float speed while the file is ~4× smaller.
 
 from __future__ import annotations
 
-import dataclasses
 
 import numpy as np
 import onnx_ir as ir
@@ -63,11 +62,8 @@ def group_by_weight(uses: list[WeightUse]) -> dict[str, list[WeightUse]]:
 
 
 @register
-class QuantizeWeightsPass(GraphoptPass):
-    name = "quantize-weights"
-    summary = "weight-only int8 (per-channel, rebuilt by Cast*scale): ~4x smaller, float speed"
-
-    @dataclasses.dataclass(frozen=True, kw_only=True)
+class QuantizeWeightsPass(GraphoptPass, name="quantize-weights",
+                          summary="weight-only int8 (per-channel, rebuilt by Cast*scale): ~4x smaller, float speed"):
     class Options:
         ops: tuple[str, ...] = WEIGHT_OPS
         """Op types whose weights are encoded."""
