@@ -5,7 +5,7 @@
 * A frozen corpus of English prose: the docstring sentences of Python's standard library
   (``sentences.txt`` beside this file; ``benchmarks/datasets.py`` builds and splits it).
 
-Pillow is needed for rendering (``pip install graphopt[demo]``); it is imported on use.
+Pillow is needed for rendering (``pip install -e ".[demo]"``); it is imported on use.
 
 Command line (``make demo`` uses it)::
 
@@ -245,6 +245,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     model.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     start = time.perf_counter()
+    try:
+        _run(args, start)
+    except (ImportError, RuntimeError) as exc:  # Pillow or rapidocr missing: say what to install
+        raise SystemExit(f"graphopt.samples: {exc}") from None
+
+
+def _run(args: argparse.Namespace, start: float) -> None:
     if args.command == "ocr-images":
         _save(args.out, render_text_images(args.n, seed=args.seed, height=args.height, width=args.width), start)
     elif args.command == "ocr-lines":
