@@ -112,7 +112,8 @@ def check_decoder(base: PathLike, candidate: PathLike, *, data: PathLike, prompt
         tokenizer, windows=text_windows(data, tokenizer, window=window, limit=windows),
         prompts=load_prompts(prompts) if prompts else (), new_tokens=new_tokens,
         measure_latency=thresholds.needs_latency() if latency is None else latency, thresholds=thresholds,
-        base_bytes=folder_bytes(base_folder), candidate_bytes=folder_bytes(candidate_folder))
+        base_bytes=folder_bytes(base_folder), candidate_bytes=folder_bytes(candidate_folder),
+        deployed_base=lambda: OrtDecoder(base_folder.model, threads=threads))
     result.update(base=str(base), candidate=str(candidate), data={"source": str(data), "synthetic": False,
                                                                    "samples": result["windows"]})
     failed = [c for c in result["checks"] if not c["passed"]]

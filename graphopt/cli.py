@@ -22,7 +22,6 @@ from graphopt.errors import (
     EXIT_INTERNAL,
     EXIT_INTERRUPTED,
     EXIT_OK,
-    DataError,
     GateFailed,
     GraphoptError,
     UsageError,
@@ -589,9 +588,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise UsageError(f"export needs torch and transformers: pip install -e \".[llm]\" ({exc})") from None
     from graphopt.io import to_json, write_text
+    from graphopt.verify.text import load_prompts
 
     options = DecoderExportOptions(fuse=args.fuse, max_abs=args.max_abs, decode_steps=args.decode_steps,
-                                   threads=args.threads, **({"prompts": _read_prompts(args.prompts)} if args.prompts else {}))
+                                   threads=args.threads, **({"prompts": tuple(load_prompts(args.prompts))} if args.prompts else {}))
     report = export_decoder(args.source, args.output, options)
     if args.json_out:
         write_text(args.json_out, to_json(report))
@@ -604,18 +604,6 @@ def cmd_export(args: argparse.Namespace) -> int:
               f"{parity['greedy_identical']} of {parity['prompts']}"
               + (f", {len(parity['forks'])} fork(s) at near ties" if parity["forks"] else ""))
     return EXIT_OK
-
-
-def _read_prompts(path: str) -> tuple[str, ...]:
-    import json
-
-    try:
-        prompts = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: cannot read prompts: {exc}") from None
-    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and p for p in prompts):
-        raise DataError(f"{path}: prompts must be a JSON list of non-empty strings")
-    return tuple(prompts)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -84,14 +84,15 @@ def model_file(path: str | os.PathLike) -> Path:
 
 def side_files(folder: Path, model: Path) -> list[Path]:
     """The files of a model folder that are not the model: tokenizer, configs, templates."""
-    own = {model.name, *(f.name for f in _external_files(model))}
+    own = {model.name, *(f.name for f in external_files(model))}
     return sorted(p for p in folder.iterdir() if p.is_file() and p.name not in own and not p.name.startswith("."))
 
 
-def _external_files(model: Path) -> list[Path]:
+def external_files(model: Path) -> list[Path]:
+    """The external data files a model file names (each once), read from its graph only."""
     proto = onnx.load(model, load_external_data=False)
-    return [model.parent / entry.value for tensor in validation.iter_tensors(proto)
-            for entry in tensor.external_data if entry.key == "location"]
+    return sorted({model.parent / entry.value for tensor in validation.iter_tensors(proto)
+                   for entry in tensor.external_data if entry.key == "location"})
 
 
 def load_model(path: str | os.PathLike) -> LoadedModel:

@@ -174,9 +174,8 @@ def _optimize_folder(source: Path, output: Path, options: OptimizeOptions) -> di
     its verification."""
     import shutil
 
-    from graphopt.io import check_new_folder, model_file, side_files, staged_folder
+    from graphopt.io import model_file, side_files, staged_folder
 
-    check_new_folder(output, (source,))
     model = model_file(source)
     with staged_folder(output, (source,)) as folder:
         try:
@@ -214,7 +213,8 @@ def _text_comparison(base: Path, candidate: Path, tokenizer: Any, options: Optim
         OrtDecoder(base, threads=options.threads, optimize=False), OrtDecoder(candidate, threads=options.threads),
         tokenizer, windows=text_windows(text.data, tokenizer, window=text.window, limit=text.windows),
         prompts=load_prompts(text.prompts) if text.prompts else (), new_tokens=text.new_tokens,
-        measure_latency=options.measure_latency, thresholds=text.thresholds or DecoderThresholds())
+        measure_latency=options.measure_latency, thresholds=text.thresholds or DecoderThresholds(),
+        deployed_base=lambda: OrtDecoder(base, threads=options.threads))
 
 
 def _load_data(options: OptimizeOptions, specs: list[Any]) -> tuple[FeedSet | None, FeedSet]:

@@ -178,17 +178,6 @@ def _stop_ids(folder: Path) -> tuple[int, ...]:
 
 def folder_bytes(folder: DecoderFolder) -> int:
     """Bytes of the model file and its external data (the tokenizer and configs are not the model)."""
-    import onnx
+    from graphopt.io import external_files
 
-    proto = onnx.load(folder.model, load_external_data=False)
-    locations = {entry.value for tensor in _initializers(proto.graph) for entry in tensor.external_data
-                 if entry.key == "location"}
-    return folder.model.stat().st_size + sum((folder.model.parent / name).stat().st_size for name in locations)
-
-
-def _initializers(graph: Any) -> Iterator[Any]:
-    yield from graph.initializer
-    for node in graph.node:
-        for attribute in node.attribute:
-            if attribute.t.ByteSize():
-                yield attribute.t
+    return folder.model.stat().st_size + sum(path.stat().st_size for path in external_files(folder.model))
