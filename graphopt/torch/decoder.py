@@ -157,8 +157,8 @@ def _head_size(config: Any) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-def export_onnx(model: Any, target: Path, *, opset: int) -> None:
-    """The dynamo export of ``FlatCacheDecoder(model)`` to ``target`` (+ ``target.data``)."""
+def export_onnx(model: Any, *, opset: int) -> Any:
+    """The dynamo export of ``FlatCacheDecoder(model)``, as an ``onnx_ir.Model``."""
     import onnx_ir as ir
 
     config = model.config
@@ -185,28 +185,16 @@ def export_onnx(model: Any, target: Path, *, opset: int) -> None:
             value.shape = ir.Shape([value.shape[0], "total_sequence_length"])
         elif value.name.startswith("present."):
             value.shape = ir.Shape([value.shape[0], value.shape[1], "total_sequence_length", value.shape[3]])
-    ir.save(program.model, target, external_data=target.name + ".data")
+    return program.model
 
 
-def _fuse(target: Path, threads: int | None) -> dict[str, Any]:
-    import onnx_ir as ir
-
+def _fuse(model: Any, threads: int | None) -> tuple[Any, dict[str, Any]]:
+    """The model fused (``fuse-decoder``, verified), and what the pass did."""
     from graphopt.passes.base import PassContext
     from graphopt.passes.fuse_decoder import FuseDecoderPass
 
-    model = ir.load(target)
     result = FuseDecoderPass()(model, PassContext(threads=threads))
-    summary = {"modified": result.modified, "changes": result.changes, "notes": result.notes}
-    if result.modified:
-        # Written beside, then moved over: the unfused weights are read while the fused file is written.
-        fused = target.parent / "fused"
-        fused.mkdir()
-        ir.save(result.model, fused / target.name, external_data=target.name + ".data")
-        del model, result
-        for name in (target.name, target.name + ".data"):
-            os.replace(fused / name, target.parent / name)
-        fused.rmdir()
-    return summary
+    return result.model, {"modified": result.modified, "changes": result.changes, "notes": result.notes}
 
 
 # -- verification against torch --------------------------------------------------------------
@@ -322,6 +310,8 @@ def export_decoder(source: str | os.PathLike, output: str | os.PathLike,
                    options: DecoderExportOptions = DecoderExportOptions()) -> dict[str, Any]:
     """Export, fuse, verify and write the model folder ``output``; returns the report (also in
     the folder as ``graphopt_export.json``). GateFailed, nothing written, when the parity fails."""
+    import onnx_ir as ir
+
     from graphopt.io import check_new_folder, staged_folder, to_json
 
     started = time.perf_counter()
@@ -333,11 +323,15 @@ def export_decoder(source: str | os.PathLike, output: str | os.PathLike,
         logger.info("exporting with the dynamo exporter (opset %d)", options.opset)
         clock = time.perf_counter()
         try:
-            export_onnx(lm.model, target, opset=options.opset)
+            exported = export_onnx(lm.model, opset=options.opset)
         except Exception as exc:  # the exporter's failures are many and deep: name the model, keep the cause
             raise UnsupportedModelError(f"{source_path}: the exporter failed: {type(exc).__name__}: {reason(exc)}") from exc
         export_seconds = time.perf_counter() - clock
-        fusion = _fuse(target, options.threads) if options.fuse else {"modified": False, "changes": {}, "notes": []}
+        fusion: dict[str, Any] = {"modified": False, "changes": {}, "notes": []}
+        if options.fuse:
+            exported, fusion = _fuse(exported, options.threads)
+        ir.save(exported, target, external_data=target.name + ".data")
+        del exported
         logger.info("verifying against torch: %d prompts, prefill and %d cached steps each",
                     len(options.prompts), options.decode_steps)
         parity = verify_decoder(lm, target, options)
