@@ -99,11 +99,19 @@ class DecoderText:
     windows: int = 16
     new_tokens: int = 32
     thresholds: Any = None  # verify.text.DecoderThresholds
+    skip: int = 0  # windows at the start of ``data`` not judged on (the calibration took them)
+
+
+# Calibration text of a decoder (``--calib PROSE.txt``, else the bundled corpus): windows whose
+# activations passes measure, then windows their searches judge trials on.
+CALIBRATION_WINDOWS = 16
+SEARCH_WINDOWS = 8
 
 
 # Times the final verification may send the searching passes further down their ladders.
 MAX_RETREATS = 3
-_PARITY_CHECKS = {"min_cosine", "min_top1", "max_abs", "no_new_nonfinite", "output_shapes"}
+_PARITY_CHECKS = {"min_cosine", "min_top1", "max_abs", "no_new_nonfinite", "output_shapes", "max_ppl_ratio",
+                  "min_token_agree"}
 
 
 def optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, options: OptimizeOptions) -> dict[str, Any]:
@@ -121,26 +129,34 @@ def optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, opti
     if options.fix_shapes:
         fix = FixInputShapesPass(shapes=tuple(options.fix_shapes))
         recipe = dataclasses.replace(recipe, passes=(fix, *recipe.passes))
-    needing = [p.name for p in recipe.passes if p.needs_calibration()]
-    if needing and options.calib is None:
-        raise DataError(f"recipe '{recipe.name}' needs calibration data for {', '.join(needing)}: give --calib DATA")
     loaded = load_model(input_path)
+    text_calibration = None
+    if recipe.text_budget:  # a decoder recipe: judged on text, calibrated on text
+        options, text_calibration = _text_defaults(loaded, recipe, options)
+    needing = [p.name for p in recipe.passes if p.needs_calibration()]
+    if needing and options.calib is None and text_calibration is None:
+        raise DataError(f"recipe '{recipe.name}' needs calibration data for {', '.join(needing)}: give --calib DATA")
     tokenizer = _text_tokenizer(loaded, options.text) if options.text else None
     specs = input_specs(loaded.model)
     if options.fix_shapes:  # the data must have the shapes the written model will take
         fix.validate(loaded.model)
         specs = [dataclasses.replace(s, shape=fix.fixed.get(s.name, s.shape)) for s in specs]
-    calibration, feeds = _load_data(options, specs)
+    calibration, feeds = _load_data(options if text_calibration is None else dataclasses.replace(options, calib=None),
+                                    specs)
     logger.info("loaded %s; verifying on %s", loaded.path.name, feeds.source)
     reference = reference_outputs(loaded.path, feeds)
-    budget = Budget.resolve(options.thresholds, output_kinds(loaded.model), defaults=recipe)
+    # A text budget replaces the recipe's parity defaults (random decoder steps say little about
+    # text); parity limits the user states still apply.
+    budget = Budget.resolve(options.thresholds, output_kinds(loaded.model),
+                            defaults=None if recipe.text_budget else recipe)
     logger.info("budget: %s", budget.describe())
     retreat = 0
     while True:
         model = loaded.model if retreat == 0 else load_model(input_path).model
         context = PassContext(calibration=calibration, threads=options.threads, budget=budget,
                               cache_dir=str(options.cache_dir) if options.cache_dir else None,
-                              analyze=options.analyze, retreat=retreat, exclude=tuple(options.exclude))
+                              analyze=options.analyze, retreat=retreat, exclude=tuple(options.exclude),
+                              text=text_calibration)
         pipeline = Pipeline(recipe.passes, check=check_loadable, context=context)
         try:
             result = pipeline.run(model)
@@ -191,6 +207,41 @@ def _optimize_folder(source: Path, output: Path, options: OptimizeOptions) -> di
     return report
 
 
+def _text_defaults(loaded: LoadedModel, recipe: Recipe, options: OptimizeOptions) -> tuple[OptimizeOptions, Any]:
+    """A recipe with a text budget: the options with the verification text filled in (the
+    user's --data, else the bundled corpus after the calibration windows), and the calibration
+    text its passes get (--calib PROSE.txt, else the bundled corpus's first windows)."""
+    from graphopt.samples import SENTENCES_FILE
+    from graphopt.verify.decoder import open_folder
+    from graphopt.verify.feeds import is_decoder
+    from graphopt.verify.text import DecoderThresholds, TextCalibration, text_windows
+
+    if not is_decoder(input_specs(loaded.model)):
+        raise DataError(f"{loaded.path}: recipe '{recipe.name}' is for decoder LLMs with a KV cache (its budget is "
+                        "judged on text); this model is not one: use --recipe int8 or a recipe of your own")
+    calib_path = options.calib if isinstance(options.calib, (str, Path)) and str(options.calib).endswith(".txt") \
+        else None
+    if options.calib is not None and calib_path is None:
+        raise DataError(f"{options.calib}: a decoder is calibrated on prose: give --calib PROSE.txt")
+    text = options.text or DecoderText(data=SENTENCES_FILE)
+    stated = text.thresholds or DecoderThresholds()
+    thresholds = dataclasses.replace(
+        stated, max_ppl_ratio=stated.max_ppl_ratio if stated.max_ppl_ratio is not None else recipe.max_ppl_ratio,
+        min_token_agree=stated.min_token_agree if stated.min_token_agree is not None else recipe.min_token_agree)
+    tokenizer = open_folder(loaded.path.parent).tokenizer
+    source = Path(calib_path or SENTENCES_FILE)
+    windows = text_windows(source, tokenizer, window=text.window, limit=CALIBRATION_WINDOWS + SEARCH_WINDOWS)
+    if len(windows) < CALIBRATION_WINDOWS + SEARCH_WINDOWS:
+        raise DataError(f"{source}: {len(windows)} windows of {text.window} tokens; calibration needs "
+                        f"{CALIBRATION_WINDOWS + SEARCH_WINDOWS}")
+    if Path(text.data).resolve() == source.resolve():  # never judge on the windows it was calibrated on
+        text = dataclasses.replace(text, skip=len(windows))
+    calibration = TextCalibration(tuple(map(tuple, windows[:CALIBRATION_WINDOWS])),
+                                  tuple(map(tuple, windows[CALIBRATION_WINDOWS:])), thresholds, str(source))
+    logger.info("calibration text: %s (%d windows); judged on %s", source.name, len(windows), Path(text.data).name)
+    return dataclasses.replace(options, text=dataclasses.replace(text, thresholds=thresholds), calib=None), calibration
+
+
 def _text_tokenizer(loaded: LoadedModel, text: DecoderText) -> Any:
     """The tokenizer of the decoder's folder; refused before any work when there is none or the
     model is not a decoder with a KV cache."""
@@ -211,7 +262,7 @@ def _text_comparison(base: Path, candidate: Path, tokenizer: Any, options: Optim
     logger.info("judging it as a text generator on %s", text.data)
     return compare_decoders(
         OrtDecoder(base, threads=options.threads, optimize=False), OrtDecoder(candidate, threads=options.threads),
-        tokenizer, windows=text_windows(text.data, tokenizer, window=text.window, limit=text.windows),
+        tokenizer, windows=text_windows(text.data, tokenizer, window=text.window, limit=text.windows, skip=text.skip),
         prompts=load_prompts(text.prompts) if text.prompts else (), new_tokens=text.new_tokens,
         measure_latency=options.measure_latency, thresholds=text.thresholds or DecoderThresholds(),
         deployed_base=lambda: OrtDecoder(base, threads=options.threads))

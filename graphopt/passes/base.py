@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     from graphopt.passes.quantize.calibrate import TensorStats
     from graphopt.verify.feeds import FeedSet
     from graphopt.verify.judge import Budget
+    from graphopt.verify.text import TextCalibration
 
 
 @dataclasses.dataclass
@@ -44,6 +45,8 @@ class PassContext:
     """Statistics measured on the float model, reused by the trials of a search."""
     analyze: bool = False
     """Passes may spend extra time to explain their choices (layer reports)."""
+    text: TextCalibration | None = None
+    """Decoder LLMs: calibration text and the text budget (``verify.text``)."""
 
     def calibration_feeds(self, pass_name: str) -> FeedSet:
         """The calibration feeds; a DataError naming the pass when the run has none."""

@@ -95,6 +95,12 @@ class OrtDecoder:
              attention_mask: np.ndarray | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
         """Logits of ``input_ids`` [batch, sequence] after ``cache`` (past length from it), and the
         cache that includes them. Without a mask every position is attended."""
+        logits, *present = self.session.run(self._outputs, self.feed(input_ids, cache, attention_mask))
+        return logits, present
+
+    def feed(self, input_ids: np.ndarray, cache: Sequence[np.ndarray],
+             attention_mask: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """The model's inputs for ``step``."""
         batch, length = input_ids.shape
         past = cache[0].shape[2] if cache else 0
         if attention_mask is None:
@@ -105,8 +111,7 @@ class OrtDecoder:
             positions = np.maximum(np.cumsum(attention_mask, axis=-1) - 1, 0)[:, -length:]
             feed["position_ids"] = positions.astype(np.int64)
         feed.update(zip(self.signature.past_names, cache))
-        logits, *present = self.session.run(self._outputs, feed)
-        return logits, present
+        return feed
 
     def greedy(self, prompt: Sequence[int], new_tokens: int, *, stop: Sequence[int] = ()) -> Iterator[int]:
         """Greedy continuation of ``prompt`` (token ids), one token at a time, with the cache."""

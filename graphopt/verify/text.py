@@ -21,7 +21,7 @@ import dataclasses
 import json
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,17 +45,19 @@ class DecoderThresholds:
         return self.max_decode_ratio is not None or self.max_prefill_ratio is not None
 
 
-def text_windows(path: str | Path, tokenizer: Any, *, window: int = 128, limit: int | None = 16) -> list[list[int]]:
-    """Non-overlapping windows of ``window`` token ids from the prose in ``path`` (a tokenizers.Tokenizer)."""
+def text_windows(path: str | Path, tokenizer: Any, *, window: int = 128, limit: int | None = 16,
+                 skip: int = 0) -> list[list[int]]:
+    """Non-overlapping windows of ``window`` token ids from the prose in ``path`` (a
+    tokenizers.Tokenizer), after the first ``skip`` windows."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: cannot read text: {exc}") from None
     ids = tokenizer.encode(text).ids
-    windows = [ids[start:start + window] for start in range(0, len(ids) - window + 1, window)]
+    windows = [ids[start:start + window] for start in range(0, len(ids) - window + 1, window)][skip:]
     if not windows:
-        raise DataError(f"{path}: {len(ids)} tokens, fewer than one window of {window}")
+        raise DataError(f"{path}: {len(ids)} tokens, fewer than {skip + 1} windows of {window}")
     return windows[:limit] if limit else windows
 
 
@@ -87,6 +89,38 @@ def window_scores(decoder: OrtDecoder, windows: Sequence[Sequence[int]]) -> tupl
         count += len(targets)
         predictions.append(np.argmax(logits[0, :-1], axis=-1))
     return total / count, predictions
+
+
+@dataclasses.dataclass(frozen=True)
+class TextCalibration:
+    """Calibration text for a decoder: windows whose activations a pass measures, windows set
+    aside to judge its trials on, and the budget those trials must meet."""
+
+    windows: tuple[tuple[int, ...], ...]
+    judge_windows: tuple[tuple[int, ...], ...]
+    thresholds: DecoderThresholds
+    source: str = ""
+
+    def feeds(self, model: bytes, *, threads: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+        """The model's inputs for a prefill of each calibration window."""
+        decoder = OrtDecoder(model, threads=threads)
+        for window in self.windows:
+            yield decoder.feed(np.asarray([list(window)], np.int64), decoder.empty_cache())
+
+
+class TextJudge:
+    """Perplexity ratio and teacher-forced agreement of candidates against one reference, on
+    the same windows (the reference scored once)."""
+
+    def __init__(self, reference: bytes | str | Path, windows: Sequence[Sequence[int]], *,
+                 threads: int | None = None) -> None:
+        self.windows, self.threads = windows, threads
+        self.nll, self.predictions = window_scores(OrtDecoder(reference, threads=threads), windows)
+
+    def score(self, candidate: bytes | str | Path) -> dict[str, float]:
+        nll, predictions = window_scores(OrtDecoder(candidate, threads=self.threads), self.windows)
+        agree = np.concatenate([a == b for a, b in zip(self.predictions, predictions)])
+        return {"ppl_ratio": float(np.exp(nll - self.nll)), "token_agreement": float(agree.mean())}
 
 
 def _timed(action: Any) -> float:

@@ -1,159 +1,95 @@
-"""`quantize-blockwise`: MatMul weights → onnxruntime's ``com.microsoft.MatMulNBits``, 4 or 8
-bits in blocks of ``block_size`` values along K, round to nearest (RTN).
+"""`quantize-blockwise`: MatMul weights → onnxruntime's ``com.microsoft.MatMulNBits`` (4 or 8 bits
+in blocks along K), the embedding table → ``GatherBlockQuantized``, a tied LM head at its own
+precision; bits per layer chosen under a text budget when calibration text is given.
 
-For a weight W [K, N] (``Y = A @ W``), each output column n and block b of ``block_size``
-rows holds codes q ∈ [0, 2^bits) with
+The codes and the methods that choose them (round to nearest, HQQ, GPTQ) are in ``blocks.py``.
+Here: which weights, which form the runtime reads, and how many bits each layer gets.
 
-    W[k, n] ≈ (q[k, n] - z[b, n]) · s[b, n]
+**Forms of an asymmetric grid** (``zero_points``):
 
-* symmetric: z = 2^(bits-1) and s = max|W_block| / (2^(bits-1) − 1), so that ±max land on codes
-  (for 4 bits codes 1..15 are used, −max on 1 and +max on 15);
-* asymmetric: s = (max − min) / (2^bits − 1), z = round(−min / s), clipped to the code range;
-  the grid then holds min and max up to rounding; with ``float_zero_points`` z is a float
-  and the grid runs exactly from the block's min (code 0) to its max (code 2^bits − 1).
+* ``integer``: packed unsigned zero points, onnxruntime's fast kernels;
+* ``offset``: a float zero point per block, served fast: the kernel runs the codes as symmetric
+  and a separate term adds what that misses, ``Ŵ = s·(q − 2^(bits−1)) + o`` with
+  ``o[b, n] = s·(2^(bits−1) − z)``, so ``A·Ŵ = MatMulNBits(A) + (A·P)·O`` where P [K, blocks]
+  sums each block of A (shared by every layer of that K) and O [blocks, N] is stored in float16
+  (the runtime widens it once, at load). Costs 2 bytes per block and two small MatMuls;
+* ``float``: the float zero points as the kernel's own input (onnxruntime has no fast path for
+  it: several times slower per token; kept for runtimes that have one).
 
-The stored layout is what onnxruntime's kernel reads: ``B`` uint8 [N, blocks, block_size·bits/8]
-with codes packed low bits first along K (for 4 bits: the even k in the low nibble), ``scales``
-[N · blocks] float, ``zero_points`` uint8 [N · ceil(blocks·bits/8)] packed the same way (absent
-when symmetric: the kernel's default is 2^(bits-1)). A K that is not a multiple of the block
-size is padded with zero codes at the zero point (they dequantize to 0 and multiply nothing).
+**The LM head and the embedding table.** A table read by a Gather and, transposed, by the head's
+(Fused)MatMul is one set of codes: ``GatherBlockQuantized`` and ``MatMulNBits`` both read it (the
+table's [V, H] is the head's [N, K]), at ``head_bits`` (8 by default: never silently 4-bit).
+An untied embedding table gets ``head_bits`` too; an untied head (the MatMul writing ``logits``)
+likewise.
 
-This is the foundation of issue #21 (the LM head, the embedding table, better-than-RTN scales and
-bits per layer under a budget are the next steps).
+**Bits per layer** (``search``): with calibration text (``PassContext.text``) and a text budget,
+every layer starts at ``bits``; if the calibration windows set aside for judging miss the budget,
+layers move to 8 bits in order of sensitivity (GPTQ's output loss when measured, else the
+weight's relative error), fewest first (a bisection over that order); if all of them at 8 bits
+still miss it, the pass fails naming the best value reachable.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
 from graphopt.passes.base import GraphoptPass, PassContext, PassResult
+from graphopt.passes.quantize.blocks import METHODS, BlockQuantized, quantize_blocks
 from graphopt.passes.registry import register
 from graphopt.passes.weights import WeightUse, initializer, weight_uses
 
+logger = logging.getLogger(__name__)
+
 _BLOCK_SIZES = (16, 32, 64, 128, 256)
+_ZERO_POINTS = ("integer", "offset", "float")
 
 
-@dataclasses.dataclass(frozen=True)
-class BlockQuantized:
-    codes: np.ndarray  # uint8 [N, blocks, block_size], one code per value (unpacked)
-    scales: np.ndarray  # float32 [N, blocks]
-    zero_points: np.ndarray  # uint8 [N, blocks], or float32 (a float offset per block)
+@dataclasses.dataclass
+class _Layer:
+    """One weight to encode: a MatMul's right-hand side, or a tied/untied table."""
+
+    name: str
+    use: WeightUse
+    weight: np.ndarray  # [K, N] as Y = A @ W reads it
+    role: str  # "linear", "head" (untied), "tied" (table + head), "embedding" (untied table)
     bits: int
-    block_size: int
-    k: int
-
-    def dequantize(self) -> np.ndarray:
-        """W [K, N] as the kernel rebuilds it."""
-        values = (self.codes.astype(np.float32) - self.zero_points[..., None]) * self.scales[..., None]
-        return values.reshape(values.shape[0], -1)[:, : self.k].T
-
-    def packed_codes(self) -> np.ndarray:
-        """B: uint8 [N, blocks, block_size · bits / 8], low bits first along K."""
-        return pack(self.codes, self.bits)
-
-    def packed_zero_points(self) -> np.ndarray:
-        """uint8 [N · ceil(blocks · bits / 8)]: each column's zero points packed like the codes;
-        float zero points are stored as they are, [N · blocks]."""
-        if self.zero_points.dtype != np.uint8:
-            return self.zero_points.reshape(-1).astype(np.float32)
-        n, blocks = self.zero_points.shape
-        per_byte = 8 // self.bits
-        padded = np.full((n, -(-blocks // per_byte) * per_byte), 0, np.uint8)
-        padded[:, :blocks] = self.zero_points
-        return pack(padded, self.bits).reshape(-1)
-
-
-def pack(codes: np.ndarray, bits: int) -> np.ndarray:
-    """Pack the last axis ``8 // bits`` codes per byte, the first code in the lowest bits."""
-    per_byte = 8 // bits
-    grouped = codes.astype(np.uint8).reshape(*codes.shape[:-1], codes.shape[-1] // per_byte, per_byte)
-    shifts = (np.arange(per_byte, dtype=np.uint8) * bits).astype(np.uint8)
-    return np.bitwise_or.reduce(grouped << shifts, axis=-1).astype(np.uint8)
-
-
-def quantize_blocks(weight: np.ndarray, *, bits: int, block_size: int, symmetric: bool,
-                    float_zero_points: bool = False) -> BlockQuantized:
-    """Round-to-nearest blockwise codes of ``weight`` [K, N] along K. ``float_zero_points``
-    (asymmetric only): each block's grid runs exactly from its min to its max (a float offset, as
-    GGUF's Q4_1 stores), instead of an integer zero point on a range that includes 0."""
-    k, n = weight.shape
-    blocks = -(-k // block_size)
-    columns = np.zeros((n, blocks * block_size), np.float32)
-    columns[:, :k] = weight.T
-    values = columns.reshape(n, blocks, block_size)
-    if k % block_size:  # the tail block's padding must not widen its range
-        tail = np.zeros(block_size, bool)
-        tail[: k - (blocks - 1) * block_size] = True
-        mask = np.ones((blocks, block_size), bool)
-        mask[-1] = tail
-    else:
-        mask = np.ones((blocks, block_size), bool)
-    levels = (1 << bits) - 1
-    if symmetric:
-        half = 1 << (bits - 1)
-        magnitude = np.where(mask, np.abs(values), 0).max(axis=-1)
-        scales = magnitude / (half - 1)
-        zero = np.full((n, blocks), half, np.uint8)
-    elif float_zero_points:
-        low = np.where(mask, values, np.inf).min(axis=-1)
-        high = np.where(mask, values, -np.inf).max(axis=-1)
-        scales = np.where(high > low, (high - low) / levels, 1.0).astype(np.float32)
-        zero = (-low / scales).astype(np.float32)  # code 0 is the block's min, code 2^bits - 1 its max
-    else:
-        low = np.minimum(np.where(mask, values, np.inf).min(axis=-1), 0.0)
-        high = np.maximum(np.where(mask, values, -np.inf).max(axis=-1), 0.0)
-        scales = (high - low) / levels
-        zero = np.clip(np.rint(-low / np.where(scales > 0, scales, 1.0)), 0, levels).astype(np.uint8)
-    scales = np.where(scales > 0, scales, 1.0).astype(np.float32)
-    codes = np.clip(np.rint(values / scales[..., None] + zero[..., None]), 0, levels)
-    codes = np.where(mask, codes, np.clip(np.rint(zero), 0, levels)[..., None]).astype(np.uint8)
-    return BlockQuantized(codes, scales, zero, bits, block_size, k)
-
-
-def encode_matmul_nbits(graph: ir.Graph, use: WeightUse, quantized: BlockQuantized, accuracy_level: int) -> None:
-    """Replace the MatMul of ``use`` by MatMulNBits reading ``quantized``."""
-    node = use.node
-    name = use.weight.name or "weight"
-    n = quantized.scales.shape[0]
-    inputs = [node.inputs[0], initializer(graph, f"{name}_q{quantized.bits}", quantized.packed_codes()),
-              initializer(graph, f"{name}_scales", quantized.scales.reshape(-1))]
-    if quantized.zero_points.dtype != np.uint8 or not np.all(quantized.zero_points == 1 << (quantized.bits - 1)):
-        inputs.append(initializer(graph, f"{name}_zero_points", quantized.packed_zero_points()))
-    fused = ir.node("MatMulNBits", inputs, {"K": quantized.k, "N": n, "bits": quantized.bits,
-                                             "block_size": quantized.block_size, "accuracy_level": accuracy_level},
-                    domain="com.microsoft", name=node.name or f"{name}_matmul_nbits")
-    graph.insert_before(node, fused)
-    output, result = node.outputs[0], fused.outputs[0]
-    if output.dtype is not None:  # an intermediate value may carry no type: leave the new one untyped too
-        result.dtype = output.dtype
-    if output.shape is not None:
-        result.shape = output.shape
-    output.replace_all_uses_with(result, replace_graph_outputs=True)
-    graph.remove(node, safe=True)
-    result.name = output.name  # the tensor keeps its name (a graph output's is its contract)
-    if not use.weight.uses():
-        graph.initializers.pop(name, None)
+    hessian: np.ndarray | None = None
+    heads: tuple[ir.Node, ...] = ()  # tied: the FusedMatMul nodes reading the table transposed
+    encoded: dict[int, BlockQuantized] = dataclasses.field(default_factory=dict)
+    sensitivity: float = 0.0
+    level: int | None = None  # accuracy_level chosen by the search (None: the fastest for its bits)
 
 
 @register
 class QuantizeBlockwisePass(GraphoptPass, name="quantize-blockwise",
-                            summary="MatMul weights → MatMulNBits: 4 or 8 bits in blocks along K (round to nearest), ~7× smaller at 4 bits"):
+                            summary="weights → 4/8-bit blocks (MatMulNBits, GatherBlockQuantized); RTN, HQQ or GPTQ; "
+                                    "bits per layer under a text budget; ~6× smaller"):
     class Options:
         bits: int = 4
-        """4 or 8 bits per weight."""
+        """4 or 8 bits per weight (the layers' starting point when searching)."""
         block_size: int = 32
         """Values per block along K (16, 32, 64, 128 or 256); each block has its own scale."""
         symmetric: bool = True
         """A zero point of 2^(bits-1) for every block (none stored) instead of one fitted per block."""
-        float_zero_points: bool = False
-        """Asymmetric: a float offset per block, so the grid spans exactly the block's min to max
-        (exact on GGUF Q4_1 weights; 4 more bytes per block than a packed integer zero point)."""
-        accuracy_level: int = 0
-        """onnxruntime's compute type: 0 the kernel's default, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations."""
+        zero_points: str = "integer"
+        """Asymmetric only: 'integer' (packed), 'offset' (float, served by a separate term) or
+        'float' (the kernel's float input: slow on onnxruntime's CPU)."""
+        method: str = "auto"
+        """'rtn', 'hqq' (data-free), 'gptq' (needs calibration), or 'auto': gptq with calibration, else hqq."""
+        head_bits: int = 8
+        """The LM head and the embedding table (shared codes when tied): 8, 4, or 0 to keep them float."""
+        search: bool = True
+        """With calibration text and a text budget: 8 bits for the layers that need it, fewest first."""
+        eight_bit: tuple[str, ...] = ()
+        """MatMul nodes held at 8 bits whatever else is chosen."""
+        accuracy_level: int = -1
+        """onnxruntime's compute type: 0 default, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations; -1:
+        the faster of 0 and 4 on this CPU (measured once, cached)."""
         min_elements: int = 1024
         """Weights with fewer elements stay float."""
         nodes: tuple[str, ...] = ()
@@ -163,38 +99,431 @@ class QuantizeBlockwisePass(GraphoptPass, name="quantize-blockwise",
         from graphopt.errors import RecipeError
 
         super().__init__(**options)
-        if self.options.bits not in (4, 8):
-            raise RecipeError(f"pass '{self.name}': 'bits' must be 4 or 8, got {self.options.bits}")
-        if self.options.block_size not in _BLOCK_SIZES:
-            raise RecipeError(f"pass '{self.name}': 'block_size' must be one of {_BLOCK_SIZES}, "
-                              f"got {self.options.block_size}")
-        if self.options.accuracy_level not in range(5):
-            raise RecipeError(f"pass '{self.name}': 'accuracy_level' must be 0..4, got {self.options.accuracy_level}")
+        o = self.options
+        checks = [("bits", o.bits in (4, 8), "4 or 8"), ("block_size", o.block_size in _BLOCK_SIZES, str(_BLOCK_SIZES)),
+                  ("accuracy_level", o.accuracy_level in range(-1, 5), "-1..4"),
+                  ("zero_points", o.zero_points in _ZERO_POINTS, ", ".join(_ZERO_POINTS)),
+                  ("method", o.method in (*METHODS, "auto"), ", ".join((*METHODS, "auto"))),
+                  ("head_bits", o.head_bits in (0, 4, 8), "0, 4 or 8")]
+        for option, valid, allowed in checks:
+            if not valid:
+                raise RecipeError(f"pass '{self.name}': '{option}' must be {allowed}, got {getattr(o, option)!r}")
+
+    def needs_calibration(self) -> bool:
+        return self.options.method == "gptq"
+
+    def searches(self) -> bool:
+        return self.options.search
+
+    # -- the run ------------------------------------------------------------------------------
 
     def apply(self, model: ir.Model, context: PassContext) -> PassResult:
+        o = self.options
         graph = model.graph
-        uses, skipped = weight_uses(graph, ("MatMul",), self.options.min_elements, context.exclude)
-        wanted = set(self.options.nodes)
-        layers = []
+        layers, skipped = self._layers(graph, context)
+        if not layers:
+            return PassResult(model, modified=False, changes={"weights encoded": 0}, details={"skipped": skipped})
+        method = o.method if o.method != "auto" else ("gptq" if context.text is not None or context.calibration else "hqq")
+        snapshots = _Snapshots()
+        try:
+            return self._run(model, context, layers, skipped, method, snapshots)
+        finally:
+            snapshots.close()
+
+    def _run(self, model: ir.Model, context: PassContext, layers: list[_Layer], skipped: dict[str, str], method: str,
+             snapshots: _Snapshots) -> PassResult:
+        from graphopt.progress import progress
+
+        o = self.options
+        graph = model.graph
+        reference = snapshots.write(model) if context.text is not None and o.search else None
+        if method == "gptq":
+            _measure_hessians(model, [layer for layer in layers if layer.role == "linear"], context, self.name,
+                              reference or snapshots.write(model))
+        levels = {bits: o.accuracy_level for bits in (4, 8)} if o.accuracy_level >= 0 else \
+            _accuracy_levels(layers, context, o.block_size)
+        for layer in progress(layers, f"{method}: {len(layers)} weights", unit="weight"):
+            self._encode_layer(layer, layer.bits, method)
+            layer.sensitivity = _sensitivity(layer, layer.encoded[layer.bits])
+        nodes = {id(layer): _encode(graph, layer, layer.encoded[layer.bits], levels, o.zero_points) for layer in layers}
+        if "com.microsoft" not in model.opset_imports:
+            model.opset_imports["com.microsoft"] = 1
+        search: dict[str, Any] = {}
+        if reference is not None:
+            search = self._search(model, layers, nodes, reference, context, method, snapshots, levels)
+        table = [{"node": layer.name, "role": layer.role, "shape": list(layer.weight.shape), "bits": layer.bits,
+                  "accuracy_level": levels[layer.bits] if layer.level is None else layer.level,
+                  "block_size": o.block_size, "method": method if layer.role == "linear" else "rtn",
+                  "relative_error": _relative_error(layer), "sensitivity": layer.sensitivity} for layer in layers]
+        changes = {"weights encoded": len(layers), "8-bit": sum(layer.bits == 8 for layer in layers)}
+        return PassResult(model, modified=True, changes=changes,
+                          details={"layers": table, "skipped": skipped, "method": method, "accuracy_level": levels,
+                                   "search": search})
+
+    def _layers(self, graph: ir.Graph, context: PassContext) -> tuple[list[_Layer], dict[str, str]]:
+        o = self.options
+        uses, skipped = weight_uses(graph, ("MatMul", "Gather"), o.min_elements, context.exclude)
+        wanted, eight = set(o.nodes), set(o.eight_bit)
+        layers: list[_Layer] = []
+        heads = {id(node): node for node in _logits_producers(graph)}
         for use in uses:
             if wanted and use.node.name not in wanted:
+                skipped[use.name] = "not selected"
+                continue
+            table = use.weight.const_value
+            if use.kind == "Gather":
+                tied = tuple(user for user, index in use.weight.uses() if index == 1 and _reads_transposed(user))
+                others = [user for user, _ in use.weight.uses() if user.op_type != "Gather" and user not in tied]
+                if o.head_bits == 0 or others:
+                    skipped[use.name] = "kept float (head_bits = 0)" if o.head_bits == 0 else \
+                        "the table has readers other than a Gather and a transposed head"
+                    continue
+                if any(layer.use.weight is use.weight for layer in layers):
+                    continue  # a table read by two Gathers is encoded once
+                if tied and table.shape[1] % o.block_size:
+                    skipped[use.name] = f"tied table width {table.shape[1]} is not a multiple of {o.block_size}"
+                    continue
+                layers.append(_Layer(use.name, use, table.numpy().T.astype(np.float32), "tied" if tied else "embedding",
+                                     o.head_bits, heads=tied))
                 continue
             if any(user.op_type == "Gather" for user, _ in use.weight.uses()):
-                skipped[use.name] = "weight tied to an embedding table: kept float (a tied LM head is never silently 4-bit)"
+                skipped[use.name] = "weight tied to an embedding table read untransposed: kept float"
                 continue
-            weight = use.weight.const_value.numpy()
+            weight = table.numpy()
             if use.input_index != 1 or weight.ndim != 2:
                 skipped[use.name] = "weight is not a 2-D right-hand MatMul input"
                 continue
-            quantized = quantize_blocks(weight, bits=self.options.bits, block_size=self.options.block_size,
-                                        symmetric=self.options.symmetric,
-                                        float_zero_points=self.options.float_zero_points)
-            error = np.linalg.norm(quantized.dequantize() - weight) / max(float(np.linalg.norm(weight)), 1e-12)
-            encode_matmul_nbits(graph, use, quantized, self.options.accuracy_level)
-            layers.append({"node": use.name, "weight": use.weight.name, "shape": list(weight.shape),
-                           "bits": self.options.bits, "block_size": self.options.block_size,
-                           "relative_error": float(error)})
-        if layers and "com.microsoft" not in model.opset_imports:
-            model.opset_imports["com.microsoft"] = 1
-        return PassResult(model, modified=bool(layers), changes={"weights encoded": len(layers)},
-                          details={"layers": layers, "skipped": skipped})
+            head = id(use.node) in heads
+            if head and o.head_bits == 0:
+                skipped[use.name] = "LM head kept float (head_bits = 0)"
+                continue
+            bits = o.head_bits if head else (8 if use.node.name in eight else o.bits)
+            layers.append(_Layer(use.name, use, weight.astype(np.float32), "head" if head else "linear", bits))
+        return layers, skipped
+
+    def _encode_layer(self, layer: _Layer, bits: int, method: str) -> BlockQuantized:
+        """The layer's codes at ``bits`` (computed once per width)."""
+        if bits not in layer.encoded:
+            o = self.options
+            form = "symmetric" if o.symmetric or layer.role in ("tied", "embedding") else \
+                ("integer" if o.zero_points == "integer" else "float")
+            chosen = method if layer.role == "linear" else "rtn"
+            if chosen == "gptq" and layer.hessian is None:
+                chosen = "hqq"
+            layer.encoded[bits] = quantize_blocks(layer.weight, bits=bits, block_size=o.block_size, form=form,
+                                                  method=chosen, hessian=layer.hessian)
+        return layer.encoded[bits]
+
+    def _search(self, model: ir.Model, layers: list[_Layer], nodes: dict[int, _Encoded], reference: str,
+                context: PassContext, method: str, snapshots: _Snapshots, levels: dict[int, int]) -> dict[str, Any]:
+        from graphopt.errors import GateFailed
+        from graphopt.verify.text import TextJudge
+
+        text = context.text
+        thresholds = text.thresholds
+        judge_ = TextJudge(reference, text.judge_windows, threads=context.threads)
+        margin = min(0.2 + 0.25 * context.retreat, 0.9)  # of the budget's slack, kept for unseen text
+        target_ppl = None if thresholds.max_ppl_ratio is None else 1 + (thresholds.max_ppl_ratio - 1) * (1 - margin)
+        target_agree = None if thresholds.min_token_agree is None else \
+            thresholds.min_token_agree + (1 - thresholds.min_token_agree) * margin
+        if target_ppl is None and target_agree is None:
+            return {}
+        linear = [layer for layer in layers if layer.role == "linear"]
+        trials: list[dict[str, Any]] = []
+        summary = {"windows": len(text.judge_windows), "target_ppl_ratio": target_ppl,
+                   "target_token_agree": target_agree, "trials": trials}
+
+        def judge(step: str) -> bool:
+            scores = judge_.score(snapshots.write(model))
+            ok = (target_ppl is None or scores["ppl_ratio"] <= target_ppl) and \
+                 (target_agree is None or scores["token_agreement"] >= target_agree)
+            trials.append({"step": step, "eight_bit_layers": sum(layer.bits == 8 for layer in linear),
+                           "float_compute_layers": sum(layer.level == 1 for layer in linear), **scores, "meets": ok})
+            logger.info("blockwise search: %s: perplexity ratio %.4f, agreement %.4f%s", step, scores["ppl_ratio"],
+                        scores["token_agreement"], "" if ok else " (misses)")
+            return ok
+
+        def set_level(group: list[_Layer], level: int | None) -> None:
+            for layer in group:
+                layer.level = level
+                nodes[id(layer)].set_level(levels[layer.bits] if level is None else level)
+
+        if judge(f"all {self.options.bits}-bit"):
+            return summary
+        # Rung 1: float compute (accuracy_level 1) for the layer groups (one weight shape: one role
+        # in every block) whose int8 activations cost the most, measured one group at a time.
+        if self.options.bits == 4 and levels[4] == 4:
+            groups: dict[tuple[int, ...], list[_Layer]] = {}
+            for layer in linear:
+                groups.setdefault(tuple(layer.weight.shape), []).append(layer)
+            gains = []
+            for shape, group in groups.items():
+                set_level(group, 1)
+                judge(f"float compute for the {len(group)} layers of shape {shape[0]}x{shape[1]}")
+                set_level(group, None)
+                gains.append((trials[-1]["token_agreement"] - trials[0]["token_agreement"]
+                              - (trials[-1]["ppl_ratio"] - trials[0]["ppl_ratio"]), shape))
+            for gain, shape in sorted(gains, reverse=True):
+                if gain <= 0:
+                    break
+                set_level(groups[shape], 1)
+                if judge(f"+ float compute for shape {shape[0]}x{shape[1]}"):
+                    return summary
+        # Rung 2: 8 bits, in order of sensitivity, fewest first (bisection over that order).
+        movable = sorted((layer for layer in linear if layer.bits != 8), key=lambda layer: -layer.sensitivity)
+
+        def with_eight_bits(count: int) -> bool:
+            for index, layer in enumerate(movable):
+                bits = 8 if index < count else self.options.bits
+                if layer.bits != bits:
+                    layer.bits = bits
+                    nodes[id(layer)].swap(self._encode_layer(layer, bits, method),
+                                          levels[bits] if layer.level is None or bits == 8 else layer.level)
+            return judge(f"{count} of {len(movable)} layers at 8 bits")
+
+        if not with_eight_bits(len(movable)):
+            best = max(trials, key=lambda t: t["token_agreement"] - t["ppl_ratio"])
+            raise GateFailed(
+                f"pass '{self.name}': the text budget cannot be met on {len(text.judge_windows)} calibration windows: "
+                f"best reached perplexity ratio {best['ppl_ratio']:.4f} (target {_shown(target_ppl)}), token agreement "
+                f"{best['token_agreement']:.4f} (target {_shown(target_agree)}) with {best['step']}",
+                [name for name, value in (("max_ppl_ratio", target_ppl), ("min_token_agree", target_agree)) if value])
+        low, high = 0, len(movable)
+        while high - low > 1:
+            middle = (low + high) // 2
+            if with_eight_bits(middle):
+                high = middle
+            else:
+                low = middle
+        if trials[-1]["eight_bit_layers"] != high:
+            with_eight_bits(high)
+        return summary
+
+
+def _shown(value: float | None) -> str:
+    return "none" if value is None else f"{value:.4f}"
+
+
+# -- encoding --------------------------------------------------------------------------------
+
+
+class _Encoded:
+    """The initializers and nodes one layer was encoded into; ``swap`` re-points them at other
+    codes of the same form (another bit width) without touching the graph's structure."""
+
+    def __init__(self, node: ir.Node, codes: ir.Value, scales: ir.Value, zero_points: ir.Value | None,
+                 offsets: ir.Value | None, readers: tuple[ir.Node, ...] = ()) -> None:
+        self.node, self.codes, self.scales = node, codes, scales
+        self.zero_points, self.offsets, self.readers = zero_points, offsets, readers
+
+    def set_level(self, level: int) -> None:
+        for node in (self.node, *self.readers):
+            if node.op_type == "MatMulNBits":
+                node.attributes["accuracy_level"] = ir.AttrInt64("accuracy_level", level)
+
+    def swap(self, quantized: BlockQuantized, level: int) -> None:
+        self.codes.const_value = ir.tensor(quantized.packed_codes(), name=self.codes.name)
+        self.scales.const_value = ir.tensor(quantized.scales, name=self.scales.name)
+        if self.zero_points is not None:
+            self.zero_points.const_value = ir.tensor(quantized.packed_zero_points(), name=self.zero_points.name)
+        if self.offsets is not None:
+            self.offsets.const_value = ir.tensor(quantized.offsets().astype(np.float16), name=self.offsets.name)
+        for node in (self.node, *self.readers):
+            node.attributes["bits"] = ir.AttrInt64("bits", quantized.bits)
+        self.set_level(level)
+
+
+def _encode(graph: ir.Graph, layer: _Layer, quantized: BlockQuantized, levels: dict[int, int],
+            zero_points: str) -> _Encoded:
+    if layer.role in ("tied", "embedding"):
+        return _encode_table(graph, layer, quantized, levels[quantized.bits])
+    return _encode_matmul(graph, layer.use, quantized, levels[quantized.bits], zero_points)
+
+
+def _matmul_nbits(inputs: list[ir.Value | None], quantized: BlockQuantized, n: int, level: int, name: str) -> ir.Node:
+    return ir.node("MatMulNBits", inputs, {"K": quantized.k, "N": n, "bits": quantized.bits,
+                                           "block_size": quantized.block_size, "accuracy_level": level},
+                   domain="com.microsoft", name=name)
+
+
+def _encode_matmul(graph: ir.Graph, use: WeightUse, quantized: BlockQuantized, level: int, zero_points: str) -> _Encoded:
+    """Replace the MatMul of ``use`` by MatMulNBits reading ``quantized`` (plus the offset term)."""
+    node = use.node
+    name = use.weight.name or "weight"
+    n = quantized.scales.shape[0]
+    codes = initializer(graph, f"{name}_q", quantized.packed_codes())
+    scales = initializer(graph, f"{name}_scales", quantized.scales)
+    inputs: list[ir.Value | None] = [node.inputs[0], codes, scales]
+    zp = offsets = None
+    float_zero = quantized.zero_points.dtype != np.uint8
+    if zero_points == "float" and float_zero or not float_zero and not quantized.symmetric:
+        zp = initializer(graph, f"{name}_zero_points", quantized.packed_zero_points())
+        inputs.append(zp)
+    fused = _matmul_nbits(inputs, quantized, n, level, node.name or f"{name}_matmul_nbits")
+    added = [fused]
+    result = fused.outputs[0]
+    if zero_points == "offset" and float_zero:
+        offsets = initializer(graph, f"{name}_offsets", quantized.offsets().astype(np.float16))
+        sums = ir.node("MatMul", [node.inputs[0], _block_sums(graph, quantized.k, quantized.block_size)],
+                       name=f"{fused.name}_block_sums")
+        widened = ir.node("Cast", [offsets], {"to": ir.DataType.FLOAT}, name=f"{fused.name}_offsets_f32")
+        term = ir.node("MatMul", [sums.outputs[0], widened.outputs[0]], name=f"{fused.name}_offset_term")
+        total = ir.node("Add", [result, term.outputs[0]], name=f"{fused.name}_plus_offsets")
+        added += [sums, widened, term, total]
+        result = total.outputs[0]
+    for new in added:
+        graph.insert_before(node, new)
+    _take_over(graph, node, result)
+    if not use.weight.uses():
+        graph.initializers.pop(use.weight.name, None)
+    return _Encoded(fused, codes, scales, zp, offsets)
+
+
+def _block_sums(graph: ir.Graph, k: int, block_size: int) -> ir.Value:
+    """P [K, blocks]: 1 where row k lies in block b (shared by every layer with this K)."""
+    name = f"blockwise_sums_{k}x{block_size}"
+    if name in graph.initializers:
+        return graph.initializers[name]
+    blocks = -(-k // block_size)
+    matrix = np.zeros((k, blocks), np.float32)
+    matrix[np.arange(k), np.arange(k) // block_size] = 1.0
+    return initializer(graph, name, matrix)
+
+
+def _encode_table(graph: ir.Graph, layer: _Layer, quantized: BlockQuantized, level: int) -> _Encoded:
+    """The embedding table → GatherBlockQuantized on its [V, H] codes; a tied head's
+    FusedMatMul(transB) → MatMulNBits on the same codes and scales."""
+    use = layer.use
+    name = use.weight.name or "table"
+    vocab = use.weight.const_value.shape[0]
+    codes = initializer(graph, f"{name}_q", quantized.packed_codes())
+    scales = initializer(graph, f"{name}_scales", quantized.scales)
+    flat_shape = initializer(graph, f"{name}_q_shape", np.array([vocab, -1], np.int64))
+    flat = ir.node("Reshape", [codes, flat_shape], name=f"{name}_q_rows")
+    graph.insert_before(first_reader(graph, use.weight), flat)
+    readers = []
+    for gather, index in list(use.weight.uses()):
+        if gather.op_type != "Gather":
+            continue
+        new = ir.node("GatherBlockQuantized", [flat.outputs[0], gather.inputs[1], scales],
+                      {"gather_axis": 0, "quantize_axis": 1, "block_size": quantized.block_size,
+                       "bits": quantized.bits}, domain="com.microsoft", name=gather.name or f"{name}_gather")
+        graph.insert_before(gather, new)
+        _take_over(graph, gather, new.outputs[0])
+        readers.append(new)
+    main = readers[0]
+    for head in layer.heads:
+        fused = _matmul_nbits([head.inputs[0], codes, scales], quantized, vocab, level, head.name or f"{name}_head")
+        graph.insert_before(head, fused)
+        _take_over(graph, head, fused.outputs[0])
+        readers.append(fused)
+    graph.initializers.pop(use.weight.name, None)
+    return _Encoded(main, codes, scales, None, None, tuple(readers[1:]))
+
+
+def first_reader(graph: ir.Graph, value: ir.Value) -> ir.Node:
+    users = {id(user) for user, _ in value.uses()}
+    return next(node for node in graph if id(node) in users)
+
+
+def _take_over(graph: ir.Graph, node: ir.Node, result: ir.Value) -> None:
+    output = node.outputs[0]
+    if output.dtype is not None:  # an intermediate value may carry no type: leave the new one untyped too
+        result.dtype = output.dtype
+    if output.shape is not None:
+        result.shape = output.shape
+    output.replace_all_uses_with(result, replace_graph_outputs=True)
+    graph.remove(node, safe=True)
+    result.name = output.name  # the tensor keeps its name (a graph output's is its contract)
+
+
+def _reads_transposed(node: ir.Node) -> bool:
+    """A FusedMatMul(A, T, transB=1) with nothing else set: A · Tᵀ, the tied LM head."""
+    if node.op_type != "FusedMatMul" or node.domain != "com.microsoft":
+        return False
+    attrs = node.attributes
+    return (attrs.get_int("transB", 0) == 1 and attrs.get_int("transA", 0) == 0
+            and attrs.get_int("transBatchA", 0) == 0 and attrs.get_int("transBatchB", 0) == 0
+            and attrs.get_float("alpha", 1.0) == 1.0)
+
+
+def _logits_producers(graph: ir.Graph) -> list[ir.Node]:
+    return [output.producer() for output in graph.outputs
+            if output.name == "logits" and output.producer() is not None]
+
+
+# -- measurements ------------------------------------------------------------------------------
+
+
+class _Snapshots:
+    """The model as onnxruntime reads it, written to a scratch folder (external data, so that
+    weights left on disk are read from there and any size works); removed on close."""
+
+    def __init__(self) -> None:
+        import tempfile
+
+        self._folder = tempfile.TemporaryDirectory(prefix="graphopt-blockwise-")
+        self._count = 0
+
+    def write(self, model: ir.Model) -> str:
+        import os
+
+        self._count += 1
+        path = os.path.join(self._folder.name, f"trial{self._count}.onnx")
+        ir.save(model, path, external_data=os.path.basename(path) + ".data")
+        return path
+
+    def close(self) -> None:
+        self._folder.cleanup()
+
+
+def _relative_error(layer: _Layer) -> float:
+    quantized = layer.encoded[layer.bits]
+    return float(np.linalg.norm(quantized.dequantize() - layer.weight) / max(float(np.linalg.norm(layer.weight)), 1e-12))
+
+
+def _sensitivity(layer: _Layer, quantized: BlockQuantized) -> float:
+    """Relative output error on the calibration inputs, tr(Eᵀ H E) / tr(Wᵀ H W), when H was
+    measured; else the weight's relative squared error."""
+    error = quantized.dequantize() - layer.weight
+    if layer.hessian is not None:
+        h = layer.hessian.astype(np.float32)
+        return float(((h @ error) * error).sum() / max(float(((h @ layer.weight) * layer.weight).sum()), 1e-30))
+    return float((error ** 2).sum() / max(float((layer.weight ** 2).sum()), 1e-30))
+
+
+def _measure_hessians(model: ir.Model, layers: list[_Layer], context: PassContext, pass_name: str,
+                      snapshot: str) -> None:
+    """E[x xᵀ] of each layer's input on the calibration feeds (decoder: the calibration text;
+    ``snapshot`` is the float model on disk)."""
+    from graphopt.passes.activations import ActivationCollector, SecondMoment
+
+    feeds: Any
+    if context.text is not None:
+        feeds = context.text.feeds(snapshot, threads=context.threads)
+    else:
+        feeds = context.calibration_feeds(pass_name).feeds
+    names = sorted({layer.use.node.inputs[0].name for layer in layers})
+    moments = {name: SecondMoment() for name in names}
+    ActivationCollector(model, names, threads=context.threads).stream(feeds, moments)
+    for layer in layers:
+        value = moments[layer.use.node.inputs[0].name].value
+        layer.hessian = None if value is None else value.astype(np.float64)
+
+
+def _accuracy_levels(layers: list[_Layer], context: PassContext, block_size: int) -> dict[int, int]:
+    """For 4 and 8 bits, the faster of onnxruntime's default compute (0) and int8 activations (4)
+    on this model's largest linear layer, on one token and on 128 rows; measured once per
+    machine and cached (8-bit codes have no fast float path here: level 0 is ~100× slower)."""
+    from pathlib import Path
+
+    from graphopt.passes.quantize.profile import BlockwiseProfile, default_cache_dir
+    from graphopt.verify.runtime import default_threads
+
+    linear = [layer for layer in layers if layer.role == "linear"] or layers
+    k, n = max(linear, key=lambda layer: layer.weight.size).weight.shape
+    cache = Path(context.cache_dir) if context.cache_dir else default_cache_dir()
+    profile = BlockwiseProfile(cache, context.threads or default_threads())
+    levels = {bits: profile.fastest_level(k, n, bits=bits, block_size=block_size) for bits in (4, 8)}
+    profile.save()
+    return levels

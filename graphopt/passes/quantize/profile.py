@@ -55,8 +55,8 @@ def signature(use: WeightUse, input_shape: tuple[int, ...], mode: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
-class SpeedProfile:
-    """``speedup(use, shape, mode)``: float time / int8 time for that layer signature."""
+class _ProfileFile:
+    """The JSON cache shared by the speed profiles: one section per machine key."""
 
     def __init__(self, cache_dir: Path, threads: int) -> None:
         self.path = cache_dir / "speed-profile.json"
@@ -81,15 +81,33 @@ class SpeedProfile:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         write_text(self.path, to_json(self._data))
 
-    def timings(self, use: WeightUse, input_shape: tuple[int, ...], mode: str) -> dict[str, float]:
+    def _entry(self, sig: str, measure: Any) -> dict[str, float]:
         entries = self._data.setdefault(self.key, {})
-        sig = signature(use, input_shape, mode)
         if sig not in entries:
-            entries[sig] = _measure(use, input_shape, mode, self.threads)
+            entries[sig] = measure()
             self.measured += 1
         else:
             self.reused += 1
         return entries[sig]
+
+
+class SpeedProfile(_ProfileFile):
+    """``speedup(use, shape, mode)``: float time / int8 time for that layer signature."""
+
+    def timings(self, use: WeightUse, input_shape: tuple[int, ...], mode: str) -> dict[str, float]:
+        return self._entry(signature(use, input_shape, mode), lambda: _measure(use, input_shape, mode, self.threads))
+
+
+class BlockwiseProfile(_ProfileFile):
+    """``fastest_level(k, n, bits, block_size)``: MatMulNBits' accuracy_level 0 (the kernel's
+    default compute) or 4 (int8 activations), whichever is faster on this CPU for a [K, N] weight,
+    judged on one row (a decode step) and on 128 rows (a prefill) by the sum of the two ratios."""
+
+    def fastest_level(self, k: int, n: int, *, bits: int, block_size: int) -> int:
+        times = self._entry(f"MatMulNBits|{k}x{n}|{bits}b|{block_size}",
+                            lambda: _measure_levels(k, n, bits, block_size, self.threads))
+        ratio = times["level4_rows1_ms"] / times["level0_rows1_ms"] + times["level4_rows128_ms"] / times["level0_rows128_ms"]
+        return 4 if ratio < 2.0 else 0
 
 
 def _one_node_models(use: WeightUse, input_shape: tuple[int, ...], mode: str) -> tuple[bytes, bytes]:
@@ -146,3 +164,34 @@ def _measure(use: WeightUse, input_shape: tuple[int, ...], mode: str, threads: i
     logger.debug("profiled %s %s %s: %.3f ms float, %.3f ms int8", use.kind, mode, input_shape,
                  ab.a.median_ms, ab.b.median_ms)
     return {"float_ms": round(ab.a.median_ms, 5), "int8_ms": round(ab.b.median_ms, 5)}
+
+
+def _measure_levels(k: int, n: int, bits: int, block_size: int, threads: int) -> dict[str, float]:
+    from onnx import TensorProto, helper, numpy_helper
+
+    from graphopt.verify.latency import compare_interleaved
+    from graphopt.verify.runtime import make_session
+
+    rng = np.random.default_rng(0)
+    blocks = -(-k // block_size)
+    codes = rng.integers(0, 256, (n, blocks, block_size * bits // 8), dtype=np.uint8)
+    scales = rng.uniform(0.001, 0.01, (n, blocks)).astype(np.float32)
+
+    def model(level: int) -> bytes:
+        node = helper.make_node("MatMulNBits", ["x", "B", "scales"], ["y"], domain="com.microsoft", K=k, N=n,
+                                bits=bits, block_size=block_size, accuracy_level=level)
+        graph = helper.make_graph([node], "one", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", k])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["rows", n])],
+                                  [numpy_helper.from_array(codes, "B"), numpy_helper.from_array(scales, "scales")])
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
+                                                       helper.make_opsetid("com.microsoft", 1)]).SerializeToString()
+
+    sessions = [make_session(model(level), threads=threads) for level in (0, 4)]
+    times: dict[str, float] = {}
+    for rows in (1, 128):
+        feeds = [{"x": rng.standard_normal((rows, k)).astype(np.float32)} for _ in range(2)]
+        ab = compare_interleaved(*sessions, feeds, threads=threads, rounds=20, max_seconds=2.0)
+        times[f"level0_rows{rows}_ms"] = round(ab.a.median_ms, 5)
+        times[f"level4_rows{rows}_ms"] = round(ab.b.median_ms, 5)
+    logger.debug("MatMulNBits %dx%d %d bits: %s", k, n, bits, times)
+    return times

@@ -1,0 +1,241 @@
+"""Blockwise weight codes along K, and three ways to choose them.
+
+A weight W [K, N] (``Y = A @ W``) is cut, per output column n, into blocks of ``block_size``
+consecutive rows; block b of column n holds codes q ∈ [0, 2^bits) and is rebuilt as
+
+    Ŵ[k, n] = s[n, b] · (q[k, n] − z[n, b])
+
+**Grids** (``form``):
+
+* ``symmetric``: z = 2^(bits−1), s = max|W_block| / (2^(bits−1) − 1): ±max land on codes
+  1 and 2^bits − 1; no zero point is stored (the kernel's default);
+* ``integer``: s = (max − min) / (2^bits − 1) over a range stretched to include 0,
+  z = round(−min / s), a packed unsigned integer per block (what onnxruntime's quantizer does);
+* ``float``: z is a real number, so the grid runs exactly from the block's min (code 0) to its
+  max (code 2^bits − 1), as GGUF's Q4_1 stores. How it is served is the pass's business
+  (a float zero-point input, or a symmetric kernel plus an offset term).
+
+**Methods** — what each one minimises:
+
+* ``rtn``: the min–max grid above, each code rounded to nearest.
+* ``hqq`` (data-free, after Badri & Shaji's half-quadratic quantization): for the grid's scale
+  s, the zero point minimising the sparsity-promoting error  Σ_k |W − s·(q(z) − z)|^p, p = 0.7,
+  solved by half-quadratic splitting: E ← shrink_p(W − Ŵ(z), β);  z ← mean_k(q − (W − E)/s);
+  β ← 1.01·β, for 20 rounds, keeping per block the z of least error. Symmetric and integer
+  grids have no free zero point: there each block's scale is picked among 16 shrink factors of
+  the min–max scale (1.0 down to 0.70), zero point kept, for the least squared error.
+* ``gptq`` (needs calibration; Frantar et al.): the output error on the calibration inputs,
+  ‖X·(W − Ŵ)‖² = tr((W − Ŵ)ᵀ H (W − Ŵ)) with H = E[x xᵀ], rows k quantized in order, each
+  row's rounding error fed forward onto the rows not yet quantized through the upper Cholesky
+  factor U of H⁻¹:  W[j] −= U[k, j] · (W[k] − Ŵ[k]) / U[k, k]  (j > k). A block's grid is fixed
+  from the updated rows when its first row is reached.
+
+Storage, as onnxruntime's kernels read it: ``codes`` packed low bits first along K (for 4 bits
+the even k in the low nibble) into uint8 [N, blocks, block_size·bits/8]; integer zero points
+packed the same way per column. A K that is not a multiple of the block size is padded with
+codes at the zero point (they rebuild to 0 and multiply nothing).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+FORMS = ("symmetric", "integer", "float")
+METHODS = ("rtn", "hqq", "gptq")
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockQuantized:
+    codes: np.ndarray  # uint8 [N, blocks, block_size], one code per value (unpacked)
+    scales: np.ndarray  # float32 [N, blocks]
+    zero_points: np.ndarray  # uint8 [N, blocks], or float32 for the float grid
+    bits: int
+    block_size: int
+    k: int
+
+    @property
+    def half(self) -> int:
+        return 1 << (self.bits - 1)
+
+    @property
+    def symmetric(self) -> bool:
+        return self.zero_points.dtype == np.uint8 and bool(np.all(self.zero_points == self.half))
+
+    def dequantize(self) -> np.ndarray:
+        """Ŵ [K, N] as the kernel rebuilds it."""
+        values = (self.codes.astype(np.float32) - self.zero_points[..., None]) * self.scales[..., None]
+        return values.reshape(values.shape[0], -1)[:, : self.k].T
+
+    def packed_codes(self) -> np.ndarray:
+        """uint8 [N, blocks, block_size · bits / 8], low bits first along K."""
+        return pack(self.codes, self.bits)
+
+    def packed_zero_points(self) -> np.ndarray:
+        """Integer zero points: uint8 [N · ceil(blocks · bits / 8)], each column packed like the
+        codes; float ones as they are, float32 [N · blocks]."""
+        if self.zero_points.dtype != np.uint8:
+            return self.zero_points.reshape(-1).astype(np.float32)
+        n, blocks = self.zero_points.shape
+        per_byte = 8 // self.bits
+        padded = np.zeros((n, -(-blocks // per_byte) * per_byte), np.uint8)
+        padded[:, :blocks] = self.zero_points
+        return pack(padded, self.bits).reshape(-1)
+
+    def offsets(self) -> np.ndarray:
+        """float32 [blocks, N]: s · (2^(bits−1) − z), what a symmetric kernel reading these codes
+        misses per block: Ŵ = s·(q − 2^(bits−1)) + offset."""
+        return (self.scales * (self.half - self.zero_points.astype(np.float32))).T.astype(np.float32)
+
+
+def pack(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Pack the last axis ``8 // bits`` codes per byte, the first code in the lowest bits."""
+    per_byte = 8 // bits
+    grouped = codes.astype(np.uint8).reshape(*codes.shape[:-1], codes.shape[-1] // per_byte, per_byte)
+    shifts = (np.arange(per_byte, dtype=np.uint8) * bits).astype(np.uint8)
+    return np.bitwise_or.reduce(grouped << shifts, axis=-1).astype(np.uint8)
+
+
+def split_blocks(weight: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(values [N, blocks, block_size] float32, zero-padded along K; mask [blocks, block_size]
+    of the real rows)."""
+    k, n = weight.shape
+    blocks = -(-k // block_size)
+    columns = np.zeros((n, blocks * block_size), np.float32)
+    columns[:, :k] = weight.T
+    mask = np.zeros(blocks * block_size, bool)
+    mask[:k] = True
+    return columns.reshape(n, blocks, block_size), mask.reshape(blocks, block_size)
+
+
+def grid(values: np.ndarray, mask: np.ndarray, bits: int, form: str) -> tuple[np.ndarray, np.ndarray]:
+    """The min–max grid of each block: (scales [..., blocks] float32, zero points)."""
+    levels = (1 << bits) - 1
+    if form == "symmetric":
+        half = 1 << (bits - 1)
+        scales = np.where(mask, np.abs(values), 0).max(axis=-1) / (half - 1)
+        zero: np.ndarray = np.full(scales.shape, half, np.uint8)
+    else:
+        low = np.where(mask, values, np.inf).min(axis=-1)
+        high = np.where(mask, values, -np.inf).max(axis=-1)
+        if form == "integer":
+            low, high = np.minimum(low, 0.0), np.maximum(high, 0.0)
+            scales = (high - low) / levels
+            zero = np.clip(np.rint(-low / np.where(scales > 0, scales, 1.0)), 0, levels).astype(np.uint8)
+        else:
+            scales = np.where(high > low, (high - low) / levels, 1.0)
+            zero = (-low / scales).astype(np.float32)
+    scales = np.where(scales > 0, scales, 1.0).astype(np.float32)
+    return scales, zero
+
+
+def round_codes(values: np.ndarray, mask: np.ndarray, scales: np.ndarray, zero: np.ndarray, bits: int) -> np.ndarray:
+    levels = (1 << bits) - 1
+    codes = np.clip(np.rint(values / scales[..., None] + zero[..., None]), 0, levels)
+    return np.where(mask, codes, np.clip(np.rint(zero), 0, levels)[..., None]).astype(np.uint8)
+
+
+def quantize_blocks(weight: np.ndarray, *, bits: int, block_size: int, form: str = "symmetric",
+                    method: str = "rtn", hessian: np.ndarray | None = None) -> BlockQuantized:
+    """Blockwise codes of ``weight`` [K, N] along K (see the module's docstring). ``hessian``
+    [K, K] (E[x xᵀ] of the layer's input) is needed by ``gptq`` only."""
+    if form not in FORMS or method not in METHODS:
+        raise ValueError(f"unknown form {form!r} or method {method!r}")
+    weight = np.asarray(weight, np.float32)
+    if method == "gptq":
+        if hessian is None:
+            raise ValueError("gptq needs the layer's input second moment")
+        return _gptq(weight, hessian, bits=bits, block_size=block_size, form=form)
+    values, mask = split_blocks(weight, block_size)
+    scales, zero = grid(values, mask, bits, form)
+    if method == "hqq":
+        scales, zero = _hqq(values, mask, scales, zero, bits, form)
+    codes = round_codes(values, mask, scales, zero, bits)
+    return BlockQuantized(codes, scales, zero, bits, block_size, weight.shape[0])
+
+
+def _block_error(values: np.ndarray, mask: np.ndarray, scales: np.ndarray, zero: np.ndarray, bits: int,
+                 p: float = 2.0) -> np.ndarray:
+    codes = round_codes(values, mask, scales, zero, bits).astype(np.float32)
+    error = np.abs(values - (codes - zero[..., None]) * scales[..., None])
+    return np.where(mask, error ** p, 0.0).sum(axis=-1)
+
+
+def _hqq(values: np.ndarray, mask: np.ndarray, scales: np.ndarray, zero: np.ndarray, bits: int,
+         form: str, *, p: float = 0.7, beta: float = 10.0, kappa: float = 1.01, rounds: int = 20,
+         ) -> tuple[np.ndarray, np.ndarray]:
+    levels = (1 << bits) - 1
+    if form != "float":  # no free zero point: search each block's scale (the zero point stays)
+        best_scales, best = scales, _block_error(values, mask, scales, zero, bits)
+        for factor in np.linspace(1.0, 0.70, 16)[1:]:
+            trial = (scales * factor).astype(np.float32)
+            error = _block_error(values, mask, trial, zero, bits)
+            better = error < best
+            best_scales, best = np.where(better, trial, best_scales), np.where(better, error, best)
+        return best_scales.astype(np.float32), zero
+    s = scales[..., None].astype(np.float32)
+    z = zero.astype(np.float32)
+    count = np.maximum(mask.sum(axis=-1), 1)
+    best_z, best = z.copy(), _block_error(values, mask, scales, z, bits, p)
+    for _ in range(rounds):
+        q = np.clip(np.rint(values / s + z[..., None]), 0, levels)
+        residual = values - s * (q - z[..., None])
+        magnitude = np.abs(residual)
+        shrunk = np.sign(residual) * np.maximum(magnitude - np.power(np.maximum(magnitude, 1e-12), p - 1) / beta, 0)
+        z = (np.where(mask, q - (values - shrunk) / s, 0.0).sum(axis=-1) / count).astype(np.float32)
+        beta *= kappa
+        error = _block_error(values, mask, scales, z, bits, p)
+        better = error < best
+        best_z, best = np.where(better, z, best_z), np.where(better, error, best)
+    return scales, best_z.astype(np.float32)
+
+
+def _gptq(weight: np.ndarray, hessian: np.ndarray, *, bits: int, block_size: int, form: str,
+          damp: float = 0.01) -> BlockQuantized:
+    k, n = weight.shape
+    blocks = -(-k // block_size)
+    levels = (1 << bits) - 1
+    h = np.array(hessian, np.float64, copy=True)
+    w = np.zeros((blocks * block_size, n), np.float64)
+    w[:k] = weight
+    dead = np.diag(h) <= 0
+    h[dead, dead] = 1.0
+    w[:k][dead] = 0.0
+    h += np.eye(k) * damp * float(np.mean(np.diag(h)))
+    try:
+        upper = np.linalg.cholesky(np.linalg.inv(h)).T  # H⁻¹ = Uᵀ U
+    except np.linalg.LinAlgError:
+        h += np.eye(k) * float(np.mean(np.diag(h)))
+        upper = np.linalg.cholesky(np.linalg.inv(h)).T
+    full = np.eye(blocks * block_size)
+    full[:k, :k] = upper
+    upper = full
+    codes = np.zeros((n, blocks, block_size), np.uint8)
+    scales = np.zeros((n, blocks), np.float32)
+    zeros = np.zeros((n, blocks), np.uint8 if form != "float" else np.float32)
+    mask_all = np.zeros(blocks * block_size, bool)
+    mask_all[:k] = True
+    lazy = max(128 // block_size, 1) * block_size
+    for start in range(0, blocks * block_size, lazy):
+        stop = min(start + lazy, blocks * block_size)
+        chunk = w[start:stop].copy()
+        errors = np.zeros_like(chunk)
+        for i in range(stop - start):
+            row = start + i
+            b, j = divmod(row, block_size)
+            if j == 0:
+                values = chunk[i:i + block_size].T[:, None, :].astype(np.float32)  # [N, 1, block_size]
+                s, z = grid(values, mask_all[row:row + block_size][None, :], bits, form)
+                scales[:, b], zeros[:, b] = s[:, 0], z[:, 0]
+            s, z = scales[:, b].astype(np.float64), zeros[:, b].astype(np.float64)
+            if not mask_all[row]:
+                codes[:, b, j] = np.clip(np.rint(z), 0, levels).astype(np.uint8)
+                continue
+            q = np.clip(np.rint(chunk[i] / s + z), 0, levels)
+            codes[:, b, j] = q.astype(np.uint8)
+            error = (chunk[i] - s * (q - z)) / upper[row, row]
+            chunk[i + 1:] -= np.outer(upper[row, row + 1:stop], error)
+            errors[i] = error
+        w[stop:] -= upper[start:stop, stop:].T @ errors
+    return BlockQuantized(codes, scales, zeros, bits, block_size, k)
