@@ -129,13 +129,13 @@ def optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, opti
     if options.fix_shapes:
         fix = FixInputShapesPass(shapes=tuple(options.fix_shapes))
         recipe = dataclasses.replace(recipe, passes=(fix, *recipe.passes))
+    needing = [p.name for p in recipe.passes if p.needs_calibration()]
+    if needing and options.calib is None and not recipe.text_budget:  # a text recipe has the bundled corpus
+        raise DataError(f"recipe '{recipe.name}' needs calibration data for {', '.join(needing)}: give --calib DATA")
     loaded = load_model(input_path)
     text_calibration = None
     if recipe.text_budget:  # a decoder recipe: judged on text, calibrated on text
         options, text_calibration = _text_defaults(loaded, recipe, options)
-    needing = [p.name for p in recipe.passes if p.needs_calibration()]
-    if needing and options.calib is None and text_calibration is None:
-        raise DataError(f"recipe '{recipe.name}' needs calibration data for {', '.join(needing)}: give --calib DATA")
     tokenizer = _text_tokenizer(loaded, options.text) if options.text else None
     specs = input_specs(loaded.model)
     if options.fix_shapes:  # the data must have the shapes the written model will take

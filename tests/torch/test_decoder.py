@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from onnx import helper
 import pytest
 
 pytest.importorskip("transformers")
@@ -282,3 +283,50 @@ def test_a_decoder_folder_without_a_tokenizer_cannot_read_text(command, exported
     assert main([command, str(copy), *args]) == 2
     assert "no tokenizer.json" in one_line_error(capsys)
     assert not (tmp_path / "o").exists()
+
+
+def test_int4_recipe_writes_a_4_bit_decoder_judged_on_text(exported, tmp_path, capsys):
+    """--recipe int4 on the tiny decoder: calibrated on the bundled corpus, judged on the given
+    prose; 4-bit MatMulNBits for the blocks, one 8-bit code tensor for the tied table and head."""
+    import onnx_ir as ir
+
+    from graphopt.passes.pipeline import op_histogram
+
+    _, out, _ = exported
+    prose = _prose(tmp_path / "prose.txt")
+    common = ["--recipe", "int4", "--data", str(prose), "--window", "16", "--windows", "4", "--no-latency",
+              "--threads", "1", "-q"]
+    assert main(["optimize", str(out), "-o", str(tmp_path / "int4"), "--max-ppl-ratio", "1.5",
+                 "--min-token-agree", "0.5", "--report", str(tmp_path / "r.json"), *common]) == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "r.json").read_text())
+    step = next(s for s in report["steps"] if s["pass"] == "quantize-blockwise")
+    roles = {row["role"] for row in step["details"]["layers"]}
+    assert roles == {"linear", "tied"} and step["details"]["method"] == "gptq"
+    assert {c["name"] for c in report["verification"]["checks"]} >= {"max_ppl_ratio", "min_token_agree"}
+    ops = op_histogram(ir.load(tmp_path / "int4" / "model.onnx"))
+    assert ops["GatherBlockQuantized"] == 1 and ops["MatMulNBits"] >= 2 and "FusedMatMul" not in ops
+    assert (tmp_path / "int4" / "tokenizer.json").is_file()
+    assert report["output_bytes"] < report["input_bytes"]
+
+
+def test_int4_budget_out_of_reach_exits_1_naming_the_best_value_and_writes_nothing(exported, tmp_path, capsys):
+    _, out, _ = exported
+    prose = _prose(tmp_path / "prose.txt")
+    code = main(["optimize", str(out), "-o", str(tmp_path / "no"), "--recipe", "int4", "--data", str(prose),
+                 "--window", "16", "--windows", "4", "--no-latency", "--threads", "1", "--min-token-agree", "1.01"])
+    assert code == 1
+    error = one_line_error(capsys)
+    assert "text budget cannot be met" in error and "best reached" in error and "token agreement" in error
+    assert not (tmp_path / "no").exists()
+
+
+def test_int4_recipe_on_a_model_that_is_not_a_decoder_is_refused(tmp_path, capsys):
+    from tests.conftest import make_model, tensor
+
+    weight = np.ones((64, 64), np.float32)
+    model = make_model([helper.make_node("MatMul", ["X", "W"], ["Y"])], [tensor("X", ["N", 64])],
+                       [tensor("Y", ["N", 64])], [weight], names=["W"])
+    onnx.save(model, tmp_path / "m.onnx")
+    assert main(["optimize", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "o.onnx"), "--recipe", "int4"]) == 2
+    assert "is for decoder LLMs" in one_line_error(capsys)
+    assert not (tmp_path / "o.onnx").exists()

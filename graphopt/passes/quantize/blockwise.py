@@ -63,6 +63,7 @@ class _Layer:
     encoded: dict[int, BlockQuantized] = dataclasses.field(default_factory=dict)
     sensitivity: float = 0.0
     level: int | None = None  # accuracy_level chosen by the search (None: the fastest for its bits)
+    methods: dict[int, str] = dataclasses.field(default_factory=dict)  # per bit width, the method that won
 
 
 @register
@@ -80,7 +81,8 @@ class QuantizeBlockwisePass(GraphoptPass, name="quantize-blockwise",
         """Asymmetric only: 'integer' (packed), 'offset' (float, served by a separate term) or
         'float' (the kernel's float input: slow on onnxruntime's CPU)."""
         method: str = "auto"
-        """'rtn', 'hqq' (data-free), 'gptq' (needs calibration), or 'auto': gptq with calibration, else hqq."""
+        """'rtn', 'hqq' (data-free), 'gptq' (needs calibration; per layer, round to nearest where that
+        loses less on the calibration inputs), or 'auto': gptq with calibration, else hqq."""
         head_bits: int = 8
         """The LM head and the embedding table (shared codes when tied): 8, 4, or 0 to keep them float."""
         search: bool = True
@@ -153,7 +155,7 @@ class QuantizeBlockwisePass(GraphoptPass, name="quantize-blockwise",
             search = self._search(model, layers, nodes, reference, context, method, snapshots, levels)
         table = [{"node": layer.name, "role": layer.role, "shape": list(layer.weight.shape), "bits": layer.bits,
                   "accuracy_level": levels[layer.bits] if layer.level is None else layer.level,
-                  "block_size": o.block_size, "method": method if layer.role == "linear" else "rtn",
+                  "block_size": o.block_size, "method": layer.methods[layer.bits],
                   "relative_error": _relative_error(layer), "sensitivity": layer.sensitivity} for layer in layers]
         changes = {"weights encoded": len(layers), "8-bit": sum(layer.bits == 8 for layer in layers)}
         return PassResult(model, modified=True, changes=changes,
@@ -210,8 +212,15 @@ class QuantizeBlockwisePass(GraphoptPass, name="quantize-blockwise",
             chosen = method if layer.role == "linear" else "rtn"
             if chosen == "gptq" and layer.hessian is None:
                 chosen = "hqq"
-            layer.encoded[bits] = quantize_blocks(layer.weight, bits=bits, block_size=o.block_size, form=form,
-                                                  method=chosen, hessian=layer.hessian)
+            quantized = quantize_blocks(layer.weight, bits=bits, block_size=o.block_size, form=form, method=chosen,
+                                        hessian=layer.hessian)
+            if chosen == "gptq":  # GPTQ is greedy: where rounding to nearest loses less (weights already on
+                # the grid, as a GGUF checkpoint's are), keep that
+                nearest = quantize_blocks(layer.weight, bits=bits, block_size=o.block_size, form=form)
+                if _sensitivity(layer, nearest) <= _sensitivity(layer, quantized):
+                    quantized, chosen = nearest, "rtn"
+            layer.encoded[bits] = quantized
+            layer.methods[bits] = chosen
         return layer.encoded[bits]
 
     def _search(self, model: ir.Model, layers: list[_Layer], nodes: dict[int, _Encoded], reference: str,

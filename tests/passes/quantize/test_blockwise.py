@@ -10,13 +10,16 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 import pytest
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from graphopt.errors import RecipeError
 from graphopt.passes import get_pass
 from graphopt.passes.pipeline import op_histogram
-from graphopt.passes.quantize.blockwise import pack, quantize_blocks
+from graphopt.passes.quantize.blocks import pack, quantize_blocks
 from tests.conftest import make_model, run, tensor
+
+
+FAST = {"method": "rtn", "accuracy_level": 0}  # no per-machine measurement in unit tests
 
 
 def matmul_model(weight: np.ndarray):
@@ -46,12 +49,12 @@ def test_codes_pack_low_bits_first_along_k():
 @pytest.mark.parametrize(("bits", "block_size"), [(4, 32), (4, 16), (8, 64)])
 def test_values_on_the_grid_round_trip_exactly_and_onnxruntime_agrees(rng, bits, block_size):
     weight = on_grid(rng, 128, 24, bits=bits, block_size=block_size)
-    quantized = quantize_blocks(weight, bits=bits, block_size=block_size, symmetric=True)
+    quantized = quantize_blocks(weight, bits=bits, block_size=block_size, form="symmetric")
     np.testing.assert_array_equal(quantized.dequantize(), weight)
     proto = matmul_model(weight)
     model = ir.serde.deserialize_model(proto)
-    result = get_pass("quantize-blockwise")(bits=bits, block_size=block_size, min_elements=16)(model)
-    assert result.changes == {"weights encoded": 1} and op_histogram(model) == {"MatMulNBits": 1}
+    result = get_pass("quantize-blockwise")(bits=bits, block_size=block_size, min_elements=16, **FAST)(model)
+    assert result.changes == {"weights encoded": 1, "8-bit": int(bits == 8)} and op_histogram(model) == {"MatMulNBits": 1}
     x = rng.standard_normal((5, 128)).astype(np.float32)
     expected = x @ weight
     np.testing.assert_allclose(run(model, {"X": x})[0], expected, atol=1e-5 * np.abs(expected).max())
@@ -62,14 +65,14 @@ def test_a_k_that_is_not_a_multiple_of_the_block_runs_as_the_codes_say(rng, symm
     """K = 70 with blocks of 32: a tail block of 6 values (padding must not widen its range);
     asymmetric adds zero points for an odd number of blocks (3), packed two per byte."""
     weight = rng.standard_normal((70, 9)).astype(np.float32)
-    quantized = quantize_blocks(weight, bits=4, block_size=32, symmetric=symmetric)
+    quantized = quantize_blocks(weight, bits=4, block_size=32, form="symmetric" if symmetric else "integer")
     rebuilt = quantized.dequantize()
     assert rebuilt.shape == weight.shape
     assert np.abs(rebuilt - weight).max() <= quantized.scales.max() / 2 + 1e-6  # rounding, never clipping
     tail = weight[64:]
     assert quantized.scales[:, 2].max() <= np.abs(tail).max() / 3.5 + 1e-6  # the tail's own range
     model = ir.serde.deserialize_model(matmul_model(weight))
-    get_pass("quantize-blockwise")(symmetric=symmetric, min_elements=16)(model)
+    get_pass("quantize-blockwise")(symmetric=symmetric, min_elements=16, method="rtn", accuracy_level=0)(model)
     assert len(model.graph.node(0).inputs) == (3 if symmetric else 4)
     x = rng.standard_normal((4, 70)).astype(np.float32)
     np.testing.assert_allclose(run(model, {"X": x})[0], x @ rebuilt, atol=1e-4)
@@ -80,12 +83,13 @@ def test_the_same_model_twice_gives_the_same_bytes(rng):
     outputs = []
     for _ in range(2):
         model = ir.serde.deserialize_model(proto)
-        get_pass("quantize-blockwise")(min_elements=16)(model)
+        get_pass("quantize-blockwise")(min_elements=16, **FAST)(model)
         outputs.append(ir.serde.serialize_model(model).SerializeToString())
     assert outputs[0] == outputs[1]
 
 
-@pytest.mark.parametrize(("option", "value"), [("bits", 3), ("block_size", 48), ("accuracy_level", 7)])
+@pytest.mark.parametrize(("option", "value"), [("bits", 3), ("block_size", 48), ("accuracy_level", 7),
+                                               ("zero_points", "half"), ("method", "awq"), ("head_bits", 2)])
 def test_options_out_of_range_are_refused_when_built(option, value):
     with pytest.raises(RecipeError, match=f"'{option}' must be"):
         get_pass("quantize-blockwise")(**{option: value})
@@ -98,24 +102,103 @@ def test_a_weight_tied_to_an_embedding_table_stays_float(rng):
                                                                                           name="head")],
                        [tensor("ids", ["N"], 7)], [tensor("Y", ["N", 64])], [table], names=["E"])
     model = ir.serde.deserialize_model(proto)
-    result = get_pass("quantize-blockwise")(min_elements=16)(model)
+    result = get_pass("quantize-blockwise")(min_elements=16, head_bits=0, **FAST)(model)
     assert not result.modified and "tied to an embedding table" in result.details["skipped"]["head"]
 
 
-def test_float_zero_points_reproduce_a_q4_1_grid_through_onnxruntime(rng):
-    """GGUF's Q4_1: each block of 32 is d·q + m with q in 0..15 and a float minimum m. An integer
-    zero point cannot hold m/d; a float one can, so the weight comes back to float rounding."""
-    k, n = 96, 16
+def q4_1_weight(rng, k: int, n: int) -> np.ndarray:
+    """GGUF's Q4_1: each block of 32 is d·q + m with q in 0..15 and a float minimum m."""
     d = rng.uniform(0.01, 0.05, (k // 32, n)).astype(np.float32)
     m = (-d * rng.uniform(3.0, 12.0, d.shape)).astype(np.float32)
     q = rng.integers(0, 16, (k, n))
     q[::32] = 0
     q[1::32] = 15  # every block reaches both ends, as Q4_1's own min and max do
-    weight = (np.repeat(d, 32, axis=0) * q + np.repeat(m, 32, axis=0)).astype(np.float32)
-    rounded = quantize_blocks(weight, bits=4, block_size=32, symmetric=False)
-    exact = quantize_blocks(weight, bits=4, block_size=32, symmetric=False, float_zero_points=True)
+    return (np.repeat(d, 32, axis=0) * q + np.repeat(m, 32, axis=0)).astype(np.float32)
+
+
+@pytest.mark.parametrize("zero_points", ["float", "offset"])
+def test_float_zero_points_reproduce_a_q4_1_grid_through_onnxruntime(rng, zero_points):
+    """An integer zero point cannot hold m/d; a float one can, served as the kernel's input
+    ('float') or as a symmetric kernel plus a per-block offset term ('offset')."""
+    k, n = 96, 16
+    weight = q4_1_weight(rng, k, n)
+    rounded = quantize_blocks(weight, bits=4, block_size=32, form="integer")
+    exact = quantize_blocks(weight, bits=4, block_size=32, form="float")
     assert np.abs(exact.dequantize() - weight).max() < 1e-6 < np.abs(rounded.dequantize() - weight).max()
     model = ir.serde.deserialize_model(matmul_model(weight))
-    get_pass("quantize-blockwise")(symmetric=False, float_zero_points=True, min_elements=16)(model)
+    get_pass("quantize-blockwise")(symmetric=False, zero_points=zero_points, min_elements=16, **FAST)(model)
+    expected = {"MatMulNBits": 1} if zero_points == "float" else {"MatMulNBits": 1, "MatMul": 2, "Cast": 1, "Add": 1}
+    assert op_histogram(model) == expected
     x = rng.standard_normal((3, k)).astype(np.float32)
-    np.testing.assert_allclose(run(model, {"X": x})[0], x @ weight, atol=1e-4)
+    np.testing.assert_allclose(run(model, {"X": x})[0], x @ weight, atol=1e-3)  # offsets are float16
+
+
+def test_a_tied_table_and_head_share_one_set_of_8_bit_codes(rng):
+    """ids → Gather(E) and h → FusedMatMul(h, E, transB=1) (the tied LM head): one codes tensor
+    read by GatherBlockQuantized and MatMulNBits; a table on a Q8_0 grid comes back exactly."""
+    vocab, width = 64, 64
+    scales = 2.0 ** -rng.integers(3, 8, (vocab, width // 32))
+    codes = rng.integers(-127, 128, (vocab, width))
+    codes[:, ::32] = 127  # each block reaches its end code, so max / 127 is its scale
+    table = (codes * np.repeat(scales, 32, axis=1)).astype(np.float32)
+    head = helper.make_node("FusedMatMul", ["h", "E"], ["logits"], domain="com.microsoft", transB=1, name="head")
+    graph = helper.make_graph([helper.make_node("Gather", ["E", "ids"], ["e"], name="embed"), head], "tied",
+                              [tensor("ids", ["N"], 7), tensor("h", ["N", width])],
+                              [tensor("e", ["N", width]), tensor("logits", ["N", vocab])],
+                              [numpy_helper.from_array(table, "E")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    model = ir.serde.deserialize_model(proto)
+    result = get_pass("quantize-blockwise")(min_elements=16, **FAST)(model)
+    assert [(row["role"], row["bits"]) for row in result.details["layers"]] == [("tied", 8)]
+    assert op_histogram(model) == {"Reshape": 1, "GatherBlockQuantized": 1, "MatMulNBits": 1}
+    readers = {node.op_type: node for node in model.graph}
+    shared = readers["MatMulNBits"].inputs[1]
+    assert readers["Reshape"].inputs[0] is shared and "E" not in model.graph.initializers
+    ids = np.array([0, 5, 63], np.int64)
+    h = rng.standard_normal((3, width)).astype(np.float32)
+    embedded, logits = run(model, {"ids": ids, "h": h})
+    np.testing.assert_array_equal(embedded, table[ids])
+    np.testing.assert_allclose(logits, h @ table.T, atol=1e-5 * np.abs(h @ table.T).max())
+
+
+def test_gptq_and_hqq_lower_what_they_minimise(rng):
+    """GPTQ: the output error tr(Eᵀ H E) on correlated inputs with outlier channels; HQQ: the
+    blocks' |error|^0.7 (float grid) and squared error (integer grid) — each below round-to-nearest."""
+    k, n = 128, 48
+    weight = (rng.standard_normal((k, n)) * 0.05).astype(np.float32)
+    inputs = rng.standard_normal((1000, k)) @ (np.eye(k) + 0.3 * rng.standard_normal((k, k)))
+    inputs[:, :4] *= 20
+    hessian = inputs.T @ inputs / len(inputs)
+
+    def output_loss(q):
+        error = q.dequantize() - weight
+        return float(np.trace(error.T @ hessian @ error))
+
+    rtn = quantize_blocks(weight, bits=4, block_size=32, form="integer")
+    gptq = quantize_blocks(weight, bits=4, block_size=32, form="integer", method="gptq", hessian=hessian)
+    assert output_loss(gptq) < 0.5 * output_loss(rtn)
+    for form, p in (("float", 0.7), ("integer", 2.0)):
+        plain = quantize_blocks(weight, bits=4, block_size=32, form=form)
+        hqq = quantize_blocks(weight, bits=4, block_size=32, form=form, method="hqq")
+        assert (np.abs(hqq.dequantize() - weight) ** p).sum() < (np.abs(plain.dequantize() - weight) ** p).sum()
+    with pytest.raises(ValueError, match="second moment"):
+        quantize_blocks(weight, bits=4, block_size=32, method="gptq")
+
+
+def test_gptq_needs_calibration_and_auto_is_data_free_without_it(rng):
+    assert get_pass("quantize-blockwise")(method="gptq").needs_calibration()
+    assert not get_pass("quantize-blockwise")().needs_calibration()
+    model = ir.serde.deserialize_model(matmul_model(rng.standard_normal((64, 32)).astype(np.float32)))
+    result = get_pass("quantize-blockwise")(min_elements=16, accuracy_level=0)(model)
+    assert result.details["method"] == "hqq"
+
+
+def test_the_accuracy_level_is_measured_once_per_machine_and_cached(tmp_path):
+    from graphopt.passes.quantize.profile import BlockwiseProfile
+
+    first = BlockwiseProfile(tmp_path, 1)
+    level = first.fastest_level(64, 32, bits=4, block_size=32)
+    first.save()
+    assert level in (0, 4) and first.measured == 1 and (tmp_path / "speed-profile.json").is_file()
+    again = BlockwiseProfile(tmp_path, 1)
+    assert again.fastest_level(64, 32, bits=4, block_size=32) == level and again.measured == 0
