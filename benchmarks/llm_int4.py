@@ -180,14 +180,18 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--genai-int4", type=Path, help="onnxruntime-genai builder's -p int4 folder (block 32)")
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "llm_int4")
     parser.add_argument("--skip-build", action="store_true", help="measure graphopt's folders from a previous run")
+    parser.add_argument("--build-only", action="store_true", help="build graphopt's folders, measure nothing")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     held = license_prose(args.out / "licenses.txt")
     if args.skip_build:
-        previous = json.loads((args.out / "results.json").read_text())
-        built = [{**m, "folder": Path(m["folder"])} for m in previous if m.get("tool") == "graphopt" and "folder" in m]
+        previous = json.loads((args.out / "built.json").read_text())
+        built = [{**m, "folder": Path(m["folder"])} if "folder" in m else m for m in previous]
     else:
         built = graphopt_builds(args.base, args.out, held)
+        (args.out / "built.json").write_text(json.dumps(built, default=str, indent=1))
+        if args.build_only:
+            return ""
     models = [m for m in built if "folder" in m]
     failed = [m for m in built if "folder" not in m]
     if args.genai_int4:

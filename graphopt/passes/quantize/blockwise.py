@@ -80,6 +80,10 @@ class QuantizeBlockwisePass(GraphoptPass, name="quantize-blockwise",
         zero_points: str = "integer"
         """Asymmetric only: 'integer' (packed), 'offset' (float, served by a separate term) or
         'float' (the kernel's float input: slow on onnxruntime's CPU)."""
+        operators: str = "onnxruntime"
+        """'onnxruntime' (MatMulNBits, GatherBlockQuantized) or 'standard': DequantizeLinear with
+        block_size (opset 21; int4/uint4 codes) before the float op, for runtimes without contrib
+        ops (onnxruntime turns DequantizeLinear + MatMul back into MatMulNBits at load)."""
         method: str = "auto"
         """'rtn', 'hqq' (data-free), 'gptq' (needs calibration; per layer, round to nearest where that
         loses less on the calibration inputs), or 'auto': gptq with calibration, else hqq."""
@@ -91,7 +95,7 @@ class QuantizeBlockwisePass(GraphoptPass, name="quantize-blockwise",
         """MatMul nodes held at 8 bits whatever else is chosen."""
         accuracy_level: int = -1
         """onnxruntime's compute type: 0 default, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations; -1:
-        the faster of 0 and 4 on this CPU (measured once, cached)."""
+        per bit width, the faster of 0 and 4 on this CPU (measured once, cached)."""
         min_elements: int = 1024
         """Weights with fewer elements stay float."""
         nodes: tuple[str, ...] = ()
@@ -106,10 +110,14 @@ class QuantizeBlockwisePass(GraphoptPass, name="quantize-blockwise",
                   ("accuracy_level", o.accuracy_level in range(-1, 5), "-1..4"),
                   ("zero_points", o.zero_points in _ZERO_POINTS, ", ".join(_ZERO_POINTS)),
                   ("method", o.method in (*METHODS, "auto"), ", ".join((*METHODS, "auto"))),
-                  ("head_bits", o.head_bits in (0, 4, 8), "0, 4 or 8")]
+                  ("head_bits", o.head_bits in (0, 4, 8), "0, 4 or 8"),
+                  ("operators", o.operators in ("onnxruntime", "standard"), "'onnxruntime' or 'standard'")]
         for option, valid, allowed in checks:
             if not valid:
                 raise RecipeError(f"pass '{self.name}': '{option}' must be {allowed}, got {getattr(o, option)!r}")
+        if o.operators == "standard" and not o.symmetric and o.zero_points != "integer":
+            raise RecipeError(f"pass '{self.name}': standard operators hold integer zero points only "
+                              f"(zero_points = 'integer'), got {o.zero_points!r}")
 
     def needs_calibration(self) -> bool:
         return self.options.method == "gptq"
@@ -138,18 +146,30 @@ class QuantizeBlockwisePass(GraphoptPass, name="quantize-blockwise",
 
         o = self.options
         graph = model.graph
-        reference = snapshots.write(model) if context.text is not None and o.search else None
+        searching = context.text is not None and o.search and o.operators == "onnxruntime"
+        reference = snapshots.write(model) if searching else None
         if method == "gptq":
             _measure_hessians(model, [layer for layer in layers if layer.role == "linear"], context, self.name,
                               reference or snapshots.write(model))
         levels = {bits: o.accuracy_level for bits in (4, 8)} if o.accuracy_level >= 0 else \
-            _accuracy_levels(layers, context, o.block_size)
+            _accuracy_levels(context, o.block_size)
         for layer in progress(layers, f"{method}: {len(layers)} weights", unit="weight"):
             self._encode_layer(layer, layer.bits, method)
             layer.sensitivity = _sensitivity(layer, layer.encoded[layer.bits])
-        nodes = {id(layer): _encode(graph, layer, layer.encoded[layer.bits], levels, o.zero_points) for layer in layers}
-        if "com.microsoft" not in model.opset_imports:
-            model.opset_imports["com.microsoft"] = 1
+        if o.operators == "standard":
+            if model.opset_imports.get("", 1) < 21:
+                from graphopt.errors import UnsupportedModelError
+
+                raise UnsupportedModelError(f"pass '{self.name}': blocked DequantizeLinear needs opset 21; the model "
+                                            f"has {model.opset_imports.get('', 1)} (run upgrade-opset with target = 21)")
+            for layer in layers:
+                _encode_standard(graph, layer, layer.encoded[layer.bits])
+            nodes: dict[int, _Encoded] = {}
+        else:
+            nodes = {id(layer): _encode(graph, layer, layer.encoded[layer.bits], levels, o.zero_points)
+                     for layer in layers}
+            if "com.microsoft" not in model.opset_imports:
+                model.opset_imports["com.microsoft"] = 1
         search: dict[str, Any] = {}
         if reference is not None:
             search = self._search(model, layers, nodes, reference, context, method, snapshots, levels)
@@ -388,6 +408,38 @@ def _encode_matmul(graph: ir.Graph, use: WeightUse, quantized: BlockQuantized, l
     return _Encoded(fused, codes, scales, zp, offsets)
 
 
+def _encode_standard(graph: ir.Graph, layer: _Layer, quantized: BlockQuantized) -> None:
+    """DequantizeLinear(codes, scales[, zero points], axis, block_size) in front of the weight's
+    readers: int4/int8 codes when symmetric, uint4/uint8 with zero points otherwise."""
+    import ml_dtypes
+
+    use = layer.use
+    name = use.weight.name or "weight"
+    codes = quantized.codes.reshape(quantized.codes.shape[0], -1)[:, : quantized.k]  # [N, K]
+    symmetric = quantized.symmetric
+    signed = {4: ml_dtypes.int4, 8: np.int8}[quantized.bits]
+    unsigned = {4: ml_dtypes.uint4, 8: np.uint8}[quantized.bits]
+    if symmetric:
+        values = (codes.astype(np.int16) - quantized.half).astype(signed)
+    else:
+        values = codes.astype(unsigned)
+    table = layer.role in ("tied", "embedding")
+    # A table is [V, H] with blocks along H (axis 1); a MatMul weight is [K, N], blocks along K (axis 0).
+    data = values if table else values.T
+    scales = quantized.scales if table else quantized.scales.T
+    inputs = [initializer(graph, f"{name}_q", np.ascontiguousarray(data)),
+              initializer(graph, f"{name}_scales", np.ascontiguousarray(scales))]
+    if not symmetric:
+        zero = quantized.zero_points if table else quantized.zero_points.T
+        inputs.append(initializer(graph, f"{name}_zero_points", np.ascontiguousarray(zero.astype(unsigned))))
+    dequantized = ir.node("DequantizeLinear", inputs, {"axis": 1 if table else 0, "block_size": quantized.block_size},
+                          name=f"{name}_dequantize")
+    dequantized.outputs[0].name = f"{name}_dequantized"
+    graph.insert_before(first_reader(graph, use.weight), dequantized)
+    use.weight.replace_all_uses_with(dequantized.outputs[0])
+    graph.initializers.pop(use.weight.name, None)
+
+
 def _block_sums(graph: ir.Graph, k: int, block_size: int) -> ir.Value:
     """P [K, blocks]: 1 where row k lies in block b (shared by every layer with this K)."""
     name = f"blockwise_sums_{k}x{block_size}"
@@ -520,19 +572,17 @@ def _measure_hessians(model: ir.Model, layers: list[_Layer], context: PassContex
         layer.hessian = None if value is None else value.astype(np.float64)
 
 
-def _accuracy_levels(layers: list[_Layer], context: PassContext, block_size: int) -> dict[int, int]:
+def _accuracy_levels(context: PassContext, block_size: int) -> dict[int, int]:
     """For 4 and 8 bits, the faster of onnxruntime's default compute (0) and int8 activations (4)
-    on this model's largest linear layer, on one token and on 128 rows; measured once per
-    machine and cached (8-bit codes have no fast float path here: level 0 is ~100× slower)."""
+    on this CPU, timed on a 1024×1024 weight (one token and 128 rows), once per machine and
+    cached (8-bit codes have no fast float path here: level 0 is ~100× slower per token)."""
     from pathlib import Path
 
     from graphopt.passes.quantize.profile import BlockwiseProfile, default_cache_dir
     from graphopt.verify.runtime import default_threads
 
-    linear = [layer for layer in layers if layer.role == "linear"] or layers
-    k, n = max(linear, key=lambda layer: layer.weight.size).weight.shape
     cache = Path(context.cache_dir) if context.cache_dir else default_cache_dir()
     profile = BlockwiseProfile(cache, context.threads or default_threads())
-    levels = {bits: profile.fastest_level(k, n, bits=bits, block_size=block_size) for bits in (4, 8)}
+    levels = {bits: profile.fastest_level(1024, 1024, bits=bits, block_size=block_size) for bits in (4, 8)}
     profile.save()
     return levels

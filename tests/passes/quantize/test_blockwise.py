@@ -202,3 +202,31 @@ def test_the_accuracy_level_is_measured_once_per_machine_and_cached(tmp_path):
     assert level in (0, 4) and first.measured == 1 and (tmp_path / "speed-profile.json").is_file()
     again = BlockwiseProfile(tmp_path, 1)
     assert again.fastest_level(64, 32, bits=4, block_size=32) == level and again.measured == 0
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_standard_operators_give_the_same_weights_through_dequantize_linear(rng, symmetric):
+    """operators = 'standard': blocked DequantizeLinear (opset 21, int4 / uint4 + zero points)
+    in front of the MatMul, a K with a tail block; the same codes as MatMulNBits would read."""
+    weight = rng.standard_normal((70, 9)).astype(np.float32)
+    form = "symmetric" if symmetric else "integer"
+    rebuilt = quantize_blocks(weight, bits=4, block_size=32, form=form).dequantize()
+    model = ir.serde.deserialize_model(make_model([helper.make_node("MatMul", ["X", "W"], ["Y"], name="mm")],
+                                                  [tensor("X", ["N", 70])], [tensor("Y", ["N", 9])], [weight],
+                                                  names=["W"], opset=21, ir_version=10))
+    get_pass("quantize-blockwise")(symmetric=symmetric, operators="standard", min_elements=16, **FAST)(model)
+    assert op_histogram(model) == {"DequantizeLinear": 1, "MatMul": 1}
+    codes = model.graph.initializers["W_q"].const_value
+    assert codes.dtype == (ir.DataType.INT4 if symmetric else ir.DataType.UINT4) and codes.shape == (70, 9)
+    x = rng.standard_normal((4, 70)).astype(np.float32)
+    np.testing.assert_allclose(run(model, {"X": x})[0], x @ rebuilt, atol=1e-4)
+
+
+def test_standard_operators_need_opset_21_and_integer_zero_points(rng):
+    from graphopt.errors import UnsupportedModelError
+
+    with pytest.raises(RecipeError, match="integer zero points only"):
+        get_pass("quantize-blockwise")(symmetric=False, zero_points="offset", operators="standard")
+    model = ir.serde.deserialize_model(matmul_model(rng.standard_normal((64, 32)).astype(np.float32)))
+    with pytest.raises(UnsupportedModelError, match="needs opset 21"):
+        get_pass("quantize-blockwise")(operators="standard", min_elements=16, **FAST)(model)
