@@ -105,7 +105,7 @@ class DecoderText:
 # Calibration text of a decoder (``--calib PROSE.txt``, else the bundled corpus): windows whose
 # activations passes measure, then windows their searches judge trials on.
 CALIBRATION_WINDOWS = 16
-SEARCH_WINDOWS = 8
+SEARCH_WINDOWS = 16
 
 
 # Times the final verification may send the searching passes further down their ladders.
@@ -148,7 +148,7 @@ def optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, opti
     # A text budget replaces the recipe's parity defaults (random decoder steps say little about
     # text); parity limits the user states still apply.
     budget = Budget.resolve(options.thresholds, output_kinds(loaded.model),
-                            defaults=None if recipe.text_budget else recipe)
+                            defaults=None if recipe.text_budget and options.text is not None else recipe)
     logger.info("budget: %s", budget.describe())
     retreat = 0
     while True:
@@ -219,6 +219,10 @@ def _text_defaults(loaded: LoadedModel, recipe: Recipe, options: OptimizeOptions
     if not is_decoder(input_specs(loaded.model)):
         raise DataError(f"{loaded.path}: recipe '{recipe.name}' is for decoder LLMs with a KV cache (its budget is "
                         "judged on text); this model is not one: use --recipe int8 or a recipe of your own")
+    if not (loaded.path.parent / "tokenizer.json").is_file() and options.text is None:
+        logger.warning("%s: no tokenizer.json beside the model, so no text to judge it on: judged by the "
+                       "recipe's logit parity on random decoder steps instead (weak evidence), no search", loaded.path)
+        return options, None
     calib_path = options.calib if isinstance(options.calib, (str, Path)) and str(options.calib).endswith(".txt") \
         else None
     if options.calib is not None and calib_path is None:

@@ -11,7 +11,7 @@ _MODE_COLOURS = {"dynamic": "#3b82f6", "static": "#10b981", "weight-only": "#f59
 
 # The passes whose report holds a per-layer precision table (``details["layers"]``, one entry
 # per weight layer with its ``mode``): the ones that choose a precision per layer.
-PRECISION_TABLE_PASSES = ("quantize-int8",)
+PRECISION_TABLE_PASSES = ("quantize-int8", "quantize-blockwise")
 
 
 def quantization_layers(report: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -19,8 +19,68 @@ def quantization_layers(report: dict[str, Any]) -> tuple[list[dict[str, Any]], d
     details (empty when the recipe has none)."""
     for step in reversed(report.get("steps", [])):
         if step["name"] in PRECISION_TABLE_PASSES and not step.get("rolled_back"):
-            return step["details"].get("layers", []), step["details"]
+            return step["details"].get("layers", []), {**step["details"], "pass": step["name"]}
     return [], {}
+
+
+_BLOCKWISE_COLUMNS = ("layer", "role", "shape", "bits", "accuracy level", "method", "relative error",
+                      "output loss")
+
+
+def _blockwise_rows(layers: list[dict[str, Any]]) -> list[list[str]]:
+    return [[layer["node"], layer["role"], "×".join(map(str, layer["shape"])), str(layer["bits"]),
+             str(layer.get("accuracy_level", "—")), layer.get("method", "—"), _fmt(layer.get("relative_error"), 3),
+             _fmt(layer.get("sensitivity"), 3)] for layer in layers]
+
+
+def _search_rows(details: dict[str, Any]) -> list[list[str]]:
+    return [[trial["step"], str(trial["eight_bit_layers"]), str(trial["float_compute_layers"]),
+             f"{trial['ppl_ratio']:.4f}", f"{trial['token_agreement']:.4f}", "yes" if trial["meets"] else "no"]
+            for trial in (details.get("search") or {}).get("trials", [])]
+
+
+def _blockwise_intro(details: dict[str, Any]) -> str:
+    search = details.get("search") or {}
+    text = (f"Blockwise weights ({details.get('method')}); accuracy level per bit width "
+            f"{details.get('accuracy_level')}.")
+    if search:
+        text += (f" Searched on {search.get('windows')} calibration windows for perplexity ratio ≤ "
+                 f"{_fmt(search.get('target_ppl_ratio'))} and token agreement ≥ {_fmt(search.get('target_token_agree'))}.")
+    return text
+
+
+def _blockwise_markdown(report: dict[str, Any], layers: list[dict[str, Any]], details: dict[str, Any]) -> str:
+    lines = [f"### Per-layer precision — `{report.get('output', '')}`", "", _blockwise_intro(details), ""]
+    trials = _search_rows(details)
+    if trials:
+        lines += ["| search step | 8-bit layers | float-compute layers | perplexity × | token agreement | meets |",
+                  "|---|---|---|---|---|---|", *("| " + " | ".join(row) + " |" for row in trials), ""]
+    lines += ["| " + " | ".join(_BLOCKWISE_COLUMNS) + " |", "|" + "---|" * len(_BLOCKWISE_COLUMNS)]
+    lines += ["| " + " | ".join(row) + " |" for row in _blockwise_rows(layers)]
+    return "\n".join(lines) + "\n"
+
+
+def _blockwise_html(report: dict[str, Any], title: str, layers: list[dict[str, Any]], details: dict[str, Any]) -> str:
+    def table(header: tuple[str, ...] | list[str], rows: list[list[str]]) -> str:
+        head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>" for row in rows)
+        return f"<table><tr>{head}</tr>{body}</table>"
+
+    trials = _search_rows(details)
+    search = table(["search step", "8-bit layers", "float-compute layers", "perplexity ×", "token agreement", "meets"],
+                   trials) if trials else ""
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<style>
+body{{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2rem;color:#111;max-width:1100px}}
+table{{border-collapse:collapse;font-size:13px;width:100%;margin-bottom:1.5rem}} td,th{{border-bottom:1px solid #e5e7eb;padding:4px 8px;text-align:left}}
+th{{background:#f3f4f6}}
+</style></head><body>
+<h1>Per-layer precision</h1>
+<p>Size {report.get('output_bytes', 0):,} of {report.get('input_bytes', 0):,} bytes. {html.escape(_blockwise_intro(details))}</p>
+{search}{table(_BLOCKWISE_COLUMNS, _blockwise_rows(layers))}
+</body></html>
+"""
 
 
 def _damage(layer: dict[str, Any]) -> float | None:
@@ -60,6 +120,8 @@ def layers_markdown(report: dict[str, Any]) -> str:
     if not layers:
         return (f"Recipe '{report.get('recipe', {}).get('name')}' has no quantization step, so there is no "
                 "per-layer table (the int8 recipe has one).\n")
+    if details.get("pass") == "quantize-blockwise":
+        return _blockwise_markdown(report, layers, details)
     lines = [
         f"### Per-layer precision — `{report.get('output', '')}`",
         "",
@@ -96,6 +158,8 @@ def layers_html(report: dict[str, Any]) -> str:
         return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{title}</title></head>"
                 f"<body><h1>Per-layer precision</h1><p>Recipe '{html.escape(str(report.get('recipe', {}).get('name')))}' "
                 "has no quantization step, so there is no per-layer table (the int8 recipe has one).</p></body></html>\n")
+    if details.get("pass") == "quantize-blockwise":
+        return _blockwise_html(report, title, layers, details)
     measured = [layer for layer in layers if _damage(layer) is not None]
     chart = _bar_chart(measured) if measured else "<p>Sensitivity was not measured (run with --html or a budget).</p>"
     top = most_sensitive(layers)
