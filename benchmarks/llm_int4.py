@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> str:
     if args.peers:
         for entry in json.loads(args.peers.read_text()):
             folder = args.peers.parent / entry["name"]
-            record = {"name": entry["name"], "tool": entry.get("tool", ""), "settings": str(entry.get("settings", "")),
+            record = {"name": entry["name"], "tool": entry.get("tool", ""), "settings": entry.get("label", ""),
                       "build_seconds": entry.get("seconds")}
             if entry.get("ok") and (folder / "model.onnx").is_file():
                 models.append({**record, "folder": folder})

@@ -256,6 +256,9 @@ def check_finite_weights(model: ir.Model, name: str) -> None:
                 raise InvalidModelError(f"{name}: weight '{tensor_name}' contains NaN values")
             if flat.size > 1 and np.isinf(chunk).any():
                 raise InvalidModelError(f"{name}: weight '{tensor_name}' contains Inf values")
+        del flat
+        if isinstance(tensor, ir.ExternalTensor):  # a model too large to load: leave no page mapped
+            tensor.release()
 
 
 def _constant_tensors(graph: ir.Graph) -> Iterator[tuple[str, ir.TensorProtocol]]:

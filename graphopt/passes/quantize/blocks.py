@@ -21,9 +21,10 @@ consecutive rows; block b of column n holds codes q ∈ [0, 2^bits) and is rebui
 * ``hqq`` (data-free, after Badri & Shaji's half-quadratic quantization): for the grid's scale
   s, the zero point minimising the sparsity-promoting error  Σ_k |W − s·(q(z) − z)|^p, p = 0.7,
   solved by half-quadratic splitting: E ← shrink_p(W − Ŵ(z), β);  z ← mean_k(q − (W − E)/s);
-  β ← 1.01·β, for 20 rounds, keeping per block the z of least error. Symmetric and integer
-  grids have no free zero point: there each block's scale is picked among 16 shrink factors of
-  the min–max scale (1.0 down to 0.70), zero point kept, for the least squared error.
+  β ← 1.01·β, for 20 rounds, keeping per block the z of least mean |error| (HQQ's own stopping
+  rule). Symmetric and integer grids have no free zero point: there each block's scale is picked
+  among 8 shrink factors of the min–max scale (1.0 down to 0.72), zero point kept, for the least
+  squared error.
 * ``gptq`` (needs calibration; Frantar et al.): the output error on the calibration inputs,
   ‖X·(W − Ŵ)‖² = tr((W − Ŵ)ᵀ H (W − Ŵ)) with H = E[x xᵀ], rows k quantized in order, each
   row's rounding error fed forward onto the rows not yet quantized through the upper Cholesky
@@ -158,8 +159,14 @@ def quantize_blocks(weight: np.ndarray, *, bits: int, block_size: int, form: str
 def _block_error(values: np.ndarray, mask: np.ndarray, scales: np.ndarray, zero: np.ndarray, bits: int,
                  p: float = 2.0) -> np.ndarray:
     codes = round_codes(values, mask, scales, zero, bits).astype(np.float32)
-    error = np.abs(values - (codes - zero[..., None]) * scales[..., None])
-    return np.where(mask, error ** p, 0.0).sum(axis=-1)
+    codes -= zero[..., None]
+    codes *= scales[..., None]
+    error = np.abs(values - codes)
+    if p == 2.0:
+        error *= error
+    elif p != 1.0:
+        error **= p
+    return (error * mask).sum(axis=-1)
 
 
 def _hqq(values: np.ndarray, mask: np.ndarray, scales: np.ndarray, zero: np.ndarray, bits: int,
@@ -168,7 +175,7 @@ def _hqq(values: np.ndarray, mask: np.ndarray, scales: np.ndarray, zero: np.ndar
     levels = (1 << bits) - 1
     if form != "float":  # no free zero point: search each block's scale (the zero point stays)
         best_scales, best = scales, _block_error(values, mask, scales, zero, bits)
-        for factor in np.linspace(1.0, 0.70, 16)[1:]:
+        for factor in np.linspace(1.0, 0.72, 8)[1:]:
             trial = (scales * factor).astype(np.float32)
             error = _block_error(values, mask, trial, zero, bits)
             better = error < best
@@ -176,16 +183,26 @@ def _hqq(values: np.ndarray, mask: np.ndarray, scales: np.ndarray, zero: np.ndar
         return best_scales.astype(np.float32), zero
     s = scales[..., None].astype(np.float32)
     z = zero.astype(np.float32)
-    count = np.maximum(mask.sum(axis=-1), 1)
-    best_z, best = z.copy(), _block_error(values, mask, scales, z, bits, p)
+    weight = mask.astype(np.float32)
+    count = np.maximum(weight.sum(axis=-1), 1.0)
+    # Rounds are kept by their mean |error| per block, as HQQ's own early stopping does.
+    best_z, best = z.copy(), _block_error(values, mask, scales, z, bits, 1.0)
     for _ in range(rounds):
-        q = np.clip(np.rint(values / s + z[..., None]), 0, levels)
+        q = values / s
+        q += z[..., None]
+        np.clip(np.rint(q, out=q), 0, levels, out=q)
         residual = values - s * (q - z[..., None])
         magnitude = np.abs(residual)
-        shrunk = np.sign(residual) * np.maximum(magnitude - np.power(np.maximum(magnitude, 1e-12), p - 1) / beta, 0)
-        z = (np.where(mask, q - (values - shrunk) / s, 0.0).sum(axis=-1) / count).astype(np.float32)
+        np.maximum(magnitude, 1e-12, out=magnitude)
+        shrink = magnitude ** np.float32(p - 1)
+        shrink /= np.float32(beta)
+        np.subtract(magnitude, shrink, out=shrink)
+        np.maximum(shrink, 0, out=shrink)
+        shrunk = np.copysign(shrink, residual)
+        q -= (values - shrunk) / s
+        z = ((q * weight).sum(axis=-1) / count).astype(np.float32)
         beta *= kappa
-        error = _block_error(values, mask, scales, z, bits, p)
+        error = _block_error(values, mask, scales, z, bits, 1.0)
         better = error < best
         best_z, best = np.where(better, z, best_z), np.where(better, error, best)
     return scales, best_z.astype(np.float32)

@@ -185,12 +185,12 @@ def test_gptq_and_hqq_lower_what_they_minimise(rng):
         quantize_blocks(weight, bits=4, block_size=32, method="gptq")
 
 
-def test_gptq_needs_calibration_and_auto_is_data_free_without_it(rng):
+def test_gptq_needs_calibration_and_auto_rounds_to_nearest_without_it(rng):
     assert get_pass("quantize-blockwise")(method="gptq").needs_calibration()
     assert not get_pass("quantize-blockwise")().needs_calibration()
     model = ir.serde.deserialize_model(matmul_model(rng.standard_normal((64, 32)).astype(np.float32)))
     result = get_pass("quantize-blockwise")(min_elements=16, accuracy_level=0)(model)
-    assert result.details["method"] == "hqq"
+    assert result.details["method"] == "rtn"
 
 
 def test_the_accuracy_level_is_measured_once_per_machine_and_cached(tmp_path):
