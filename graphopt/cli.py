@@ -168,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--html", metavar="FILE", help="per-layer precision page with a sensitivity chart "
                    "(measures every int8 layer's sensitivity: one model build and run per layer)")
     p.add_argument("--layers-markdown", metavar="FILE", help="per-layer precision table in Markdown (as --html)")
-    p.add_argument("--calib", metavar="DATA", help="calibration data (any --data format) for quantization recipes")
+    p.add_argument("--calib", metavar="DATA", help="calibration data (any --data format) for quantization recipes; "
+                   "decoder LLMs: prose (.txt)")
     p.add_argument("--cache-dir", help="per-machine speed profile cache (default ~/.cache/graphopt)")
     p.add_argument("--latency", action=argparse.BooleanOptionalAction, default=True,
                    help="measure before/after latency (default: on; --no-latency skips it)")

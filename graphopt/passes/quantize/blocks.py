@@ -28,8 +28,10 @@ consecutive rows; block b of column n holds codes q ∈ [0, 2^bits) and is rebui
 * ``gptq`` (needs calibration; Frantar et al.): the output error on the calibration inputs,
   ‖X·(W − Ŵ)‖² = tr((W − Ŵ)ᵀ H (W − Ŵ)) with H = E[x xᵀ], rows k quantized in order, each
   row's rounding error fed forward onto the rows not yet quantized through the upper Cholesky
-  factor U of H⁻¹:  W[j] −= U[k, j] · (W[k] − Ŵ[k]) / U[k, k]  (j > k). A block's grid is fixed
-  from the updated rows when its first row is reached.
+  factor U of H⁻¹:  W[j] −= U[k, j] · (W[k] − Ŵ[k]) / U[k, k]  (j > k). Rows go in order of
+  decreasing E[x_k²] ("act order") with every block's grid fixed beforehand from the original
+  weight ("static groups"; symmetric and integer grids: each scale searched among shrink factors
+  as ``hqq`` does, GPTQ's "mse" grid).
 
 Storage, as onnxruntime's kernels read it: ``codes`` packed low bits first along K (for 4 bits
 the even k in the low nibble) into uint8 [N, blocks, block_size·bits/8]; integer zero points
@@ -209,50 +211,59 @@ def _hqq(values: np.ndarray, mask: np.ndarray, scales: np.ndarray, zero: np.ndar
 
 
 def _gptq(weight: np.ndarray, hessian: np.ndarray, *, bits: int, block_size: int, form: str,
-          damp: float = 0.01) -> BlockQuantized:
+          damp: float = 0.01, act_order: bool = True) -> BlockQuantized:
     k, n = weight.shape
     blocks = -(-k // block_size)
     levels = (1 << bits) - 1
     h = np.array(hessian, np.float64, copy=True)
-    w = np.zeros((blocks * block_size, n), np.float64)
-    w[:k] = weight
+    w = np.array(weight, np.float64, copy=True)
     dead = np.diag(h) <= 0
     h[dead, dead] = 1.0
-    w[:k][dead] = 0.0
+    w[dead] = 0.0
+    zeros_dtype = np.uint8 if form != "float" else np.float32
+    scales = np.zeros((n, blocks), np.float32)
+    zeros = np.zeros((n, blocks), zeros_dtype)
+    if act_order:  # static groups: every block's grid from the original weight, then rows by importance
+        values, mask = split_blocks(weight, block_size)
+        scales, zeros = grid(values, mask, bits, form)
+        if form != "float":
+            scales, zeros = _hqq(values, mask, scales, zeros, bits, form)
+        order = np.argsort(-np.diag(h), kind="stable")
+    else:
+        order = np.arange(k)
+    h = h[order][:, order]
+    w = w[order]
     h += np.eye(k) * damp * float(np.mean(np.diag(h)))
     try:
         upper = np.linalg.cholesky(np.linalg.inv(h)).T  # H⁻¹ = Uᵀ U
     except np.linalg.LinAlgError:
         h += np.eye(k) * float(np.mean(np.diag(h)))
         upper = np.linalg.cholesky(np.linalg.inv(h)).T
-    full = np.eye(blocks * block_size)
-    full[:k, :k] = upper
-    upper = full
     codes = np.zeros((n, blocks, block_size), np.uint8)
-    scales = np.zeros((n, blocks), np.float32)
-    zeros = np.zeros((n, blocks), np.uint8 if form != "float" else np.float32)
-    mask_all = np.zeros(blocks * block_size, bool)
-    mask_all[:k] = True
     lazy = max(128 // block_size, 1) * block_size
-    for start in range(0, blocks * block_size, lazy):
-        stop = min(start + lazy, blocks * block_size)
+    for start in range(0, k, lazy):
+        stop = min(start + lazy, k)
         chunk = w[start:stop].copy()
         errors = np.zeros_like(chunk)
         for i in range(stop - start):
-            row = start + i
+            row = int(order[start + i])
             b, j = divmod(row, block_size)
-            if j == 0:
-                values = chunk[i:i + block_size].T[:, None, :].astype(np.float32)  # [N, 1, block_size]
-                s, z = grid(values, mask_all[row:row + block_size][None, :], bits, form)
-                scales[:, b], zeros[:, b] = s[:, 0], z[:, 0]
+            if not act_order and j == 0:  # the block's grid from its rows as updated so far
+                rows = chunk[i:i + block_size]
+                values = np.zeros((n, 1, block_size), np.float32)
+                values[:, 0, : len(rows)] = rows.T
+                block_mask = (np.arange(block_size) < len(rows))[None, :]
+                s_, z_ = grid(values, block_mask, bits, form)
+                if form != "float":  # the scale by least squared error among shrink factors
+                    s_, z_ = _hqq(values, block_mask, s_, z_, bits, form)
+                scales[:, b], zeros[:, b] = s_[:, 0], z_[:, 0]
             s, z = scales[:, b].astype(np.float64), zeros[:, b].astype(np.float64)
-            if not mask_all[row]:
-                codes[:, b, j] = np.clip(np.rint(z), 0, levels).astype(np.uint8)
-                continue
             q = np.clip(np.rint(chunk[i] / s + z), 0, levels)
             codes[:, b, j] = q.astype(np.uint8)
-            error = (chunk[i] - s * (q - z)) / upper[row, row]
-            chunk[i + 1:] -= np.outer(upper[row, row + 1:stop], error)
+            error = (chunk[i] - s * (q - z)) / upper[start + i, start + i]
+            chunk[i + 1:] -= np.outer(upper[start + i, start + i + 1:stop], error)
             errors[i] = error
         w[stop:] -= upper[start:stop, stop:].T @ errors
-    return BlockQuantized(codes, scales, zeros, bits, block_size, k)
+    if k % block_size:  # the tail block's padding: codes at the zero point (they rebuild to 0)
+        codes[:, -1, k % block_size:] = np.clip(np.rint(zeros[:, -1]), 0, levels).astype(np.uint8)[:, None]
+    return BlockQuantized(codes, scales, zeros.astype(zeros_dtype), bits, block_size, k)

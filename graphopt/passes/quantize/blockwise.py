@@ -65,6 +65,7 @@ class _Layer:
     level: int | None = None  # accuracy_level chosen by the search (None: the fastest for its bits)
     methods: dict[int, str] = dataclasses.field(default_factory=dict)  # per bit width, the method that won
     relative_error: float = 0.0
+    block_size: int | None = None  # a table's own block (it must divide the table's width), else the pass's
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -200,7 +201,7 @@ class QuantizeBlockwisePass(GraphoptPass, name="quantize-blockwise",
             search = self._search(model, layers, nodes, reference, context, method, snapshots, levels)
         table = [{"node": layer.name, "role": layer.role, "shape": list(layer.shape), "bits": layer.bits,
                   "accuracy_level": levels[layer.bits] if layer.level is None else layer.level,
-                  "block_size": o.block_size, "method": layer.methods[layer.bits],
+                  "block_size": layer.block_size or o.block_size, "method": layer.methods[layer.bits],
                   "relative_error": layer.relative_error, "sensitivity": layer.sensitivity} for layer in layers]
         changes = {"weights encoded": len(layers), "8-bit": sum(layer.bits == 8 for layer in layers)}
         return PassResult(model, modified=True, changes=changes,
@@ -227,10 +228,12 @@ class QuantizeBlockwisePass(GraphoptPass, name="quantize-blockwise",
                     continue
                 if any(layer.use.weight is use.weight for layer in layers):
                     continue  # a table read by two Gathers is encoded once
-                if tied and table.shape[1] % o.block_size:
-                    skipped[use.name] = f"tied table width {table.shape[1]} is not a multiple of {o.block_size}"
+                block = _table_block(table.shape[1], o.block_size)
+                if block is None:
+                    skipped[use.name] = f"table width {table.shape[1]} has no power-of-two block from 16 to {o.block_size}"
                     continue
-                layers.append(_Layer(use.name, use, table, "tied" if tied else "embedding", o.head_bits, heads=tied))
+                layers.append(_Layer(use.name, use, table, "tied" if tied else "embedding", o.head_bits, heads=tied,
+                                     block_size=block))
                 continue
             if any(user.op_type == "Gather" for user, _ in use.weight.uses()):
                 skipped[use.name] = "weight tied to an embedding table read untransposed: kept float"
@@ -256,11 +259,12 @@ class QuantizeBlockwisePass(GraphoptPass, name="quantize-blockwise",
             if chosen == "gptq" and layer.hessian is None:
                 chosen = "hqq"
             weight = layer.weight
-            quantized = quantize_blocks(weight, bits=bits, block_size=o.block_size, form=form, method=chosen,
+            block = layer.block_size or o.block_size
+            quantized = quantize_blocks(weight, bits=bits, block_size=block, form=form, method=chosen,
                                         hessian=layer.hessian)
             if chosen == "gptq":  # GPTQ is greedy: where rounding to nearest loses less (weights already on
                 # the grid, as a GGUF checkpoint's are), keep that
-                nearest = quantize_blocks(weight, bits=bits, block_size=o.block_size, form=form)
+                nearest = quantize_blocks(weight, bits=bits, block_size=block, form=form)
                 if _sensitivity(layer, nearest, weight) <= _sensitivity(layer, quantized, weight):
                     quantized, chosen = nearest, "rtn"
             layer.encoded[bits] = quantized
@@ -386,6 +390,17 @@ class _Encoded:
         for node in (self.node, *self.readers):
             node.attributes["bits"] = ir.AttrInt64("bits", quantized.bits)
         self.set_level(level)
+
+
+def _table_block(width: int, block_size: int) -> int | None:
+    """The largest power-of-two block from 16 up to ``block_size`` that divides a table's width:
+    GatherBlockQuantized returns whole blocks, so a table's rows must hold whole blocks."""
+    block = block_size
+    while block >= 16:
+        if width % block == 0:
+            return block
+        block //= 2
+    return None
 
 
 def _encode(graph: ir.Graph, layer: _Layer, quantized: BlockQuantized, levels: dict[int, int],
