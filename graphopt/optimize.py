@@ -167,7 +167,8 @@ def optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, opti
         try:
             _write_verified(report, result, loaded, output_path, feeds, reference, options, tokenizer)
         except GateFailed as exc:
-            searched = any(step.modified and pass_.searches() for step, pass_ in zip(result.steps, pipeline.passes))
+            searched = any(step.modified and pass_.searches() and step.details.get("searched", True)
+                           for step, pass_ in zip(result.steps, pipeline.passes))
             if not searched or retreat >= MAX_RETREATS or not set(exc.failures) <= _PARITY_CHECKS:
                 report.seconds = round(time.perf_counter() - started, 3)
                 raise GateFailed(str(exc), exc.failures, report=report.to_dict()) from None

@@ -22,9 +22,12 @@ class CleanupPass(GraphoptPass, name="cleanup",
     def apply(self, model: ir.Model, context: PassContext) -> PassResult:
         nodes_before = _count_nodes(model)
         inits_before = _count_initializers(model)
+        # A model too large to hold (its weights left in external data) is not hashed whole: that
+        # would read every weight; only tensors up to a million elements are compared there.
+        streamed = any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
         steps = (
             _IdentityEliminationPass(),
-            common.DeduplicateHashedInitializersPass(),
+            common.DeduplicateHashedInitializersPass(**({"size_limit": 1 << 20} if streamed else {})),
             common.RemoveUnusedNodesPass(),
             common.RemoveUnusedFunctionsPass(),
             common.RemoveUnusedOpsetsPass(),

@@ -97,6 +97,10 @@ class FuseDecoderPass(GraphoptPass, name="fuse-decoder",
 
         if not any(value.name.startswith("past_key_values.") for value in model.graph.inputs):
             return PassResult(model.clone(), modified=False, notes=["not a decoder with a KV cache: nothing to fuse"])
+        if any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values()):
+            # transformers' fusion steps read every weight: a model too large to load stays as it is
+            return PassResult(model, modified=False, notes=["weights too large to load (left in external data): "
+                                                            "not fused (graphopt export fuses while exporting)"])
         fused = model.clone()
         fuse_for_cpu(fused, group_query_attention=self.options.group_query_attention)
         counts = fused_counts(fused)

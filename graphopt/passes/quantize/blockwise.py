@@ -206,7 +206,7 @@ class QuantizeBlockwisePass(GraphoptPass, name="quantize-blockwise",
         changes = {"weights encoded": len(layers), "8-bit": sum(layer.bits == 8 for layer in layers)}
         return PassResult(model, modified=True, changes=changes,
                           details={"layers": table, "skipped": skipped, "method": method, "accuracy_level": levels,
-                                   "search": search})
+                                   "search": search, "searched": bool(search)})
 
     def _layers(self, graph: ir.Graph, context: PassContext) -> tuple[list[_Layer], dict[str, str]]:
         o = self.options
