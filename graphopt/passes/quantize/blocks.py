@@ -7,8 +7,10 @@ consecutive rows; block b of column n holds codes q ∈ [0, 2^bits) and is rebui
 
 **Grids** (``form``):
 
-* ``symmetric``: z = 2^(bits−1), s = max|W_block| / (2^(bits−1) − 1): ±max land on codes
-  1 and 2^bits − 1; no zero point is stored (the kernel's default);
+* ``symmetric``: z = 2^(bits−1), no zero point stored (the kernel's default). 4 bits: all 16
+  codes serve, q − z ∈ [−8, 7]: s = max(−min/8, max/7), or the negative s = −max(max/8, −min/7)
+  where that is finer (the longer side of the block gets the 8 steps; nothing is clipped);
+  8 bits: s = max|W| / 127, ±max on codes 1 and 255 (the int8 convention, and GGUF's Q8_0);
 * ``integer``: s = (max − min) / (2^bits − 1) over a range stretched to include 0,
   z = round(−min / s), a packed unsigned integer per block (what onnxruntime's quantizer does);
 * ``float``: z is a real number, so the grid runs exactly from the block's min (code 0) to its
@@ -117,7 +119,14 @@ def grid(values: np.ndarray, mask: np.ndarray, bits: int, form: str) -> tuple[np
     levels = (1 << bits) - 1
     if form == "symmetric":
         half = 1 << (bits - 1)
-        scales = np.where(mask, np.abs(values), 0).max(axis=-1) / (half - 1)
+        if bits == 4:  # all 16 codes: q - z in [-8, 7], the longer side of the block on the 8 steps
+            low = np.minimum(np.where(mask, values, np.inf).min(axis=-1), 0.0)
+            high = np.maximum(np.where(mask, values, -np.inf).max(axis=-1), 0.0)
+            positive = np.maximum(-low / half, high / (half - 1))  # [-8s, 7s] covers [low, high]
+            negative = np.maximum(high / half, -low / (half - 1))  # a negative scale: [-7|s|, 8|s|]
+            scales = np.where(positive <= negative, positive, -negative)
+        else:  # ±(2^(bits-1) - 1), the int8 convention (GGUF's Q8_0 too)
+            scales = np.where(mask, np.abs(values), 0).max(axis=-1) / (half - 1)
         zero: np.ndarray = np.full(scales.shape, half, np.uint8)
     else:
         low = np.where(mask, values, np.inf).min(axis=-1)
@@ -129,7 +138,7 @@ def grid(values: np.ndarray, mask: np.ndarray, bits: int, form: str) -> tuple[np
         else:
             scales = np.where(high > low, (high - low) / levels, 1.0)
             zero = (-low / scales).astype(np.float32)
-    scales = np.where(scales > 0, scales, 1.0).astype(np.float32)
+    scales = np.where(scales != 0, scales, 1.0).astype(np.float32)
     return scales, zero
 
 

@@ -167,18 +167,19 @@ class QuantizeBlockwisePass(GraphoptPass, name="quantize-blockwise",
 
         o = self.options
         graph = model.graph
-        searching = context.text is not None and o.search and o.operators == "onnxruntime"
-        reference = snapshots.write(model) if searching else None
-        if method == "gptq":
-            _measure_hessians(model, [layer for layer in layers if layer.role == "linear"], context, self.name,
-                              reference or snapshots.write(model))
-        levels = {bits: o.accuracy_level for bits in (4, 8)} if o.accuracy_level >= 0 else \
-            _accuracy_levels(context, o.block_size)
         if o.operators == "standard" and model.opset_imports.get("", 1) < 21:
             from graphopt.errors import UnsupportedModelError
 
             raise UnsupportedModelError(f"pass '{self.name}': blocked DequantizeLinear needs opset 21; the model "
                                         f"has {model.opset_imports.get('', 1)} (run upgrade-opset with target = 21)")
+        searching = context.text is not None and o.search and o.operators == "onnxruntime"
+        reference = snapshots.write(model) if searching else None
+        if method == "gptq":
+            _measure_hessians(model, [layer for layer in layers if layer.role == "linear"], context, self.name,
+                              reference or snapshots.write(model))
+        levels = {bits: max(o.accuracy_level, 0) for bits in (4, 8)}
+        if o.accuracy_level < 0 and o.operators == "onnxruntime":
+            levels = _accuracy_levels(context, o.block_size)
         # One weight at a time: read (external data is mapped, not loaded), quantized, encoded into
         # the graph, unmapped; only the codes stay. A search keeps the codes of each width it tried.
         nodes: dict[int, _Encoded] = {}

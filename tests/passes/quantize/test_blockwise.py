@@ -30,14 +30,14 @@ def matmul_model(weight: np.ndarray):
 
 
 def on_grid(rng, k: int, n: int, *, bits: int, block_size: int) -> np.ndarray:
-    """A weight whose every block already lies on its symmetric grid (+max on the end code);
-    power-of-two scales, so that max / (2^(bits-1) - 1) gives the scale back exactly."""
+    """A weight whose every block already lies on its symmetric grid (the largest magnitude on the
+    end code); power-of-two scales, so that the grid's division gives the scale back exactly."""
     half = 1 << (bits - 1)
     codes = rng.integers(-(half - 1), half, (k, n))
     blocks = -(-k // block_size)
     scales = (2.0 ** -rng.integers(3, 8, (blocks, n))).astype(np.float32)
-    for b in range(blocks):  # make each block reach its end code, so max|W| / (half-1) is its scale
-        codes[b * block_size, :] = half - 1
+    for b in range(blocks):  # each block reaches its end code: -8 at 4 bits (16 levels), ±127 at 8
+        codes[b * block_size, :] = -half if bits == 4 else half - 1
     return (codes * np.repeat(scales, block_size, axis=0)[:k]).astype(np.float32)
 
 
@@ -68,9 +68,9 @@ def test_a_k_that_is_not_a_multiple_of_the_block_runs_as_the_codes_say(rng, symm
     quantized = quantize_blocks(weight, bits=4, block_size=32, form="symmetric" if symmetric else "integer")
     rebuilt = quantized.dequantize()
     assert rebuilt.shape == weight.shape
-    assert np.abs(rebuilt - weight).max() <= quantized.scales.max() / 2 + 1e-6  # rounding, never clipping
+    assert np.abs(rebuilt - weight).max() <= np.abs(quantized.scales).max() / 2 + 1e-6  # rounding, never clipping
     tail = weight[64:]
-    assert quantized.scales[:, 2].max() <= np.abs(tail).max() / 3.5 + 1e-6  # the tail's own range
+    assert np.abs(quantized.scales[:, 2]).max() <= np.abs(tail).max() / 3.5 + 1e-6  # the tail's own range
     model = ir.serde.deserialize_model(matmul_model(weight))
     get_pass("quantize-blockwise")(symmetric=symmetric, min_elements=16, method="rtn", accuracy_level=0)(model)
     assert len(model.graph.node(0).inputs) == (3 if symmetric else 4)
