@@ -48,6 +48,9 @@ import dataclasses
 import numpy as np
 
 FORMS = ("symmetric", "integer", "float")
+# Weights are quantized in slices of output columns of about this many values, so that the
+# temporaries stay near 100 MB whatever the layer's size.
+_CHUNK_ELEMENTS = 1 << 22
 METHODS = ("rtn", "hqq", "gptq")
 
 
@@ -68,9 +71,10 @@ class BlockQuantized:
     def symmetric(self) -> bool:
         return self.zero_points.dtype == np.uint8 and bool(np.all(self.zero_points == self.half))
 
-    def dequantize(self) -> np.ndarray:
-        """Ŵ [K, N] as the kernel rebuilds it."""
-        values = (self.codes.astype(np.float32) - self.zero_points[..., None]) * self.scales[..., None]
+    def dequantize(self, columns: slice = slice(None)) -> np.ndarray:
+        """Ŵ [K, N] as the kernel rebuilds it (or those of its ``columns``)."""
+        values = (self.codes[columns].astype(np.float32) - self.zero_points[columns, :, None]) \
+            * self.scales[columns, :, None]
         return values.reshape(values.shape[0], -1)[:, : self.k].T
 
     def packed_codes(self) -> np.ndarray:
@@ -154,6 +158,13 @@ def quantize_blocks(weight: np.ndarray, *, bits: int, block_size: int, form: str
     [K, K] (E[x xᵀ] of the layer's input) is needed by ``gptq`` only."""
     if form not in FORMS or method not in METHODS:
         raise ValueError(f"unknown form {form!r} or method {method!r}")
+    k, n = weight.shape
+    columns = max(1, _CHUNK_ELEMENTS // max(k, 1))
+    if n > columns:  # output columns are independent: a large weight goes a slice at a time
+        parts = [quantize_blocks(weight[:, start:start + columns], bits=bits, block_size=block_size, form=form,
+                                 method=method, hessian=hessian) for start in range(0, n, columns)]
+        return BlockQuantized(np.concatenate([p.codes for p in parts]), np.concatenate([p.scales for p in parts]),
+                              np.concatenate([p.zero_points for p in parts]), bits, block_size, k)
     weight = np.asarray(weight, np.float32)
     if method == "gptq":
         if hessian is None:

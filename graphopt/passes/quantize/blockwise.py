@@ -187,14 +187,17 @@ class QuantizeBlockwisePass(GraphoptPass, name="quantize-blockwise",
             quantized = self._encode_layer(layer, layer.bits, method)
             weight = layer.weight
             layer.sensitivity = _sensitivity(layer, quantized, weight)
-            layer.relative_error = float(np.linalg.norm(quantized.dequantize() - weight)
-                                         / max(float(np.linalg.norm(weight)), 1e-12))
+            error, total = _squared_error(quantized, weight)
+            layer.relative_error = float(np.sqrt(error / max(total, 1e-30)))
             del weight
             if o.operators == "standard":
                 _encode_standard(graph, layer, quantized)
             else:
                 nodes[id(layer)] = _encode(graph, layer, quantized, levels, o.zero_points)
             layer.release()
+            if reference is None:  # no search will swap widths: the packed codes in the graph suffice
+                layer.encoded.clear()
+            del quantized
         if o.operators != "standard" and "com.microsoft" not in model.opset_imports:
             model.opset_imports["com.microsoft"] = 1
         search: dict[str, Any] = {}
@@ -580,14 +583,32 @@ class _Snapshots:
         self._folder.cleanup()
 
 
+def _squared_error(quantized: BlockQuantized, weight: np.ndarray,
+                   hessian: np.ndarray | None = None) -> tuple[float, float]:
+    """(Σ error², Σ weight²), or with ``hessian`` H: (tr(Eᵀ H E), tr(Wᵀ H W)); by slices of
+    output columns, so that no temporary is larger than a slice."""
+    k, n = weight.shape
+    step = max(1, (1 << 22) // max(k, 1))
+    error = total = 0.0
+    for start in range(0, n, step):
+        columns = slice(start, start + step)
+        w = np.asarray(weight[:, columns], np.float32)
+        e = quantized.dequantize(columns) - w
+        if hessian is None:
+            error += float(np.einsum("ij,ij->", e, e))
+            total += float(np.einsum("ij,ij->", w, w))
+        else:
+            error += float(((hessian @ e) * e).sum())
+            total += float(((hessian @ w) * w).sum())
+    return error, total
+
+
 def _sensitivity(layer: _Layer, quantized: BlockQuantized, weight: np.ndarray) -> float:
     """Relative output error on the calibration inputs, tr(Eᵀ H E) / tr(Wᵀ H W), when H was
     measured; else the weight's relative squared error."""
-    error = quantized.dequantize() - weight
-    if layer.hessian is not None:
-        h = layer.hessian.astype(np.float32)
-        return float(((h @ error) * error).sum() / max(float(((h @ weight) * weight).sum()), 1e-30))
-    return float((error ** 2).sum() / max(float((weight ** 2).sum()), 1e-30))
+    hessian = None if layer.hessian is None else layer.hessian.astype(np.float32)
+    error, total = _squared_error(quantized, weight, hessian)
+    return error / max(total, 1e-30)
 
 
 def _measure_hessians(model: ir.Model, layers: list[_Layer], context: PassContext, pass_name: str,

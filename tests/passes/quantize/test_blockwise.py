@@ -230,3 +230,27 @@ def test_standard_operators_need_opset_21_and_integer_zero_points(rng):
     model = ir.serde.deserialize_model(matmul_model(rng.standard_normal((64, 32)).astype(np.float32)))
     with pytest.raises(UnsupportedModelError, match="needs opset 21"):
         get_pass("quantize-blockwise")(operators="standard", min_elements=16, **FAST)(model)
+
+
+def test_int4_streams_a_model_left_in_external_data(tmp_path, monkeypatch, capsys):
+    """A Llama-shaped decoder too large to load (the threshold lowered to 0 here): its weights stay
+    in external data through the int4 recipe, each read, quantized and unmapped in turn; with no
+    tokenizer it is judged by logit parity on random decoder steps."""
+    import json
+
+    from graphopt import io
+    from graphopt.cli import main
+    from graphopt.samples.synthetic_llama import build
+
+    build(tmp_path / "llama", hidden=128, intermediate=256, layers=2, vocab=256, heads=4)
+    monkeypatch.setattr(io, "EXTERNAL_DATA_THRESHOLD_BYTES", 0)
+    monkeypatch.setenv("GRAPHOPT_CACHE_DIR", str(tmp_path / "cache"))
+    assert main(["optimize", str(tmp_path / "llama"), "-o", str(tmp_path / "int4"), "--recipe", "int4",
+                 "--no-latency", "--threads", "1", "--min-cosine", "0.8", "-q",
+                 "--report", str(tmp_path / "r.json")]) == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "r.json").read_text())
+    step = next(s for s in report["steps"] if s["name"] == "quantize-blockwise")
+    assert step["changes"]["weights encoded"] == 2 * 7 + 2 and not step["details"]["searched"]
+    assert {s["name"]: s["modified"] for s in report["steps"]}["fuse-decoder"] is False
+    assert report["output_bytes"] < 0.3 * report["input_bytes"]
+    assert (tmp_path / "int4" / "config.json").is_file()

@@ -9,7 +9,7 @@ untied LM head. Random weights (N(0, 1/fan_in)), standard ONNX ops (opset 21) pl
 default-domain SimplifiedLayerNormalization. No rotary embedding and no causal mask: the
 arithmetic and the bytes of a Llama, not its function.
 
-    python -m benchmarks.synthetic_llama OUT_DIR [--hidden 2048 --intermediate 5632 --layers 18 --vocab 32000]
+    python -m graphopt.samples.synthetic_llama OUT_DIR [--hidden 2048 --intermediate 5632 --layers 18 --vocab 32000]
 """
 
 from __future__ import annotations
