@@ -123,3 +123,17 @@ def tiny_llama(folder: Path, *, tokenizer: bool = True) -> Path:
         PreTrainedTokenizerFast(tokenizer_object=word_level, unk_token="<unk>", bos_token="<s>",
                                 eos_token="</s>").save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(autouse=True)
+def _graphopt_logger_restored():
+    """The CLI sets up the 'graphopt' logger for a terminal (its own handler, no propagation);
+    a test that runs ``main`` must not leave that to the tests after it (caplog reads through
+    propagation)."""
+    import logging
+
+    logger = logging.getLogger("graphopt")
+    saved = (list(logger.handlers), logger.propagate, logger.level)
+    yield
+    logger.handlers[:] = saved[0]
+    logger.propagate, logger.level = saved[1], saved[2]
