@@ -87,6 +87,19 @@ def folder_size(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.glob("*.onnx*"))
 
 
+def prefill_and_decode(decoder: Any, prompt: np.ndarray, tokens: int) -> tuple[float, float]:
+    """(seconds to prefill ``prompt``, seconds per greedy token for ``tokens`` cached steps after it)."""
+    start = time.perf_counter()
+    logits, cache = decoder.step(prompt, decoder.empty_cache())
+    prefill = time.perf_counter() - start
+    token = np.asarray([[int(np.argmax(logits[0, -1]))]], np.int64)
+    start = time.perf_counter()
+    for _ in range(tokens):
+        logits, cache = decoder.step(token, cache)
+        token = np.asarray([[int(np.argmax(logits[0, -1]))]], np.int64)
+    return prefill, (time.perf_counter() - start) / tokens
+
+
 def measure(models: list[dict[str, Any]], lm: Any, prompts: list[str]) -> None:
     from graphopt.torch.decoder import torch_greedy
     from graphopt.verify.decoder import OrtDecoder
@@ -108,15 +121,7 @@ def measure(models: list[dict[str, Any]], lm: Any, prompts: list[str]) -> None:
                                                    for name in decoders}
     for round_ in range(ROUNDS + 1):
         for name, decoder in (decoders.items() if round_ % 2 else reversed(list(decoders.items()))):
-            start = time.perf_counter()
-            logits, cache = decoder.step(prompt, decoder.empty_cache())
-            prefill = time.perf_counter() - start
-            token = np.asarray([[int(np.argmax(logits[0, -1]))]], np.int64)
-            start = time.perf_counter()
-            for _ in range(DECODE_TOKENS):
-                logits, cache = decoder.step(token, cache)
-                token = np.asarray([[int(np.argmax(logits[0, -1]))]], np.int64)
-            decode = (time.perf_counter() - start) / DECODE_TOKENS
+            prefill, decode = prefill_and_decode(decoder, prompt, DECODE_TOKENS)
             start = time.perf_counter()
             for extra in range(4):  # no cache: the whole sequence every step
                 decoder.step(np.concatenate([prompt, prompt[:, :extra + 1]], axis=1), decoder.empty_cache())

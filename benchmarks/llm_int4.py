@@ -24,14 +24,13 @@ import json
 import re
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from benchmarks.common import BENCH_DIR, THREADS, markdown_table, one_line
-from benchmarks.llm_export import build, folder_size
+from benchmarks.llm_export import build, folder_size, prefill_and_decode
 
 WINDOWS = 16
 WINDOW = 128
@@ -145,17 +144,10 @@ def measure(models: list[dict[str, Any]], base: Path, held: Path) -> None:
     timings: dict[str, dict[str, list[float]]] = {name: {"prefill": [], "decode": []} for name in decoders}
     for round_ in range(ROUNDS + 1):
         for name, decoder in (decoders.items() if round_ % 2 else reversed(list(decoders.items()))):
-            start = time.perf_counter()
-            logits, cache = decoder.step(prompt, decoder.empty_cache())
-            prefill = time.perf_counter() - start
-            token = np.asarray([[int(np.argmax(logits[0, -1]))]], np.int64)
-            start = time.perf_counter()
-            for _ in range(DECODE_TOKENS):
-                logits, cache = decoder.step(token, cache)
-                token = np.asarray([[int(np.argmax(logits[0, -1]))]], np.int64)
+            prefill, decode = prefill_and_decode(decoder, prompt, DECODE_TOKENS)
             if round_:
                 timings[name]["prefill"].append(prefill * 1000)
-                timings[name]["decode"].append((time.perf_counter() - start) / DECODE_TOKENS * 1000)
+                timings[name]["decode"].append(decode * 1000)
     base_timing = {key: statistics.median(values) for key, values in timings["fp32 export"].items()}
     for model in models:
         for key in ("prefill", "decode"):
