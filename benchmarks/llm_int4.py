@@ -119,21 +119,19 @@ def graphopt_builds(base: Path, out: Path, held: Path, only: str | None = None,
 def measure(models: list[dict[str, Any]], base: Path, held: Path) -> None:
     from graphopt.torch.decoder import DEFAULT_PROMPTS
     from graphopt.verify.decoder import OrtDecoder, open_folder
-    from graphopt.verify.text import TextJudge, text_windows, window_scores
+    from graphopt.verify.text import TextJudge, text_windows
 
     tokenizer = open_folder(base).tokenizer
     windows = text_windows(held, tokenizer, window=WINDOW, limit=WINDOWS)
-    judge = TextJudge(base / "model.onnx", windows, threads=THREADS)
     reference = OrtDecoder(base / "model.onnx", threads=THREADS, optimize=False)
+    judge = TextJudge(reference, windows, threads=THREADS)
     prompts = [tokenizer.encode(text).ids for text in DEFAULT_PROMPTS]
     base_greedy = [list(reference.greedy(ids, NEW_TOKENS)) for ids in prompts]
-    base_nll, _ = window_scores(reference, windows)
     decoders = {"fp32 export": OrtDecoder(base / "model.onnx", threads=THREADS)}
     for model in models:
         decoder = OrtDecoder(model["folder"] / "model.onnx", threads=THREADS)
         decoders[model["name"]] = decoder
-        model.update(judge.score(model["folder"] / "model.onnx"))
-        model["perplexity"] = float(np.exp(base_nll)) * model["ppl_ratio"]
+        model.update(judge.score(decoder))
         same = [sum(a == b for a, b in zip(list(decoder.greedy(ids, NEW_TOKENS)), ref)) / NEW_TOKENS
                 for ids, ref in zip(prompts, base_greedy)]
         model["greedy_agreement"] = float(np.mean(same))
@@ -154,7 +152,7 @@ def measure(models: list[dict[str, Any]], base: Path, held: Path) -> None:
             model[f"{key}_ms"] = statistics.median(timings[model["name"]][key])
             model[f"{key}_ratio"] = model[f"{key}_ms"] / base_timing[key]
     models.insert(0, {"name": "fp32 export", "tool": "graphopt export", "settings": "float32", "bytes": folder_size(base),
-                      "ppl_ratio": 1.0, "perplexity": float(np.exp(base_nll)), "token_agreement": 1.0,
+                      "ppl_ratio": 1.0, "perplexity": judge.perplexity, "token_agreement": 1.0,
                       "greedy_agreement": 1.0, "prefill_ms": base_timing["prefill"], "decode_ms": base_timing["decode"],
                       "prefill_ratio": 1.0, "decode_ratio": 1.0, "build_seconds": None})
 

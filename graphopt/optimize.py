@@ -141,8 +141,7 @@ def optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, opti
     if options.fix_shapes:  # the data must have the shapes the written model will take
         fix.validate(loaded.model)
         specs = [dataclasses.replace(s, shape=fix.fixed.get(s.name, s.shape)) for s in specs]
-    calibration, feeds = _load_data(options if text_calibration is None else dataclasses.replace(options, calib=None),
-                                    specs)
+    calibration, feeds = _load_data(options, specs)
     logger.info("loaded %s; verifying on %s", loaded.path.name, feeds.source)
     reference = reference_outputs(loaded.path, feeds)
     # A text budget replaces the recipe's parity defaults (random decoder steps say little about

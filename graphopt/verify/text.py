@@ -57,7 +57,7 @@ def text_windows(path: str | Path, tokenizer: Any, *, window: int = 128, limit: 
     ids = tokenizer.encode(text).ids
     windows = [ids[start:start + window] for start in range(0, len(ids) - window + 1, window)][skip:]
     if not windows:
-        raise DataError(f"{path}: {len(ids)} tokens, fewer than {skip + 1} windows of {window}")
+        raise DataError(f"{path}: {len(ids)} tokens, fewer than {skip + 1} window{'s' if skip else ''} of {window}")
     return windows[:limit] if limit else windows
 
 
@@ -101,7 +101,7 @@ class TextCalibration:
     thresholds: DecoderThresholds
     source: str = ""
 
-    def feeds(self, model: bytes, *, threads: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+    def feeds(self, model: bytes | str | Path, *, threads: int | None = None) -> Iterator[dict[str, np.ndarray]]:
         """The model's inputs for a prefill of each calibration window."""
         decoder = OrtDecoder(model, threads=threads)
         for window in self.windows:
@@ -110,17 +110,25 @@ class TextCalibration:
 
 class TextJudge:
     """Perplexity ratio and teacher-forced agreement of candidates against one reference, on
-    the same windows (the reference scored once)."""
+    the same windows (the reference scored once). Models are OrtDecoders or model paths/bytes."""
 
-    def __init__(self, reference: bytes | str | Path, windows: Sequence[Sequence[int]], *,
+    def __init__(self, reference: OrtDecoder | bytes | str | Path, windows: Sequence[Sequence[int]], *,
                  threads: int | None = None) -> None:
         self.windows, self.threads = windows, threads
-        self.nll, self.predictions = window_scores(OrtDecoder(reference, threads=threads), windows)
+        self.nll, self.predictions = window_scores(self._decoder(reference), windows)
 
-    def score(self, candidate: bytes | str | Path) -> dict[str, float]:
-        nll, predictions = window_scores(OrtDecoder(candidate, threads=self.threads), self.windows)
+    @property
+    def perplexity(self) -> float:
+        return float(np.exp(self.nll))
+
+    def score(self, candidate: OrtDecoder | bytes | str | Path) -> dict[str, float]:
+        nll, predictions = window_scores(self._decoder(candidate), self.windows)
         agree = np.concatenate([a == b for a, b in zip(self.predictions, predictions)])
-        return {"ppl_ratio": float(np.exp(nll - self.nll)), "token_agreement": float(agree.mean())}
+        return {"perplexity": float(np.exp(nll)), "ppl_ratio": float(np.exp(nll - self.nll)),
+                "token_agreement": float(agree.mean())}
+
+    def _decoder(self, model: OrtDecoder | bytes | str | Path) -> OrtDecoder:
+        return model if isinstance(model, OrtDecoder) else OrtDecoder(model, threads=self.threads)
 
 
 def _timed(action: Any) -> float:
@@ -175,9 +183,8 @@ def compare_decoders(base: OrtDecoder, candidate: OrtDecoder, tokenizer: Any, *,
     """The decoder comparison and its gate checks (only stated thresholds are checked). ``base``
     is the reference (optimizations off, as every reference here); latency is timed against the
     base as deployed, ``deployed_base()`` (default: ``base`` itself), opened only when timed."""
-    base_nll, base_predictions = window_scores(base, windows)
-    candidate_nll, candidate_predictions = window_scores(candidate, windows)
-    agree = np.concatenate([a == b for a, b in zip(base_predictions, candidate_predictions)])
+    judge = TextJudge(base, windows)
+    scores = judge.score(candidate)
     greedy: list[dict[str, Any]] = []
     for text in prompts:
         ids = tokenizer.encode(text).ids
@@ -188,9 +195,8 @@ def compare_decoders(base: OrtDecoder, candidate: OrtDecoder, tokenizer: Any, *,
                        "base": tokenizer.decode(a), "candidate": tokenizer.decode(b)})
     result: dict[str, Any] = {
         "windows": len(windows), "window_tokens": len(windows[0]),
-        "perplexity": {"base": float(np.exp(base_nll)), "candidate": float(np.exp(candidate_nll)),
-                       "ratio": float(np.exp(candidate_nll - base_nll))},
-        "token_agreement": float(agree.mean()),
+        "perplexity": {"base": judge.perplexity, "candidate": scores["perplexity"], "ratio": scores["ppl_ratio"]},
+        "token_agreement": scores["token_agreement"],
         "greedy": {"prompts": len(greedy), "new_tokens": new_tokens,
                    "agreement": float(np.mean([g["agree"] for g in greedy])) if greedy else None,
                    "identical": sum(g["fork_at"] is None for g in greedy), "continuations": greedy},

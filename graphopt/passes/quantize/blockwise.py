@@ -41,7 +41,7 @@ import onnx_ir as ir
 from graphopt.passes.base import GraphoptPass, PassContext, PassResult
 from graphopt.passes.quantize.blocks import METHODS, BlockQuantized, quantize_blocks
 from graphopt.passes.registry import register
-from graphopt.passes.weights import WeightUse, initializer, weight_uses
+from graphopt.passes.weights import WeightUse, first_consumer, initializer, replace_output, weight_uses
 
 logger = logging.getLogger(__name__)
 
@@ -480,7 +480,7 @@ def _encode_standard(graph: ir.Graph, layer: _Layer, quantized: BlockQuantized) 
     dequantized = ir.node("DequantizeLinear", inputs, {"axis": 1 if table else 0, "block_size": quantized.block_size},
                           name=f"{name}_dequantize")
     dequantized.outputs[0].name = f"{name}_dequantized"
-    graph.insert_before(first_reader(graph, use.weight), dequantized)
+    graph.insert_before(first_consumer(use.weight, graph), dequantized)
     use.weight.replace_all_uses_with(dequantized.outputs[0])
     graph.initializers.pop(use.weight.name, None)
 
@@ -506,7 +506,7 @@ def _encode_table(graph: ir.Graph, layer: _Layer, quantized: BlockQuantized, lev
     scales = initializer(graph, f"{name}_scales", quantized.scales)
     flat_shape = initializer(graph, f"{name}_q_shape", np.array([vocab, -1], np.int64))
     flat = ir.node("Reshape", [codes, flat_shape], name=f"{name}_q_rows")
-    graph.insert_before(first_reader(graph, use.weight), flat)
+    graph.insert_before(first_consumer(use.weight, graph), flat)
     readers = []
     for gather, index in list(use.weight.uses()):
         if gather.op_type != "Gather":
@@ -527,20 +527,14 @@ def _encode_table(graph: ir.Graph, layer: _Layer, quantized: BlockQuantized, lev
     return _Encoded(main, codes, scales, None, None, tuple(readers[1:]))
 
 
-def first_reader(graph: ir.Graph, value: ir.Value) -> ir.Node:
-    users = {id(user) for user, _ in value.uses()}
-    return next(node for node in graph if id(node) in users)
-
-
 def _take_over(graph: ir.Graph, node: ir.Node, result: ir.Value) -> None:
+    """``result`` replaces ``node``'s output (its readers, name and type where it had one)."""
     output = node.outputs[0]
     if output.dtype is not None:  # an intermediate value may carry no type: leave the new one untyped too
         result.dtype = output.dtype
     if output.shape is not None:
         result.shape = output.shape
-    output.replace_all_uses_with(result, replace_graph_outputs=True)
-    graph.remove(node, safe=True)
-    result.name = output.name  # the tensor keeps its name (a graph output's is its contract)
+    replace_output(graph, node, result, "replaced")
 
 
 def _reads_transposed(node: ir.Node) -> bool:
