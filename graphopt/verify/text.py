@@ -101,10 +101,12 @@ class TextCalibration:
     thresholds: DecoderThresholds
     source: str = ""
 
-    def feeds(self, model: bytes | str | Path, *, threads: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-        """The model's inputs for a prefill of each calibration window."""
+    def feeds(self, model: bytes | str | Path, *, threads: int | None = None,
+              held_out: bool = False) -> Iterator[dict[str, np.ndarray]]:
+        """The model's inputs for a prefill of each calibration window (``held_out``: of each
+        window set aside for judging)."""
         decoder = OrtDecoder(model, threads=threads)
-        for window in self.windows:
+        for window in self.judge_windows if held_out else self.windows:
             yield decoder.feed(np.asarray([list(window)], np.int64), decoder.empty_cache())
 
 

@@ -27,6 +27,14 @@ consecutive rows; block b of column n holds codes q ∈ [0, 2^bits) and is rebui
   rule). Symmetric and integer grids have no free zero point: there each block's scale is picked
   among 8 shrink factors of the min–max scale (1.0 down to 0.72), zero point kept, for the least
   squared error.
+* ``awq`` scales (needs calibration; after Lin et al.'s activation-aware weight quantization):
+  input channels that carry large activations get finer steps. With a_k = √E[x_k²] and
+  s = a^α / √(max a^α · min a^α), the layer computes (x / s) · Q(diag(s)·W), and α ∈ {0, 0.1, …, 1}
+  is the one minimising the output error tr(Δᵀ H Δ), Δ = W − diag(1/s)·Q(diag(s)·W), summed over
+  the layers that read the same input (they share s, which the pass folds into the norm before
+  them or divides out with a Mul). α = 0 is plain rounding. Each block's scale is then picked
+  among the shrink factors for the least error weighted by E[x_k²] / s_k² (activation-aware
+  clipping).
 * ``gptq`` (needs calibration; Frantar et al.): the output error on the calibration inputs,
   ‖X·(W − Ŵ)‖² = tr((W − Ŵ)ᵀ H (W − Ŵ)) with H = E[x xᵀ], rows k quantized in order, each
   row's rounding error fed forward onto the rows not yet quantized through the upper Cholesky
@@ -51,7 +59,7 @@ FORMS = ("symmetric", "integer", "float")
 # Weights are quantized in slices of output columns of about this many values, so that the
 # temporaries stay near 100 MB whatever the layer's size.
 _CHUNK_ELEMENTS = 1 << 22
-METHODS = ("rtn", "hqq", "gptq")
+METHODS = ("rtn", "hqq", "gptq")  # how codes are rounded; AWQ scales come before any of them
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +70,7 @@ class BlockQuantized:
     bits: int
     block_size: int
     k: int
+    input_scales: np.ndarray | None = None  # float32 [K]: the codes are of diag(s)·W, the input comes divided by s
 
     @property
     def half(self) -> int:
@@ -71,11 +80,15 @@ class BlockQuantized:
     def symmetric(self) -> bool:
         return self.zero_points.dtype == np.uint8 and bool(np.all(self.zero_points == self.half))
 
-    def dequantize(self, columns: slice = slice(None)) -> np.ndarray:
-        """Ŵ [K, N] as the kernel rebuilds it (or those of its ``columns``)."""
+    def dequantize(self, columns: slice = slice(None), *, effective: bool = True) -> np.ndarray:
+        """Ŵ [K, N] as the kernel rebuilds it (or those of its ``columns``); with input scales,
+        ``effective`` divides them out: the weight the layer applies to its original input."""
         values = (self.codes[columns].astype(np.float32) - self.zero_points[columns, :, None]) \
             * self.scales[columns, :, None]
-        return values.reshape(values.shape[0], -1)[:, : self.k].T
+        rebuilt = values.reshape(values.shape[0], -1)[:, : self.k].T
+        if effective and self.input_scales is not None:
+            rebuilt /= self.input_scales[:, None]
+        return rebuilt
 
     def packed_codes(self) -> np.ndarray:
         """uint8 [N, blocks, block_size · bits / 8], low bits first along K."""
@@ -153,33 +166,96 @@ def round_codes(values: np.ndarray, mask: np.ndarray, scales: np.ndarray, zero: 
 
 
 def quantize_blocks(weight: np.ndarray, *, bits: int, block_size: int, form: str = "symmetric",
-                    method: str = "rtn", hessian: np.ndarray | None = None) -> BlockQuantized:
+                    method: str = "rtn", hessian: np.ndarray | None = None,
+                    input_scales: np.ndarray | None = None) -> BlockQuantized:
     """Blockwise codes of ``weight`` [K, N] along K (see the module's docstring). ``hessian``
-    [K, K] (E[x xᵀ] of the layer's input) is needed by ``gptq`` only."""
+    [K, K] (E[x xᵀ] of the layer's input) is needed by ``gptq``; given to ``hqq`` on a symmetric or
+    integer grid, it weighs each row's error by E[x_k²]. With ``input_scales`` s [K] the codes are
+    of diag(s)·W (AWQ; see ``awq_scales``) and the result says so."""
     if form not in FORMS or method not in METHODS:
         raise ValueError(f"unknown form {form!r} or method {method!r}")
     k, n = weight.shape
     columns = max(1, _CHUNK_ELEMENTS // max(k, 1))
     if n > columns:  # output columns are independent: a large weight goes a slice at a time
         parts = [quantize_blocks(weight[:, start:start + columns], bits=bits, block_size=block_size, form=form,
-                                 method=method, hessian=hessian) for start in range(0, n, columns)]
+                                 method=method, hessian=hessian, input_scales=input_scales)
+                 for start in range(0, n, columns)]
         return BlockQuantized(np.concatenate([p.codes for p in parts]), np.concatenate([p.scales for p in parts]),
-                              np.concatenate([p.zero_points for p in parts]), bits, block_size, k)
+                              np.concatenate([p.zero_points for p in parts]), bits, block_size, k, input_scales)
     weight = np.asarray(weight, np.float32)
+    if input_scales is not None:  # the codes of diag(s)·W against the input x / s: the same output
+        weight = weight * input_scales[:, None]
+        if hessian is not None:
+            hessian = hessian / np.outer(input_scales, input_scales)
     if method == "gptq":
         if hessian is None:
             raise ValueError("gptq needs the layer's input second moment")
-        return _gptq(weight, hessian, bits=bits, block_size=block_size, form=form)
+        quantized = _gptq(weight, hessian, bits=bits, block_size=block_size, form=form)
+        return dataclasses.replace(quantized, input_scales=input_scales)
     values, mask = split_blocks(weight, block_size)
     scales, zero = grid(values, mask, bits, form)
     if method == "hqq":
-        scales, zero = _hqq(values, mask, scales, zero, bits, form)
+        importance = None
+        if hessian is not None:
+            rows = np.zeros(mask.size, np.float32)
+            rows[:k] = np.maximum(np.diag(hessian), 0)
+            importance = rows.reshape(mask.shape)
+        scales, zero = _hqq(values, mask, scales, zero, bits, form, importance=importance)
     codes = round_codes(values, mask, scales, zero, bits)
-    return BlockQuantized(codes, scales, zero, bits, block_size, weight.shape[0])
+    return BlockQuantized(codes, scales, zero, bits, block_size, k, input_scales)
+
+
+def output_error(quantized: BlockQuantized, weight: np.ndarray,
+                 hessian: np.ndarray | None = None) -> tuple[float, float]:
+    """(Σ error², Σ weight²), or with ``hessian`` H: (tr(Eᵀ H E), tr(Wᵀ H W)), E = Ŵ − W the
+    effective error; by slices of output columns, so that no temporary is larger than a slice."""
+    k, n = weight.shape
+    step = max(1, (1 << 22) // max(k, 1))
+    error = total = 0.0
+    for start in range(0, n, step):
+        columns = slice(start, start + step)
+        w = np.asarray(weight[:, columns], np.float32)
+        e = quantized.dequantize(columns) - w
+        if hessian is None:
+            error += float(np.einsum("ij,ij->", e, e))
+            total += float(np.einsum("ij,ij->", w, w))
+        else:
+            error += float(((hessian @ e) * e).sum())
+            total += float(((hessian @ w) * w).sum())
+    return error, total
+
+
+AWQ_ALPHAS = tuple(round(a, 2) for a in np.linspace(0.1, 1.0, 10))
+
+
+def awq_scales(weights: list[np.ndarray], hessian: np.ndarray, *, bits: int, block_size: int, form: str,
+               alphas: tuple[float, ...] = AWQ_ALPHAS) -> tuple[np.ndarray | None, float, float]:
+    """AWQ's per-input-channel scales for the layers ``weights`` (each [K, N]) that read one input
+    of second moment ``hessian``: (s, α, loss) with the least Σ tr(Δᵀ H Δ) over α ∈ {0} ∪ ``alphas``
+    (see the module's docstring); s is None when α = 0, plain rounding, is best."""
+    h = np.asarray(hessian, np.float32)
+    rms = np.sqrt(np.maximum(np.diag(hessian), 0.0))
+    floor = rms[rms > 0].min() if np.any(rms > 0) else 1.0
+    rms = np.maximum(rms, floor)
+
+    def loss(scales: np.ndarray | None) -> float:
+        return sum(output_error(quantize_blocks(w, bits=bits, block_size=block_size, form=form,
+                                                input_scales=scales), w, h)[0] for w in weights)
+
+    best: tuple[np.ndarray | None, float, float] = (None, 0.0, loss(None))
+    if best[2] <= 1e-12 * sum(float(((h @ w) * w).sum()) for w in weights):
+        return best  # the weights lie on the grid already (a GGUF checkpoint's blocks): nothing to gain
+    for alpha in alphas:
+        scales = rms ** alpha
+        scales = (scales / np.sqrt(scales.max() * scales.min())).astype(np.float32)
+        trial = loss(scales)
+        if trial < best[2]:
+            best = (scales, float(alpha), trial)
+    return best
 
 
 def _block_error(values: np.ndarray, mask: np.ndarray, scales: np.ndarray, zero: np.ndarray, bits: int,
-                 p: float = 2.0) -> np.ndarray:
+                 p: float = 2.0, importance: np.ndarray | None = None) -> np.ndarray:
     codes = round_codes(values, mask, scales, zero, bits).astype(np.float32)
     codes -= zero[..., None]
     codes *= scales[..., None]
@@ -188,18 +264,18 @@ def _block_error(values: np.ndarray, mask: np.ndarray, scales: np.ndarray, zero:
         error *= error
     elif p != 1.0:
         error **= p
-    return (error * mask).sum(axis=-1)
+    return (error * (mask if importance is None else mask * importance)).sum(axis=-1)
 
 
 def _hqq(values: np.ndarray, mask: np.ndarray, scales: np.ndarray, zero: np.ndarray, bits: int,
          form: str, *, p: float = 0.7, beta: float = 10.0, kappa: float = 1.01, rounds: int = 20,
-         ) -> tuple[np.ndarray, np.ndarray]:
+         importance: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     levels = (1 << bits) - 1
     if form != "float":  # no free zero point: search each block's scale (the zero point stays)
-        best_scales, best = scales, _block_error(values, mask, scales, zero, bits)
+        best_scales, best = scales, _block_error(values, mask, scales, zero, bits, importance=importance)
         for factor in np.linspace(1.0, 0.72, 8)[1:]:
             trial = (scales * factor).astype(np.float32)
-            error = _block_error(values, mask, trial, zero, bits)
+            error = _block_error(values, mask, trial, zero, bits, importance=importance)
             better = error < best
             best_scales, best = np.where(better, trial, best_scales), np.where(better, error, best)
         return best_scales.astype(np.float32), zero
