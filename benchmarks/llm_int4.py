@@ -5,7 +5,7 @@ builder (`-p int4 -e cpu`) and NNCF's `compress_weights`, on SmolLM2-135M-Instru
 Every model is measured in this one process against the fp32 export (`benchmarks/llm_export.py`'s
 graphopt folder): file size, perplexity ratio and teacher-forced next-token agreement on held-out
 English prose (the license texts installed beside the packages; calibration uses the bundled
-corpus, never these), greedy 32-token agreement on the default prompts, prefill ms of 128 tokens
+corpus, or license text after the held-out windows, never these), greedy 32-token agreement on the default prompts, prefill ms of 128 tokens
 and decode ms/token, rounds interleaved across models.
 
 The peers' folders are built in their own venv (see `benchmarks/requirements-llm-peers.txt`) and
@@ -32,7 +32,7 @@ import numpy as np
 from benchmarks.common import BENCH_DIR, THREADS, markdown_table, one_line
 from benchmarks.llm_export import build, folder_size, prefill_and_decode
 
-WINDOWS = 16
+WINDOWS = 64
 WINDOW = 128
 DECODE_TOKENS = 32
 ROUNDS = 5
@@ -52,9 +52,11 @@ symmetric = true
 method = "{method}"
 search = false
 """
-# graphopt's symmetric runs: (block, method); calibrated ones read the bundled corpus, as the peers' GPTQ did.
-# Block 64 is what NNCF's "group 128" became on this model's K = 576 layers.
-SYMMETRIC_RUNS = ((128, "awq"), (128, "gptq"), (128, "rtn"), (64, "awq"))
+# graphopt's symmetric runs: (block, method, calibration). "licenses": license prose the measurement never
+# reads (``calibration_prose``); "bundled": the bundled corpus, what the peers' GPTQ was given. Block 64 is
+# what NNCF's "group 128" became on this model's K = 576 layers.
+SYMMETRIC_RUNS = ((128, "gptq", "licenses"), (128, "awq", "licenses"), (128, "gptq", "bundled"), (128, "rtn", None),
+                  (64, "gptq", "licenses"))
 
 
 # What each peer folder (named by the peers' build, see the module docstring) holds.
@@ -62,7 +64,8 @@ PEER_LABELS = {
     "ort-rtn-b32-asym": "onnxruntime MatMulNBitsQuantizer RTN, block 32 asym, level 4; LM head + table fp32",
     "ort-rtn-b128-sym": "onnxruntime RTN, block 128 sym, level 4; LM head + table fp32",
     "ort-hqq-b128": "onnxruntime HQQ, block 128 (asym, float zero points); LM head + table fp32",
-    "ort-gptq-b128-sym": "onnxruntime GPTQ, block 128 sym, 16×128 calibration tokens; LM head + table fp32",
+    "ort-gptq-b128-sym": "onnxruntime GPTQ, block 128 sym, 16×128 tokens of the bundled corpus; LM head + table fp32",
+    "ort-gptq-b128-sym-licenses": "onnxruntime GPTQ, block 128 sym, 16×128 tokens of license calibration; LM head + table fp32",
     "genai-int4-b128": "onnxruntime-genai builder -p int4, block_size=128; 4-bit LM head",
     "nncf-int4-sym-g32": "NNCF compress_weights INT4_SYM, group 32, data-free; table 8-bit",
     "nncf-int4-sym-g128": "NNCF INT4_SYM, group 128 (64 where K = 576); table 8-bit",
@@ -93,15 +96,29 @@ def license_prose(path: Path) -> Path:
     return path
 
 
-def graphopt_builds(base: Path, out: Path, held: Path, only: str | None = None,
+def calibration_prose(held: Path, out: Path, base: Path) -> Path:
+    """License prose for calibration that the measurement never reads: the text after the held-out
+    windows (and one window of gap), decoded back from the tokens."""
+    from graphopt.verify.decoder import open_folder
+
+    tokenizer = open_folder(base).tokenizer
+    ids = tokenizer.encode(held.read_text(encoding="utf-8")).ids
+    path = out / "licenses-calibration.txt"
+    path.write_text(tokenizer.decode(ids[(WINDOWS + 1) * WINDOW:]), encoding="utf-8")
+    return path
+
+
+def graphopt_builds(base: Path, out: Path, held: Path, calibration: Path, only: str | None = None,
                     previous: list[dict[str, Any]] = ()) -> list[dict[str, Any]]:
-    runs = [("graphopt int4 (b32 asym offsets, search)", "int4")]
-    for block, method in SYMMETRIC_RUNS:
+    runs: list[tuple[str, str, list[str]]] = [("graphopt int4 (b32 asym offsets, search)", "int4", [])]
+    for block, method, calibrated in SYMMETRIC_RUNS:
         recipe = out / f"int4-b{block}-sym-{method}.toml"
         recipe.write_text(BLOCKS.format(block=block, method=method))
-        runs.append((f"graphopt b{block} sym {method.upper()}", str(recipe)))
+        label = {"licenses": ", license calibration", "bundled": ", bundled calibration", None: ""}[calibrated]
+        runs.append((f"graphopt b{block} sym {method.upper()}{label}", str(recipe),
+                     ["--calib", str(calibration)] if calibrated == "licenses" else []))
     models = []
-    for name, chosen in runs:
+    for name, chosen, extra in runs:
         if only and only not in name:
             models += [m for m in previous if m["name"] == name]
             continue
@@ -112,7 +129,7 @@ def graphopt_builds(base: Path, out: Path, held: Path, only: str | None = None,
             shutil.rmtree(folder)
         command = [sys.executable, "-m", "graphopt", "optimize", str(base), "-o", str(folder), "--recipe", chosen,
                    "--data", str(held), "--threads", str(THREADS), "--no-latency",
-                   "--report", str(folder.with_suffix(".json"))]
+                   "--report", str(folder.with_suffix(".json")), *extra]
         model = build(name, command, folder, folder.with_suffix(".log"))
         model.update(tool="graphopt", settings=chosen if chosen == "int4" else f"quantize-blockwise {Path(chosen).stem}")
         models.append(model)
@@ -204,7 +221,7 @@ def main(argv: list[str] | None = None) -> str:
         built = [{**m, "folder": Path(m["folder"])} if "folder" in m else m for m in previous]
     else:
         previous = json.loads((args.out / "built.json").read_text()) if args.only else []
-        built = graphopt_builds(args.base, args.out, held, args.only, previous)
+        built = graphopt_builds(args.base, args.out, held, calibration_prose(held, args.out, args.base), args.only, previous)
         (args.out / "built.json").write_text(json.dumps(built, default=str, indent=1))
         if args.build_only:
             return ""

@@ -78,17 +78,17 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
-def window_scores(decoder: OrtDecoder, windows: Sequence[Sequence[int]]) -> tuple[float, list[np.ndarray]]:
-    """(mean next-token NLL over all positions, the argmax next token of each window's positions)."""
-    total, count, predictions = 0.0, 0, []
+def window_scores(decoder: OrtDecoder, windows: Sequence[Sequence[int]]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(the next-token NLL of every position of each window, concatenated; the argmax next token
+    of each window's positions)."""
+    nll, predictions = [], []
     for tokens in windows:
         logits, _ = decoder.step(np.asarray([list(tokens)], np.int64), decoder.empty_cache())
         logprobs = _log_softmax(logits[0, :-1])
         targets = np.asarray(tokens[1:])
-        total -= float(logprobs[np.arange(len(targets)), targets].sum())
-        count += len(targets)
+        nll.append(-logprobs[np.arange(len(targets)), targets].astype(np.float64))
         predictions.append(np.argmax(logits[0, :-1], axis=-1))
-    return total / count, predictions
+    return np.concatenate(nll), predictions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,17 +117,29 @@ class TextJudge:
     def __init__(self, reference: OrtDecoder | bytes | str | Path, windows: Sequence[Sequence[int]], *,
                  threads: int | None = None) -> None:
         self.windows, self.threads = windows, threads
-        self.nll, self.predictions = window_scores(self._decoder(reference), windows)
+        self.token_nll, self.predictions = window_scores(self._decoder(reference), windows)
+        self.nll = float(self.token_nll.mean())
 
     @property
     def perplexity(self) -> float:
         return float(np.exp(self.nll))
 
     def score(self, candidate: OrtDecoder | bytes | str | Path) -> dict[str, float]:
-        nll, predictions = window_scores(self._decoder(candidate), self.windows)
-        agree = np.concatenate([a == b for a, b in zip(self.predictions, predictions)])
+        """Perplexity, its ratio to the reference's, teacher-forced agreement; and the standard
+        error of the log ratio and of the agreement across windows (``ppl_log_se``,
+        ``agreement_se``: how far another sample of this text could move them)."""
+        token_nll, predictions = window_scores(self._decoder(candidate), self.windows)
+        agree = [a == b for a, b in zip(self.predictions, predictions)]
+        ends = np.cumsum([len(a) for a in agree])[:-1]
+
+        def standard_error(per_window: list[float]) -> float:
+            return float(np.std(per_window, ddof=1) / np.sqrt(len(per_window))) if len(per_window) > 1 else np.inf
+
+        nll = float(token_nll.mean())
         return {"perplexity": float(np.exp(nll)), "ppl_ratio": float(np.exp(nll - self.nll)),
-                "token_agreement": float(agree.mean())}
+                "token_agreement": float(np.concatenate(agree).mean()),
+                "ppl_log_se": standard_error([d.mean() for d in np.split(token_nll - self.token_nll, ends)]),
+                "agreement_se": standard_error([a.mean() for a in agree])}
 
     def _decoder(self, model: OrtDecoder | bytes | str | Path) -> OrtDecoder:
         return model if isinstance(model, OrtDecoder) else OrtDecoder(model, threads=self.threads)

@@ -122,11 +122,10 @@ class QuantizeBlockwisePass(GraphoptPass, name="quantize-blockwise",
         ops (onnxruntime turns DequantizeLinear + MatMul back into MatMulNBits at load)."""
         method: str = "auto"
         """'rtn', 'hqq' (data-free; ~10 s per 10M-element weight on 2 cores), 'awq' (activation-aware
-        input scales, then rounding), 'gptq' (error-compensating rounding), or 'auto': awq with
+        input scales, then rounding), 'gptq' (error-compensating rounding), or 'auto': gptq with
         calibration, else rtn. awq and gptq need calibration; each is kept per layer only where it
-        loses less than rounding to nearest on held-out calibration text. (GPTQ is not in auto: on
-        SmolLM2 it lowered the held-out output error of 110 of 121 layers and still raised
-        perplexity on unseen prose, 1.61× against rounding's 1.37× at block 128.)"""
+        loses less than rounding to nearest on held-out calibration text. Both fit the calibration's
+        kind of text: calibrate on the text the model will read."""
         head_bits: int = 8
         """The LM head and the embedding table (shared codes when tied): 8, 4, or 0 to keep them float."""
         search: bool = True
@@ -174,7 +173,7 @@ class QuantizeBlockwisePass(GraphoptPass, name="quantize-blockwise",
         if not layers:
             return PassResult(model, modified=False, changes={"weights encoded": 0}, details={"skipped": skipped})
         method = o.method if o.method != "auto" else \
-            ("awq" if context.text is not None or context.calibration else "rtn")
+            ("gptq" if context.text is not None or context.calibration else "rtn")
         snapshots = _Snapshots()
         try:
             return self._run(model, context, layers, skipped, method, snapshots)
