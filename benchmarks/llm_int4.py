@@ -5,8 +5,8 @@ builder (`-p int4 -e cpu`) and NNCF's `compress_weights`, on SmolLM2-135M-Instru
 Every model is measured in this one process against the fp32 export (`benchmarks/llm_export.py`'s
 graphopt folder): file size, perplexity ratio and teacher-forced next-token agreement on held-out
 English prose (the license texts installed beside the packages; calibration uses the bundled
-corpus, or license text after the held-out windows, never these), greedy 32-token agreement on the default prompts, prefill ms of 128 tokens
-and decode ms/token, rounds interleaved across models.
+corpus, or license text after the held-out windows, never these), greedy 32-token agreement on the
+default prompts, prefill ms of 128 tokens and decode ms/token, rounds interleaved across models.
 
 The peers' folders are built in their own venv (see `benchmarks/requirements-llm-peers.txt`) and
 listed in a manifest (``--peers DIR/manifest.json``: name, tool, settings, seconds, ok); this
@@ -65,7 +65,8 @@ PEER_LABELS = {
     "ort-rtn-b128-sym": "onnxruntime RTN, block 128 sym, level 4; LM head + table fp32",
     "ort-hqq-b128": "onnxruntime HQQ, block 128 (asym, float zero points); LM head + table fp32",
     "ort-gptq-b128-sym": "onnxruntime GPTQ, block 128 sym, 16×128 tokens of the bundled corpus; LM head + table fp32",
-    "ort-gptq-b128-sym-licenses": "onnxruntime GPTQ, block 128 sym, 16×128 tokens of license calibration; LM head + table fp32",
+    "ort-gptq-b128-sym-licenses": "onnxruntime GPTQ, block 128 sym, 16×128 tokens of license calibration; "
+                                  "LM head + table fp32",
     "genai-int4-b128": "onnxruntime-genai builder -p int4, block_size=128; 4-bit LM head",
     "nncf-int4-sym-g32": "NNCF compress_weights INT4_SYM, group 32, data-free; table 8-bit",
     "nncf-int4-sym-g128": "NNCF INT4_SYM, group 128 (64 where K = 576); table 8-bit",

@@ -9,6 +9,7 @@ from onnx_ir.passes import common
 
 from graphopt.passes.base import GraphoptPass, PassContext, PassResult
 from graphopt.passes.registry import register
+from graphopt.passes.weights import weights_on_disk
 
 
 @register
@@ -24,7 +25,7 @@ class CleanupPass(GraphoptPass, name="cleanup",
         inits_before = _count_initializers(model)
         # A model too large to hold (its weights left in external data) is not hashed whole: that
         # would read every weight; only tensors up to a million elements are compared there.
-        streamed = any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
+        streamed = weights_on_disk(model.graph)
         steps = (
             _IdentityEliminationPass(),
             common.DeduplicateHashedInitializersPass(**({"size_limit": 1 << 20} if streamed else {})),

@@ -31,6 +31,7 @@ import onnx_ir as ir
 
 from graphopt.passes.base import GraphoptPass, PassContext, PassResult
 from graphopt.passes.registry import register
+from graphopt.passes.weights import weights_on_disk
 
 FUSED_OPS = ("GroupQueryAttention", "RotaryEmbedding", "SimplifiedLayerNormalization",
              "SkipSimplifiedLayerNormalization", "MultiHeadAttention")
@@ -97,7 +98,7 @@ class FuseDecoderPass(GraphoptPass, name="fuse-decoder",
 
         if not any(value.name.startswith("past_key_values.") for value in model.graph.inputs):
             return PassResult(model.clone(), modified=False, notes=["not a decoder with a KV cache: nothing to fuse"])
-        if any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values()):
+        if weights_on_disk(model.graph):
             # transformers' fusion steps read every weight: a model too large to load stays as it is
             return PassResult(model, modified=False, notes=["weights too large to load (left in external data): "
                                                             "not fused (graphopt export fuses while exporting)"])

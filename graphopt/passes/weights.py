@@ -117,6 +117,12 @@ def initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     return value
 
 
+def weights_on_disk(graph: ir.Graph) -> bool:
+    """Whether some initializer is still in external data (a model loaded without its weights,
+    typically too large to hold): whole-model work there should not read every tensor."""
+    return any(isinstance(value.const_value, ir.ExternalTensor) for value in graph.initializers.values())
+
+
 def first_consumer(value: ir.Value, graph: ir.Graph) -> ir.Node:
     consumers = set(id(n) for n in value.consumers())
     return next(node for node in graph if id(node) in consumers)

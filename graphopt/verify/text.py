@@ -101,11 +101,11 @@ class TextCalibration:
     thresholds: DecoderThresholds
     source: str = ""
 
-    def feeds(self, model: bytes | str | Path, *, threads: int | None = None,
+    def feeds(self, model: OrtDecoder | bytes | str | Path, *, threads: int | None = None,
               held_out: bool = False) -> Iterator[dict[str, np.ndarray]]:
         """The model's inputs for a prefill of each calibration window (``held_out``: of each
         window set aside for judging)."""
-        decoder = OrtDecoder(model, threads=threads)
+        decoder = model if isinstance(model, OrtDecoder) else OrtDecoder(model, threads=threads)
         for window in self.judge_windows if held_out else self.windows:
             yield decoder.feed(np.asarray([list(window)], np.int64), decoder.empty_cache())
 

@@ -210,7 +210,7 @@ def output_error(quantized: BlockQuantized, weight: np.ndarray,
     """(Σ error², Σ weight²), or with ``hessian`` H: (tr(Eᵀ H E), tr(Wᵀ H W)), E = Ŵ − W the
     effective error; by slices of output columns, so that no temporary is larger than a slice."""
     k, n = weight.shape
-    step = max(1, (1 << 22) // max(k, 1))
+    step = max(1, _CHUNK_ELEMENTS // max(k, 1))
     error = total = 0.0
     for start in range(0, n, step):
         columns = slice(start, start + step)
@@ -238,17 +238,19 @@ def awq_scales(weights: list[np.ndarray], hessian: np.ndarray, *, bits: int, blo
     floor = rms[rms > 0].min() if np.any(rms > 0) else 1.0
     rms = np.maximum(rms, floor)
 
-    def loss(scales: np.ndarray | None) -> float:
-        return sum(output_error(quantize_blocks(w, bits=bits, block_size=block_size, form=form,
-                                                input_scales=scales), w, h)[0] for w in weights)
+    def loss(scales: np.ndarray | None) -> tuple[float, float]:
+        errors = [output_error(quantize_blocks(w, bits=bits, block_size=block_size, form=form,
+                                               input_scales=scales), w, h) for w in weights]
+        return sum(e for e, _ in errors), sum(t for _, t in errors)
 
-    best: tuple[np.ndarray | None, float, float] = (None, 0.0, loss(None))
-    if best[2] <= 1e-12 * sum(float(((h @ w) * w).sum()) for w in weights):
+    plain, total = loss(None)
+    best: tuple[np.ndarray | None, float, float] = (None, 0.0, plain)
+    if plain <= 1e-12 * total:
         return best  # the weights lie on the grid already (a GGUF checkpoint's blocks): nothing to gain
     for alpha in alphas:
         scales = rms ** alpha
         scales = (scales / np.sqrt(scales.max() * scales.min())).astype(np.float32)
-        trial = loss(scales)
+        trial, _ = loss(scales)
         if trial < best[2]:
             best = (scales, float(alpha), trial)
     return best

@@ -209,7 +209,8 @@ class QuantizeBlockwisePass(GraphoptPass, name="quantize-blockwise",
                 self._scale_inputs(graph, group)
             quantized = self._encode_layer(layer, layer.bits, method)
             weight = layer.weight
-            layer.sensitivity = _sensitivity(layer, quantized, weight)
+            # the output loss on the calibration inputs when measured (else the weight's own error)
+            layer.sensitivity = _loss(quantized, weight, layer.hessian)
             error, total = output_error(quantized, weight)
             layer.relative_error = float(np.sqrt(error / max(total, 1e-30)))
             del weight
@@ -640,14 +641,9 @@ class _Snapshots:
         self._folder.cleanup()
 
 
-def _sensitivity(layer: _Layer, quantized: BlockQuantized, weight: np.ndarray) -> float:
-    """Relative output error on the calibration inputs, tr(Eᵀ H E) / tr(Wᵀ H W), when H was
-    measured; else the weight's relative squared error."""
-    return _loss(quantized, weight, layer.hessian)
-
-
 def _loss(quantized: BlockQuantized, weight: np.ndarray, hessian: np.ndarray | None) -> float:
-    """The relative output error tr(Eᵀ H E) / tr(Wᵀ H W) (the weight's own without H)."""
+    """The relative output error tr(Eᵀ H E) / tr(Wᵀ H W) on the inputs H measures (without H, the
+    weight's own relative squared error)."""
     error, total = output_error(quantized, weight, None if hessian is None else hessian.astype(np.float32))
     return error / max(total, 1e-30)
 
@@ -692,7 +688,10 @@ def _measure_hessians(model: ir.Model, layers: list[_Layer], context: PassContex
 
     feeds: Any
     if context.text is not None:
-        feeds = context.text.feeds(snapshot, threads=context.threads)
+        from graphopt.verify.decoder import OrtDecoder
+
+        decoder = OrtDecoder(snapshot, threads=context.threads)  # read for its inputs; opened once
+        feeds = context.text.feeds(decoder)
     else:
         feeds = context.calibration_feeds(pass_name).feeds
     names = sorted({layer.use.node.inputs[0].name for layer in layers})
@@ -701,7 +700,7 @@ def _measure_hessians(model: ir.Model, layers: list[_Layer], context: PassContex
     collector.stream(feeds, moments)
     held_out = {name: SecondMoment() for name in names}
     if context.text is not None and context.text.judge_windows:
-        collector.stream(context.text.feeds(snapshot, threads=context.threads, held_out=True), held_out)
+        collector.stream(context.text.feeds(decoder, held_out=True), held_out)
     for layer in layers:
         value = moments[layer.use.node.inputs[0].name].value
         layer.hessian = None if value is None else value.astype(np.float64)
