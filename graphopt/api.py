@@ -31,7 +31,8 @@ PathLike = str | os.PathLike
 
 def optimize(model: PathLike, output: PathLike, *, recipe: str | Path = "lossless", data: DataSource = None,
              calib: DataSource = None, labels: str | None = None, min_cosine: float | None = None,
-             max_abs: float | None = None, min_top1: float | None = None, max_latency_ratio: float | None = None,
+             max_abs: float | None = None, min_top1: float | None = None, min_detections: float | None = None,
+             det_threshold: float | None = None, max_latency_ratio: float | None = None,
              max_size_ratio: float | None = None, latency: bool = True, threads: int | None = None,
              batch_size: int = 1, shapes: Mapping[str, Sequence[int]] | None = None, seed: int = 0,
              cache_dir: PathLike | None = None, external_data: bool | None = None, exclude: Sequence[str] = (),
@@ -44,7 +45,7 @@ def optimize(model: PathLike, output: PathLike, *, recipe: str | Path = "lossles
     from graphopt.verify.gate import Thresholds
 
     thresholds = Thresholds(min_cosine=min_cosine, max_abs=max_abs, min_top1=min_top1,
-                            max_latency_ratio=max_latency_ratio, max_size_ratio=max_size_ratio)
+                            min_detections=min_detections, det_threshold=det_threshold, max_latency_ratio=max_latency_ratio, max_size_ratio=max_size_ratio)
     return run(model, output, OptimizeOptions(
         recipe=recipe, data=data, calib=calib, labels=labels, thresholds=thresholds, measure_latency=latency,
         threads=threads, batch_size=batch_size, shapes=dict(shapes or {}), seed=seed, cache_dir=cache_dir,
@@ -54,7 +55,7 @@ def optimize(model: PathLike, output: PathLike, *, recipe: str | Path = "lossles
 
 def check(base: PathLike, candidate: PathLike, *, data: DataSource = None, labels: str | None = None,
           min_cosine: float | None = None, max_abs: float | None = None, min_top1: float | None = None,
-          max_latency_ratio: float | None = None, max_size_ratio: float | None = None, latency: bool | None = None,
+          min_detections: float | None = None, det_threshold: float | None = None, max_latency_ratio: float | None = None, max_size_ratio: float | None = None, latency: bool | None = None,
           threads: int | None = None, batch_size: int = 1, shapes: Mapping[str, Sequence[int]] | None = None,
           seed: int = 0, extra_checks: Sequence[Any] = (), provider: str | None = None) -> dict[str, Any]:
     """``graphopt check``: the comparison (``passed``, ``checks``, ``parity``, ``latency``…).
@@ -72,7 +73,7 @@ def check(base: PathLike, candidate: PathLike, *, data: DataSource = None, label
     feeds = load_feeds(data, specs, batch_size=batch_size, shapes=shapes or {}, seed=seed,
                        extra_keys=[labels] if labels else ())
     thresholds = Thresholds(min_cosine=min_cosine, max_abs=max_abs, min_top1=min_top1,
-                            max_latency_ratio=max_latency_ratio, max_size_ratio=max_size_ratio)
+                            min_detections=min_detections, det_threshold=det_threshold, max_latency_ratio=max_latency_ratio, max_size_ratio=max_size_ratio)
     comparison = compare_files(
         base_model.path, candidate_model.path, feeds, thresholds=thresholds,
         base_bytes=base_model.file_bytes, candidate_bytes=candidate_model.file_bytes,

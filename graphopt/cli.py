@@ -76,7 +76,12 @@ def _add_thresholds(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("thresholds (each optional; only stated ones are checked)")
     group.add_argument("--min-cosine", type=float, help="mean per-sample cosine similarity to the base, at least")
     group.add_argument("--max-abs", type=float, help="largest absolute output difference, at most")
-    group.add_argument("--min-top1", type=float, help="argmax agreement along the last axis, at least")
+    group.add_argument("--min-top1", type=float, help="argmax agreement along the last axis, at least (class score "
+                       "sequences: also the share of identical greedy-decoded sequences)")
+    group.add_argument("--min-detections", type=float, help="detector outputs: share of the reference's detections "
+                       "kept (same class, IoU >= 0.5; an appeared detection counts as one lost), at least")
+    group.add_argument("--det-threshold", type=float, help="score a detection needs to count (default 0.25, "
+                       "YOLO's own default)")
     group.add_argument("--max-latency-ratio", type=float, help="candidate/base median latency, at most")
     group.add_argument("--max-size-ratio", type=float, help="candidate/base file size, at most")
 
@@ -143,6 +148,8 @@ def _thresholds(args: argparse.Namespace) -> Any:
         min_cosine=args.min_cosine,
         max_abs=args.max_abs,
         min_top1=args.min_top1,
+        min_detections=args.min_detections,
+        det_threshold=args.det_threshold,
         max_latency_ratio=args.max_latency_ratio,
         max_size_ratio=args.max_size_ratio,
     )

@@ -5,7 +5,8 @@ description = "what it is for"
 never_larger = true      # refuse a result larger than the input
 max_abs = 1e-4           # default parity budget (max abs difference) when writing
 min_cosine = 0.999       # default parity budget of embeddings and maps (cosine per sample)
-min_top1 = 0.99          # default parity budget of class scores (argmax agreement)
+min_top1 = 0.99          # default parity budget of class scores (argmax agreement; decoded sequences too)
+min_detections = 0.97    # default parity budget of detector outputs (share of detections kept)
 max_ppl_ratio = 1.03     # decoder LLMs: default text budget (perplexity ratio on prose)
 min_token_agree = 0.95   # decoder LLMs: teacher-forced next-token agreement
 
@@ -28,8 +29,8 @@ from graphopt.errors import RecipeError
 from graphopt.passes import GraphoptPass, get_pass
 from graphopt.presets import builtin_presets, read_preset
 
-_TOP_LEVEL_KEYS = {"description", "steps", "never_larger", "max_abs", "min_cosine", "min_top1", "max_ppl_ratio",
-                   "min_token_agree"}
+_TOP_LEVEL_KEYS = {"description", "steps", "never_larger", "max_abs", "min_cosine", "min_top1", "min_detections",
+                   "max_ppl_ratio", "min_token_agree"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +41,8 @@ class Recipe:
     never_larger: bool = False
     max_abs: float | None = None
     min_cosine: float | None = None  # default budget of embeddings, maps, boxes (verify.kinds)
-    min_top1: float | None = None  # default budget of class scores and recognisers
+    min_top1: float | None = None  # default budget of class scores and recognisers (and their decoded sequences)
+    min_detections: float | None = None  # default budget of detector outputs (share of detections kept)
     max_ppl_ratio: float | None = None  # decoder LLMs, judged on prose: replaces the parity budget
     min_token_agree: float | None = None
 
@@ -77,6 +79,7 @@ def parse_recipe(data: dict[str, Any], name: str) -> Recipe:
         max_abs=_typed(data, "max_abs", float, name, None),
         min_cosine=_typed(data, "min_cosine", float, name, None),
         min_top1=_typed(data, "min_top1", float, name, None),
+        min_detections=_typed(data, "min_detections", float, name, None),
         max_ppl_ratio=_typed(data, "max_ppl_ratio", float, name, None),
         min_token_agree=_typed(data, "min_token_agree", float, name, None),
     )

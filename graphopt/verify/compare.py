@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from graphopt.verify import latency as latency_mod
+from graphopt.verify.detections import DEFAULT_SCORE_THRESHOLD
 from graphopt.verify.feeds import FeedSet
 from graphopt.verify.gate import CheckResult, Thresholds, gate_checks
 from graphopt.verify.judge import Budget
@@ -29,6 +30,7 @@ class Comparison:
     checks: list[CheckResult]
     peak_rss_mib: float | None
     budget: Budget | None = None
+    runtime_floor: dict[str, float] | None = None  # max abs of the original against itself, per output
 
     @property
     def size_ratio(self) -> float:
@@ -52,12 +54,25 @@ class Comparison:
             "checks": [c.to_dict() for c in self.checks],
             "output_kinds": {o.name: o.kind for o in self.parity.outputs if o.kind},
             "peak_rss_mib": self.peak_rss_mib,
+            "runtime_floor": self.runtime_floor,
         }
 
 
 def reference_outputs(base: Path, feeds: FeedSet) -> list[dict[str, Any]]:
     """The base model's outputs with graph optimizations off: the ground truth."""
     return run_outputs(make_session(base, optimize=False), feeds.feeds)
+
+
+def runtime_floor(base: Path, feeds: FeedSet, reference: list[dict[str, Any]], threads: int) -> dict[str, float]:
+    """How far the original's own outputs move between onnxruntime's optimization levels (basic,
+    extended, all, at ``threads``) from the reference (none): per output, the largest absolute
+    difference. A lossless candidate cannot be held to less than the runtime itself keeps."""
+    floors: dict[str, float] = {}
+    for level in ("basic", "extended", "all"):
+        outputs = run_outputs(make_session(base, level=level, threads=threads), feeds.feeds)
+        for out in compare_outputs(reference, outputs).outputs:
+            floors[out.name] = max(floors.get(out.name, 0.0), out.max_abs)
+    return floors
 
 
 def compare_files(
@@ -85,10 +100,17 @@ def compare_files(
         if reference is None:
             logger.info("running the base model on %d feeds (reference, optimizations off)", len(feeds.feeds))
             reference = reference_outputs(base, feeds)
+        floors = None
+        if budget is not None and budget.exact:
+            logger.info("measuring the runtime's floor: the base against itself across optimization levels")
+            floors = runtime_floor(base, feeds, reference, threads)
+            budget = budget.with_floors(floors)
         candidate_session = make_session(candidate, optimize=True, threads=threads, provider=provider)
         logger.info("running the candidate on %d feeds", len(feeds.feeds))
         parity = compare_outputs(reference, run_outputs(candidate_session, feeds.feeds),
-                                 budget.kinds if budget is not None else None)
+                                 budget.kinds if budget is not None else None,
+                                 score_threshold=budget.score_threshold if budget is not None
+                                 else DEFAULT_SCORE_THRESHOLD)
         ab = None
         if measure_latency:
             logger.info("measuring latency (interleaved A/B, %d threads)", threads)
@@ -101,4 +123,4 @@ def compare_files(
         latency_ratio=ab.ratio if ab else None,
         size_ratio=candidate_bytes / base_bytes,
     ) + list(extra_checks or [])
-    return Comparison(base, candidate, feeds, parity, ab, base_bytes, candidate_bytes, checks, peak(), budget)
+    return Comparison(base, candidate, feeds, parity, ab, base_bytes, candidate_bytes, checks, peak(), budget, floors)

@@ -31,25 +31,35 @@ from typing import Any, Literal
 import onnx_ir as ir
 
 from graphopt.verify.feeds import Feed
-from graphopt.verify.kinds import AGREEMENT_KINDS
+from graphopt.verify.detections import DEFAULT_SCORE_THRESHOLD
+from graphopt.verify.kinds import AGREEMENT_KINDS, DETECTION_KINDS
 from graphopt.verify.parity import OutputParity, ParityReport, compare_outputs, run_outputs
 
-Metric = Literal["cosine", "top1", "max_abs"]
+Metric = Literal["cosine", "top1", "sequences", "detections", "max_abs"]
 
 # Standard errors of the held-out estimate a search keeps between its result and the budget.
 NOISE_SIGMAS = 2.0
 
-_LABELS = {"cosine": "cosine (mean per sample)", "top1": "top-1 agreement", "max_abs": "max abs difference"}
-_CHECK_NAMES = {"cosine": "min_cosine", "top1": "min_top1", "max_abs": "max_abs"}
+_LABELS = {"cosine": "cosine (mean per sample)", "top1": "top-1 agreement",
+           "sequences": "decoded sequences identical", "detections": "detections kept", "max_abs": "max abs difference"}
+_CHECK_NAMES = {"cosine": "min_cosine", "top1": "min_top1", "sequences": "min_sequences",
+                "detections": "min_detections", "max_abs": "max_abs"}
+# A lossless candidate may differ from the original by this multiple of the runtime's floor.
+FLOOR_FACTOR = 1.25
+# Detection outputs judged under a budget that names no detection bound keep this share.
+DEFAULT_MIN_DETECTIONS = 0.97
 
 
 @dataclasses.dataclass(frozen=True)
 class Bound:
-    """One metric's limit over the outputs it applies to."""
+    """One metric's limit over the outputs it applies to. A max-abs bound may carry the
+    runtime's floor per output (``with_floors``): how far the original itself moves between
+    onnxruntime's optimization levels, which no candidate can be blamed for."""
 
     metric: Metric
     limit: float
     outputs: tuple[str, ...]
+    floors: Mapping[str, float] = dataclasses.field(default_factory=dict)
 
     @property
     def check_name(self) -> str:
@@ -59,22 +69,32 @@ class Bound:
     def label(self) -> str:
         return _LABELS[self.metric]
 
+    def limit_for(self, output: str | None) -> float:
+        """The limit on ``output``: a max-abs limit below the runtime's floor there is the floor."""
+        if self.metric != "max_abs" or output is None:
+            return self.limit
+        return max(self.limit, FLOOR_FACTOR * self.floors.get(output, 0.0))
+
+    def with_floors(self, floors: Mapping[str, float]) -> Bound:
+        return dataclasses.replace(self, floors={k: v for k, v in floors.items() if k in self.outputs})
+
     def worst(self, parity: ParityReport) -> tuple[float | None, OutputParity | None]:
-        """The worst measured value over this bound's outputs, and the output it came from."""
+        """The measured value of the output that uses the most of this bound, and that output."""
         found = [(value, out) for out in parity.outputs
                  if out.name in self.outputs and (value := _value(out, self.metric)) is not None]
         if not found:
             return None, None
-        pick = max if self.metric == "max_abs" else min
-        return pick(found, key=lambda item: item[0])
+        return max(found, key=lambda item: self.error(item[0], item[1].name))
 
-    def error(self, value: float | None) -> float:
-        """Share of the budget ``value`` uses: 1.0 exactly at the limit, inf when unmeasured."""
+    def error(self, value: float | None, output: str | None = None) -> float:
+        """Share of the budget ``value`` (measured on ``output``) uses: 1.0 exactly at the
+        limit, inf when unmeasured."""
         if value is None or math.isnan(value):
             return math.inf
+        limit = self.limit_for(output)
         if self.metric == "max_abs":
-            return value / self.limit if self.limit > 0 else (0.0 if value == 0 else math.inf)
-        allowance = 1.0 - self.limit
+            return value / limit if limit > 0 else (0.0 if value == 0 else math.inf)
+        allowance = 1.0 - limit
         lost = max(0.0, 1.0 - value)
         return lost / allowance if allowance > 0 else (0.0 if lost == 0 else math.inf)
 
@@ -84,16 +104,24 @@ class Bound:
             spread = out.cosine_std / math.sqrt(samples)
         elif self.metric == "top1" and out.top1 is not None and out.top1_positions > 1:
             spread = math.sqrt(out.top1 * (1 - out.top1) / out.top1_positions)
+        elif self.metric == "sequences" and out.sequences_same is not None and out.sequences > 1:
+            spread = math.sqrt(out.sequences_same * (1 - out.sequences_same) / out.sequences)
+        elif self.metric == "detections" and out.detections_kept is not None and out.detections_reference > 1:
+            spread = math.sqrt(out.detections_kept * (1 - out.detections_kept) / out.detections_reference)
         else:
             return 0.0
         allowance = 1.0 - self.limit
         return spread / allowance if allowance > 0 else 0.0
 
-    def passes(self, value: float | None) -> bool:
-        return value is not None and (value <= self.limit if self.metric == "max_abs" else value >= self.limit)
+    def passes(self, value: float | None, output: str | None = None) -> bool:
+        limit = self.limit_for(output)
+        return value is not None and (value <= limit if self.metric == "max_abs" else value >= limit)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"metric": self.metric, "limit": self.limit, "outputs": list(self.outputs)}
+        data: dict[str, Any] = {"metric": self.metric, "limit": self.limit, "outputs": list(self.outputs)}
+        if self.floors:
+            data["runtime_floor"] = dict(self.floors)
+        return data
 
 
 def _value(out: OutputParity, metric: Metric) -> float | None:
@@ -101,42 +129,59 @@ def _value(out: OutputParity, metric: Metric) -> float | None:
         return out.cosine_mean
     if metric == "top1":
         return out.top1
+    if metric == "sequences":
+        return out.sequences_same
+    if metric == "detections":
+        return out.detections_kept
     return out.max_abs
 
 
 @dataclasses.dataclass(frozen=True)
 class Budget:
-    """The bounds a result must meet, and the output kinds they were chosen from."""
+    """The bounds a result must meet, the output kinds they were chosen from, and the score a
+    detection needs to count (``verify.detections``)."""
 
     bounds: tuple[Bound, ...] = ()
     kinds: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    score_threshold: float = DEFAULT_SCORE_THRESHOLD
 
     @classmethod
     def resolve(cls, stated: Any, kinds: Mapping[str, str], defaults: Any = None) -> Budget:
         """Bounds from the user's ``stated`` thresholds (a ``verify.gate.Thresholds``) when it
-        names any parity metric, else from ``defaults`` (a recipe's) by output kind."""
+        names any parity metric, else from ``defaults`` (a recipe's) by output kind.
+
+        Class scores are judged by top-1 agreement where a top-1 bound exists (else by cosine);
+        class score sequences besides by their decoded sequences, at the same limit; detections
+        by the share kept (``DEFAULT_MIN_DETECTIONS`` where nothing else covers them), never by
+        a cosine that would mix box and score columns; everything else by cosine."""
         names = tuple(kinds)
         agreeing = tuple(n for n in names if kinds[n] in AGREEMENT_KINDS)
-        others = tuple(n for n in names if kinds[n] not in AGREEMENT_KINDS)
-        user = [(m, getattr(stated, k, None)) for m, k in (("cosine", "min_cosine"), ("top1", "min_top1"),
-                                                            ("max_abs", "max_abs"))]
-        if any(limit is not None for _, limit in user):
-            scope = {"cosine": names, "top1": agreeing, "max_abs": names}
-            bounds = [Bound(m, float(limit), scope[m]) for m, limit in user if limit is not None]
-            return cls(tuple(bounds), dict(kinds))
-        if defaults is None:
-            return cls((), dict(kinds))
+        sequences = tuple(n for n in names if kinds[n] == "class score sequence")
+        detecting = tuple(n for n in names if kinds[n] in DETECTION_KINDS)
+        others = tuple(n for n in names if n not in agreeing and n not in detecting)
+        threshold = getattr(stated, "det_threshold", None)
+        threshold = DEFAULT_SCORE_THRESHOLD if threshold is None else float(threshold)
+        metrics = ("min_cosine", "min_top1", "max_abs", "min_detections")
+        user = any(getattr(stated, key, None) is not None for key in metrics)
+        source = stated if user else defaults
+        if source is None:
+            return cls((), dict(kinds), threshold)
+        min_cosine, min_top1, max_abs, min_detections = (getattr(source, key, None) for key in metrics)
         bounds = []
-        min_top1 = getattr(defaults, "min_top1", None)
-        min_cosine = getattr(defaults, "min_cosine", None)
-        cosine_outputs = others if min_top1 is not None else names
-        if min_cosine is not None and cosine_outputs:
-            bounds.append(Bound("cosine", float(min_cosine), cosine_outputs))
-        if min_top1 is not None and agreeing:
+        if min_cosine is not None:
+            scope = tuple(n for n in names if n not in detecting) if user or min_top1 is None else others
+            if scope:
+                bounds.append(Bound("cosine", float(min_cosine), scope))
+        if min_top1 is not None and (agreeing or user):  # a stated bound nothing can meet fails
             bounds.append(Bound("top1", float(min_top1), agreeing))
-        if getattr(defaults, "max_abs", None) is not None:
-            bounds.append(Bound("max_abs", float(defaults.max_abs), names))
-        return cls(tuple(bounds), dict(kinds))
+        if min_top1 is not None and sequences:
+            bounds.append(Bound("sequences", float(min_top1), sequences))
+        if detecting and (min_detections is not None or max_abs is None):
+            limit = min_detections if min_detections is not None else DEFAULT_MIN_DETECTIONS
+            bounds.append(Bound("detections", float(limit), detecting))
+        if max_abs is not None:
+            bounds.append(Bound("max_abs", float(max_abs), names))
+        return cls(tuple(bounds), dict(kinds), threshold)
 
     def error(self, parity: ParityReport) -> tuple[float, Bound | None]:
         """The largest share of its bound any output uses (inf for broken shapes or new NaN)."""
@@ -144,11 +189,21 @@ class Budget:
             return math.inf, None
         worst, which = 0.0, None
         for bound in self.bounds:
-            value, _ = bound.worst(parity)
-            error = bound.error(value)
+            value, out = bound.worst(parity)
+            error = bound.error(value, out.name if out is not None else None)
             if which is None or error > worst:
                 worst, which = error, bound
         return worst, which
+
+    @property
+    def exact(self) -> bool:
+        """A max-abs bound: the candidate must be the original up to rounding."""
+        return any(bound.metric == "max_abs" for bound in self.bounds)
+
+    def with_floors(self, floors: Mapping[str, float]) -> Budget:
+        """This budget with the runtime's floor per output on its max-abs bounds."""
+        bounds = tuple(b.with_floors(floors) if b.metric == "max_abs" else b for b in self.bounds)
+        return dataclasses.replace(self, bounds=bounds)
 
     def describe(self) -> str:
         if not self.bounds:
@@ -160,7 +215,8 @@ class Budget:
         return "; ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"bounds": [b.to_dict() for b in self.bounds], "output_kinds": dict(self.kinds)}
+        return {"bounds": [b.to_dict() for b in self.bounds], "output_kinds": dict(self.kinds),
+                "detection_score_threshold": self.score_threshold}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,7 +304,8 @@ class Judge:
         ``optimize=False`` skips onnxruntime's graph optimizations (faster to build)."""
         feeds = self.feeds[:limit] if limit else self.feeds
         outputs = run_outputs(self._session(candidate, optimize=optimize), feeds)
-        parity = compare_outputs(self.reference[: len(feeds)], outputs, self.budget.kinds)
+        parity = compare_outputs(self.reference[: len(feeds)], outputs, self.budget.kinds,
+                                 score_threshold=self.budget.score_threshold)
         error, bound = self.budget.error(parity)
         noise = 0.0
         if bound is not None and not self.weak:

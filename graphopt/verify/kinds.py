@@ -7,12 +7,18 @@ embedding's or a dense map's whether the vector keeps its direction (cosine).
 | kind | recognised by | judged by |
 |---|---|---|
 | class scores | ``[N, C]`` out of Softmax/LogSoftmax/Sigmoid, or of a Gemm/MatMul/Add with C <= 4096; names like *logits*, *scores*, *prob* | agreement |
-| class score sequence | ``[N, T, C]`` out of Softmax/LogSoftmax over the last axis, or named *logits* | agreement |
+| class score sequence | ``[N, T, C]`` out of Softmax/LogSoftmax over the last axis, or named *logits* | agreement, and the greedy-decoded sequence (CTC collapse) identical |
+| detections | ``[N, K, 4(+1)+C]`` or ``[N, 4+C, K]`` out of a Concat (YOLO heads), ``[N, K, 6]`` decoded lists | detections kept (``verify.detections``) |
+| detection scores | ``[N, K, C]`` out of a Sigmoid (per-anchor score maps; their boxes are another output) | detections kept at the same anchor |
 | integers | integer or boolean outputs (labels, indices, masks) | agreement (equality) |
 | boxes | names like *box*, *bbox*; ``[N, K, 4]`` | cosine |
 | embeddings | names like *embed*, *hidden*, *pool*, *feature*; other ``[N, D]`` and ``[N, T, D]`` | cosine |
 | dense map | rank 4 and above (``[N, C, H, W]``: masks, heat maps, images) | cosine |
 | other | scalars and vectors of one value per sample | cosine |
+
+Cosine is taken on what varies: where a sample's reference holds one constant value over a
+large share of its elements (padding, silence, empty background), those elements are left
+out of the cosine and any drift of the candidate there counts as error (``verify.parity``).
 
 Shape-preserving ops (Reshape, Transpose, Squeeze, Flatten, Identity, Cast…) between the
 deciding op and the output are looked through.
@@ -25,9 +31,11 @@ from typing import Literal
 
 import onnx_ir as ir
 
-OutputKind = Literal["class scores", "class score sequence", "integers", "boxes", "embeddings", "dense map", "other"]
+OutputKind = Literal["class scores", "class score sequence", "integers", "detections", "detection scores", "boxes",
+                     "embeddings", "dense map", "other"]
 
 AGREEMENT_KINDS: frozenset[str] = frozenset({"class scores", "class score sequence", "integers"})
+DETECTION_KINDS: frozenset[str] = frozenset({"detections", "detection scores"})
 
 # Wider than this, a linear layer's output is more likely a feature vector than classes.
 MAX_CLASSES_FROM_LINEAR = 4096
@@ -35,6 +43,13 @@ MAX_CLASSES_FROM_LINEAR = 4096
 _PASS_THROUGH = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Cast", "Dropout"}
 _SCORE_OPS = {"Softmax", "LogSoftmax", "Sigmoid"}
 _LINEAR_OPS = {"Gemm", "MatMul", "Add", "FusedMatMul"}
+# A YOLO head has at least this many anchors per feature column (YOLOX at 320 px: 2100 x 85).
+_MIN_ANCHORS_PER_FEATURE = 8
+# Classes a detection head may score (4 box + 1 objectness + C).
+_MAX_HEAD_FEATURES = 4 + 1 + 1000
+# With a dynamic anchor count, wider rows are more likely a transformer's hidden states.
+_MAX_DYNAMIC_HEAD_FEATURES = 4 + 1 + 256
+_LIST_OPS = {"Concat", "Gather", "GatherND", "GatherElements", "TopK", "NonMaxSuppression", "Slice", "Unsqueeze"}
 _SCORE_NAME = re.compile(r"logit|score|prob|class|cls|label|pred|softmax", re.IGNORECASE)
 _BOX_NAME = re.compile(r"box|bbox|anchor", re.IGNORECASE)
 _EMBEDDING_NAME = re.compile(r"embed|hidden|pool|feature|feat|sentence|vector|encod", re.IGNORECASE)
@@ -61,6 +76,10 @@ def classify(value: ir.Value) -> OutputKind:
     if _BOX_NAME.search(name):
         return "boxes"
     if rank == 3:
+        if source not in ("Softmax", "LogSoftmax") and _detections(dims, source):
+            return "detections"
+        if source == "Sigmoid":
+            return "detection scores"
         if source in ("Softmax", "LogSoftmax") or _SCORE_NAME.search(name):
             return "class score sequence"
         if last == 4:
@@ -79,6 +98,22 @@ def classify(value: ir.Value) -> OutputKind:
     return "other"
 
 
+def _detections(dims: tuple, source: str | None) -> bool:
+    """A YOLO head (many anchors by 4 (+1) + C columns, either way round, made by a Concat of its
+    box and score parts) or a decoded list of [x1, y1, x2, y2, score, class] rows."""
+    middle, last = dims[1], dims[2]
+    if isinstance(last, int) and last in (6, 7) and source in _LIST_OPS:
+        return True
+    if source != "Concat":
+        return False
+    for features, anchors in ((last, middle), (middle, last)):
+        if isinstance(features, int) and 5 <= features <= _MAX_HEAD_FEATURES:
+            if anchors >= _MIN_ANCHORS_PER_FEATURE * features if isinstance(anchors, int) \
+                    else features <= _MAX_DYNAMIC_HEAD_FEATURES:
+                return True
+    return False
+
+
 def _deciding_op(value: ir.Value) -> str | None:
     """The op that made ``value``, looking through shape-preserving ops."""
     seen = 0
@@ -90,5 +125,7 @@ def _deciding_op(value: ir.Value) -> str | None:
     return producer.op_type if producer is not None else None
 
 
-def metric_family(kind: str) -> Literal["agreement", "cosine"]:
+def metric_family(kind: str) -> Literal["agreement", "detections", "cosine"]:
+    if kind in DETECTION_KINDS:
+        return "detections"
     return "agreement" if kind in AGREEMENT_KINDS else "cosine"

@@ -175,15 +175,33 @@ def test_integer_outputs_are_judged_by_equality():
     assert report.outputs[0].top1 == 0.75 and report.outputs[0].top1_positions == 4
 
 
-def test_a_near_tie_of_the_reference_flipped_by_the_candidate_still_agrees():
-    # Position 0: the reference's top two are 0.500 and 0.496 (gap 0.4% of its range 1.0):
-    # a near-tie. Position 1: 0.60 vs 0.35, a real decision.
-    ref = np.array([[[0.500, 0.496, 0.004], [0.60, 0.35, 0.05]]], np.float32)
-    cand = np.array([[[0.496, 0.500, 0.004], [0.35, 0.60, 0.05]]], np.float32)
+def _sequence(*rows: list[float]) -> np.ndarray:
+    return np.array([rows], np.float32)
+
+
+def test_a_near_tie_flipped_without_changing_the_decoded_sequence_still_agrees():
+    # Class 0 is the blank (the reference's most frequent pick). Position 0: the reference's
+    # top two are class 1 at 0.500 and the blank at 0.496, a near-tie; the candidate picks the
+    # blank there, but position 1 still reads class 1: both decode to "1".
+    ref = _sequence([0.496, 0.500, 0.004], [0.1, 0.8, 0.1], [0.9, 0.05, 0.05], [0.9, 0.05, 0.05])
+    cand = _sequence([0.500, 0.496, 0.004], [0.1, 0.8, 0.1], [0.9, 0.05, 0.05], [0.9, 0.05, 0.05])
 
     out = compare_outputs([{"P": ref}], [{"P": cand}], {"P": "class score sequence"}).outputs[0]
 
-    assert out.top1 == 0.5 and out.top1_positions == 2 and out.top1_ties == 1
+    assert out.top1 == 1.0 and out.top1_ties == 1
+    assert out.sequences_same == 1.0 and out.sequences == 1 and out.blank == 0
+
+
+def test_a_near_tie_that_changes_the_decoded_sequence_is_not_forgiven():
+    # Position 0: class 2 at 0.500 against class 1 at 0.496 in the reference; the candidate
+    # reads class 1, so the decoded sequence changes from "2" to "1": the user sees it.
+    ref = _sequence([0.004, 0.496, 0.500], [0.9, 0.05, 0.05], [0.9, 0.05, 0.05], [0.9, 0.05, 0.05])
+    cand = _sequence([0.004, 0.500, 0.496], [0.9, 0.05, 0.05], [0.9, 0.05, 0.05], [0.9, 0.05, 0.05])
+
+    out = compare_outputs([{"P": ref}], [{"P": cand}], {"P": "class score sequence"}).outputs[0]
+
+    assert out.top1 == 0.75 and out.top1_positions == 4 and out.top1_ties == 0
+    assert out.sequences_same == 0.0
 
 
 def test_a_classifier_that_kept_its_pooled_axes_is_judged_on_axis_1():
