@@ -26,6 +26,7 @@ from graphopt.errors import (
     GraphoptError,
     UsageError,
 )
+from graphopt.cpu import TARGET_CPUS
 from graphopt.verify.metrics import METRICS
 
 logger = logging.getLogger("graphopt")
@@ -187,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the model with this static input shape (verified on data of that shape; repeatable)")
     p.add_argument("--external-data", action=argparse.BooleanOptionalAction, default=None,
                    help="store weights in OUTPUT.data (default: as the input, or above ~1.8 GB)")
+    p.add_argument("--target-cpu", choices=TARGET_CPUS, default=None,
+                   help="the x86 CPU the model is for: int8 weights exact on it (avx2: no VNNI, where uint8 x int8 "
+                   "products saturate; vnni: AVX-VNNI, AVX-512 VNNI or AMX); default: this machine's")
     _add_judging(p)
     p.set_defaults(func=cmd_optimize)
 
@@ -337,6 +341,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         exclude=tuple(args.exclude),
         fix_shapes=tuple(args.fix_shape),
         analyze=bool(args.html or args.layers_markdown),
+        target_cpu=args.target_cpu,
     )
     _refuse_same_path(args.model, args.output)
     _check_output_folders(None if Path(args.model).is_dir() else args.output, args.report, args.html,

@@ -49,6 +49,7 @@ class OptimizeOptions:
     fix_shapes: tuple[str, ...] = ()  # "NAME=D1,D2,..": inputs written with these static shapes
     analyze: bool = False
     text: DecoderText | None = None  # decoder LLMs: also judged as text generators on prose
+    target_cpu: str | None = None  # graphopt.cpu: the CPU int8 weights must be exact on (None: this one)
 
 
 @dataclasses.dataclass
@@ -68,11 +69,13 @@ class OptimizeReport:
     written: bool = False
     retreats: int = 0
     seconds: float = 0.0
+    cpu: str = ""  # the machine that measured, and the target int8 weights are exact on
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "graphopt": __version__,
             "onnxruntime": onnxruntime_version(),
+            "cpu": self.cpu,
             "input": self.input,
             "output": self.output,
             "recipe": {"name": self.recipe.name, "description": self.recipe.description},
@@ -155,14 +158,14 @@ def optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, opti
         context = PassContext(calibration=calibration, threads=options.threads, budget=budget,
                               cache_dir=str(options.cache_dir) if options.cache_dir else None,
                               analyze=options.analyze, retreat=retreat, exclude=tuple(options.exclude),
-                              text=text_calibration)
+                              text=text_calibration, target_cpu=options.target_cpu)
         pipeline = Pipeline(recipe.passes, check=check_loadable, context=context)
         try:
             result = pipeline.run(model)
         except UnsupportedModelError as exc:
             raise UnsupportedModelError(f"{loaded.path}: {exc}") from exc
         report = OptimizeReport(str(loaded.path), str(Path(output_path)), recipe, budget, loaded.file_bytes, 0,
-                                result.steps, {}, retreats=retreat)
+                                result.steps, {}, retreats=retreat, cpu=_cpu(options.target_cpu))
         try:
             _write_verified(report, result, loaded, output_path, feeds, reference, options, tokenizer)
         except GateFailed as exc:
@@ -182,6 +185,16 @@ def optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, opti
         for note in report.notes:
             logger.warning("%s", note)
         return report.to_dict()
+
+
+def _cpu(target: str | None) -> str:
+    from graphopt.cpu import native_cpu, target_cpu
+
+    here = native_cpu()
+    made_for = target_cpu(target)
+    form = made_for.int8_weight_form
+    where = "" if made_for == here else f"; int8 weights made for {made_for.describe()}"
+    return f"{here.describe()}{where}; int8 weight form {form}"
 
 
 def _optimize_folder(source: Path, output: Path, options: OptimizeOptions) -> dict[str, Any]:

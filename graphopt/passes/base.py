@@ -47,6 +47,8 @@ class PassContext:
     """Passes may spend extra time to explain their choices (layer reports)."""
     text: TextCalibration | None = None
     """Decoder LLMs: calibration text and the text budget (``verify.text``)."""
+    target_cpu: str | None = None
+    """The CPU the model is made for (``graphopt.cpu``: 'avx2', 'vnni'); None: this one."""
 
     def calibration_feeds(self, pass_name: str) -> FeedSet:
         """The calibration feeds; a DataError naming the pass when the run has none."""

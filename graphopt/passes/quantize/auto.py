@@ -32,7 +32,7 @@ from graphopt.errors import GateFailed
 from graphopt.passes.base import GraphoptPass, PassContext, PassResult, check_fractions
 from graphopt.passes.pipeline import Pipeline
 from graphopt.passes.quantize.calibrate import collect
-from graphopt.passes.quantize.dynamic import QuantizeDynamicPass, dynamic_refusal
+from graphopt.passes.quantize.dynamic import QuantizeDynamicPass, dynamic_refusal, weight_form
 from graphopt.passes.quantize.profile import SpeedProfile, default_cache_dir
 from graphopt.passes.quantize.static import StaticPlan, apply_static, calibrate_static, plan_static, static_refusal
 from graphopt.passes.weights import WEIGHT_OPS, WeightUse, weight_use, weight_uses
@@ -183,7 +183,8 @@ class QuantizeInt8Pass(GraphoptPass, name="quantize-int8",
         """Each layer's fastest form by this machine's speed profile, and where that profile is."""
         shapes = {n: s.shape for n, s in stats.items()}
         threads = context.threads or _cores()
-        profile = SpeedProfile(Path(context.cache_dir) if context.cache_dir else default_cache_dir(), threads)
+        profile = SpeedProfile(Path(context.cache_dir) if context.cache_dir else default_cache_dir(), threads,
+                               weight_form("auto", context))
         choices = []
         for use in uses:
             form = _int8_form(use)
@@ -390,7 +391,8 @@ def _apply(model: ir.Model, choices: list[LayerChoice], build: _Builder) -> dict
     static_nodes = {c.node for c in choices if c.mode == "static"}
     reports: list[dict[str, Any]] = []
     if static_nodes:
-        reports += apply_static(model.graph, build.static.for_graph(model.graph, static_nodes))
+        reports += apply_static(model.graph, build.static.for_graph(model.graph, static_nodes),
+                                weight_form("auto", build.context))
     dynamic = tuple(c.node for c in choices if c.mode == "dynamic")
     weight_only = tuple(c.node for c in choices if c.mode == "weight-only")
     steps: list[GraphoptPass] = []
@@ -411,7 +413,7 @@ def _apply(model: ir.Model, choices: list[LayerChoice], build: _Builder) -> dict
 def _numbers(entry: dict[str, Any]) -> dict[str, Any]:
     """The quantization parameters and weight error a sub-pass reported for one layer."""
     keys = ("input_scale", "input_zero_point", "output_scale", "weight_relative_error", "relative_error",
-            "smoothed", "scale_min", "scale_max", "bias_overflow_channels")
+            "smoothed", "scale_min", "scale_max", "bias_overflow_channels", "weight_form")
     return {key: entry[key] for key in keys if key in entry}
 
 

@@ -9,13 +9,13 @@ are quantized once.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import onnx_ir as ir
 
 from graphopt.passes.base import GraphoptPass, PassContext, PassResult
-from graphopt.passes.quantize.numeric import quantize_symmetric, relative_error
+from graphopt.passes.quantize.numeric import quantize_symmetric, relative_error, stored_weight, weight_max_int
 from graphopt.passes.weights import WeightUse, initializer, replace_output, select_uses, weight_uses
 from graphopt.passes.registry import register
 
@@ -64,19 +64,21 @@ def matmul_weight(use: WeightUse) -> np.ndarray:
 
 
 def encode_dynamic(graph: ir.Graph, use: WeightUse, quantize_activation: _ActivationQuantizer,
-                   activation: ir.Value, row_scale: np.ndarray | None = None) -> dict[str, Any]:
+                   activation: ir.Value, row_scale: np.ndarray | None = None, *, form: str = "s8") -> dict[str, Any]:
     """Rewrite one MatMul/Gemm as dynamic int8 reading ``activation``. ``row_scale`` (per input
-    channel) multiplies the weight rows; the caller has divided the activation by it."""
+    channel) multiplies the weight rows; the caller has divided the activation by it. ``form``
+    is the weight encoding (``graphopt.cpu``: exact on the CPU the model is for)."""
     node = use.node
     name = node.name or use.weight.name or "matmul"
     weight = matmul_weight(use)
     before = node
     if row_scale is not None:
         weight = weight * row_scale[:, None]
-    quantized = quantize_symmetric(weight, axis=1)
-    w_q = initializer(graph, f"{use.weight.name}_int8", quantized.values)
+    quantized = quantize_symmetric(weight, axis=1, max_int=weight_max_int(form))
+    codes, zero_points = stored_weight(quantized, form)
+    w_q = initializer(graph, f"{use.weight.name}_int8", codes)
     w_scale = initializer(graph, f"{use.weight.name}_scale", quantized.scale)
-    w_zero = initializer(graph, f"{use.weight.name}_zero_point", np.zeros(quantized.scale.shape, np.int8))
+    w_zero = initializer(graph, f"{use.weight.name}_zero_point", zero_points)
     dql = quantize_activation(activation, before)
     a_q, a_scale, a_zero = dql.outputs
     scales = ir.node("Mul", [a_scale, w_scale], name=f"{name}_scales")
@@ -102,6 +104,7 @@ def encode_dynamic(graph: ir.Graph, use: WeightUse, quantize_activation: _Activa
         "mode": "dynamic",
         "weight_shape": list(weight.shape),
         "weight_relative_error": relative_error(weight, quantized.dequantize()),
+        "weight_form": form,
         "smoothed": row_scale is not None,
     }
 
@@ -124,6 +127,9 @@ class QuantizeDynamicPass(GraphoptPass, name="quantize-dynamic",
         extra Mul would only cost time."""
         nodes: tuple[str, ...] = ()
         """When given, only these node names are quantized (the automatic mode's choice)."""
+        weight_form: Literal["auto", "s8", "u8", "s7"] = "auto"
+        """int8 weights (s8), uint8 around 128 (u8: exact where uint8 x int8 saturates), or int8
+        on 7 bits (s7, reduce_range); auto: what is exact on the target CPU (``graphopt.cpu``)."""
 
     def apply(self, model: ir.Model, context: PassContext) -> PassResult:
         graph = model.graph
@@ -134,6 +140,7 @@ class QuantizeDynamicPass(GraphoptPass, name="quantize-dynamic",
             groups.setdefault(id(use.node.inputs[0]), []).append(use)
         channel_max = self._activation_channel_max(model, eligible, context) if self.options.smooth_alpha > 0 else {}
         quantize_activation = _ActivationQuantizer(graph)
+        form = weight_form(self.options.weight_form, context)
         layers = []
         for group in groups.values():
             activation = group[0].node.inputs[0]
@@ -142,7 +149,7 @@ class QuantizeDynamicPass(GraphoptPass, name="quantize-dynamic",
             if scale is not None:
                 activation = _divide_activation(graph, activation, scale, group)
             for use in group:
-                layers.append(encode_dynamic(graph, use, quantize_activation, activation, scale))
+                layers.append(encode_dynamic(graph, use, quantize_activation, activation, scale, form=form))
         _remove_unused_initializers(graph)
         return PassResult(model, modified=bool(layers), changes={"layers quantized": len(layers)},
                           details={"layers": layers, "skipped": skipped})
@@ -151,6 +158,13 @@ class QuantizeDynamicPass(GraphoptPass, name="quantize-dynamic",
         names = sorted({u.node.inputs[0].name for u in uses if u.node.inputs[0].name})
         stats = context.statistics(self.name, model, names)
         return {name: s.channel_absmax for name, s in stats.items() if s.channel_absmax is not None}
+
+
+def weight_form(option: str, context: PassContext) -> str:
+    """The weight form an int8 pass writes: the option, or (auto) the target CPU's exact one."""
+    from graphopt.cpu import target_cpu
+
+    return target_cpu(context.target_cpu).int8_weight_form if option == "auto" else option
 
 
 def _smoothing_scale(group: list[WeightUse], activation_max: np.ndarray | None, alpha: float,

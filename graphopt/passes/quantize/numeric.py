@@ -8,6 +8,8 @@ import dataclasses
 import numpy as np
 
 INT8_MAX = 127
+# Weight codes of the "s7" form (onnxruntime's reduce_range): 2 · 255 · 63 fits in int16.
+INT7_MAX = 63
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,3 +92,16 @@ def relative_error(reference: np.ndarray, approx: np.ndarray) -> float:
     """||ref - approx|| / ||ref||, 0 for an all-zero reference."""
     norm = float(np.linalg.norm(reference))
     return float(np.linalg.norm(reference - approx)) / norm if norm > 0 else 0.0
+
+
+def weight_max_int(form: str) -> int:
+    """The largest weight code of an int8 weight form (``graphopt.cpu.WeightForm``)."""
+    return INT7_MAX if form == "s7" else INT8_MAX
+
+
+def stored_weight(weight: QuantizedWeight, form: str) -> tuple[np.ndarray, np.ndarray]:
+    """The codes as written and their per-channel zero points: int8 around 0 ("s8", "s7"), or
+    uint8 around 128 ("u8": the same grid, served by onnxruntime's exact U8U8 kernels)."""
+    if form == "u8":
+        return (weight.values.astype(np.int16) + 128).astype(np.uint8), np.full(weight.scale.shape, 128, np.uint8)
+    return weight.values, np.zeros(weight.scale.shape, np.int8)

@@ -15,7 +15,6 @@ import hashlib
 import json
 import logging
 import os
-import platform
 from pathlib import Path
 from typing import Any
 
@@ -34,17 +33,13 @@ def default_cache_dir() -> Path:
 
 
 def machine_key(threads: int) -> str:
+    """The CPU (name and int8 features: one model name covers AVX2-only and VNNI parts),
+    onnxruntime's version and the thread count."""
     import onnxruntime
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu} | onnxruntime {onnxruntime.__version__} | {threads} threads | v{PROFILE_VERSION}"
+    from graphopt.cpu import native_cpu
+
+    return f"{native_cpu().describe()} | onnxruntime {onnxruntime.__version__} | {threads} threads | v{PROFILE_VERSION}"
 
 
 def signature(use: WeightUse, input_shape: tuple[int, ...], mode: str) -> str:
@@ -58,9 +53,10 @@ def signature(use: WeightUse, input_shape: tuple[int, ...], mode: str) -> str:
 class _ProfileFile:
     """The JSON cache shared by the speed profiles: one section per machine key."""
 
-    def __init__(self, cache_dir: Path, threads: int) -> None:
+    def __init__(self, cache_dir: Path, threads: int, weight_form: str = "s8") -> None:
         self.path = cache_dir / "speed-profile.json"
         self.threads = threads
+        self.weight_form = weight_form
         self.key = machine_key(threads)
         self.measured = 0
         self.reused = 0
@@ -95,7 +91,9 @@ class SpeedProfile(_ProfileFile):
     """``speedup(use, shape, mode)``: float time / int8 time for that layer signature."""
 
     def timings(self, use: WeightUse, input_shape: tuple[int, ...], mode: str) -> dict[str, float]:
-        return self._entry(signature(use, input_shape, mode), lambda: _measure(use, input_shape, mode, self.threads))
+        form = f"{mode}|{self.weight_form}" if self.weight_form != "s8" else mode
+        return self._entry(signature(use, input_shape, form),
+                           lambda: _measure(use, input_shape, mode, self.threads, self.weight_form))
 
 
 class BlockwiseProfile(_ProfileFile):
@@ -110,7 +108,7 @@ class BlockwiseProfile(_ProfileFile):
         return 4 if ratio < 2.0 else 0
 
 
-def _one_node_models(use: WeightUse, input_shape: tuple[int, ...], mode: str) -> tuple[bytes, bytes]:
+def _one_node_models(use: WeightUse, input_shape: tuple[int, ...], mode: str, form: str) -> tuple[bytes, bytes]:
     """The layer alone, float and int8, with its real weight and bias."""
     from graphopt.passes.quantize.dynamic import _ActivationQuantizer, encode_dynamic
     from graphopt.passes.quantize.static import (
@@ -144,19 +142,19 @@ def _one_node_models(use: WeightUse, input_shape: tuple[int, ...], mode: str) ->
     float_model, _ = build()
     int8_model, layer = build()
     if mode == "dynamic":
-        encode_dynamic(int8_model.graph, layer, _ActivationQuantizer(int8_model.graph), layer.node.inputs[0])
+        encode_dynamic(int8_model.graph, layer, _ActivationQuantizer(int8_model.graph), layer.node.inputs[0], form=form)
     else:
         params = ActivationParams(scale=0.02, zero_point=128)
-        encode_static(int8_model.graph, layer, _QdqInserter(int8_model.graph), params, params)
+        encode_static(int8_model.graph, layer, _QdqInserter(int8_model.graph), params, params, form=form)
     return (ir.serde.serialize_model(float_model).SerializeToString(),
             ir.serde.serialize_model(int8_model).SerializeToString())
 
 
-def _measure(use: WeightUse, input_shape: tuple[int, ...], mode: str, threads: int) -> dict[str, float]:
+def _measure(use: WeightUse, input_shape: tuple[int, ...], mode: str, threads: int, form: str) -> dict[str, float]:
     from graphopt.verify.latency import compare_interleaved
     from graphopt.verify.runtime import make_session
 
-    float_bytes, int8_bytes = _one_node_models(use, input_shape, mode)
+    float_bytes, int8_bytes = _one_node_models(use, input_shape, mode, form)
     rng = np.random.default_rng(0)
     feeds = [{"x": rng.standard_normal(input_shape).astype(np.float32)} for _ in range(4)]
     ab = compare_interleaved(make_session(float_bytes, threads=threads), make_session(int8_bytes, threads=threads),

@@ -19,7 +19,15 @@ import onnx_ir as ir
 
 from graphopt.passes.base import GraphoptPass, PassContext, PassResult
 from graphopt.passes.quantize.calibrate import RangeMethod, TensorStats, activation_range, collect
-from graphopt.passes.quantize.numeric import QuantizedWeight, quantize_bias, quantize_symmetric, relative_error
+from graphopt.passes.quantize.dynamic import weight_form
+from graphopt.passes.quantize.numeric import (
+    QuantizedWeight,
+    quantize_bias,
+    quantize_symmetric,
+    relative_error,
+    stored_weight,
+    weight_max_int,
+)
 from graphopt.passes.weights import WeightUse, column_importance, initializer, select_uses, weight_uses
 from graphopt.passes.registry import register
 
@@ -102,20 +110,24 @@ class _QdqInserter:
         return quant, dequant
 
 
-def _dequantized_weight(graph: ir.Graph, name: str, weight: QuantizedWeight) -> ir.Value:
-    q_value = initializer(graph, f"{name}_int8", weight.values)
+def _dequantized_weight(graph: ir.Graph, name: str, weight: QuantizedWeight, form: str) -> ir.Value:
+    codes, zero_points = stored_weight(weight, form)
+    q_value = initializer(graph, f"{name}_int8", codes)
     scale = initializer(graph, f"{name}_scale", weight.scale)
-    zero = initializer(graph, f"{name}_zero_point", np.zeros(weight.scale.shape, np.int8))
+    zero = initializer(graph, f"{name}_zero_point", zero_points)
     dequant = ir.node("DequantizeLinear", [q_value, scale, zero], {"axis": weight.axis}, name=f"{name}_dequantize")
     return dequant
 
 
 def encode_static(graph: ir.Graph, use: WeightUse, qdq: _QdqInserter, input_params: ActivationParams,
-                  output_params: ActivationParams, importance: np.ndarray | None = None) -> dict[str, Any]:
+                  output_params: ActivationParams, importance: np.ndarray | None = None, *,
+                  form: str = "s8") -> dict[str, Any]:
+    """Rewrite one layer as QDQ int8; ``form`` is the weight encoding (``graphopt.cpu``)."""
     node = use.node
     name = node.name or use.weight.name or use.kind
     weight = use.weight.const_value.numpy()
-    quantized = quantize_symmetric(weight, use.channel_axis, importance=importance)
+    max_int = weight_max_int(form)
+    quantized = quantize_symmetric(weight, use.channel_axis, importance=importance, max_int=max_int)
     new_nodes = []
     bias_value = node.inputs[2] if len(node.inputs) > 2 else None
     bias_overflow = 0
@@ -123,14 +135,14 @@ def encode_static(graph: ir.Graph, use: WeightUse, qdq: _QdqInserter, input_para
         bias_int, weight_scale = quantize_bias(bias_value.const_value.numpy(), input_params.scale, quantized.scale)
         bias_overflow = int(np.count_nonzero(weight_scale > quantized.scale))
         if bias_overflow:
-            quantized = _requantize(weight, use.channel_axis, weight_scale)
+            quantized = _requantize(weight, use.channel_axis, weight_scale, max_int)
         b_q = initializer(graph, f"{bias_value.name}_int32", bias_int)
         b_scale = initializer(graph, f"{bias_value.name}_scale", (input_params.scale * quantized.scale).astype(np.float32))
         b_zero = initializer(graph, f"{bias_value.name}_zero_point", np.zeros(bias_int.shape, np.int32))
         bias_dq = ir.node("DequantizeLinear", [b_q, b_scale, b_zero], {"axis": 0}, name=f"{name}_bias_dequantize")
         new_nodes.append(bias_dq)
         node.replace_input_with(2, bias_dq.outputs[0])
-    weight_dq = _dequantized_weight(graph, use.weight.name or name, quantized)
+    weight_dq = _dequantized_weight(graph, use.weight.name or name, quantized, form)
     new_nodes.append(weight_dq)
     graph.insert_before(node, new_nodes)
     node.replace_input_with(use.input_index, weight_dq.outputs[0])
@@ -145,13 +157,14 @@ def encode_static(graph: ir.Graph, use: WeightUse, qdq: _QdqInserter, input_para
         "output_scale": output_params.scale,
         "weight_relative_error": relative_error(weight, quantized.dequantize()),
         "bias_overflow_channels": bias_overflow,
+        "weight_form": form,
     }
 
 
-def _requantize(weight: np.ndarray, axis: int, scale: np.ndarray) -> QuantizedWeight:
+def _requantize(weight: np.ndarray, axis: int, scale: np.ndarray, max_int: int) -> QuantizedWeight:
     shape = [1] * weight.ndim
     shape[axis] = scale.size
-    values = np.clip(np.rint(weight / scale.reshape(shape)), -127, 127).astype(np.int8)
+    values = np.clip(np.rint(weight / scale.reshape(shape)), -max_int, max_int).astype(np.int8)
     return QuantizedWeight(values, scale.astype(np.float32), axis)
 
 
@@ -166,6 +179,8 @@ class QuantizeStaticPass(GraphoptPass, name="quantize-static",
         min_elements: int = 16
         nodes: tuple[str, ...] = ()
         """When given, only these node names are quantized (the automatic mode's choice)."""
+        weight_form: Literal["auto", "s8", "u8", "s7"] = "auto"
+        """As quantize-dynamic's: auto writes what is exact on the target CPU (``graphopt.cpu``)."""
 
     def requires(self, model: ir.Model) -> None:
         self.require_opset(model, 13)  # per-channel DequantizeLinear ``axis``
@@ -178,7 +193,8 @@ class QuantizeStaticPass(GraphoptPass, name="quantize-static",
             return PassResult(model, modified=False, details={"layers": [], "skipped": skipped})
         stats = calibrate_static(model, chosen, context.calibration_feeds(self.name).feeds, self.options.method,
                                  threads=context.threads)
-        layers = apply_static(graph, plan_static(chosen, stats, self.options.method, self.options.percentile))
+        layers = apply_static(graph, plan_static(chosen, stats, self.options.method, self.options.percentile),
+                              weight_form(self.options.weight_form, context))
         return PassResult(model, modified=True, changes={"layers quantized": len(layers)},
                           details={"layers": layers, "skipped": skipped, "method": self.options.method})
 
@@ -211,10 +227,11 @@ def plan_static(uses: list[WeightUse], stats: dict[str, TensorStats], method: Ra
     ]
 
 
-def apply_static(graph: ir.Graph, plans: list[StaticPlan]) -> list[dict[str, Any]]:
-    """Phase 2: insert the nodes; returns the per-layer report."""
+def apply_static(graph: ir.Graph, plans: list[StaticPlan], form: str) -> list[dict[str, Any]]:
+    """Phase 2: insert the nodes (weights in ``form``); returns the per-layer report."""
     qdq = _QdqInserter(graph)
-    layers = [encode_static(graph, p.use, qdq, p.input_params, p.output_params, p.importance) for p in plans]
+    layers = [encode_static(graph, p.use, qdq, p.input_params, p.output_params, p.importance, form=form)
+              for p in plans]
     for name in [n for n, v in graph.initializers.items() if not v.uses() and not v.is_graph_output()]:
         graph.initializers.pop(name)
     return layers
