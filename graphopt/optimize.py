@@ -166,6 +166,11 @@ def optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, opti
             raise UnsupportedModelError(f"{loaded.path}: {exc}") from exc
         report = OptimizeReport(str(loaded.path), str(Path(output_path)), recipe, budget, loaded.file_bytes, 0,
                                 result.steps, {}, retreats=retreat, cpu=_cpu(options.target_cpu))
+        idle = _idle_compression(result, pipeline.passes)
+        if idle:
+            report.notes.append(f"{idle} changed nothing: the input is written as it is (the recipe's other steps "
+                                "would only have rewritten it)")
+            result = PipelineResult(result.model, result.steps, keep_input=True)
         try:
             _write_verified(report, result, loaded, output_path, feeds, reference, options, tokenizer)
         except GateFailed as exc:
@@ -185,6 +190,15 @@ def optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, opti
         for note in report.notes:
             logger.warning("%s", note)
         return report.to_dict()
+
+
+def _idle_compression(result: PipelineResult, passes: Sequence[Any]) -> str | None:
+    """The compressing steps of a recipe when it has some and none of them changed the model
+    (a run that quantized nothing writes the input's bytes), else None."""
+    steps = [step for step, pass_ in zip(result.steps, passes) if pass_.role == "compress"]
+    if not steps or any(step.modified for step in steps):
+        return None
+    return ", ".join(step.name for step in steps)
 
 
 def _cpu(target: str | None) -> str:
@@ -305,7 +319,7 @@ def _write_verified(report: OptimizeReport, result: PipelineResult, loaded: Load
     ``report`` gets the verification (GateFailed when it fails: nothing is written)."""
     # A model that came with external data keeps it; otherwise external data above ~1.8 GB.
     external = True if options.external_data is None and loaded.has_external_data else options.external_data
-    unchanged = None if result.modified else loaded.path
+    unchanged = loaded.path if result.keep_input or not result.modified else None
     with staged_save(result.model, output_path, external_data=external, protected=loaded.files,
                      unchanged_from=unchanged) as staged:
         size_check = []

@@ -87,6 +87,9 @@ class GraphoptPass(ir.passes.PassBase):
     summary: ClassVar[str]
     Options: ClassVar[type] = NoOptions
     in_place: ClassVar[bool] = True  # type: ignore[misc]
+    role: ClassVar[str] = "rewrite"
+    """"rewrite" (exact cleanups), "enable" (a step only later steps profit from, undone when
+    none of them changed anything: upgrade-opset), "compress" (lossy: quantize, prune, factorize)."""
 
     def __init_subclass__(cls, *, name: str | None = None, summary: str | None = None, **kwargs: Any) -> None:
         """``class XPass(GraphoptPass, name="verb-noun", summary="…")``; a nested ``class Options``

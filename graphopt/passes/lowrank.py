@@ -84,6 +84,8 @@ class Candidate:
 @register
 class LowRankPass(GraphoptPass, name="lowrank",
                   summary="truncated-SVD factors for MatMul/Gemm weights and embedding tables, activation-aware with --calib"):
+    role = "compress"
+
     class Options:
         select: Literal["energy", "ratio", "budget", "parity"] = "energy"
         """How ranks are chosen: per-layer ``energy``, fixed ``ratio`` of min(k, n), global

@@ -45,6 +45,7 @@ class StepRecord:
 class PipelineResult:
     model: ir.Model
     steps: list[StepRecord]
+    keep_input: bool = False  # the run decided the input's own bytes are the result
 
     @property
     def modified(self) -> bool:
@@ -81,17 +82,29 @@ class Pipeline:
     def run(self, model: ir.Model, *, announce: bool = True) -> PipelineResult:
         """Run every pass in order; ``announce`` logs each step (off for a search's trials)."""
         steps = []
+        enabled: list[tuple[int, ir.Model]] = []  # enabling steps that changed the model, and its state before
         for index, pass_ in enumerate(self.passes, start=1):
             if announce:
                 logger.info("[%d/%d] %s …", index, len(self.passes), pass_.name)
+            previous = model
             model, record = self._run_one(pass_, model)
             steps.append(record)
+            if pass_.role == "enable" and record.modified and model is not previous:
+                enabled.append((len(steps) - 1, previous))
             if not announce:
                 continue
             summary = ", ".join(f"{k} {v}" for k, v in record.changes.items() if v) or "no change"
             logger.info("[%d/%d] %s: %s (%.2fs)", index, len(self.passes), pass_.name, summary, record.seconds)
             for note in record.notes:
                 logger.warning("%s: %s", pass_.name, note)
+        for index, before in reversed(enabled):
+            if not any(step.modified for step in steps[index + 1:]):
+                model = before  # it enabled nothing: a step that only enables must not be kept
+                step = steps[index]
+                step.modified, step.rolled_back = False, True
+                step.notes.append("undone: no later step changed the model, so it enabled nothing")
+                if announce:
+                    logger.info("%s undone: no later step changed the model", step.name)
         return PipelineResult(model, steps)
 
     def _run_one(self, pass_: GraphoptPass, model: ir.Model) -> tuple[ir.Model, StepRecord]:

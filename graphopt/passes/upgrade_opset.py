@@ -18,6 +18,7 @@ from graphopt.passes.registry import register
 class UpgradeOpsetPass(GraphoptPass, name="upgrade-opset",
                        summary="raise the default-domain opset with onnx's version converter (never lowers it)"):
     in_place = False
+    role = "enable"
 
     class Options:
         target: int = 13
@@ -36,7 +37,10 @@ class UpgradeOpsetPass(GraphoptPass, name="upgrade-opset",
                 f"{self.options.target}: {reason(exc)}"
             ) from exc
         # The converter keeps the IR version; the new opset may need a newer one (opset 13: IR 7).
-        converted.ir_version = max(converted.ir_version, onnx.helper.find_min_ir_version_for(converted.opset_import))
+        # Other domains (com.microsoft, in every model onnxruntime optimized or quantized) have no
+        # entry in onnx's table: the default domain decides.
+        converted.ir_version = max(converted.ir_version,
+                                   onnx.helper.find_min_ir_version_for(converted.opset_import, ignore_unknown=True))
         return PassResult(
             ir.serde.deserialize_model(converted),
             modified=True,

@@ -39,3 +39,16 @@ def test_never_lowers_the_opset():
     result = get_pass("upgrade-opset")(target=13)(ir.serde.deserialize_model(proto))
     assert not result.modified
     assert result.model.opset_imports[""] == 17
+
+
+def test_a_model_importing_com_microsoft_is_upgraded():
+    """Every model onnxruntime optimized or quantized imports com.microsoft: onnx's IR-version
+    table does not know that domain, and must not be asked about it."""
+    nodes = [helper.make_node("Relu", ["X"], ["c"]), helper.make_node("Gelu", ["c"], ["Y"], domain="com.microsoft")]
+    graph = helper.make_graph(nodes, "ms", [tensor("X", [3])], [tensor("Y", [3])])
+    proto = helper.make_model(graph, ir_version=6, opset_imports=[helper.make_opsetid("", 11),
+                                                                  helper.make_opsetid("com.microsoft", 1)])
+    result = get_pass("upgrade-opset")(target=13)(ir.serde.deserialize_model(proto))
+    assert result.model.opset_imports == {"": 13, "com.microsoft": 1} and result.model.ir_version == 7
+    x = np.array([-2.0, 0.25, 3.0], dtype=np.float32)
+    np.testing.assert_allclose(run(result.model, {"X": x})[0], run(proto, {"X": x})[0], rtol=1e-6)

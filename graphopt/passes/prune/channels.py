@@ -110,6 +110,8 @@ def _producers(dependency: Dependency, family: tuple[str, ...]) -> set[str]:
 @register
 class PruneChannelsPass(GraphoptPass, name="prune-channels",
                         summary="remove the least important coupled channel groups (L1, L2 or activation importance): lossy"):
+    role = "compress"
+
     class Options:
         amount: float = 0.3
         """Fraction of each layer's prunable channel groups to remove."""

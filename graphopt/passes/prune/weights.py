@@ -31,6 +31,8 @@ def deflated_bytes(model: ir.Model) -> int:
 @register
 class PruneWeightsPass(GraphoptPass, name="prune-weights",
                        summary="unstructured magnitude pruning: zeroes the smallest weights (smaller zip, same .onnx size)"):
+    role = "compress"
+
     class Options:
         amount: float = 0.5
         """Fraction of the weights set to 0."""

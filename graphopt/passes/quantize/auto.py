@@ -94,6 +94,8 @@ def _int8_form(use: WeightUse) -> str | None:
 @register
 class QuantizeInt8Pass(GraphoptPass, name="quantize-int8",
                        summary="per layer: int8 compute where this CPU runs it faster, else weight-only, else float; within the budget"):
+    role = "compress"
+
     class Options:
         min_speedup: float = 1.1
         """An int8 compute form is used only when the profile says float/int8 time >= this."""

@@ -106,6 +106,8 @@ class _Layer:
 class QuantizeBlockwisePass(GraphoptPass, name="quantize-blockwise",
                             summary="weights → 4/8-bit blocks (MatMulNBits, GatherBlockQuantized); RTN, HQQ or GPTQ; "
                                     "bits per layer under a text budget; ~6× smaller"):
+    role = "compress"
+
     class Options:
         bits: int = 4
         """4 or 8 bits per weight (the layers' starting point when searching)."""

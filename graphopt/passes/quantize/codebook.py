@@ -73,6 +73,8 @@ _DENSITY_BINS = 4096
 @register
 class QuantizeCodebookPass(GraphoptPass, name="quantize-codebook",
                            summary="weights → bit-packed indices into small k-means or power-of-two codebooks (lossy)"):
+    role = "compress"
+
     class Options:
         mode: Literal["log2", "kmeans"] = "kmeans"
         """``kmeans``: learned codebook (weight sharing); ``log2``: 0 and signed powers of two."""

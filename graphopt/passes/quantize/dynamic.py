@@ -112,6 +112,8 @@ def encode_dynamic(graph: ir.Graph, use: WeightUse, quantize_activation: _Activa
 @register
 class QuantizeDynamicPass(GraphoptPass, name="quantize-dynamic",
                           summary="dynamic int8 MatMul/Gemm: int8 per-channel weights, uint8 activations at run time"):
+    role = "compress"
+
     class Options:
         ops: tuple[str, ...] = ("MatMul", "Gemm")
         min_elements: int = 1024

@@ -171,6 +171,8 @@ def _requantize(weight: np.ndarray, axis: int, scale: np.ndarray, max_int: int) 
 @register
 class QuantizeStaticPass(GraphoptPass, name="quantize-static",
                          summary="calibrated QDQ int8: per-channel weights, int32 bias, uint8 activations (needs --calib)"):
+    role = "compress"
+
     class Options:
         ops: tuple[str, ...] = STATIC_OPS
         method: Literal["minmax", "percentile", "entropy", "mse"] = "percentile"

@@ -64,6 +64,8 @@ def group_by_weight(uses: list[WeightUse]) -> dict[str, list[WeightUse]]:
 @register
 class QuantizeWeightsPass(GraphoptPass, name="quantize-weights",
                           summary="weight-only int8 (per-channel, rebuilt by Cast*scale): ~4x smaller, float speed"):
+    role = "compress"
+
     class Options:
         ops: tuple[str, ...] = WEIGHT_OPS
         """Op types whose weights are encoded."""
