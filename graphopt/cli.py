@@ -320,7 +320,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_optimize(args: argparse.Namespace) -> int:
     from graphopt.optimize import OptimizeOptions, optimize
-    from graphopt.report.checks import checks_text
+    from graphopt.report.checks import checks_text, outputs_text
     from graphopt.verify.feeds import parse_shape_overrides
 
     text = _decoder_text(args)
@@ -351,12 +351,16 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     except GateFailed as exc:
         if exc.report:
             _write_optimize_reports(args, exc.report)
-            if not args.quiet:  # the same PASS/FAIL table a failed `check` prints
+            if not args.quiet:  # the same numbers and PASS/FAIL table a failed `check` prints
+                if exc.report["verification"].get("parity"):
+                    print(outputs_text(exc.report["verification"]["parity"]))
                 print(checks_text(exc.report["verification"]["checks"]))
         raise
     _write_optimize_reports(args, report)
     if not args.quiet:
         print(_optimize_summary(report))
+        if report["verification"].get("parity"):
+            print(outputs_text(report["verification"]["parity"]))
         print(checks_text(report["verification"]["checks"]))
     return EXIT_OK
 
@@ -459,7 +463,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def _check_reports(args: argparse.Namespace, data: dict[str, Any], failure: GateFailed | None, started: float) -> int:
     from graphopt.io import to_json, write_text
-    from graphopt.report.checks import check_markdown, checks_text, decoder_text, junit_xml
+    from graphopt.report.checks import check_markdown, checks_text, decoder_text, junit_xml, outputs_text
     from graphopt.verify.gate import CheckResult
 
     checks = [CheckResult(**c) for c in data["checks"]]
@@ -472,6 +476,8 @@ def _check_reports(args: argparse.Namespace, data: dict[str, Any], failure: Gate
     if not args.quiet:
         if "perplexity" in data:
             print(decoder_text(data))
+        else:
+            print(outputs_text(data["parity"]))
         print(checks_text(data["checks"]))
     if failure is not None:
         raise failure

@@ -54,13 +54,14 @@ def check_markdown(comparison: dict[str, Any]) -> str:
     parity = comparison["parity"]
     lines += [
         "",
-        "| output | max abs | mean abs | cosine mean | cosine min | top-1 |",
-        "|---|---|---|---|---|---|",
+        "| output | kind | judged by | value | max abs | cosine mean | top-1 |",
+        "|---|---|---|---|---|---|---|",
     ]
     for out in parity["outputs"]:
+        label, value = headline(out)
         lines.append(
-            f"| {out['name']} | {_fmt(out['max_abs'])} | {_fmt(out['mean_abs'])} | {_fmt(out['cosine_mean'])} | "
-            f"{_fmt(out['cosine_min'])} | {_fmt(out['top1'])} |"
+            f"| {out['name']} | {out.get('kind') or '—'} | {label} | {_fmt(value)} | {_fmt(out['max_abs'])} | "
+            f"{_fmt(out['cosine_mean'])} | {_fmt(out['top1'])} |"
         )
     lines.append("")
     lines.append(f"Size: {comparison['candidate_bytes']:,} / {comparison['base_bytes']:,} bytes "
@@ -70,6 +71,44 @@ def check_markdown(comparison: dict[str, Any]) -> str:
         lines.append(f"Latency (median, interleaved, {lat['threads']} thread{'' if lat['threads'] == 1 else 's'}): {lat['b']['median_ms']:.2f} ms vs "
                      f"{lat['a']['median_ms']:.2f} ms (ratio {lat['ratio']:.3f}).")
     return "\n".join(lines) + "\n"
+
+
+def headline(out: dict[str, Any]) -> tuple[str, float | None]:
+    """The number a user of one output looks at (``verify.parity.OutputParity.metric``)."""
+    if out.get("detections_kept") is not None:
+        return "detections kept", out["detections_kept"]
+    if out.get("sequences_same") is not None:
+        return "decoded sequences identical", out["sequences_same"]
+    if out.get("top1") is not None:
+        return "top-1 agreement", out["top1"]
+    if out.get("constant_share"):
+        return "cosine on what varies", out["cosine_mean"]
+    return "cosine", out["cosine_mean"]
+
+
+def outputs_text(parity: dict[str, Any]) -> str:
+    """One line per output: its kind, how it is judged, and the numbers behind the verdict."""
+    lines = []
+    for out in parity["outputs"]:
+        if out.get("shape_mismatch"):
+            lines.append(f"  {out['name']}: shape {out['shape_mismatch']}")
+            continue
+        label, value = headline(out)
+        extra = []
+        if out.get("detections_kept") is not None:
+            extra.append(f"{out['detections_reference']} in the reference, {out['detections_appeared']} appeared, "
+                         f"largest score change {_fmt(out['largest_score_change'])}")
+        if out.get("sequences_same") is not None:
+            extra.append(f"{out['sequences']} sequences, top-1 {_fmt(out['top1'])}"
+                         + (f", {out['top1_ties']} near-ties forgiven" if out.get("top1_ties") else ""))
+        elif out.get("top1") is not None and out.get("top1_ties"):
+            extra.append(f"{out['top1_ties']} near-ties forgiven")
+        if out.get("constant_share"):
+            extra.append(f"{out['constant_share']:.0%} of the reference constant, left out")
+        extra.append(f"max abs {_fmt(out['max_abs'])}")
+        kind = f" ({out['kind']})" if out.get("kind") else ""
+        lines.append(f"  {out['name']}{kind}: {label} {_fmt(value)}; {'; '.join(extra)}")
+    return "\n".join(lines)
 
 
 def checks_text(checks: list[dict[str, Any]]) -> str:

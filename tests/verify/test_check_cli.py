@@ -62,6 +62,17 @@ def test_model_against_itself_passes(base: Path, capsys: pytest.CaptureFixture[s
     assert "Traceback" not in err
 
 
+def test_check_without_thresholds_shows_the_numbers(base: Path, perturbed: Path, data: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["check", str(base), str(perturbed), "--data", str(data), "--threads", "1"])
+
+    out, _ = capsys.readouterr()
+    assert code == 0
+    (line,) = [line for line in out.splitlines() if line.startswith("  Y")]
+    assert line.startswith("  Y (class scores): top-1 agreement ") and "; max abs " in line
+    assert out.splitlines()[-1] == "check passed (2 checks, 8 samples)"
+
+
 def test_perturbed_candidate_fails_with_one_line_and_writes_every_report(
     tmp_path: Path, base: Path, perturbed: Path, data: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -178,7 +178,7 @@ def test_check_markdown_has_a_row_per_check_and_the_verdict() -> None:
     assert "| max_abs | 0.3125 | 0.2 | **FAIL** |" in lines
     assert "| output_shapes | — | — | pass |" in lines
     (output_row,) = [line for line in lines if line.startswith("| Y |")]
-    assert output_row == "| Y | 0.25 | 0.125 | 0.995 | 0.985 | 0.75 |"
+    assert output_row == "| Y | — | top-1 agreement | 0.75 | 0.25 | 0.995 | 0.75 |"
     assert "Size: 1,000 / 2,000 bytes (ratio 0.500)." in lines
     assert not any(line.startswith("Latency") for line in lines)
 
