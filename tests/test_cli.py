@@ -282,3 +282,17 @@ def test_check_on_images_of_different_sizes(tmp_path, capsys):
         np.savez(data / f"{index}.npz", x=np.ones((1, 3, h, w), np.float32))
     assert main(["check", str(model), str(model), "--data", str(data), "--max-abs", "1e-4"]) == 0
     assert "check passed" in capsys.readouterr().out
+
+
+def test_inspect_cuts_long_symbolic_dimensions(tmp_path, capsys):
+    from onnx import helper
+
+    from tests.conftest import make_model, tensor
+
+    long_dim = "Add(Mul(floor(" + "sequence_length_" * 25 + "), 2), 1)"
+    path = tmp_path / "m.onnx"
+    path.write_bytes(make_model([helper.make_node("Relu", ["X"], ["Y"])], [tensor("X", [1, long_dim])],
+                                [tensor("Y", [1, long_dim])]).SerializeToString())
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert long_dim not in out and "input:    X: float[1,Add(Mul(floor(sequence_…]" in out

@@ -10,6 +10,9 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
+import sys
+import tempfile
 
 import onnx
 import onnx_ir as ir
@@ -108,6 +111,23 @@ def _without_value_info(proto: onnx.ModelProto) -> bytes:
 
 @contextlib.contextmanager
 def _quiet():
-    """onnxsim prints progress to stdout; the library must not."""
-    with contextlib.redirect_stdout(io.StringIO()):
-        yield
+    """onnxsim prints progress to stdout, and its C++ core warnings to the process's stderr
+    (file descriptor 2, beyond Python's sys.stderr); the library must not print. Both are
+    captured at the descriptor level and passed to the log at debug level."""
+    with tempfile.TemporaryFile(mode="w+b") as sink, contextlib.redirect_stdout(io.StringIO()) as text:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        saved = [os.dup(1), os.dup(2)]
+        try:
+            os.dup2(sink.fileno(), 1)
+            os.dup2(sink.fileno(), 2)
+            yield
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+            sink.seek(0)
+            for line in (text.getvalue() + sink.read().decode(errors="replace")).splitlines():
+                if line.strip():
+                    logger.debug("onnxsim: %s", line.strip())

@@ -10,7 +10,7 @@ import onnx_ir as ir
 
 from graphopt.io import LoadedModel
 from graphopt.passes.pipeline import op_histogram
-from graphopt.verify.kinds import classify, metric_family
+from graphopt.verify.kinds import JUDGED_BY, classify
 
 
 def _value_info(value: ir.Value) -> dict[str, Any]:
@@ -48,7 +48,7 @@ def describe(loaded: LoadedModel, *, largest: int = 10) -> dict[str, Any]:
         "producer": " ".join(p for p in (model.producer_name, model.producer_version) if p),
         "opsets": {domain or "ai.onnx": version for domain, version in sorted(model.opset_imports.items())},
         "inputs": [_value_info(v) for v in inputs],
-        "outputs": [{**_value_info(v), "kind": classify(v), "judged_by": metric_family(classify(v))}
+        "outputs": [{**_value_info(v), "kind": classify(v), "judged_by": JUDGED_BY[classify(v)]}
                     for v in model.graph.outputs],
         "nodes": sum(op_histogram(model).values()),
         "ops": dict(sorted(op_histogram(model).items(), key=lambda kv: (-kv[1], kv[0]))),
@@ -65,8 +65,17 @@ def describe(loaded: LoadedModel, *, largest: int = 10) -> dict[str, Any]:
     }
 
 
+# A symbolic dimension longer than this is shown cut (exporters write whole expressions).
+MAX_DIM_TEXT = 24
+
+
+def _dim_text(dim: Any) -> str:
+    text = "?" if dim is None else str(dim)
+    return text if len(text) <= MAX_DIM_TEXT else text[: MAX_DIM_TEXT - 1] + "…"
+
+
 def _shape_text(info: dict[str, Any]) -> str:
-    dims = "?" if info["shape"] is None else ",".join("?" if d is None else str(d) for d in info["shape"])
+    dims = "?" if info["shape"] is None else ",".join(_dim_text(d) for d in info["shape"])
     return f"{info['name']}: {info['dtype']}[{dims}]"
 
 

@@ -125,7 +125,15 @@ def _deciding_op(value: ir.Value) -> str | None:
     return producer.op_type if producer is not None else None
 
 
-def metric_family(kind: str) -> Literal["agreement", "detections", "cosine"]:
-    if kind in DETECTION_KINDS:
-        return "detections"
-    return "agreement" if kind in AGREEMENT_KINDS else "cosine"
+# How each kind is judged, in the words `inspect` shows (the numbers: verify.parity, verify.judge).
+JUDGED_BY: dict[str, str] = {
+    "class scores": "top-1 agreement",
+    "class score sequence": "decoded sequences identical (greedy CTC) and top-1 agreement",
+    "integers": "equality",
+    "detections": "detections kept (score >= --det-threshold, same class, IoU >= 0.5)",
+    "detection scores": "detections kept at the same anchor (score >= --det-threshold)",
+    "boxes": "cosine",
+    "embeddings": "cosine (on what varies where the reference has a constant region)",
+    "dense map": "cosine (on what varies where the reference has a constant region)",
+    "other": "cosine",
+}

@@ -81,3 +81,19 @@ def test_onnxsim_result_that_changes_outputs_is_refused(rng, monkeypatch):
 def test_unknown_option_names_the_valid_ones():
     with pytest.raises(TypeError, match="valid options: check_n, fuse_bn, max_growth, tolerance"):
         get_pass("simplify")(check=3)
+
+
+def test_what_onnxsim_prints_below_python_goes_to_the_debug_log(capfd, caplog):
+    """onnxsim's C++ core writes warnings straight to file descriptor 2: `-q` must silence them."""
+    import logging
+    import os
+
+    from graphopt.passes.simplify import _quiet
+
+    with caplog.at_level(logging.DEBUG, logger="graphopt.passes.simplify"), _quiet():
+        os.write(2, b"[W] onnxsim: raw warning from C++\n")
+        print("progress on stdout")
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""
+    assert [r.getMessage() for r in caplog.records] == ["onnxsim: progress on stdout",
+                                                        "onnxsim: [W] onnxsim: raw warning from C++"]
