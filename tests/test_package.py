@@ -211,7 +211,17 @@ def test_model_outside_the_target_exits_2_naming_ops_and_opset(tmp_path, capsys)
     assert package(model, out, "--target", "cpu-minimal") == 2
     line = one_line_error(capsys)
     assert "Hardmax" in line and "opset 9" in line and "cpu-minimal" in line
+    assert "--target FILE" in line  # the way out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hard.onnx"]  # no bundle, no staging
+
+
+def test_the_minimal_target_covers_what_common_models_run():
+    from graphopt.package.targets import load_target
+
+    operators = load_target("cpu-minimal").operators
+    recogniser = {"LSTM", "GRU", "Reciprocal", "Floor", "ReduceMin", "TopK", "NonMaxSuppression", "Tile",
+                  "com.microsoft:DynamicQuantizeLSTM", "com.microsoft:DynamicQuantizeMatMul"}
+    assert recogniser <= operators
 
 
 def test_target_file_with_its_own_allow_list(model_path, tmp_path, capsys):

@@ -132,4 +132,7 @@ def check_model(target: Target, model: ir.Model, where: str) -> None:
     if opset is not None and (opset < low or (high is not None and opset > high)):
         problems.append(f"opset {opset} is outside {low}..{high if high is not None else ''}")
     if problems:
-        raise UnsupportedByTarget(f"{where}: not supported by target '{target.name}': {'; '.join(problems)}")
+        raise UnsupportedByTarget(
+            f"{where}: not supported by target '{target.name}': {'; '.join(problems)} (a runtime built with them "
+            f"needs a target of its own: a .toml file naming them, given as --target FILE; or package without "
+            f"--target)")
