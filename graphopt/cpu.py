@@ -8,7 +8,9 @@ writes weights as uint8 with zero point 128 (onnxruntime's U8U8 kernels widen to
 before multiplying: exact, same 8-bit grid); ``s7`` — int8 weights on 7 bits, onnxruntime's
 ``reduce_range`` — is the other remedy, exact too but on half the grid.
 
-Features are read from ``/proc/cpuinfo``; ``GRAPHOPT_CPU`` (``native``, ``avx2``, ``vnni``)
+Features come from numpy's own CPUID probe (what the process's CPU reports — under an
+emulator too, where ``/proc/cpuinfo`` is the host's), completed by ``/proc/cpuinfo`` for the
+flags numpy does not probe (AVX-VNNI, AMX). ``GRAPHOPT_CPU`` (``native``, ``avx2``, ``vnni``)
 overrides them, for a model meant for another machine (``--target-cpu``) or a test.
 """
 
@@ -67,6 +69,18 @@ def target_cpu(target: str | None = None) -> CpuFeatures:
 
 @lru_cache(maxsize=1)
 def native_cpu() -> CpuFeatures:
+    name, flags = _proc_cpuinfo()
+    probed = _numpy_probe()
+    if probed:  # CPUID as this process sees it; /proc only for what numpy does not probe
+        flags = {flag for flag in flags if flag in ("avx_vnni", "amx_int8")}
+        flags |= {flag for flag, key in (("avx2", "AVX2"), ("avx512f", "AVX512F"), ("avx512_vnni", "AVX512VNNI"))
+                  if probed.get(key)}
+    x86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "i386")
+    return CpuFeatures(name, x86, "avx2" in flags, "avx512f" in flags, bool(flags & _VNNI_FLAGS),
+                       "amx_int8" in flags)
+
+
+def _proc_cpuinfo() -> tuple[str, set[str]]:
     name, flags = platform.processor() or platform.machine(), set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -77,9 +91,19 @@ def native_cpu() -> CpuFeatures:
                 flags = set(value.split())
     except OSError:
         pass
-    x86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "i386")
-    return CpuFeatures(name, x86, "avx2" in flags, "avx512f" in flags, bool(flags & _VNNI_FLAGS),
-                       "amx_int8" in flags)
+    return name, flags
+
+
+def _numpy_probe() -> dict[str, bool]:
+    """numpy's run-time CPU dispatch table (it executes CPUID itself); {} where it has none."""
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__
+    except ImportError:
+        try:
+            from numpy.core._multiarray_umath import __cpu_features__
+        except ImportError:
+            return {}
+    return dict(__cpu_features__)
 
 
 __all__ = ["CpuFeatures", "TARGET_CPUS", "TargetCpu", "WeightForm", "native_cpu", "target_cpu"]

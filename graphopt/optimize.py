@@ -127,8 +127,54 @@ def optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, opti
     """
     if Path(input_path).is_dir():
         return _optimize_folder(Path(input_path), Path(output_path), options)
-    started = time.perf_counter()
     recipe = load_recipe(options.recipe)
+    if recipe.fallback is not None:
+        return _never_worse(input_path, output_path, options, recipe).to_dict()
+    return _optimize_file(input_path, output_path, options, recipe).to_dict()
+
+
+def _never_worse(input_path: str | os.PathLike, output_path: str | os.PathLike, options: OptimizeOptions,
+                 recipe: Recipe) -> OptimizeReport:
+    """A recipe that builds on a lower one (``fallback``: small on int8) is never worse than it:
+    when a step of its own changed the model, the lower recipe runs too and the smaller
+    verified result is written (the lower one's also when this recipe misses its budget)."""
+    lower = load_recipe(recipe.fallback)
+    try:
+        report, failure = _optimize_file(input_path, output_path, options, recipe), None
+    except GateFailed as exc:
+        report, failure = None, exc
+    own = {p.name for p in recipe.passes} - {p.name for p in lower.passes}
+    if report is not None and not any(step.modified for step in report.steps if step.name in own):
+        report.notes.append(f"{', '.join(sorted(own))} changed nothing: this is what recipe '{lower.name}' writes")
+        return report
+    if report is not None and (options.external_data or load_model(input_path).has_external_data):
+        return report  # weights beside the model file: one file cannot be swapped for another
+    spare = Path(output_path).with_name(f".{Path(output_path).name}.fallback.graphopt-tmp")
+    try:
+        other = _optimize_file(input_path, spare, dataclasses.replace(options, recipe=lower.name), lower)
+    except GateFailed:
+        if failure is not None:
+            raise failure from None
+        assert report is not None
+        report.notes.append(f"recipe '{lower.name}' missed its own budget here: this result stands")
+        return report
+    if report is not None and report.output_bytes <= other.output_bytes:
+        spare.unlink(missing_ok=True)
+        report.notes.append(f"recipe '{lower.name}' alone: {other.output_bytes:,} bytes, not smaller than this "
+                            f"result's {report.output_bytes:,}")
+        return report
+    os.replace(spare, output_path)
+    other.output = str(Path(output_path))
+    other.notes.append(
+        f"recipe '{recipe.name}' missed its budget ({failure}); recipe '{lower.name}' written instead" if failure
+        else f"recipe '{recipe.name}' gave {report.output_bytes:,} bytes, more than recipe '{lower.name}' alone "
+             f"({other.output_bytes:,}): '{lower.name}' written instead")
+    return other
+
+
+def _optimize_file(input_path: str | os.PathLike, output_path: str | os.PathLike, options: OptimizeOptions,
+                   recipe: Recipe) -> OptimizeReport:
+    started = time.perf_counter()
     if options.fix_shapes:
         fix = FixInputShapesPass(shapes=tuple(options.fix_shapes))
         recipe = dataclasses.replace(recipe, passes=(fix, *recipe.passes))
@@ -189,7 +235,7 @@ def optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, opti
                                 "size: no step made the model smaller")
         for note in report.notes:
             logger.warning("%s", note)
-        return report.to_dict()
+        return report
 
 
 def _idle_compression(result: PipelineResult, passes: Sequence[Any]) -> str | None:

@@ -3,6 +3,7 @@
 ```toml
 description = "what it is for"
 never_larger = true      # refuse a result larger than the input
+fallback = "int8"        # never worse than this lower recipe: the smaller verified result is written
 max_abs = 1e-4           # default parity budget (max abs difference) when writing
 min_cosine = 0.999       # default parity budget of embeddings and maps (cosine per sample)
 min_top1 = 0.99          # default parity budget of class scores (argmax agreement; decoded sequences too)
@@ -29,7 +30,7 @@ from graphopt.errors import RecipeError
 from graphopt.passes import GraphoptPass, get_pass
 from graphopt.presets import builtin_presets, read_preset
 
-_TOP_LEVEL_KEYS = {"description", "steps", "never_larger", "max_abs", "min_cosine", "min_top1", "min_detections",
+_TOP_LEVEL_KEYS = {"description", "steps", "fallback", "never_larger", "max_abs", "min_cosine", "min_top1", "min_detections",
                    "max_ppl_ratio", "min_token_agree"}
 
 
@@ -39,6 +40,7 @@ class Recipe:
     description: str
     passes: tuple[GraphoptPass, ...]
     never_larger: bool = False
+    fallback: str | None = None  # a lower recipe this one is never worse than (small: int8)
     max_abs: float | None = None
     min_cosine: float | None = None  # default budget of embeddings, maps, boxes (verify.kinds)
     min_top1: float | None = None  # default budget of class scores and recognisers (and their decoded sequences)
@@ -76,6 +78,7 @@ def parse_recipe(data: dict[str, Any], name: str) -> Recipe:
         description=_typed(data, "description", str, name, ""),
         passes=passes,
         never_larger=_typed(data, "never_larger", bool, name, False),
+        fallback=_typed(data, "fallback", str, name, None),
         max_abs=_typed(data, "max_abs", float, name, None),
         min_cosine=_typed(data, "min_cosine", float, name, None),
         min_top1=_typed(data, "min_top1", float, name, None),

@@ -183,3 +183,50 @@ def test_fix_shape_writes_static_input_shapes_and_verifies_them(tmp_path, rng, c
     assert main(["optimize", str(path), "-o", str(tmp_path / "bad.onnx"), "--fix-shape", "X=3,9", "-q"]) == 2
     assert "--fix-shape X: axis 1 is fixed at 8 in the model, not 9" in capsys.readouterr().err
     assert not (tmp_path / "bad.onnx").exists()
+
+
+class _GrowPass(GraphoptPass):
+    """A compressing step gone wrong: the output gets 64 KiB of zeros added to it."""
+
+    name = "test-grow"
+    summary = "test only"
+    role = "compress"
+
+    def apply(self, model: ir.Model, context: PassContext) -> PassResult:
+        graph = model.graph
+        zeros = ir.Value(name="zeros", const_value=ir.tensor(np.zeros(16384, np.float32), name="zeros"))
+        graph.register_initializer(zeros)
+        total = ir.node("ReduceSum", [zeros], {"keepdims": 0}, name="total")
+        output = graph.outputs[0]
+        add = ir.node("Add", [output, total.outputs[0]], name="plus_zero")
+        graph.append(total)
+        graph.append(add)
+        add.outputs[0].name, output.name = output.name, f"{output.name}_before"
+        add.outputs[0].dtype, add.outputs[0].shape = output.dtype, output.shape
+        graph.outputs[0] = add.outputs[0]
+        return PassResult(model, modified=True)
+
+
+@pytest.fixture
+def grow_pass():
+    register(_GrowPass)
+    yield
+    _PASSES.pop(_GrowPass.name)
+
+
+@pytest.mark.usefixtures("grow_pass")
+def test_a_recipe_is_never_worse_than_its_fallback(tmp_path, rng):
+    path, out, report = save(linear_model(rng), tmp_path / "m.onnx"), tmp_path / "out.onnx", tmp_path / "r.json"
+    lower = tmp_path / "lower.toml"
+    lower.write_text('max_abs = 1e-4\n[[steps]]\npass = "cleanup"\n')
+    upper = tmp_path / "upper.toml"
+    upper.write_text(f'max_abs = 1e-4\nfallback = "{lower}"\n[[steps]]\npass = "cleanup"\n[[steps]]\npass = "test-grow"\n')
+
+    code = main(["optimize", str(path), "-o", str(out), "--recipe", str(upper), "--no-latency", "--report",
+                 str(report)])
+
+    assert code == 0
+    data = json.loads(report.read_text())
+    assert data["recipe"]["name"] == str(lower) and data["output"] == str(out)
+    assert f"more than recipe '{lower}' alone" in data["notes"][-1]
+    assert out.stat().st_size < 16384 and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

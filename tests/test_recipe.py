@@ -35,7 +35,7 @@ def test_recipe_file_with_options(tmp_path):
         ({"steps": [{"pass": "cleanup", "keep_value_info": 1}]}, "'keep_value_info' must be bool, got 1"),
         ({"steps": []}, "needs at least one [[steps]] table"),
         ({"steps": [{"check_n": 1}]}, "each [[steps]] table needs a 'pass' key"),
-        ({"stepz": [], "steps": [{"pass": "cleanup"}]}, "unknown key stepz; valid keys: description, max_abs"),
+        ({"stepz": [], "steps": [{"pass": "cleanup"}]}, "unknown key stepz; valid keys: description, fallback, max_abs"),
         ({"never_larger": "yes", "steps": [{"pass": "cleanup"}]}, "'never_larger' must be bool"),
     ],
 )

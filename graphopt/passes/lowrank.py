@@ -154,6 +154,8 @@ class LowRankPass(GraphoptPass, name="lowrank",
         before = sum(e["params_before"] for e in layers)
         after = sum(e["params_after"] for e in layers)
         logger.info("lowrank: %d weights factorized, %d -> %d parameters", len(layers), before, after)
+        if not layers:
+            notes.append(self._why_nothing(candidates, skipped, search))
         return PassResult(
             model,
             modified=bool(layers),
@@ -161,6 +163,21 @@ class LowRankPass(GraphoptPass, name="lowrank",
             notes=notes,
             details={"layers": layers, "skipped": skipped, "activation_aware": bool(scales), **search},
         )
+
+    def _why_nothing(self, candidates: list[Candidate], skipped: dict[str, str], search: dict[str, Any]) -> str:
+        """The reason no weight was factorized, as the user should read it."""
+        kinds = "/".join(self.options.ops) + (" weights" if self.options.ops else "")
+        if self.options.embeddings:
+            kinds = f"{kinds} or embedding tables" if self.options.ops else "embedding tables (Gather on a 2-D table)"
+        if not candidates:
+            reasons = sorted(set(skipped.values()))
+            detail = f": {'; '.join(reasons[:3])}" if reasons else ""
+            return f"no weight factorized: the model has no {kinds} this pass may take{detail}"
+        if search.get("trials") and "held_out" not in search:
+            best = search["trials"][-1]["measured"] if search["trials"] else "n/a"
+            return (f"no weight factorized: no rank kept the held-out result within this pass's share of the budget "
+                    f"({search.get('budget')}; closest trial {best})")
+        return f"no weight factorized: no rank saves {self.options.min_saving:.0%} of a weight's parameters"
 
     # -- which weights ----------------------------------------------------------------------
 

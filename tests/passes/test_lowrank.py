@@ -220,3 +220,15 @@ def test_factors_are_quantized_by_quantize_int8(rng, tmp_path):
     x = feeds[0]["X"]
     reference, candidate = run(proto, {"X": x})[0].ravel(), run(model, {"X": x})[0].ravel()
     assert reference @ candidate / np.linalg.norm(reference) / np.linalg.norm(candidate) > 0.99
+
+
+def test_nothing_factorized_says_why(rng):
+    from tests.conftest import linear_model
+
+    model = ir.serde.deserialize_model(linear_model(rng, k=64, n=32))
+    result = get_pass("lowrank")(ops=(), embeddings=True)(model)
+    assert not result.modified
+    assert result.notes == ["no weight factorized: the model has no embedding tables (Gather on a 2-D table) "
+                            "this pass may take"]
+    square = get_pass("lowrank")(min_elements=16, min_saving=0.9)(ir.serde.deserialize_model(linear_model(rng)))
+    assert square.notes[-1] == "no weight factorized: no rank saves 90% of a weight's parameters"
