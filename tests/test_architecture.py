@@ -22,7 +22,8 @@ import pytest
 SOURCE = Path(__file__).resolve().parents[1] / "graphopt"
 
 # What passes may import: themselves and the layers below.
-PASSES_MAY_IMPORT = ("graphopt.passes", "graphopt.errors", "graphopt.io", "graphopt.verify", "graphopt.progress")
+PASSES_MAY_IMPORT = ("graphopt.passes", "graphopt.errors", "graphopt.io", "graphopt.verify", "graphopt.progress",
+                     "graphopt.cpu")
 # Above the passes: neither passes nor verify may import these.
 ABOVE_PASSES = ("graphopt.cli", "graphopt.optimize", "graphopt.api", "graphopt.report", "graphopt.package",
                 "graphopt.recipe", "graphopt.torch", "graphopt.evaluate")
