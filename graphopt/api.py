@@ -61,11 +61,11 @@ def check(base: PathLike, candidate: PathLike, *, data: DataSource = None, label
     """``graphopt check``: the comparison (``passed``, ``checks``, ``parity``, ``latency``…).
     Raises ``GateFailed`` naming every failed check, with the comparison as ``.report``."""
     from graphopt.io import load_model
-    from graphopt.verify.compare import compare_files
+    from graphopt.verify.compare import compare_files, reference_outputs
     from graphopt.verify.feeds import check_same_inputs, input_specs, load_feeds
     from graphopt.verify.gate import Thresholds
     from graphopt.verify.judge import Budget
-    from graphopt.verify.kinds import output_kinds
+    from graphopt.verify.kinds import output_kinds, refine_kinds
 
     base_model, candidate_model = load_model(base), load_model(candidate)
     specs = input_specs(base_model.model)
@@ -74,12 +74,14 @@ def check(base: PathLike, candidate: PathLike, *, data: DataSource = None, label
                        extra_keys=[labels] if labels else ())
     thresholds = Thresholds(min_cosine=min_cosine, max_abs=max_abs, min_top1=min_top1,
                             min_detections=min_detections, det_threshold=det_threshold, max_latency_ratio=max_latency_ratio, max_size_ratio=max_size_ratio)
+    reference = reference_outputs(base_model.path, feeds)
+    kinds = refine_kinds(output_kinds(base_model.model), {name: array.shape for name, array in reference[0].items()})
     comparison = compare_files(
         base_model.path, candidate_model.path, feeds, thresholds=thresholds,
         base_bytes=base_model.file_bytes, candidate_bytes=candidate_model.file_bytes,
         measure_latency=thresholds.needs_latency() if latency is None else latency, threads=threads,
-        extra_checks=list(extra_checks), budget=Budget.resolve(thresholds, output_kinds(base_model.model)),
-        provider=provider,
+        extra_checks=list(extra_checks), budget=Budget.resolve(thresholds, kinds), provider=provider,
+        reference=reference,
     )
     result = comparison.to_dict()
     failed = [c for c in comparison.checks if not c.passed]

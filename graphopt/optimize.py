@@ -25,7 +25,7 @@ from graphopt.verify.compare import compare_files, reference_outputs
 from graphopt.verify.feeds import DataSource, FeedSet, input_specs, load_feeds
 from graphopt.verify.gate import CheckResult, Thresholds, failures
 from graphopt.verify.judge import Budget
-from graphopt.verify.kinds import output_kinds
+from graphopt.verify.kinds import output_kinds, refine_kinds
 from graphopt.verify.runtime import check_loadable, onnxruntime_version
 
 logger = logging.getLogger(__name__)
@@ -195,7 +195,8 @@ def _optimize_file(input_path: str | os.PathLike, output_path: str | os.PathLike
     reference = reference_outputs(loaded.path, feeds)
     # A text budget replaces the recipe's parity defaults (random decoder steps say little about
     # text); parity limits the user states still apply.
-    budget = Budget.resolve(options.thresholds, output_kinds(loaded.model),
+    kinds = refine_kinds(output_kinds(loaded.model), {name: array.shape for name, array in reference[0].items()})
+    budget = Budget.resolve(options.thresholds, kinds,
                             defaults=None if recipe.text_budget and options.text is not None else recipe)
     logger.info("budget: %s", budget.describe())
     retreat = 0

@@ -16,7 +16,12 @@ Layouts (``layout_of`` reads them off the reference's own values):
   where the class column holds integers and the score column values in [0, 1]).
 - **scores**: a score map ``[K, C]`` (one row per anchor, e.g. PicoDet's per-level outputs)
   whose boxes sit in another output: a detection is an (anchor, class) above the threshold,
-  kept when the candidate scores the same anchor and class above it.
+  kept when the candidate scores the same anchor and class above it and, where a box output
+  ``[K, 4n]`` is paired with the map, its box there overlaps the reference's at IoU >= 0.5.
+  ``n == 1``: distances (left, top, right, bottom) from the anchor; ``n > 1``: distribution
+  focal loss bins (softmax over ``n`` bins per side, their expectation the distance). Both
+  boxes share the anchor's centre and stride, and IoU ignores a common shift and scale, so it
+  is exact without knowing them.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ Layout = Literal["head", "head-objectness", "list", "scores"]
 
 @dataclasses.dataclass(frozen=True)
 class Detections:
-    boxes: np.ndarray  # [M, 4] x1, y1, x2, y2 (or [M, 0] for score maps: identity is the anchor)
+    boxes: np.ndarray  # [M, 4] x1, y1, x2, y2 (score maps: relative to the anchor, or [M, 0] unpaired)
     scores: np.ndarray  # [M]
     classes: np.ndarray  # [M] int
     anchors: np.ndarray  # [M] int: the row each came from
@@ -91,13 +96,15 @@ def _integer_column(rows: np.ndarray) -> int | None:
     return None
 
 
-def decode(rows: np.ndarray, layout: Layout, threshold: float) -> Detections:
-    """The detections a user of ``layout`` gets from one sample's ``rows`` at ``threshold``."""
+def decode(rows: np.ndarray, layout: Layout, threshold: float, box_rows: np.ndarray | None = None) -> Detections:
+    """The detections a user of ``layout`` gets from one sample's ``rows`` at ``threshold``
+    (``box_rows``: a score map's paired box output, [K, 4n])."""
     rows = rows.astype(np.float64, copy=False)
     if layout == "scores":
         scores = _probabilities(rows)
         anchors, classes = np.nonzero(scores >= threshold)
-        return Detections(np.zeros((len(anchors), 0)), scores[anchors, classes], classes, anchors)
+        boxes = np.zeros((len(anchors), 0)) if box_rows is None else anchor_boxes(box_rows[anchors])
+        return Detections(boxes, scores[anchors, classes], classes, anchors)
     if layout == "list":
         class_column = _integer_column(rows)
         assert class_column is not None
@@ -120,6 +127,19 @@ def decode(rows: np.ndarray, layout: Layout, threshold: float) -> Detections:
     kept = _nms(boxes, scores[keep], classes[keep])
     keep = keep[kept]
     return Detections(boxes[kept], scores[keep], classes[keep], keep)
+
+
+def anchor_boxes(rows: np.ndarray) -> np.ndarray:
+    """Boxes around their anchor (centre 0, stride 1) from [M, 4] distances or [M, 4n] bins."""
+    rows = rows.astype(np.float64, copy=False)
+    bins = rows.shape[1] // 4
+    if bins > 1:
+        logits = rows.reshape(len(rows), 4, bins)
+        weights = np.exp(logits - logits.max(axis=2, keepdims=True))
+        distances = (weights / weights.sum(axis=2, keepdims=True)) @ np.arange(bins, dtype=np.float64)
+    else:
+        distances = rows
+    return np.concatenate([-distances[:, :2], distances[:, 2:]], axis=1)
 
 
 def _probabilities(values: np.ndarray) -> np.ndarray:
@@ -155,17 +175,18 @@ def _nms(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray) -> np.ndarr
     return np.sort(np.asarray(kept, dtype=np.int64))
 
 
-def match(reference: Detections, candidate: Detections, tally: DetectionTally) -> None:
+def match(reference: Detections, candidate: Detections, tally: DetectionTally, *, by_anchor: bool = False) -> None:
     """Add one sample's matches to ``tally``: each reference detection is kept by at most one
-    candidate detection of its class (greedy by IoU, at least ``MATCH_IOU``; score maps: the
-    same anchor)."""
+    candidate detection of its class (greedy by IoU, at least ``MATCH_IOU``; ``by_anchor``, for
+    score maps: the same anchor, and IoU at least ``MATCH_IOU`` where boxes are paired)."""
     used = np.zeros(len(candidate.scores), dtype=bool)
     kept = 0
-    if reference.boxes.shape[1] == 0:
+    if by_anchor:
         lookup = {(int(a), int(c)): i for i, (a, c) in enumerate(zip(candidate.anchors, candidate.classes))}
-        for anchor, cls, score in zip(reference.anchors, reference.classes, reference.scores):
+        for i, (anchor, cls, score) in enumerate(zip(reference.anchors, reference.classes, reference.scores)):
             index = lookup.get((int(anchor), int(cls)))
-            if index is not None:
+            if index is not None and (reference.boxes.shape[1] == 0 or _iou(
+                    reference.boxes[i : i + 1], candidate.boxes[index : index + 1])[0, 0] >= MATCH_IOU):
                 used[index] = True
                 kept += 1
                 tally.largest_score_change = max(tally.largest_score_change,
@@ -198,20 +219,37 @@ def rows_of(sample: np.ndarray, transposed: bool) -> np.ndarray:
     return sample.reshape(-1, sample.shape[-1])
 
 
-def compare_detections(refs: list[np.ndarray], cands: list[np.ndarray], kind: str, threshold: float) -> DetectionTally:
-    """Tally over all feeds and samples of one output (arrays with a leading sample axis)."""
+def compare_detections(refs: list[np.ndarray], cands: list[np.ndarray], kind: str, threshold: float,
+                       boxes: tuple[list[np.ndarray], list[np.ndarray]] | None = None) -> DetectionTally:
+    """Tally over all feeds and samples of one output (arrays with a leading sample axis);
+    ``boxes``: the reference's and the candidate's paired box output, for a score map."""
     tally = DetectionTally()
     transposed = kind == "detections" and is_transposed(refs[0].shape)
     layout: Layout | None = None
-    for r, c in zip(refs, cands):
-        batch = [(r, c)] if r.ndim < 3 else list(zip(r, c))
-        for ref_sample, cand_sample in batch:
-            ref_rows, cand_rows = rows_of(ref_sample, transposed), rows_of(cand_sample, transposed)
+    no_boxes = [None] * len(refs)
+    ref_boxes, cand_boxes = boxes if boxes is not None else (no_boxes, no_boxes)
+    for r, c, rb, cb in zip(refs, cands, ref_boxes, cand_boxes):
+        for ref_rows, cand_rows, ref_box, cand_box in _samples(r, c, rb, cb, transposed):
             if layout is None:
                 layout = layout_of(ref_rows, kind, transposed)
-                tally.layout = layout
-            match(decode(ref_rows, layout, threshold), decode(cand_rows, layout, threshold), tally)
+                tally.layout = layout + (" with paired boxes" if boxes is not None else "")
+            match(decode(ref_rows, layout, threshold, ref_box), decode(cand_rows, layout, threshold, cand_box),
+                  tally, by_anchor=layout == "scores")
     return tally
+
+
+def _samples(r: np.ndarray, c: np.ndarray, rb: np.ndarray | None, cb: np.ndarray | None, transposed: bool):
+    """Per sample: (reference rows, candidate rows, their paired box rows or None)."""
+    if r.ndim < 3:
+        yield rows_of(r, transposed), rows_of(c, transposed), _box_rows(rb), _box_rows(cb)
+        return
+    for index in range(r.shape[0]):
+        yield (rows_of(r[index], transposed), rows_of(c[index], transposed),
+               _box_rows(rb[index] if rb is not None else None), _box_rows(cb[index] if cb is not None else None))
+
+
+def _box_rows(boxes: np.ndarray | None) -> np.ndarray | None:
+    return None if boxes is None else boxes.reshape(-1, boxes.shape[-1])
 
 
 __all__ = ["DEFAULT_SCORE_THRESHOLD", "DetectionTally", "compare_detections", "decode", "layout_of", "match"]

@@ -32,7 +32,7 @@ import onnx_ir as ir
 
 from graphopt.verify.feeds import Feed
 from graphopt.verify.detections import DEFAULT_SCORE_THRESHOLD
-from graphopt.verify.kinds import AGREEMENT_KINDS, DETECTION_KINDS
+from graphopt.verify.kinds import AGREEMENT_KINDS, DETECTION_KINDS, PAIRED_KINDS
 from graphopt.verify.parity import OutputParity, ParityReport, compare_outputs, run_outputs
 
 Metric = Literal["cosine", "top1", "sequences", "detections", "max_abs"]
@@ -158,7 +158,8 @@ class Budget:
         agreeing = tuple(n for n in names if kinds[n] in AGREEMENT_KINDS)
         sequences = tuple(n for n in names if kinds[n] == "class score sequence")
         detecting = tuple(n for n in names if kinds[n] in DETECTION_KINDS)
-        others = tuple(n for n in names if n not in agreeing and n not in detecting)
+        paired = tuple(n for n in names if kinds[n] in PAIRED_KINDS)  # judged through their score map
+        others = tuple(n for n in names if n not in agreeing and n not in detecting and n not in paired)
         threshold = getattr(stated, "det_threshold", None)
         threshold = DEFAULT_SCORE_THRESHOLD if threshold is None else float(threshold)
         metrics = ("min_cosine", "min_top1", "max_abs", "min_detections")
@@ -169,7 +170,8 @@ class Budget:
         min_cosine, min_top1, max_abs, min_detections = (getattr(source, key, None) for key in metrics)
         bounds = []
         if min_cosine is not None:
-            scope = tuple(n for n in names if n not in detecting) if user or min_top1 is None else others
+            scope = tuple(n for n in names if n not in detecting and n not in paired) if user or min_top1 is None \
+                else others
             if scope:
                 bounds.append(Bound("cosine", float(min_cosine), scope))
         if min_top1 is not None and (agreeing or user):  # a stated bound nothing can meet fails

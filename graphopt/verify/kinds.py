@@ -9,7 +9,8 @@ embedding's or a dense map's whether the vector keeps its direction (cosine).
 | class scores | ``[N, C]`` out of Softmax/LogSoftmax/Sigmoid, or of a Gemm/MatMul/Add with C <= 4096; names like *logits*, *scores*, *prob* | agreement |
 | class score sequence | ``[N, T, C]`` out of Softmax/LogSoftmax over the last axis, or named *logits* | agreement, and the greedy-decoded sequence (CTC collapse) identical |
 | detections | ``[N, K, 4(+1)+C]`` or ``[N, 4+C, K]`` out of a Concat (YOLO heads), ``[N, K, 6]`` decoded lists | detections kept (``verify.detections``) |
-| detection scores | ``[N, K, C]`` out of a Sigmoid (per-anchor score maps; their boxes are another output) | detections kept at the same anchor |
+| detection scores | ``[N, K, C]`` out of a Sigmoid (per-anchor score maps; their boxes are another output) | detections kept at the same anchor, with its box where one is paired |
+| detection boxes | (from data, ``refine_kinds``) ``[N, K, 4n]`` beside a score map of the same ``[N, K]``: boxes or DFL bins | through the detections of its score map |
 | integers | integer or boolean outputs (labels, indices, masks) | agreement (equality) |
 | boxes | names like *box*, *bbox*; ``[N, K, 4]`` | cosine |
 | embeddings | names like *embed*, *hidden*, *pool*, *feature*; other ``[N, D]`` and ``[N, T, D]`` | cosine |
@@ -31,11 +32,13 @@ from typing import Literal
 
 import onnx_ir as ir
 
-OutputKind = Literal["class scores", "class score sequence", "integers", "detections", "detection scores", "boxes",
-                     "embeddings", "dense map", "other"]
+OutputKind = Literal["class scores", "class score sequence", "integers", "detections", "detection scores",
+                     "detection boxes", "boxes", "embeddings", "dense map", "other"]
 
 AGREEMENT_KINDS: frozenset[str] = frozenset({"class scores", "class score sequence", "integers"})
 DETECTION_KINDS: frozenset[str] = frozenset({"detections", "detection scores"})
+# Judged through another output's detections, never by a cosine of their own.
+PAIRED_KINDS: frozenset[str] = frozenset({"detection boxes"})
 
 # Wider than this, a linear layer's output is more likely a feature vector than classes.
 MAX_CLASSES_FROM_LINEAR = 4096
@@ -58,6 +61,32 @@ _EMBEDDING_NAME = re.compile(r"embed|hidden|pool|feature|feat|sentence|vector|en
 def output_kinds(model: ir.Model) -> dict[str, OutputKind]:
     """Every graph output's kind, by name."""
     return {value.name or "": classify(value) for value in model.graph.outputs}
+
+
+def refine_kinds(kinds: dict[str, str], shapes: dict[str, tuple[int, ...]]) -> dict[str, str]:
+    """Kinds corrected by the shapes a model really produced (``shapes``: output name → shape of
+    one reference output). Class scores that come with a time axis (a declared shape an exporter
+    got wrong) are a class score sequence; an output of ``[N, K, 4n]`` beside a score map of the
+    same ``[N, K]`` holds that map's boxes (``verify.detections.box_partner``)."""
+    refined = dict(kinds)
+    for name, shape in shapes.items():
+        squeezed = _squeeze_trailing(shape)
+        if refined.get(name) == "class scores" and len(squeezed) == 3 and squeezed[-1] >= 2:
+            refined[name] = "class score sequence"
+    for name, shape in shapes.items():
+        if refined.get(name) in AGREEMENT_KINDS | DETECTION_KINDS or len(shape) != 3 or shape[-1] % 4:
+            continue
+        if any(refined.get(other) == "detection scores" and tuple(shapes[other][:2]) == tuple(shape[:2])
+               for other in shapes if other != name):
+            refined[name] = "detection boxes"
+    return refined
+
+
+def _squeeze_trailing(shape: tuple[int, ...]) -> tuple[int, ...]:
+    shape = tuple(shape)
+    while len(shape) > 2 and shape[-1] == 1:
+        shape = shape[:-1]
+    return shape
 
 
 def classify(value: ir.Value) -> OutputKind:
@@ -131,7 +160,9 @@ JUDGED_BY: dict[str, str] = {
     "class score sequence": "decoded sequences identical (greedy CTC) and top-1 agreement",
     "integers": "equality",
     "detections": "detections kept (score >= --det-threshold, same class, IoU >= 0.5)",
-    "detection scores": "detections kept at the same anchor (score >= --det-threshold)",
+    "detection scores": "detections kept at the same anchor (score >= --det-threshold), IoU >= 0.5 with the paired "
+                        "box output when there is one",
+    "detection boxes": "the detections of the score map beside it",
     "boxes": "cosine",
     "embeddings": "cosine (on what varies where the reference has a constant region)",
     "dense map": "cosine (on what varies where the reference has a constant region)",

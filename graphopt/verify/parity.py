@@ -133,9 +133,21 @@ def compare_outputs(
         raise DataError(f"the models have different outputs: {ref_names} vs {cand_names}")
     kinds = kinds or {}
     outputs = [_compare_one(name, [r[name] for r in reference], [c[name] for c in candidate], kinds.get(name),
-                            score_threshold) for name in ref_names]
+                            score_threshold, _paired_boxes(name, reference, candidate, kinds)) for name in ref_names]
     samples = sum(_rows(r[ref_names[0]]) for r in reference)
     return ParityReport(outputs, samples)
+
+
+def _paired_boxes(name: str, reference: Sequence[dict[str, np.ndarray]], candidate: Sequence[dict[str, np.ndarray]],
+                  kinds: Mapping[str, str]) -> tuple[list[np.ndarray], list[np.ndarray]] | None:
+    """A score map's box output (``verify.kinds.refine_kinds``): same [N, K], kind detection boxes."""
+    if kinds.get(name) != "detection scores":
+        return None
+    shape = reference[0][name].shape[:2]
+    for other, kind in kinds.items():
+        if kind == "detection boxes" and other in reference[0] and reference[0][other].shape[:2] == shape:
+            return [r[other] for r in reference], [c[other] for c in candidate]
+    return None
 
 
 def _rows(array: np.ndarray) -> int:
@@ -147,7 +159,8 @@ def _per_sample(array: np.ndarray) -> np.ndarray:
 
 
 def _compare_one(name: str, refs: list[np.ndarray], cands: list[np.ndarray], kind: str | None,
-                 score_threshold: float = DEFAULT_SCORE_THRESHOLD) -> OutputParity:
+                 score_threshold: float = DEFAULT_SCORE_THRESHOLD,
+                 boxes: tuple[list[np.ndarray], list[np.ndarray]] | None = None) -> OutputParity:
     """One output over all feeds, feed by feed: outputs whose size varies between feeds (images
     of different sizes, sequences of different lengths) compare as well as fixed ones."""
     for r, c in zip(refs, cands):
@@ -180,7 +193,7 @@ def _compare_one(name: str, refs: list[np.ndarray], cands: list[np.ndarray], kin
         extra = _sequences(refs, cands)
         agreement, positions, ties = _agreement(refs, cands, kind, extra.pop("changed"))
     elif kind in DETECTION_KINDS:
-        tally = compare_detections(refs, cands, kind, score_threshold)
+        tally = compare_detections(refs, cands, kind, score_threshold, boxes)
         extra = {"detections_kept": tally.kept_share, "detections_reference": tally.reference,
                  "detections_appeared": tally.appeared, "largest_score_change": tally.largest_score_change,
                  "detection_layout": tally.layout}
@@ -280,6 +293,7 @@ def _sequences(refs: list[np.ndarray], cands: list[np.ndarray]) -> dict[str, Any
     and the blank dropped. The blank is the class the reference picks most often (a CTC
     recogniser's output is mostly blank). Returns the share of identical sequences, their
     count, the blank, and per feed which samples changed."""
+    refs, cands = [_batch_first(r) for r in refs], [_batch_first(c) for c in cands]
     picks = [np.argmax(r, axis=-1).reshape(-1, r.shape[-2]) for r in refs]
     blank = int(np.bincount(np.concatenate([p.ravel() for p in picks])).argmax())
     same = total = 0
@@ -291,6 +305,13 @@ def _sequences(refs: list[np.ndarray], cands: list[np.ndarray]) -> dict[str, Any
         same += int(np.count_nonzero(~differs))
         total += differs.size
     return {"sequences_same": same / total if total else 1.0, "sequences": total, "blank": blank, "changed": changed}
+
+
+def _batch_first(scores: np.ndarray) -> np.ndarray:
+    """[T, 1, C] (time-major, one sample, as CRNN exports write it) as [1, T, C]."""
+    if scores.ndim == 3 and scores.shape[1] == 1 and scores.shape[0] > 1:
+        return np.swapaxes(scores, 0, 1)
+    return scores
 
 
 def _collapse(path: np.ndarray, blank: int) -> tuple[int, ...]:

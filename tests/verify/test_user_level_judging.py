@@ -234,3 +234,40 @@ def test_score_threshold_comes_from_the_user(rng) -> None:
     assert budget.score_threshold == 0.5
     parity = compare_outputs([{"output": ref}], [{"output": ref}], budget.kinds, score_threshold=0.9)
     assert parity.outputs[0].detections_reference == 0  # 0.9 * 0.95 < 0.9
+
+
+def test_kinds_follow_the_shapes_a_model_really_produces() -> None:
+    from graphopt.verify.kinds import refine_kinds
+
+    kinds = {"387": "class scores", "scores": "detection scores", "bins": "embeddings", "other": "embeddings"}
+    shapes = {"387": (40, 1, 8210), "scores": (1, 7600, 10), "bins": (1, 7600, 32), "other": (1, 1900, 32)}
+    assert refine_kinds(kinds, shapes) == {"387": "class score sequence", "scores": "detection scores",
+                                           "bins": "detection boxes", "other": "embeddings"}
+    budget = Budget.resolve(None, refine_kinds(kinds, shapes), INT8)
+    assert {b.metric: b.outputs for b in budget.bounds}["cosine"] == ("other",)  # never the paired bins
+
+
+def test_a_time_major_recogniser_is_decoded_along_its_time_axis() -> None:
+    # [T, 1, C] as CRNN exports write it: the candidate turns "1 2" into "1 1" at time step 2.
+    ref = np.zeros((5, 1, 3), np.float32)
+    ref[:, 0, 0] = 1.0
+    ref[1, 0] = [0, 1, 0]
+    ref[3, 0] = [0, 0, 1]
+    cand = ref.copy()
+    cand[3, 0] = [0, 1, 0]
+    out = compare_outputs([{"y": ref}], [{"y": cand}], {"y": "class score sequence"}).outputs[0]
+    assert out.sequences == 1 and out.sequences_same == 0.0 and out.top1 == 0.8
+
+
+def test_a_score_map_keeps_a_detection_only_where_its_box_stays(rng) -> None:
+    scores = np.full((1, 50, 3), 0.01, np.float32)
+    scores[0, 7, 1] = scores[0, 20, 2] = 0.9
+    bins = rng.normal(size=(1, 50, 32)).astype(np.float32)  # 4 sides x 8 DFL bins
+    bins[0, 7] = bins[0, 20] = np.tile(np.eye(8)[3] * 8, 4)  # 3 strides on every side
+    moved = bins.copy()
+    moved[0, 20] = np.tile(np.eye(8)[7] * 8, 4)  # 7 strides: IoU (6/14)^2 < 0.5
+    kinds = {"scores": "detection scores", "bins": "detection boxes"}
+    parity = compare_outputs([{"scores": scores, "bins": bins}], [{"scores": scores, "bins": moved}], kinds)
+    out = {o.name: o for o in parity.outputs}["scores"]
+    assert out.detection_layout == "scores with paired boxes"
+    assert (out.detections_reference, out.detections_kept) == (2, pytest.approx(1 / 3))
