@@ -303,6 +303,8 @@ class LowRankPass(GraphoptPass, name="lowrank",
 def _refusal(use: WeightUse, graph: ir.Graph, min_elements: int) -> str:
     """Why this weight use is not factorized here ("" when it is a candidate)."""
     node, weight = use.node, use.weight
+    if use.kind not in ("MatMul", "Gemm", "Gather"):
+        return f"{use.kind} weights are not factorized (only MatMul/Gemm weights and embedding tables)"
     if weight.const_value.size < min_elements:
         return f"weight has {weight.const_value.size} elements (< {min_elements})"
     if len(weight.uses()) > 1 or weight.is_graph_output():

@@ -14,21 +14,38 @@ import onnx_ir as ir
 
 from graphopt.passes.naming import unique_value_name
 
-WEIGHT_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "Gather")
+RECURRENT_OPS = ("LSTM", "GRU", "RNN")
+WEIGHT_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "Gather", *RECURRENT_OPS)
 
 
 @dataclasses.dataclass(frozen=True)
 class WeightUse:
-    """One node reading one constant float weight."""
+    """One node reading one constant float weight (a recurrent node: W, with R beside it)."""
 
     node: ir.Node
     input_index: int
     weight: ir.Value
     channel_axis: int  # the output-channel axis of the weight tensor
+    # R of LSTM/GRU/RNN ([directions, gates·hidden, hidden]): as large as W for a narrow input,
+    # so a mode encoding the layer encodes both (W's channel axis, 1, is R's too).
+    recurrence: ir.Value | None = None
 
     @property
     def kind(self) -> str:
         return self.node.op_type
+
+    @property
+    def weights(self) -> tuple[ir.Value, ...]:
+        return (self.weight,) if self.recurrence is None else (self.weight, self.recurrence)
+
+    @property
+    def size(self) -> int:
+        """Elements of every weight the use covers."""
+        return sum(value.const_value.size for value in self.weights)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(value.const_value.nbytes for value in self.weights)
 
     @property
     def name(self) -> str:
@@ -57,6 +74,8 @@ def weight_use(node: ir.Node, graph: ir.Graph) -> tuple[WeightUse | None, str]:
         if node.attributes.get_int("axis", 0) != 0:
             return None, "gathers along an axis other than 0"
         return WeightUse(node, 0, data, 0), ""
+    if op in RECURRENT_OPS:
+        return _recurrent_use(node, graph)
     if op not in WEIGHT_OPS or len(inputs) < 2:
         return None, f"{op} has no weight input"
     weight = inputs[1]
@@ -74,6 +93,17 @@ def weight_use(node: ir.Node, graph: ir.Graph) -> tuple[WeightUse | None, str]:
     if op == "Conv":
         return WeightUse(node, 1, weight, 0), ""
     return WeightUse(node, 1, weight, 1), ""  # ConvTranspose: [C_in, C_out/group, k…]
+
+
+def _recurrent_use(node: ir.Node, graph: ir.Graph) -> tuple[WeightUse | None, str]:
+    """W [directions, gates·hidden, input] and R [directions, gates·hidden, hidden], both
+    constant: encoding W alone would leave half the layer, or more, in float."""
+    weight, recurrence = (node.inputs[i] if len(node.inputs) > i else None for i in (1, 2))
+    if not (_constant_float(weight, graph) and _constant_float(recurrence, graph)):
+        return None, "W or R is not a constant float initializer"
+    if len(weight.const_value.shape) != 3 or len(recurrence.const_value.shape) != 3:
+        return None, "W or R is not 3-D"
+    return WeightUse(node, 1, weight, 1, recurrence=recurrence), ""
 
 
 def exclusion(node: ir.Node, patterns: Sequence[str]) -> str | None:
@@ -102,8 +132,8 @@ def weight_uses(graph: ir.Graph, ops: Iterable[str], min_elements: int,
         use, reason = weight_use(node, graph)
         if use is None:
             skipped[node.name or node.op_type] = reason
-        elif use.weight.const_value.size < min_elements:
-            skipped[use.name] = f"weight has {use.weight.const_value.size} elements (< {min_elements})"
+        elif use.size < min_elements:
+            skipped[use.name] = f"weight has {use.size} elements (< {min_elements})"
         else:
             uses.append(use)
     return uses, skipped

@@ -1,10 +1,11 @@
 """`quantize-int8`: the best int8 form for each layer of this model on this CPU, within the
 run's budget.
 
-1. Each layer gets its int8 compute form — dynamic for MatMul/Gemm, static QDQ for
-   Conv/ConvTranspose — only where the machine's speed profile (measured once, cached, see
-   profile.py) says that form is at least ``min_speedup`` faster than float; every other
-   float weight becomes weight-only int8 (float speed, 4× smaller).
+1. Each layer gets its int8 compute form — dynamic for MatMul/Gemm, DynamicQuantizeLSTM for
+   LSTM, static QDQ for Conv/ConvTranspose — only where the machine's speed profile
+   (measured once, cached, see profile.py) says that form is at least ``min_speedup``
+   faster than float; every other float weight becomes weight-only int8 (float speed, 4×
+   smaller): GRU and RNN, which have no int8 kernel in onnxruntime, always do (W and R both).
 2. The mixed model is judged by ``verify.judge`` on the held-out part of the calibration data
    (never on the samples it was calibrated on), against the run's budget with its reserve.
 3. If it misses, layers climb down a ladder to float, one rung at a time: first int8 compute →
@@ -34,8 +35,9 @@ from graphopt.passes.pipeline import Pipeline
 from graphopt.passes.quantize.calibrate import collect
 from graphopt.passes.quantize.dynamic import QuantizeDynamicPass, dynamic_refusal, weight_form
 from graphopt.passes.quantize.profile import SpeedProfile, default_cache_dir
+from graphopt.passes.quantize.recurrent import float_recurrent_notes
 from graphopt.passes.quantize.static import StaticPlan, apply_static, calibrate_static, plan_static, static_refusal
-from graphopt.passes.weights import WEIGHT_OPS, WeightUse, weight_use, weight_uses
+from graphopt.passes.weights import RECURRENT_OPS, WEIGHT_OPS, WeightUse, weight_use, weight_uses
 from graphopt.passes.quantize.weight_only import QuantizeWeightsPass
 from graphopt.passes.registry import register
 from graphopt.progress import progress
@@ -84,11 +86,18 @@ def _label(use: WeightUse) -> str:
 
 
 def _int8_form(use: WeightUse) -> str | None:
-    if use.kind in ("MatMul", "Gemm") and dynamic_refusal(use) is None:
+    if use.kind in ("MatMul", "Gemm", "LSTM") and dynamic_refusal(use) is None:
         return "dynamic"
     if use.kind in ("Conv", "ConvTranspose") and static_refusal(use) is None:
         return "static"
     return None
+
+
+def _no_compute_form(use: WeightUse) -> str:
+    """Why a layer is weight-only without asking the profile: a recurrent layer names what
+    its int8 kernel lacks."""
+    reason = dynamic_refusal(use) if use.kind in RECURRENT_OPS else None
+    return reason or "no int8 compute form here"
 
 
 @register
@@ -159,7 +168,7 @@ class QuantizeInt8Pass(GraphoptPass, name="quantize-int8",
             )
         taken = first + second
         final = ladder.settle(first, second)
-        notes = _notes(verdict, final, split.weak)
+        notes = _notes(verdict, final, split.weak) + float_recurrent_notes(model.graph, skipped)
         applied = _apply(model, final, build)
         by_mode = {mode: sum(c.mode == mode for c in final) for mode in ("dynamic", "static", "weight-only", "float")}
         return PassResult(
@@ -191,9 +200,9 @@ class QuantizeInt8Pass(GraphoptPass, name="quantize-int8",
         for use in uses:
             form = _int8_form(use)
             shape = shapes.get(use.node.inputs[0].name or "")
-            nbytes = use.weight.const_value.nbytes
+            nbytes = use.nbytes
             if form is None or not shape:
-                choices.append(LayerChoice(use.name, use.kind, "weight-only", "no int8 compute form here",
+                choices.append(LayerChoice(use.name, use.kind, "weight-only", _no_compute_form(use),
                                            weight_bytes=nbytes, label=_label(use)))
                 continue
             timing = profile.timings(use, tuple(shape), form)
@@ -415,7 +424,8 @@ def _apply(model: ir.Model, choices: list[LayerChoice], build: _Builder) -> dict
 def _numbers(entry: dict[str, Any]) -> dict[str, Any]:
     """The quantization parameters and weight error a sub-pass reported for one layer."""
     keys = ("input_scale", "input_zero_point", "output_scale", "weight_relative_error", "relative_error",
-            "smoothed", "scale_min", "scale_max", "bias_overflow_channels", "weight_form")
+            "smoothed", "scale_min", "scale_max", "bias_overflow_channels", "weight_form",
+            "recurrent_relative_error")
     return {key: entry[key] for key in keys if key in entry}
 
 

@@ -1,10 +1,10 @@
-"""Dynamic int8 for MatMul/Gemm with constant weights.
+"""Dynamic int8 for MatMul/Gemm and LSTM with constant weights.
 
 Weights are int8 per output channel; the activation is quantized to uint8 at run time
 (DynamicQuantizeLinear, per tensor). The emitted pattern — DynamicQuantizeLinear →
 MatMulInteger → Cast → Mul(a_scale · w_scale) — is the one onnxruntime fuses into
 DynamicQuantizeMatMul / MatMulIntegerToFloat. Activations shared by several MatMuls (Q, K, V)
-are quantized once.
+are quantized once. LSTM becomes onnxruntime's DynamicQuantizeLSTM (recurrent.py).
 """
 
 from __future__ import annotations
@@ -16,13 +16,16 @@ import onnx_ir as ir
 
 from graphopt.passes.base import GraphoptPass, PassContext, PassResult
 from graphopt.passes.quantize.numeric import quantize_symmetric, relative_error, stored_weight, weight_max_int
-from graphopt.passes.weights import WeightUse, initializer, replace_output, select_uses, weight_uses
+from graphopt.passes.quantize.recurrent import encode_lstm, float_recurrent_notes, lstm_refusal
+from graphopt.passes.weights import RECURRENT_OPS, WeightUse, initializer, replace_output, select_uses, weight_uses
 from graphopt.passes.registry import register
 
 
 def dynamic_refusal(use: WeightUse) -> str | None:
-    """Why this use cannot become a dynamic int8 MatMul, or None."""
+    """Why this use cannot become a dynamic int8 MatMul (or LSTM), or None."""
     node = use.node
+    if use.kind in RECURRENT_OPS:
+        return lstm_refusal(use)
     if use.kind not in ("MatMul", "Gemm"):
         return f"{use.kind} has no dynamic int8 form here"
     if use.kind == "Gemm":
@@ -61,6 +64,14 @@ def matmul_weight(use: WeightUse) -> np.ndarray:
     if use.kind == "Gemm" and use.node.attributes.get_int("transB", 0):
         weight = weight.T
     return weight
+
+
+def encode_dynamic_alone(graph: ir.Graph, use: WeightUse, *, form: str) -> dict[str, Any]:
+    """One layer in its dynamic int8 form, its activation quantized for it alone (the speed
+    profile's one-node models)."""
+    if use.kind == "LSTM":
+        return encode_lstm(graph, use, form=form)
+    return encode_dynamic(graph, use, _ActivationQuantizer(graph), use.node.inputs[0], form=form)
 
 
 def encode_dynamic(graph: ir.Graph, use: WeightUse, quantize_activation: _ActivationQuantizer,
@@ -111,11 +122,11 @@ def encode_dynamic(graph: ir.Graph, use: WeightUse, quantize_activation: _Activa
 
 @register
 class QuantizeDynamicPass(GraphoptPass, name="quantize-dynamic",
-                          summary="dynamic int8 MatMul/Gemm: int8 per-channel weights, uint8 activations at run time"):
+                          summary="dynamic int8 MatMul/Gemm/LSTM: per-channel weights, uint8 activations at run time"):
     role = "compress"
 
     class Options:
-        ops: tuple[str, ...] = ("MatMul", "Gemm")
+        ops: tuple[str, ...] = ("MatMul", "Gemm", "LSTM")
         min_elements: int = 1024
         """Smaller weights stay float."""
         smooth_alpha: float = 0.0
@@ -137,6 +148,8 @@ class QuantizeDynamicPass(GraphoptPass, name="quantize-dynamic",
         graph = model.graph
         uses, skipped = weight_uses(graph, self.options.ops, self.options.min_elements, context.exclude)
         eligible = select_uses(uses, dynamic_refusal, self.options.nodes, skipped)
+        lstms = [use for use in eligible if use.kind == "LSTM"]
+        eligible = [use for use in eligible if use.kind != "LSTM"]
         groups: dict[int, list[WeightUse]] = {}
         for use in eligible:
             groups.setdefault(id(use.node.inputs[0]), []).append(use)
@@ -152,9 +165,14 @@ class QuantizeDynamicPass(GraphoptPass, name="quantize-dynamic",
                 activation = _divide_activation(graph, activation, scale, group)
             for use in group:
                 layers.append(encode_dynamic(graph, use, quantize_activation, activation, scale, form=form))
+        layers += [encode_lstm(graph, use, form=form) for use in lstms]
         _remove_unused_initializers(graph)
         return PassResult(model, modified=bool(layers), changes={"layers quantized": len(layers)},
-                          details={"layers": layers, "skipped": skipped})
+                          notes=self._notes(graph, skipped), details={"layers": layers, "skipped": skipped})
+
+    def _notes(self, graph: ir.Graph, skipped: dict[str, str]) -> list[str]:
+        # Given ``nodes``, the automatic mode chose them and reports every other layer itself.
+        return [] if self.options.nodes else float_recurrent_notes(graph, skipped)
 
     def _activation_channel_max(self, model: ir.Model, uses: list[WeightUse], context: PassContext) -> dict[str, np.ndarray]:
         names = sorted({u.node.inputs[0].name for u in uses if u.node.inputs[0].name})

@@ -63,6 +63,14 @@ def quantize_symmetric(
     return QuantizedWeight(values, scale, axis)
 
 
+def quantize_rows(weight: np.ndarray, *, max_int: int = INT8_MAX) -> QuantizedWeight:
+    """``quantize_symmetric`` with one scale per row of the last axis, every leading axis a
+    channel: a recurrent weight [directions, gates·hidden, k] gets one per direction and gate
+    row. The result is over the 2-D view [rows, k] (axis 0); reshape it to the weight's."""
+    weight = np.asarray(weight, dtype=np.float32)
+    return quantize_symmetric(weight.reshape(-1, weight.shape[-1]), 0, max_int=max_int)
+
+
 def _mse_scales(rows: np.ndarray, scale: np.ndarray, max_int: int, columns: np.ndarray) -> np.ndarray:
     best, best_error = scale.copy(), np.full(scale.shape, np.inf)
     for ratio in _CLIP_RATIOS[::-1]:  # ties keep the larger, unclipped scale

@@ -1,10 +1,10 @@
 """Per-machine speed profile of int8 layer forms, cached so that choices are reproducible.
 
 For each layer *signature* (op kind, weight shape, input shape, attributes) a one-node model
-is timed in its float form and its int8 compute form (dynamic for MatMul/Gemm, QDQ for
-Conv/ConvTranspose) in interleaved blocks. Results are stored in a JSON cache keyed by CPU,
-onnxruntime version and thread count: the first run on a machine measures, every later run
-reads the same numbers and so writes the same bytes. The one-node int8 form pays its
+is timed in its float form and its int8 compute form (dynamic for MatMul/Gemm,
+DynamicQuantizeLSTM for LSTM, QDQ for Conv/ConvTranspose) in interleaved blocks. Results are
+stored in a JSON cache keyed by CPU, onnxruntime version and thread count: the first run on a
+machine measures, every later run reads the same numbers and so writes the same bytes. The one-node int8 form pays its
 conversions on both sides, which a chain of quantized layers would share: the profile errs
 towards float, never towards a slower model.
 """
@@ -110,7 +110,7 @@ class BlockwiseProfile(_ProfileFile):
 
 def _one_node_models(use: WeightUse, input_shape: tuple[int, ...], mode: str, form: str) -> tuple[bytes, bytes]:
     """The layer alone, float and int8, with its real weight and bias."""
-    from graphopt.passes.quantize.dynamic import _ActivationQuantizer, encode_dynamic
+    from graphopt.passes.quantize.dynamic import encode_dynamic_alone
     from graphopt.passes.quantize.static import (
         ActivationParams,
         _QdqInserter,
@@ -142,7 +142,7 @@ def _one_node_models(use: WeightUse, input_shape: tuple[int, ...], mode: str, fo
     float_model, _ = build()
     int8_model, layer = build()
     if mode == "dynamic":
-        encode_dynamic(int8_model.graph, layer, _ActivationQuantizer(int8_model.graph), layer.node.inputs[0], form=form)
+        encode_dynamic_alone(int8_model.graph, layer, form=form)
     else:
         params = ActivationParams(scale=0.02, zero_point=128)
         encode_static(int8_model.graph, layer, _QdqInserter(int8_model.graph), params, params, form=form)

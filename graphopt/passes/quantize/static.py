@@ -50,8 +50,8 @@ class ActivationParams:
 def static_refusal(use: WeightUse) -> str | None:
     if use.kind == "Gemm" and use.node.attributes.get_int("transA", 0):
         return "Gemm with transA"
-    if use.kind == "Gather":
-        return "Gather has no static int8 compute form"
+    if use.kind not in STATIC_OPS:
+        return f"{use.kind} has no static int8 compute form"
     activation = use.node.inputs[0]
     if activation is None or activation.name is None:
         return "activation has no name"

@@ -4,7 +4,11 @@
 Why Cast+Mul and not DequantizeLinear: onnxruntime keeps DequantizeLinear nodes unfolded (to
 preserve QDQ units), which costs a dequantization per run and blocks its NCHWc convolution
 layout. Cast and Mul of constants are folded when the session is created, so the model runs
-exactly the float kernels at float speed while the file is ~4× smaller.
+exactly the float kernels at float speed while the file is ~4× smaller. Folded, W and R of a
+recurrent layer are constant again, which LSTM/GRU/RNN need to pre-pack them.
+
+A recurrent layer (LSTM, GRU, RNN) has two weights, W and R; both are encoded, with one scale
+per direction and gate row.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ import numpy as np
 import onnx_ir as ir
 
 from graphopt.passes.base import GraphoptPass, PassContext, PassResult
-from graphopt.passes.quantize.numeric import quantize_symmetric, relative_error
+from graphopt.passes.quantize.numeric import quantize_rows, quantize_symmetric, relative_error
+from graphopt.passes.quantize.recurrent import float_recurrent_notes
 from graphopt.passes.weights import (
     WEIGHT_OPS,
     WeightUse,
@@ -32,16 +37,7 @@ def encode_weight_only(graph: ir.Graph, weight: ir.Value, axis: int,
     name = weight.name or "weight"
     array = weight.const_value.numpy()
     quantized = quantize_symmetric(array, axis, importance=importance)
-    q_value = initializer(graph, f"{name}_int8", quantized.values)
-    s_value = initializer(graph, f"{name}_scale", quantized.broadcast_scale())
-    cast = ir.node("Cast", [q_value], {"to": ir.DataType.FLOAT}, name=f"{name}_cast")
-    mul = ir.node("Mul", [cast.outputs[0], s_value], name=f"{name}_rescale")
-    graph.insert_before(first_consumer(weight, graph), [cast, mul])
-    weight.replace_all_uses_with(mul.outputs[0])
-    graph.initializers.pop(name)
-    mul.outputs[0].name = name
-    mul.outputs[0].dtype = ir.DataType.FLOAT
-    mul.outputs[0].shape = ir.Shape(array.shape)
+    _rebuild_in_float(graph, weight, quantized.values, quantized.broadcast_scale())
     return {
         "weight": name,
         "shape": list(array.shape),
@@ -51,6 +47,47 @@ def encode_weight_only(graph: ir.Graph, weight: ir.Value, axis: int,
         "relative_error": relative_error(array, quantized.dequantize()),
         "activation_aware": importance is not None,
     }
+
+
+def encode_recurrent_weights(graph: ir.Graph, use: WeightUse) -> dict[str, object]:
+    """W and R of a recurrent layer, one scale per direction and gate row; keep their names."""
+    names, shape = [value.name for value in use.weights], list(use.weight.const_value.shape.numpy())
+    originals, rebuilt, scales = [], [], []
+    for weight in use.weights:
+        array = weight.const_value.numpy()
+        rows = quantize_rows(array)
+        _rebuild_in_float(graph, weight, rows.values.reshape(array.shape),
+                          rows.scale.reshape(*array.shape[:-1], 1))
+        originals.append(array.reshape(-1))
+        rebuilt.append(rows.dequantize().reshape(-1))
+        scales.append(rows.scale)
+    scale = np.concatenate(scales)
+    return {
+        "weight": names[0],
+        "recurrent_weight": names[1],
+        "shape": shape,
+        "axis": use.channel_axis,
+        "scale_min": float(scale.min()),
+        "scale_max": float(scale.max()),
+        "relative_error": relative_error(np.concatenate(originals), np.concatenate(rebuilt)),
+        "activation_aware": False,
+    }
+
+
+def _rebuild_in_float(graph: ir.Graph, weight: ir.Value, codes: np.ndarray, scale: np.ndarray) -> None:
+    """Replace initializer ``weight`` by ``codes`` (int8) rebuilt as Cast * ``scale``, under its name."""
+    name = weight.name or "weight"
+    shape = weight.const_value.shape
+    q_value = initializer(graph, f"{name}_int8", codes)
+    s_value = initializer(graph, f"{name}_scale", scale)
+    cast = ir.node("Cast", [q_value], {"to": ir.DataType.FLOAT}, name=f"{name}_cast")
+    mul = ir.node("Mul", [cast.outputs[0], s_value], name=f"{name}_rescale")
+    graph.insert_before(first_consumer(weight, graph), [cast, mul])
+    weight.replace_all_uses_with(mul.outputs[0])
+    graph.initializers.pop(name)
+    mul.outputs[0].name = name
+    mul.outputs[0].dtype = ir.DataType.FLOAT
+    mul.outputs[0].shape = ir.Shape(shape)
 
 
 def group_by_weight(uses: list[WeightUse]) -> dict[str, list[WeightUse]]:
@@ -83,24 +120,30 @@ class QuantizeWeightsPass(GraphoptPass, name="quantize-weights",
         if self.options.nodes:
             uses = [u for u in uses if u.node.name in self.options.nodes]
         meansq = self._input_energy(model, uses, context)
-        details = []
+        details, encoded = [], 0
         for uses_of_weight in group_by_weight(uses).values():
             first = uses_of_weight[0]
-            importance = column_importance(first, meansq.get(first.node.inputs[0].name)) \
-                if len(uses_of_weight) == 1 and first.kind != "Gather" else None
-            entry = encode_weight_only(model.graph, first.weight, first.channel_axis, importance)
+            if first.recurrence is not None:
+                entry = encode_recurrent_weights(model.graph, first)
+            else:
+                importance = column_importance(first, meansq.get(first.node.inputs[0].name)) \
+                    if len(uses_of_weight) == 1 and first.kind != "Gather" else None
+                entry = encode_weight_only(model.graph, first.weight, first.channel_axis, importance)
             entry.update(mode="weight-only", nodes=[u.name for u in uses_of_weight], kind=first.kind)
             details.append(entry)
+            encoded += len(first.weights)
         return PassResult(
             model,
             modified=bool(details),
-            changes={"weights encoded": len(details)},
+            changes={"weights encoded": encoded},
+            notes=float_recurrent_notes(model.graph, skipped),
             details={"layers": details, "skipped": skipped},
         )
 
     def _input_energy(self, model: ir.Model, uses: list[WeightUse], context: PassContext) -> dict[str, np.ndarray]:
         if not self.options.activation_aware or context.calibration is None:
             return {}
-        names = sorted({u.node.inputs[0].name for u in uses if u.kind != "Gather" and u.node.inputs[0].name})
+        names = sorted({u.node.inputs[0].name for u in uses
+                        if u.kind != "Gather" and u.recurrence is None and u.node.inputs[0].name})
         stats = context.statistics(self.name, model, names)
         return {name: s.channel_meansq for name, s in stats.items() if s.channel_meansq is not None}
