@@ -182,7 +182,7 @@ def _compare_one(name: str, refs: list[np.ndarray], cands: list[np.ndarray], kin
         abs_sum += float(diff.sum())
         elements += diff.size
         max_rel = max(max_rel, float((diff / np.maximum(np.abs(np.where(ref_finite, ref, 0.0)), floor)).max(initial=0.0)))
-        cos, share = _signal_cosines(np.where(both, ref, 0.0), np.where(both, cand, 0.0))
+        cos, share = signal_cosines(np.where(both, ref, 0.0), np.where(both, cand, 0.0))
         cosines.append(cos)
         constant.append(share)
     cosine = np.concatenate(cosines) if cosines else np.zeros(0)
@@ -215,7 +215,7 @@ def _compare_one(name: str, refs: list[np.ndarray], cands: list[np.ndarray], kin
     )
 
 
-def _signal_cosines(ref: np.ndarray, cand: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def signal_cosines(ref: np.ndarray, cand: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-sample cosine, and the share of each sample's reference held by one constant value.
 
     Where that share reaches ``CONSTANT_SHARE`` (a clip padded to 30 s, an empty background),
