@@ -223,9 +223,13 @@ def _optimize_file(input_path: str | os.PathLike, output_path: str | os.PathLike
         except GateFailed as exc:
             searched = any(step.modified and pass_.searches() and step.details.get("searched", True)
                            for step, pass_ in zip(result.steps, pipeline.passes))
-            if not searched or retreat >= MAX_RETREATS or not set(exc.failures) <= _PARITY_CHECKS:
+            # A search that already reached the end of its ladder has nowhere further down to go.
+            exhausted = [f"{step.name}: {step.details['exhausted']}" for step in result.steps
+                         if step.details.get("exhausted")]
+            if not searched or exhausted or retreat >= MAX_RETREATS or not set(exc.failures) <= _PARITY_CHECKS:
                 report.seconds = round(time.perf_counter() - started, 3)
-                raise GateFailed(str(exc), exc.failures, report=report.to_dict()) from None
+                message = "; ".join([str(exc), *exhausted])
+                raise GateFailed(message, exc.failures, report=report.to_dict()) from None
             retreat += 1
             logger.warning("verification missed the budget (%s); searching again one step further down "
                            "(retreat %d of at most %d)", "; ".join(exc.failures), retreat, MAX_RETREATS)

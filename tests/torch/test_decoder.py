@@ -316,11 +316,18 @@ def test_int4_budget_out_of_reach_exits_1_naming_the_best_value_and_writes_nothi
     _, out, _ = exported
     prose = _prose(tmp_path / "prose.txt")
     code = main(["optimize", str(out), "-o", str(tmp_path / "no"), "--recipe", "int4", "--data", str(prose),
-                 "--window", "16", "--windows", "4", "--no-latency", "--threads", "1", "--min-token-agree", "1.01", "-q"])
+                 "--window", "16", "--windows", "4", "--no-latency", "--threads", "1", "--min-token-agree", "1.01", "-q",
+                 "--report", str(tmp_path / "r.json")])
     assert code == 1
     error = one_line_error(capsys)
     assert "text budget cannot be met" in error and "best reached" in error and "token agreement" in error
     assert not (tmp_path / "no").exists()
+    # The pass returned its best; the verification refused it, once (nowhere further down to go),
+    # and the report says why.
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["written"] is False and report["retreats"] == 0
+    step = next(s for s in report["steps"] if s["name"] == "quantize-blockwise")
+    assert "text budget cannot be met" in step["details"]["exhausted"]
 
 
 def test_int4_recipe_on_a_model_that_is_not_a_decoder_is_refused(tmp_path, capsys):

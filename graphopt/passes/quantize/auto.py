@@ -29,7 +29,6 @@ from typing import Any, Literal
 
 import onnx_ir as ir
 
-from graphopt.errors import GateFailed
 from graphopt.passes.base import GraphoptPass, PassContext, PassResult, check_fractions
 from graphopt.passes.pipeline import Pipeline
 from graphopt.passes.quantize.calibrate import collect
@@ -160,15 +159,14 @@ class QuantizeInt8Pass(GraphoptPass, name="quantize-int8",
         if context.retreat:
             first, second = ladder.retreat(first, second, context.retreat)
             verdict = ladder.judge_plan(first, second)
-        if not verdict.meets_budget:
-            raise GateFailed(
-                f"budget cannot be met: the best reachable held-out value is {verdict.measured()} "
-                f"({budget.describe()})",
-                [verdict.bound.check_name if verdict.bound else "output_shapes"],
-            )
+        exhausted = None
+        if not verdict.meets_budget:  # the end of the ladder: the final verification decides
+            exhausted = (f"budget cannot be met: the best reachable held-out value is {verdict.measured()} "
+                         f"({budget.describe()})")
         taken = first + second
         final = ladder.settle(first, second)
-        notes = _notes(verdict, final, split.weak) + float_recurrent_notes(model.graph, skipped)
+        notes = ([exhausted] if exhausted else []) + _notes(verdict, final, split.weak) \
+            + float_recurrent_notes(model.graph, skipped)
         applied = _apply(model, final, build)
         by_mode = {mode: sum(c.mode == mode for c in final) for mode in ("dynamic", "static", "weight-only", "float")}
         return PassResult(
@@ -183,6 +181,7 @@ class QuantizeInt8Pass(GraphoptPass, name="quantize-int8",
                 "held_out": verdict.to_dict(),
                 "ladder": {"rungs": ladder.length, "to_weight_only": first, "to_float": second,
                            "retreat": context.retreat},
+                "exhausted": exhausted,
                 "calibration_feeds": len(split.tune),
                 "held_out_feeds": len(split.judge),
                 "profile": profile,

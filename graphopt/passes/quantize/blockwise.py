@@ -235,9 +235,10 @@ class QuantizeBlockwisePass(GraphoptPass, name="quantize-blockwise",
                   "awq_alpha": layer.alpha,
                   "relative_error": layer.relative_error, "sensitivity": layer.sensitivity} for layer in layers]
         changes = {"weights encoded": len(layers), "8-bit": sum(layer.bits == 8 for layer in layers)}
-        return PassResult(model, modified=True, changes=changes,
+        exhausted = search.pop("exhausted", None)
+        return PassResult(model, modified=True, changes=changes, notes=[exhausted] if exhausted else [],
                           details={"layers": table, "skipped": skipped, "method": method, "accuracy_level": levels,
-                                   "search": search, "searched": bool(search)})
+                                   "search": search, "searched": bool(search), "exhausted": exhausted})
 
     def _layers(self, graph: ir.Graph, context: PassContext) -> tuple[list[_Layer], dict[str, str]]:
         o = self.options
@@ -343,7 +344,6 @@ class QuantizeBlockwisePass(GraphoptPass, name="quantize-blockwise",
 
     def _search(self, model: ir.Model, layers: list[_Layer], nodes: dict[int, _Encoded], reference: str,
                 context: PassContext, method: str, snapshots: _Snapshots, levels: dict[int, int]) -> dict[str, Any]:
-        from graphopt.errors import GateFailed
         from graphopt.verify.text import TextJudge
 
         text = context.text
@@ -410,13 +410,13 @@ class QuantizeBlockwisePass(GraphoptPass, name="quantize-blockwise",
                                           levels[bits] if layer.level is None or bits == 8 else layer.level)
             return judge(f"{count} of {len(movable)} layers at 8 bits")
 
-        if not with_eight_bits(len(movable)):
+        if not with_eight_bits(len(movable)):  # the end of the ladder: the final verification decides
             best = max(trials, key=lambda t: t["token_agreement"] - t["ppl_ratio"])
-            raise GateFailed(
-                f"pass '{self.name}': the text budget cannot be met on {len(text.judge_windows)} calibration windows: "
-                f"best reached perplexity ratio {best['ppl_ratio']:.4f} (target {_shown(target_ppl)}), token agreement "
-                f"{best['token_agreement']:.4f} (target {_shown(target_agree)}) with {best['step']}",
-                [name for name, value in (("max_ppl_ratio", target_ppl), ("min_token_agree", target_agree)) if value])
+            summary["exhausted"] = (
+                f"the text budget cannot be met on {len(text.judge_windows)} calibration windows: best reached "
+                f"perplexity ratio {best['ppl_ratio']:.4f} (target {_shown(target_ppl)}), token agreement "
+                f"{best['token_agreement']:.4f} (target {_shown(target_agree)}) with {best['step']}")
+            return summary
         low, high = 0, len(movable)
         while high - low > 1:
             middle = (low + high) // 2
