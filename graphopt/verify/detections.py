@@ -12,6 +12,9 @@ Layouts (``layout_of`` reads them off the reference's own values):
 - **head**: YOLO-style rows ``[K, 4 + 1 + C]`` (box cx, cy, w, h; objectness; class scores —
   YOLOv5, YOLOX) or ``[K, 4 + C]`` without objectness (YOLOv8, which writes it transposed,
   ``[4 + C, K]``). Scores that are not in [0, 1] are logits: a sigmoid is applied.
+- **raw head**: a head written before its decode (YOLOX without ``decode_in_inference``):
+  centre offsets in grid cells and log sizes. Without the grid, detections are matched at
+  their own anchor, IoU taken on the anchor-relative boxes (exact, as below), before NMS.
 - **list**: already decoded ``[K, 6]`` rows (x1, y1, x2, y2, score, class, in any column order
   where the class column holds integers and the score column values in [0, 1]).
 - **scores**: a score map ``[K, C]`` (one row per anchor, e.g. PicoDet's per-level outputs)
@@ -41,7 +44,7 @@ NMS_IOU = 0.45
 # A head's rows are suppressed among at most this many top-scoring candidates per image.
 MAX_CANDIDATES = 3000
 
-Layout = Literal["head", "head-objectness", "list", "scores"]
+Layout = Literal["head", "head-objectness", "raw head", "raw head-objectness", "list", "scores"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +82,10 @@ def layout_of(rows: np.ndarray, kind: str, transposed: bool) -> Layout:
         return "scores"
     if features in (6, 7) and not transposed and _integer_column(rows) is not None:
         return "list"
-    return "head-objectness" if features >= 6 and not transposed else "head"
+    head = "head-objectness" if features >= 6 and not transposed else "head"
+    # Undecoded (YOLOX without decode_in_inference): offsets in grid cells and log sizes, which
+    # go negative; boxes mean something only against their own anchor's.
+    return f"raw {head}" if np.any(rows[:, 2:4] < 0) else head
 
 
 def _integer_column(rows: np.ndarray) -> int | None:
@@ -114,12 +120,17 @@ def decode(rows: np.ndarray, layout: Layout, threshold: float, box_rows: np.ndar
         keep = np.nonzero(rows[:, score_column] >= threshold)[0]
         return Detections(rows[keep][:, box_columns], rows[keep, score_column],
                           rows[keep, class_column].astype(np.int64), keep)
-    class_scores = _probabilities(rows[:, 5:] if layout == "head-objectness" else rows[:, 4:])
+    objectness = layout.endswith("head-objectness")
+    class_scores = _probabilities(rows[:, 5:] if objectness else rows[:, 4:])
     classes = np.argmax(class_scores, axis=1)
     scores = class_scores[np.arange(len(rows)), classes]
-    if layout == "head-objectness":
+    if objectness:
         scores = scores * _probabilities(rows[:, 4])
     keep = np.nonzero(scores >= threshold)[0]
+    if layout.startswith("raw"):  # the anchor's own cell: centre offsets and exp(log size), no NMS across cells
+        centre, size = rows[keep, 0:2], np.exp(np.clip(rows[keep, 2:4], -30, 30))
+        return Detections(np.concatenate([centre - size / 2, centre + size / 2], axis=1), scores[keep],
+                          classes[keep], keep)
     if len(keep) > MAX_CANDIDATES:
         keep = keep[np.argsort(-scores[keep], kind="stable")[:MAX_CANDIDATES]]
     centre, size = rows[keep, 0:2], rows[keep, 2:4]
@@ -234,7 +245,7 @@ def compare_detections(refs: list[np.ndarray], cands: list[np.ndarray], kind: st
                 layout = layout_of(ref_rows, kind, transposed)
                 tally.layout = layout + (" with paired boxes" if boxes is not None else "")
             match(decode(ref_rows, layout, threshold, ref_box), decode(cand_rows, layout, threshold, cand_box),
-                  tally, by_anchor=layout == "scores")
+                  tally, by_anchor=layout == "scores" or layout.startswith("raw"))
     return tally
 
 

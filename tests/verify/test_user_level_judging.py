@@ -271,3 +271,18 @@ def test_a_score_map_keeps_a_detection_only_where_its_box_stays(rng) -> None:
     out = {o.name: o for o in parity.outputs}["scores"]
     assert out.detection_layout == "scores with paired boxes"
     assert (out.detections_reference, out.detections_kept) == (2, pytest.approx(1 / 3))
+
+
+def test_an_undecoded_head_is_matched_at_its_own_anchor(rng) -> None:
+    # YOLOX without its decode: centre offsets in grid cells, log sizes (negative below one cell),
+    # objectness and class logits.
+    head = np.zeros((1, 300, 6), np.float32)
+    head[0, :, 0:2] = rng.uniform(0, 1, (300, 2))
+    head[0, :, 2:4] = rng.uniform(-1, 2, (300, 2))
+    head[0, :, 4:] = -8.0
+    head[0, [5, 50, 120], 4:] = 6.0  # three confident anchors
+    cand = head.copy()
+    cand[0, 50, 2:4] += 1.5  # that box grows e^1.5 = 4.5x per side: IoU 0.05
+    out = compare_outputs([{"o": head}], [{"o": cand}], {"o": "detections"}).outputs[0]
+    assert out.detection_layout == "raw head-objectness"
+    assert (out.detections_reference, out.detections_appeared) == (3, 1) and out.detections_kept == 0.5
