@@ -81,6 +81,8 @@ def headline(out: dict[str, Any]) -> tuple[str, float | None]:
         return "decoded sequences identical", out["sequences_same"]
     if out.get("top1") is not None:
         return "top-1 agreement", out["top1"]
+    if out.get("across_samples"):
+        return "cosine across samples", out["cosine_mean"]
     if out.get("constant_share"):
         return "cosine on what varies", out["cosine_mean"]
     return "cosine", out["cosine_mean"]

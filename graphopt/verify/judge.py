@@ -44,8 +44,11 @@ _LABELS = {"cosine": "cosine (mean per sample)", "top1": "top-1 agreement",
            "sequences": "decoded sequences identical", "detections": "detections kept", "max_abs": "max abs difference"}
 _CHECK_NAMES = {"cosine": "min_cosine", "top1": "min_top1", "sequences": "min_sequences",
                 "detections": "min_detections", "max_abs": "max_abs"}
-# A lossless candidate may differ from the original by this multiple of the runtime's floor.
-FLOOR_FACTOR = 1.25
+# A lossless candidate may differ from the reference by this multiple of the runtime's floor: it
+# is itself another rounding of the same function, deployed under the same optimizations, so its
+# distance is the base's own floor plus one of the same size (PP-OCRv4 rec: floor 7.9e-5; its
+# simplified graph 6.6e-5 from the reference with optimizations off, 1.38e-4 with them on).
+FLOOR_FACTOR = 2.0
 # Detection outputs judged under a budget that names no detection bound keep this share.
 DEFAULT_MIN_DETECTIONS = 0.97
 

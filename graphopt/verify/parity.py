@@ -42,6 +42,7 @@ class OutputParity:
     top1_positions: int = 0  # argmax positions (or integers) behind top1
     top1_ties: int = 0  # of those, near-ties of the reference counted as agreeing
     constant_share: float = 0.0  # mean share of the reference's elements in constant regions
+    across_samples: bool = False  # one value per sample: the cosine is taken across the samples
     sequences_same: float | None = None  # greedy-decoded sequences identical (class score sequences)
     sequences: int = 0
     blank: int | None = None  # the class collapsed away as CTC's blank: the reference's most frequent pick
@@ -60,6 +61,8 @@ class OutputParity:
             return f"decoded sequences identical (CTC collapse, blank {self.blank}) and top-1 agreement"
         if self.top1 is not None:
             return "top-1 agreement"
+        if self.across_samples:
+            return "cosine across samples (one value per sample)"
         if self.constant_share > 0:
             return f"cosine on the varying {1 - self.constant_share:.0%} (constant regions excluded, drift there counted)"
         return "cosine"
@@ -171,7 +174,7 @@ def _compare_one(name: str, refs: list[np.ndarray], cands: list[np.ndarray], kin
     floor = max(_REL_FLOOR * scale, np.finfo(np.float32).tiny)
     max_abs = max_rel = abs_sum = 0.0
     elements = new_nonfinite = 0
-    cosines, constant = [], []
+    cosines, constant, scalars = [], [], []
     for r, c in zip(refs, cands):
         ref, cand = _per_sample(r), _per_sample(c)
         ref_finite = np.isfinite(ref)
@@ -185,7 +188,12 @@ def _compare_one(name: str, refs: list[np.ndarray], cands: list[np.ndarray], kin
         cos, share = signal_cosines(np.where(both, ref, 0.0), np.where(both, cand, 0.0))
         cosines.append(cos)
         constant.append(share)
+        scalars.append(np.stack([np.where(both, ref, 0.0).ravel(), np.where(both, cand, 0.0).ravel()]))
     cosine = np.concatenate(cosines) if cosines else np.zeros(0)
+    across = all(r.size == _rows(r) for r in refs) and len(cosine) > 1
+    if across:  # one value per sample: a cosine of one number is its sign; take it across the samples
+        column = np.concatenate(scalars, axis=1)
+        cosine = signal_cosines(column[:1], column[1:])[0]
     shares = np.concatenate(constant) if constant else np.zeros(0)
     agreement, positions, ties = _agreement(refs, cands, kind)
     extra: dict[str, Any] = {}
@@ -210,7 +218,8 @@ def _compare_one(name: str, refs: list[np.ndarray], cands: list[np.ndarray], kin
         cosine_std=float(cosine.std()) if cosine.size else 0.0,
         top1_positions=positions,
         top1_ties=ties,
-        constant_share=float(shares.mean()) if shares.size else 0.0,
+        constant_share=float(shares.mean()) if shares.size and not across else 0.0,
+        across_samples=across,
         **extra,
     )
 

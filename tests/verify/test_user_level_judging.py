@@ -286,3 +286,15 @@ def test_an_undecoded_head_is_matched_at_its_own_anchor(rng) -> None:
     out = compare_outputs([{"o": head}], [{"o": cand}], {"o": "detections"}).outputs[0]
     assert out.detection_layout == "raw head-objectness"
     assert (out.detections_reference, out.detections_appeared) == (3, 1) and out.detections_kept == 0.5
+
+
+def test_one_value_per_sample_is_judged_across_the_samples() -> None:
+    # A wake-word probability per window: the per-sample cosine of one number is 1 whatever it is.
+    ref = np.array([[0.01], [0.02], [0.95], [0.03], [0.90], [0.02]], np.float32)
+    cand = ref.copy()
+    cand[2, 0], cand[4, 0] = 0.10, 0.05  # both triggers lost
+    parity = compare_outputs([{"p": ref}], [{"p": cand}], {"p": "other"})
+    (out,) = parity.outputs
+    assert out.across_samples and out.metric == "cosine across samples (one value per sample)"
+    assert out.cosine_mean < 0.95  # per sample it was 1.0, six times
+    assert Budget.resolve(None, {"p": "other"}, INT8).error(parity)[0] > 1.0
