@@ -25,6 +25,7 @@ from graphopt.errors import (
     GateFailed,
     GraphoptError,
     UsageError,
+    require_extra,
 )
 from graphopt.cpu import TARGET_CPUS
 from graphopt.verify.metrics import METRICS
@@ -584,10 +585,8 @@ def _evaluate_summary(result: dict[str, Any]) -> str:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    try:
-        from graphopt.torch.config import run_config
-    except ImportError as exc:
-        raise UsageError(f"distill needs torch: pip install -e \".[torch]\" ({exc})") from None
+    require_extra("torch", extra="torch", purpose="distill")
+    from graphopt.torch.config import run_config
 
     report = run_config(args.config, quiet=args.quiet)
     if not args.quiet and "outputs" in report:
@@ -602,10 +601,9 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    try:
-        from graphopt.torch.decoder import DecoderExportOptions, export_decoder
-    except ImportError as exc:
-        raise UsageError(f"export needs torch and transformers: pip install -e \".[llm]\" ({exc})") from None
+    require_extra("torch", extra="llm", purpose="export")
+    require_extra("transformers", extra="llm", purpose="export")
+    from graphopt.torch.decoder import DecoderExportOptions, export_decoder
     from graphopt.io import to_json, write_text
     from graphopt.verify.text import load_prompts
 

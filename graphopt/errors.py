@@ -10,7 +10,9 @@ stderr and the exit code its class carries (documented in README):
 
 from __future__ import annotations
 
+import importlib
 import re
+from types import ModuleType
 
 EXIT_OK = 0
 EXIT_GATE_FAILED = 1
@@ -62,6 +64,20 @@ class DataError(InputError):
 class UnsupportedModelError(InputError):
     """A valid model uses something a pass cannot handle (an opset the converter cannot
     upgrade, an operator with no rewrite): the run stops at that pass, naming what."""
+
+
+class MissingExtraError(UsageError):
+    """An optional dependency a command needs is not installed (``require_extra``)."""
+
+
+def require_extra(module: str, *, extra: str, purpose: str) -> ModuleType:
+    """``module`` imported, or MissingExtraError (exit 2) naming what needs it and the extra that
+    installs it — the same way from every command, pass and recipe."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise MissingExtraError(f"{purpose} needs {module.split('.')[0]}: pip install 'graphopt[{extra}]' "
+                                f"({reason(exc, 120)})") from None
 
 
 class PassFailed(GraphoptError):

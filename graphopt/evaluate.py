@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from graphopt import __version__
-from graphopt.errors import DataError, GateFailed, GraphoptError, UsageError, reason
+from graphopt.errors import DataError, GateFailed, GraphoptError, UsageError, reason, require_extra
 from graphopt.io import load_model
 from graphopt.optimize import OptimizeOptions, optimize
 from graphopt.verify.feeds import InputSpec, batched_feeds, check_same_inputs, input_specs, read_npz
@@ -132,10 +132,9 @@ def split_indices(samples: int, labels: np.ndarray | None, options: EvaluateOpti
     shuffled folds; stratified: each fold keeps the class ratios; cyclic: K contiguous
     blocks in data order (for data whose order matters: time, recording session).
     """
-    try:
-        from sklearn.model_selection import KFold, StratifiedKFold, train_test_split
-    except ImportError:
-        raise UsageError("graphopt evaluate needs scikit-learn: pip install 'graphopt[eval]'") from None
+    splitters = require_extra("sklearn.model_selection", extra="eval", purpose="graphopt evaluate")
+    KFold, StratifiedKFold, train_test_split = (splitters.KFold, splitters.StratifiedKFold,  # noqa: N806
+                                                splitters.train_test_split)
     index = np.arange(samples)
     strata = labels if options.stratified else None
     if strata is not None:

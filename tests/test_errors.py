@@ -1,6 +1,8 @@
-"""graphopt.errors.reason: another tool's message as one readable line."""
+"""graphopt.errors: another tool's message as one readable line; missing extras."""
 
 from __future__ import annotations
+
+import pytest
 
 from graphopt.errors import reason
 
@@ -16,3 +18,13 @@ def test_long_text_is_cut_at_a_word_boundary():
 
 def test_an_empty_message_names_the_exception_type():
     assert reason(KeyError()) == "KeyError"
+
+
+def test_a_missing_extra_is_bad_input_naming_what_installs_it():
+    from graphopt.errors import EXIT_BAD_INPUT, MissingExtraError, require_extra
+
+    with pytest.raises(MissingExtraError) as caught:
+        require_extra("graphopt_no_such_package.sub", extra="llm", purpose="fuse-decoder")
+    assert caught.value.exit_code == EXIT_BAD_INPUT
+    assert str(caught.value).startswith("fuse-decoder needs graphopt_no_such_package: pip install 'graphopt[llm]'")
+    assert require_extra("json", extra="none", purpose="test").dumps([1]) == "[1]"

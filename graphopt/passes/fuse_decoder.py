@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from graphopt.errors import require_extra
 from graphopt.passes.base import GraphoptPass, PassContext, PassResult
 from graphopt.passes.registry import register
 from graphopt.passes.weights import weights_on_disk
@@ -58,10 +59,8 @@ def _batch_counts_as_one(fusions: Any) -> Iterator[None]:
 
 def fuse_for_cpu(model: ir.Model, *, group_query_attention: bool = True) -> None:
     """transformers' CPU fusion steps, in its order, in place."""
-    try:
-        from transformers.exporters import onnxruntime_fusions as fusions
-    except ImportError as exc:
-        raise ImportError(f"fuse-decoder needs transformers >= 5.24 (its onnxruntime fusions): {exc}") from exc
+    fusions = require_extra("transformers.exporters.onnxruntime_fusions", extra="llm",
+                            purpose="fuse-decoder (transformers' onnxruntime fusions)")
     for step, providers in fusions._STEPS:
         if providers is not None and "cpu" not in providers:
             continue

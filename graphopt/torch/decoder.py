@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from graphopt.errors import GateFailed, UnsupportedModelError, UsageError, reason
+from graphopt.errors import GateFailed, UnsupportedModelError, UsageError, reason, require_extra
 
 logger = logging.getLogger(__name__)
 
@@ -75,10 +75,9 @@ def load_causal_lm(source: str | os.PathLike) -> CausalLM:
     path = Path(source)
     if not path.exists():
         raise UsageError(f"{path}: no such file or folder")
-    try:
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    except ImportError as exc:
-        raise UsageError(f"export needs transformers: pip install -e \".[llm]\" ({exc})") from None
+    transformers = require_extra("transformers", extra="llm", purpose="export")
+    AutoConfig, AutoModelForCausalLM, AutoTokenizer = (transformers.AutoConfig,  # noqa: N806
+                                                       transformers.AutoModelForCausalLM, transformers.AutoTokenizer)
     if path.is_file() and path.suffix.lower() == ".gguf":
         folder, extra = path.parent, {"gguf_file": path.name}
     elif path.is_dir():

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from graphopt.errors import DataError, UnsupportedModelError, UsageError
+from graphopt.errors import DataError, UnsupportedModelError, UsageError, require_extra
 
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 
@@ -156,10 +156,7 @@ def open_folder(path: str | Path) -> DecoderFolder:
     model = folder / "model.onnx" if (folder / "model.onnx").is_file() else models[0]
     if not (folder / "tokenizer.json").is_file():
         raise DataError(f"{folder}: no tokenizer.json: the folder's model has no tokenizer to read text with")
-    try:
-        from tokenizers import Tokenizer
-    except ImportError as exc:
-        raise UsageError(f"generate needs the tokenizers package: pip install tokenizers ({exc})") from None
+    Tokenizer = require_extra("tokenizers", extra="llm", purpose=f"reading {folder / 'tokenizer.json'}").Tokenizer  # noqa: N806
     try:
         tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
     except Exception as exc:  # the library raises its own Exception subclass for a malformed file
