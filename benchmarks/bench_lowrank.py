@@ -84,12 +84,12 @@ def _small_recipe(work: Workload, folder: Path, reference: list) -> Row:
     report = optimize(work.model, path, OptimizeOptions(recipe="small", calib=work.calib_npz, data=work.eval_npz,
                                                         thresholds=Thresholds(min_cosine=SMALL_MIN_COSINE),
                                                         measure_latency=False, threads=THREADS))
-    lowrank = next(step for step in report["steps"] if step["name"] == "lowrank")
+    lowrank = next(step for step in report.steps if step.name == "lowrank")
     cosine_mean, cosine_min = _score(work, path, reference)
     ab = compare_interleaved(deployed_session(work.model), deployed_session(path), work.eval, threads=THREADS,
                              rounds=30, max_seconds=120.0)
-    return Row("`small` recipe (lowrank parity + int8)", f"params {lowrank['details'].get('params', 1.0):.3f}",
-               "activation-aware", lowrank["changes"].get("parameters removed", 0),
+    return Row("`small` recipe (lowrank parity + int8)", f"params {lowrank.details.get('params', 1.0):.3f}",
+               "activation-aware", lowrank.changes.get("parameters removed", 0),
                model_bytes(path) / model_bytes(work.model), cosine_mean, cosine_min, ab.ratio)
 
 

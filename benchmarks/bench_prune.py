@@ -69,7 +69,7 @@ def _prune(model: Path, calib: Path, evaluation: Path) -> tuple[dict, str]:
     options = OptimizeOptions(recipe=recipe, calib=calib, data=evaluation, batch_size=16, threads=THREADS,
                               thresholds=Thresholds(min_cosine=MIN_COSINE))
     try:
-        return optimize(model, WORK / "minilm.pruned.onnx", options), "written"
+        return optimize(model, WORK / "minilm.pruned.onnx", options).to_dict(), "written"
     except GateFailed as exc:
         return exc.report, f"**not written**: {exc}"  # type: ignore[attr-defined]
 

@@ -44,13 +44,15 @@ def optimize(model: PathLike, output: PathLike, *, recipe: str | Path = "lossles
     from graphopt.optimize import optimize as run
     from graphopt.verify.gate import Thresholds
 
-    thresholds = Thresholds(min_cosine=min_cosine, max_abs=max_abs, min_top1=min_top1,
-                            min_detections=min_detections, det_threshold=det_threshold, max_latency_ratio=max_latency_ratio, max_size_ratio=max_size_ratio)
-    return run(model, output, OptimizeOptions(
+    thresholds = Thresholds(min_cosine=min_cosine, max_abs=max_abs, min_top1=min_top1, min_detections=min_detections,
+                            det_threshold=det_threshold, max_latency_ratio=max_latency_ratio,
+                            max_size_ratio=max_size_ratio)
+    report = run(model, output, OptimizeOptions(
         recipe=recipe, data=data, calib=calib, labels=labels, thresholds=thresholds, measure_latency=latency,
         threads=threads, batch_size=batch_size, shapes=dict(shapes or {}), seed=seed, cache_dir=cache_dir,
         external_data=external_data, exclude=tuple(exclude),
         fix_shapes=tuple(f"{name}={','.join(map(str, dims))}" for name, dims in (fix_shapes or {}).items())))
+    return report.to_dict()
 
 
 def check(base: PathLike, candidate: PathLike, *, data: DataSource = None, labels: str | None = None,

@@ -348,7 +348,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     _check_output_folders(None if Path(args.model).is_dir() else args.output, args.report, args.html,
                           args.layers_markdown)
     try:
-        report = optimize(args.model, args.output, options)
+        report = optimize(args.model, args.output, options).to_dict()
     except GateFailed as exc:
         if exc.report:
             _write_optimize_reports(args, exc.report)

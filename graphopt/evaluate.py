@@ -360,8 +360,8 @@ def _compress_fold(model: Path, labelled: LabelledData, train: np.ndarray, numbe
         raise GateFailed(f"fold {number}: {exc}", exc.failures) from exc
     except GraphoptError as exc:
         raise type(exc)(f"fold {number}: {exc}") from exc
-    parity = report["verification"]["parity"]
-    summary = {"input_bytes": report["input_bytes"], "output_bytes": report["output_bytes"],
+    parity = report.verification["parity"]
+    summary = {"input_bytes": report.input_bytes, "output_bytes": report.output_bytes,
                "calibration_samples": len(train), "train_cosine_mean": parity["cosine_mean"],
                "train_max_abs": parity["max_abs"]}
     return output, summary

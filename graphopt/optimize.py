@@ -70,6 +70,7 @@ class OptimizeReport:
     retreats: int = 0
     seconds: float = 0.0
     cpu: str = ""  # the machine that measured, and the target int8 weights are exact on
+    folder: dict[str, Any] | None = None  # a model folder's input, output and the files copied beside the model
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -88,6 +89,7 @@ class OptimizeReport:
             "written": self.written,
             "retreats": self.retreats,
             "seconds": self.seconds,
+            **({"folder": self.folder} if self.folder is not None else {}),
         }
 
 
@@ -117,8 +119,8 @@ _PARITY_CHECKS = {"min_cosine", "min_top1", "max_abs", "no_new_nonfinite", "outp
                   "min_token_agree"}
 
 
-def optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, options: OptimizeOptions) -> dict[str, Any]:
-    """Optimize ``input_path`` into ``output_path``; return the report.
+def optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, options: OptimizeOptions) -> OptimizeReport:
+    """Optimize ``input_path`` into ``output_path``; return the report (``to_dict`` is its JSON).
 
     Raises GateFailed (with ``report`` attached) when the result misses its budget; then
     nothing is written. When a pass that searched under the budget met it on its held-out
@@ -129,8 +131,8 @@ def optimize(input_path: str | os.PathLike, output_path: str | os.PathLike, opti
         return _optimize_folder(Path(input_path), Path(output_path), options)
     recipe = load_recipe(options.recipe)
     if recipe.fallback is not None:
-        return _never_worse(input_path, output_path, options, recipe).to_dict()
-    return _optimize_file(input_path, output_path, options, recipe).to_dict()
+        return _never_worse(input_path, output_path, options, recipe)
+    return _optimize_file(input_path, output_path, options, recipe)
 
 
 def _never_worse(input_path: str | os.PathLike, output_path: str | os.PathLike, options: OptimizeOptions,
@@ -262,7 +264,7 @@ def _cpu(target: str | None) -> str:
     return f"{here.describe()}{where}; int8 weight form {form}"
 
 
-def _optimize_folder(source: Path, output: Path, options: OptimizeOptions) -> dict[str, Any]:
+def _optimize_folder(source: Path, output: Path, options: OptimizeOptions) -> OptimizeReport:
     """A model folder (model + tokenizer + configs) → a new folder: the optimized model under the
     same name, every other file copied unchanged; renamed into place only when the model passed
     its verification."""
@@ -279,9 +281,9 @@ def _optimize_folder(source: Path, output: Path, options: OptimizeOptions) -> di
             raise GateFailed(message, exc.failures, report=exc.report) from None
         for path in side_files(source, model):
             shutil.copy2(path, folder / path.name)
-    report["output"] = str(output / model.name)
-    report["folder"] = {"input": str(source), "output": str(output),
-                        "copied": [p.name for p in side_files(output, output / model.name)]}
+    report.output = str(output / model.name)
+    report.folder = {"input": str(source), "output": str(output),
+                     "copied": [p.name for p in side_files(output, output / model.name)]}
     return report
 
 

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -247,12 +248,12 @@ def test_calibration_and_verification_never_see_held_out_samples(
 ) -> None:
     seen: list[dict[str, set[int]]] = []
 
-    def recording_optimize(model: Path, output: Path, options: Any) -> dict[str, Any]:
+    def recording_optimize(model: Path, output: Path, options: Any) -> SimpleNamespace:
         seen.append({"calib": set(np.load(options.calib)["X"][:, 0].astype(int).tolist()),
                      "data": set(np.load(options.data)["X"][:, 0].astype(int).tolist())})
         shutil.copyfile(model, output)
-        return {"input_bytes": 1, "output_bytes": 1,
-                "verification": {"parity": {"cosine_mean": 1.0, "max_abs": 0.0}}}
+        return SimpleNamespace(input_bytes=1, output_bytes=1,
+                               verification={"parity": {"cosine_mean": 1.0, "max_abs": 0.0}})
 
     monkeypatch.setattr("graphopt.evaluate.optimize", recording_optimize)
     result = evaluate(base, data, EvaluateOptions(labels="labels", folds=4, stratified=True, recipe="int8"))
@@ -265,7 +266,7 @@ def test_calibration_and_verification_never_see_held_out_samples(
 
 
 def test_a_fold_missing_its_budget_is_named(base: Path, data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def refusing_optimize(model: Path, output: Path, options: Any) -> dict[str, Any]:
+    def refusing_optimize(model: Path, output: Path, options: Any) -> SimpleNamespace:
         raise GateFailed("fold.onnx not written: cosine 0.9 (required >= 0.995)", ["min_cosine"])
 
     monkeypatch.setattr("graphopt.evaluate.optimize", refusing_optimize)

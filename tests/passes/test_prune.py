@@ -350,12 +350,12 @@ def test_lossless_recipe_removes_torch_pruned_channels(tmp_path):
 
     source = export_pruned_cnn(tmp_path / "cnn.onnx")
     report = optimize(source, tmp_path / "out.onnx", OptimizeOptions(recipe="lossless", measure_latency=False, threads=1))
-    step = next(s for s in report["steps"] if s["name"] == "prune-dead-channels")
+    step = next(s for s in report.steps if s.name == "prune-dead-channels")
     before = sum(np.prod(t.dims) for t in onnx.load(str(source)).graph.initializer)
     after = sum(np.prod(t.dims) for t in onnx.load(str(tmp_path / "out.onnx")).graph.initializer)
     assert after <= 0.60 * before
-    assert report["verification"]["parity"]["max_abs"] <= 1e-4
-    assert step["details"]["after"]["macs"] < 0.6 * step["details"]["before"]["macs"]
+    assert report.verification["parity"]["max_abs"] <= 1e-4
+    assert step.details["after"]["macs"] < 0.6 * step.details["before"]["macs"]
 
 
 @pytest.mark.slow
