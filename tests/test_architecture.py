@@ -177,3 +177,12 @@ def test_the_top_level_folders_name_the_parts(part):
 
 def test_the_command_line_is_one_module():
     assert (SOURCE / "cli.py").is_file() and not (SOURCE / "cli").exists()
+
+
+def test_the_decoder_layout_is_spelled_in_one_module():
+    """The KV cache's names (onnxruntime-genai's layout) live in graphopt/verify/layout.py."""
+    spelled = [str(path.relative_to(SOURCE)) for path in SOURCE.rglob("*.py")
+               if path.name != "layout.py" and any('"past_key_values.' in line or "'past_key_values." in line
+                                                  or 'f"past_key_values' in line or '"present.' in line
+                                                  for line in path.read_text().splitlines())]
+    assert spelled == []

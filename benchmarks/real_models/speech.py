@@ -75,11 +75,13 @@ def room(rng: np.random.Generator, speech: np.ndarray, total: int, *, lead: floa
     out = np.zeros(total, np.float32)
     speech = speech[:total]
     start = min(int((lead if lead is not None else rng.uniform(0.05, 0.4)) * SR), max(0, total - len(speech)))
-    out[start:start + len(speech)] = speech * rng.uniform(0.3, 0.9) / max(1e-6, np.abs(speech).max())
+    gain = rng.uniform(0.3, 0.9) / max(1e-6, np.abs(speech).max())
+    out[start:start + len(speech)] = speech * gain
     snr = rng.uniform(15, 35)
     noise = np.convolve(rng.standard_normal(total).astype(np.float32), np.ones(4) / 4, mode="same").astype(np.float32)
     noise *= np.sqrt((np.mean(out ** 2) + 1e-9) / 10 ** (snr / 10) / (np.mean(noise ** 2) + 1e-12))
-    hum = rng.uniform(0, 0.01) * np.sin(2 * np.pi * rng.choice([50, 60]) * np.arange(total) / SR)
+    seconds = np.arange(total) / SR
+    hum = rng.uniform(0, 0.01) * np.sin(2 * np.pi * rng.choice([50, 60]) * seconds)
     return np.clip(out + noise + hum, -1, 1).astype(np.float32)
 
 

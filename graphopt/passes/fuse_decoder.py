@@ -30,6 +30,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphopt.errors import require_extra
+from graphopt.verify.layout import is_past
 from graphopt.passes.base import GraphoptPass, PassContext, PassResult
 from graphopt.passes.registry import register
 from graphopt.passes.weights import weights_on_disk
@@ -95,7 +96,7 @@ class FuseDecoderPass(GraphoptPass, name="fuse-decoder",
         from graphopt.verify.feeds import input_specs, random_feeds
         from graphopt.verify.runtime import make_session
 
-        if not any(value.name.startswith("past_key_values.") for value in model.graph.inputs):
+        if not any(is_past(value.name) for value in model.graph.inputs):
             return PassResult(model.clone(), modified=False, notes=["not a decoder with a KV cache: nothing to fuse"])
         if weights_on_disk(model.graph):
             # transformers' fusion steps read every weight: a model too large to load stays as it is

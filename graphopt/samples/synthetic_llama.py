@@ -22,6 +22,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from graphopt.verify.layout import PAST, PRESENT, cache_name
+
 
 class _Writer:
     """Appends tensors to one external data file, aligned, and returns their TensorProtos."""
@@ -93,11 +95,11 @@ def build(folder: Path, *, hidden: int = 2048, intermediate: int = 5632, layers:
                    for n in "qkv")
         q, k, v = (node("Transpose", [node("Reshape", [t, heads_shape], f"{t}.heads")], f"{t}.bhsd", perm=[0, 2, 1, 3])
                    for t in (q, k, v))
-        past_k, past_v = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
+        past_k, past_v = cache_name(PAST, i, "key"), cache_name(PAST, i, "value")
         inputs += [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", heads, "past", head_dim])
                    for name in (past_k, past_v)]
-        keys = node("Concat", [past_k, k], f"present.{i}.key", axis=2)
-        values = node("Concat", [past_v, v], f"present.{i}.value", axis=2)
+        keys = node("Concat", [past_k, k], cache_name(PRESENT, i, "key"), axis=2)
+        values = node("Concat", [past_v, v], cache_name(PRESENT, i, "value"), axis=2)
         outputs += [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", heads, "total", head_dim])
                     for name in (keys, values)]
         scores = node("Mul", [node("MatMul", [q, node("Transpose", [keys], f"{p}.kT", perm=[0, 1, 3, 2])],

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from graphopt.errors import GateFailed, UnsupportedModelError, UsageError, reason, require_extra
+from graphopt.verify.layout import LOGITS, PAST, PRESENT, cache_names, genai_names, is_present
 
 logger = logging.getLogger(__name__)
 
@@ -148,10 +149,6 @@ class FlatCacheDecoder(torch.nn.Module):
         return (out.logits, *present)
 
 
-def cache_names(layers: int, prefix: str) -> list[str]:
-    return [f"{prefix}.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
-
-
 def _head_size(config: Any) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
@@ -176,13 +173,13 @@ def export_onnx(model: Any, *, opset: int) -> Any:
     with _quiet(), torch.no_grad():
         program = torch.onnx.export(
             FlatCacheDecoder(model).eval(), args, dynamo=True, opset_version=opset, optimize=True,
-            input_names=["input_ids", "attention_mask", "position_ids", *cache_names(layers, "past_key_values")],
-            output_names=["logits", *cache_names(layers, "present")], dynamic_shapes=shapes, external_data=True)
+            input_names=["input_ids", "attention_mask", "position_ids", *cache_names(layers, PAST)],
+            output_names=[LOGITS, *cache_names(layers, PRESENT)], dynamic_shapes=shapes, external_data=True)
     graph = program.model.graph
     for value in [*graph.inputs, *graph.outputs]:  # name the total length as onnxruntime-genai does
         if value.name == "attention_mask":
             value.shape = ir.Shape([value.shape[0], "total_sequence_length"])
-        elif value.name.startswith("present."):
+        elif is_present(value.name):
             value.shape = ir.Shape([value.shape[0], value.shape[1], "total_sequence_length", value.shape[3]])
     return program.model
 
@@ -272,11 +269,7 @@ def genai_config(config: Any, tokenizer: Any) -> dict[str, Any]:
                 "filename": MODEL_FILE,
                 "head_size": _head_size(config),
                 "hidden_size": config.hidden_size,
-                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
-                           "position_ids": "position_ids",
-                           "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
-                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
-                            "present_value_names": "present.%d.value"},
+                **genai_names(),
                 "num_attention_heads": config.num_attention_heads,
                 "num_hidden_layers": config.num_hidden_layers,
                 "num_key_value_heads": config.num_key_value_heads,

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,15 +23,15 @@ from typing import Any
 import numpy as np
 
 from graphopt.errors import DataError, UnsupportedModelError, UsageError, require_extra
+from graphopt.verify.layout import LOGITS, PAST, REQUIRED_INPUTS, present_for, sorted_past
 
-_PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 
 
 @dataclasses.dataclass(frozen=True)
 class DecoderSignature:
     """What a session says about a decoder in the genai layout."""
 
-    past_names: tuple[str, ...]  # past_key_values.0.key, .0.value, .1.key, …
+    past_names: tuple[str, ...]  # layer 0 key, layer 0 value, layer 1 key, … (verify.layout)
     present_names: tuple[str, ...]
     kv_heads: int
     head_size: int
@@ -49,14 +48,13 @@ def decoder_signature(session: Any, name: str = "model", config: dict[str, Any] 
     ``config``: the ``decoder`` part of a genai_config.json, for head counts the graph leaves symbolic."""
     inputs = {i.name: i for i in session.get_inputs()}
     outputs = [o.name for o in session.get_outputs()]
-    past = sorted((name_ for name_ in inputs if _PAST.match(name_)),
-                  key=lambda n: (int(_PAST.match(n).group(1)), _PAST.match(n).group(2) == "value"))
-    missing = [n for n in ("input_ids", "attention_mask") if n not in inputs]
-    if missing or not past or "logits" not in outputs:
+    past = sorted_past(inputs)
+    missing = [n for n in REQUIRED_INPUTS if n not in inputs]
+    if missing or not past or LOGITS not in outputs:
         raise UnsupportedModelError(
-            f"{name}: not a decoder with a KV cache in onnxruntime-genai's layout (needs input_ids, attention_mask, "
-            "past_key_values.N.key/value and logits)")
-    present = tuple(n.replace("past_key_values.", "present.", 1) for n in past)
+            f"{name}: not a decoder with a KV cache in onnxruntime-genai's layout (needs {', '.join(REQUIRED_INPUTS)}, "
+            f"{PAST}.N.key/value and {LOGITS})")
+    present = tuple(present_for(n) for n in past)
     absent = [n for n in present if n not in outputs]
     if absent:
         raise UnsupportedModelError(f"{name}: output {absent[0]} (for {past[0]}) is missing")
@@ -85,7 +83,7 @@ class OrtDecoder:
             config = genai.get("model", {}).get("decoder")
         self.signature = decoder_signature(self.session, name or (str(model) if not isinstance(model, bytes) else "model"),
                                            config)
-        self._outputs = ["logits", *self.signature.present_names]
+        self._outputs = [LOGITS, *self.signature.present_names]
 
     def empty_cache(self, batch: int = 1) -> list[np.ndarray]:
         empty = np.zeros((batch, self.signature.kv_heads, 0, self.signature.head_size), self.signature.float_type)

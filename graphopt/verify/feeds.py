@@ -314,9 +314,11 @@ def random_feeds(
 
 def is_decoder(specs: Sequence[InputSpec]) -> bool:
     """A decoder LLM with a KV cache in onnxruntime-genai's layout (``verify/decoder.py``)."""
+    from graphopt.verify.layout import REQUIRED_INPUTS, is_past
+
     names = {spec.name for spec in specs}
-    past = [spec for spec in specs if spec.name.startswith("past_key_values.")]
-    return {"input_ids", "attention_mask"} <= names and bool(past) and all(
+    past = [spec for spec in specs if is_past(spec.name)]
+    return set(REQUIRED_INPUTS) <= names and bool(past) and all(
         len(spec.shape) == 4 and isinstance(spec.shape[1], int) and isinstance(spec.shape[3], int) for spec in past)
 
 
@@ -325,6 +327,8 @@ def _decoder_feeds(specs: Sequence[InputSpec], rng: np.random.Generator, count: 
     """Consistent decoder steps: the mask covers past + new tokens, positions continue the past.
     Even feeds are prefills of 16 tokens (empty cache), odd ones one-token steps after 16 cached
     positions of random values: the two ways a decoder is driven."""
+    from graphopt.verify.layout import is_past
+
     feeds = []
     for index in range(count):
         past, length = (0, 16) if index % 2 == 0 else (16, 1)
@@ -336,7 +340,7 @@ def _decoder_feeds(specs: Sequence[InputSpec], rng: np.random.Generator, count: 
                 feed[spec.name] = np.ones((batch, past + length), spec.dtype)
             elif spec.name == "position_ids":
                 feed[spec.name] = np.tile(np.arange(past, past + length), (batch, 1)).astype(spec.dtype)
-            elif spec.name.startswith("past_key_values."):
+            elif is_past(spec.name):
                 feed[spec.name] = rng.standard_normal((batch, spec.shape[1], past, spec.shape[3])).astype(spec.dtype)
             else:
                 feed[spec.name] = _random_array(rng, spec, _concrete_shape(spec, None, batch))
