@@ -223,11 +223,10 @@ def _optimize_file(input_path: str | os.PathLike, output_path: str | os.PathLike
         try:
             _write_verified(report, result, loaded, output_path, feeds, reference, options, tokenizer)
         except GateFailed as exc:
-            searched = any(step.modified and pass_.searches() and step.details.get("searched", True)
+            searched = any(step.modified and pass_.searches() and step.searched
                            for step, pass_ in zip(result.steps, pipeline.passes))
             # A search that already reached the end of its ladder has nowhere further down to go.
-            exhausted = [f"{step.name}: {step.details['exhausted']}" for step in result.steps
-                         if step.details.get("exhausted")]
+            exhausted = [f"{step.name}: {step.exhausted}" for step in result.steps if step.exhausted]
             if not searched or exhausted or retreat >= MAX_RETREATS or not set(exc.failures) <= _PARITY_CHECKS:
                 report.seconds = round(time.perf_counter() - started, 3)
                 message = "; ".join([str(exc), *exhausted])

@@ -129,7 +129,8 @@ def tiny_llama(folder: Path, *, tokenizer: bool = True) -> Path:
 def _graphopt_logger_restored():
     """The CLI sets up the 'graphopt' logger for a terminal (its own handler, no propagation);
     a test that runs ``main`` must not leave that to the tests after it (caplog reads through
-    propagation)."""
+    propagation). A library configuring logging with ``dictConfig`` (the torch exporters) also
+    disables every logger that exists by then: graphopt's are enabled again."""
     import logging
 
     logger = logging.getLogger("graphopt")
@@ -137,3 +138,6 @@ def _graphopt_logger_restored():
     yield
     logger.handlers[:] = saved[0]
     logger.propagate, logger.level = saved[1], saved[2]
+    for name, child in logging.root.manager.loggerDict.items():
+        if name.startswith("graphopt") and isinstance(child, logging.Logger):
+            child.disabled = False

@@ -22,6 +22,12 @@ class PassResult(ir.passes.PassResult):
     changes: dict[str, int] = dataclasses.field(default_factory=dict)
     notes: list[str] = dataclasses.field(default_factory=list)
     details: dict[str, Any] = dataclasses.field(default_factory=dict)
+    searched: bool = True
+    """A searching pass (``searches()``) that had nothing to search this time says False: a
+    failed verification then has no ladder of this pass to send further down."""
+    exhausted: str | None = None
+    """A search that reached the end of its ladder without meeting its target: why, and the
+    best it reached. The final verification decides; no retreat can help."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -36,6 +36,8 @@ class StepRecord:
     notes: list[str]
     details: dict[str, Any]
     rolled_back: bool = False  # the step's result failed the check and was undone
+    searched: bool = True  # PassResult.searched
+    exhausted: str | None = None  # PassResult.exhausted
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -150,6 +152,8 @@ class Pipeline:
             notes=notes,
             details=dict(getattr(result, "details", {})),
             rolled_back=rolled_back,
+            searched=getattr(result, "searched", True),
+            exhausted=getattr(result, "exhausted", None),
         )
         return result.model, record
 

@@ -327,7 +327,7 @@ def test_int4_budget_out_of_reach_exits_1_naming_the_best_value_and_writes_nothi
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["written"] is False and report["retreats"] == 0
     step = next(s for s in report["steps"] if s["name"] == "quantize-blockwise")
-    assert "text budget cannot be met" in step["details"]["exhausted"]
+    assert "text budget cannot be met" in step["exhausted"]
 
 
 def test_int4_recipe_on_a_model_that_is_not_a_decoder_is_refused(tmp_path, capsys):

@@ -238,7 +238,8 @@ class QuantizeBlockwisePass(GraphoptPass, name="quantize-blockwise",
         exhausted = search.pop("exhausted", None)
         return PassResult(model, modified=True, changes=changes, notes=[exhausted] if exhausted else [],
                           details={"layers": table, "skipped": skipped, "method": method, "accuracy_level": levels,
-                                   "search": search, "searched": bool(search), "exhausted": exhausted})
+                                   "search": search},
+                          searched=bool(search), exhausted=exhausted)
 
     def _layers(self, graph: ir.Graph, context: PassContext) -> tuple[list[_Layer], dict[str, str]]:
         o = self.options

@@ -250,7 +250,7 @@ def test_int4_streams_a_model_left_in_external_data(tmp_path, monkeypatch, capsy
                  "--report", str(tmp_path / "r.json")]) == 0, capsys.readouterr().err
     report = json.loads((tmp_path / "r.json").read_text())
     step = next(s for s in report["steps"] if s["name"] == "quantize-blockwise")
-    assert step["changes"]["weights encoded"] == 2 * 7 + 2 and not step["details"]["searched"]
+    assert step["changes"]["weights encoded"] == 2 * 7 + 2 and not step["searched"]
     assert {s["name"]: s["modified"] for s in report["steps"]}["fuse-decoder"] is False
     assert report["output_bytes"] < 0.3 * report["input_bytes"]
     assert (tmp_path / "int4" / "config.json").is_file()
