@@ -141,7 +141,7 @@ def test_paddle_classifier_with_minus_one_batch_quantizes_on_a_stacked_npz(tmp_p
     np.savez(tmp_path / "calib.npz", x=render_text_lines(8, seed=5, width=192))
     np.savez(tmp_path / "eval.npz", x=render_text_lines(8, seed=6, width=192))
     assert main(["inspect", str(model)]) == 0
-    assert "(class scores: judged by agreement)" in capsys.readouterr().out
+    assert "(class scores: judged by top-1 agreement)" in capsys.readouterr().out
     out, report = tmp_path / "out.onnx", tmp_path / "report.json"
 
     code = main(["optimize", str(model), "-o", str(out), "--recipe", "int8", "--calib", str(tmp_path / "calib.npz"),
