@@ -9,7 +9,7 @@ embedding's or a dense map's whether the vector keeps its direction (cosine).
 | class scores | ``[N, C]`` out of Softmax/LogSoftmax/Sigmoid, or of a Gemm/MatMul/Add with C <= 4096; names like *logits*, *scores*, *prob* | agreement |
 | class score sequence | ``[N, T, C]`` out of Softmax/LogSoftmax over the last axis, or named *logits* | agreement, and the greedy-decoded sequence (CTC collapse) identical |
 | detections | ``[N, K, 4(+1)+C]`` or ``[N, 4+C, K]`` out of a Concat (YOLO heads), ``[N, K, 6]`` decoded lists | detections kept (``verify.detections``) |
-| detection scores | ``[N, K, C]`` out of a Sigmoid (per-anchor score maps; their boxes are another output) | detections kept at the same anchor, with its box where one is paired |
+| detection scores | ``[N, K, C]`` out of a Sigmoid (per-anchor score maps; their boxes are another output); rank >= 4 out of a Sigmoid (probability maps: text masks) | detections kept at the same anchor, with its box where one is paired; for a map, the mask's IoU |
 | detection boxes | (from data, ``refine_kinds``) ``[N, K, 4n]`` beside a score map of the same ``[N, K]``: boxes or DFL bins | through the detections of its score map |
 | integers | integer or boolean outputs (labels, indices, masks) | agreement (equality) |
 | boxes | names like *box*, *bbox*; ``[N, K, 4]`` | cosine |
@@ -101,7 +101,9 @@ def classify(value: ir.Value) -> OutputKind:
     name = value.name or ""
     source = _deciding_op(value)
     if rank is not None and rank >= 4:
-        return "dense map"
+        # A probability map (text or segmentation masks): its user thresholds it; judged like a score
+        # map, pixel by pixel — kept pixels over the reference's mask plus the pixels that appeared.
+        return "detection scores" if source == "Sigmoid" else "dense map"
     if _BOX_NAME.search(name):
         return "boxes"
     if rank == 3:
@@ -160,8 +162,8 @@ JUDGED_BY: dict[str, str] = {
     "class score sequence": "decoded sequences identical (greedy CTC) and top-1 agreement",
     "integers": "equality",
     "detections": "detections kept (score >= --det-threshold, same class, IoU >= 0.5)",
-    "detection scores": "detections kept at the same anchor (score >= --det-threshold), IoU >= 0.5 with the paired "
-                        "box output when there is one",
+    "detection scores": "detections kept at the same anchor or pixel (score >= --det-threshold), IoU >= 0.5 with "
+                        "the paired box output when there is one",
     "detection boxes": "the detections of the score map beside it",
     "boxes": "cosine",
     "embeddings": "cosine (on what varies where the reference has a constant region)",
