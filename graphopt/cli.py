@@ -279,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-abs", type=float, default=1e-3, help="largest logit difference to torch (default 1e-3)")
     p.add_argument("--prompts", metavar="FILE", help="JSON list of prompts to verify on (default: 16 built in)")
     p.add_argument("--decode-steps", type=_positive_int, default=32, help="cached greedy steps per prompt (default 32)")
+    p.add_argument("--allow-pickle", action="store_true", help="load pickled weights (pytorch_model.bin) with torch's "
+                   "weights_only loader; without it a folder with only pickled weights is refused (exit 2)")
     p.add_argument("--threads", type=_positive_int, help="onnxruntime threads (default: all cores)")
     p.add_argument("--json", dest="json_out", metavar="FILE", help="also write the export report here")
     _add_common(p)
@@ -608,7 +610,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from graphopt.verify.text import load_prompts
 
     options = DecoderExportOptions(fuse=args.fuse, max_abs=args.max_abs, decode_steps=args.decode_steps,
-                                   threads=args.threads, **({"prompts": tuple(load_prompts(args.prompts))} if args.prompts else {}))
+                                   threads=args.threads, allow_pickle=args.allow_pickle, **({"prompts": tuple(load_prompts(args.prompts))} if args.prompts else {}))
     report = export_decoder(args.source, args.output, options)
     if args.json_out:
         write_text(args.json_out, to_json(report))

@@ -102,9 +102,10 @@ def one_line_error(capsys) -> str:
     return err[0]
 
 
-def tiny_llama(folder: Path, *, tokenizer: bool = True) -> Path:
+def tiny_llama(folder: Path, *, tokenizer: bool = True, dtype: str = "float32", shard: str | None = None) -> Path:
     """A randomly initialised 2-layer Llama (GQA 4/2 heads, tied embeddings) as a Hugging Face
-    folder, with a character-level tokenizer: a decoder LLM in seconds."""
+    folder, with a character-level tokenizer: a decoder LLM in seconds. ``dtype`` ("bfloat16",
+    "float16") and ``shard`` (a max shard size such as "20KB") write it as users' checkpoints are."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -113,7 +114,8 @@ def tiny_llama(folder: Path, *, tokenizer: bool = True) -> Path:
     config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                          tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
-    LlamaForCausalLM(config).eval().save_pretrained(folder)
+    model = LlamaForCausalLM(config).eval().to(getattr(torch, dtype))
+    model.save_pretrained(folder, **({"max_shard_size": shard} if shard else {}))
     if tokenizer:
         vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
         for char in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,:;!?'\"()-_=+*/\n":

@@ -26,6 +26,7 @@ import io
 import json
 import logging
 import os
+import pickle
 import time
 import warnings
 from pathlib import Path
@@ -34,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from graphopt.errors import GateFailed, UnsupportedModelError, UsageError, reason, require_extra
+from graphopt.errors import GateFailed, UnsafeModelError, UnsupportedModelError, UsageError, reason, require_extra
 from graphopt.verify.layout import LOGITS, PAST, PRESENT, cache_names, genai_names, is_present
 
 logger = logging.getLogger(__name__)
@@ -61,6 +62,13 @@ class DecoderExportOptions:
     max_abs: float = 1e-3
     """Largest logit difference to torch, prefill and every cached step."""
     threads: int | None = None
+    allow_pickle: bool = False
+    """Load pickled weights (``pytorch_model.bin``, ``*.pt``) with torch's ``weights_only`` loader;
+    without it a folder holding only pickled weights is refused before anything is read."""
+
+
+# Pickled weight files: unpickling can run code; torch's weights_only loader refuses most of it.
+_PICKLED = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 
 
 @dataclasses.dataclass
@@ -70,9 +78,10 @@ class CausalLM:
     source: Path
 
 
-def load_causal_lm(source: str | os.PathLike) -> CausalLM:
+def load_causal_lm(source: str | os.PathLike, *, allow_pickle: bool = False) -> CausalLM:
     """A Hugging Face folder or a ``.gguf`` file, as a float32 causal LM and its tokenizer.
-    UnsupportedModelError (exit 2) when it is not a causal LM or has no tokenizer."""
+    UnsupportedModelError (exit 2) when it is not a causal LM or has no tokenizer; UnsafeModelError
+    (exit 2) for pickled weights without ``allow_pickle``, or ones torch's safe loader refuses."""
     path = Path(source)
     if not path.exists():
         raise UsageError(f"{path}: no such file or folder")
@@ -84,7 +93,7 @@ def load_causal_lm(source: str | os.PathLike) -> CausalLM:
     elif path.is_dir():
         if not (path / "config.json").is_file():
             raise UnsupportedModelError(f"{path}: no config.json: not a Hugging Face model folder")
-        folder, extra = path, {}
+        folder, extra = path, _weights_choice(path, allow_pickle)
     else:
         raise UsageError(f"{path}: give a Hugging Face model folder or a .gguf file")
     with _quiet():
@@ -100,6 +109,9 @@ def load_causal_lm(source: str | os.PathLike) -> CausalLM:
     with _quiet():
         try:
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **extra).eval()
+        except pickle.UnpicklingError as exc:
+            raise UnsafeModelError(f"{path}: torch's safe loader (weights_only) refused its pickled weights, nothing "
+                                   f"of them was run: {reason(exc, 160)}") from None
         except (ValueError, KeyError) as exc:
             raise UnsupportedModelError(f"{path}: cannot load it as a causal language model: {reason(exc)}") from None
         try:
@@ -112,6 +124,19 @@ def load_causal_lm(source: str | os.PathLike) -> CausalLM:
     logger.info("loaded %s (%s, %d layers) in %.1fs", path.name, type(model).__name__,
                 model.config.num_hidden_layers, time.perf_counter() - started)
     return CausalLM(model, tokenizer, path)
+
+
+def _weights_choice(folder: Path, allow_pickle: bool) -> dict[str, Any]:
+    """How transformers may read the folder's weights: safetensors whenever there are any (never a
+    pickle beside them); pickled weights alone only with ``allow_pickle``."""
+    if any(folder.glob("*.safetensors")) or (folder / "model.safetensors.index.json").is_file():
+        return {"use_safetensors": True}
+    pickled = sorted(p.name for pattern in _PICKLED for p in folder.glob(pattern))
+    if pickled and not allow_pickle:
+        raise UnsafeModelError(f"{folder / pickled[0]}: pickled weights can run code when loaded; graphopt reads "
+                               "safetensors (convert them), or give --allow-pickle to load them with torch's "
+                               "weights_only loader")
+    return {}
 
 
 @contextlib.contextmanager
@@ -309,7 +334,7 @@ def export_decoder(source: str | os.PathLike, output: str | os.PathLike,
     started = time.perf_counter()
     out, source_path = Path(output), Path(source)
     check_new_folder(out, (source_path,))
-    lm = load_causal_lm(source_path)
+    lm = load_causal_lm(source_path, allow_pickle=options.allow_pickle)
     with staged_folder(out, (source_path,)) as folder:
         target = folder / MODEL_FILE
         logger.info("exporting with the dynamo exporter (opset %d)", options.opset)

@@ -340,3 +340,45 @@ def test_int4_recipe_on_a_model_that_is_not_a_decoder_is_refused(tmp_path, capsy
     assert main(["optimize", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "o.onnx"), "--recipe", "int4"]) == 2
     assert "is for decoder LLMs" in one_line_error(capsys)
     assert not (tmp_path / "o.onnx").exists()
+
+
+class _RunsACommand:
+    """A pickle that runs a command when loaded (the hostile checkpoint of issue #29)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("allow", [False, True])
+def test_a_hostile_pickled_checkpoint_is_refused_and_nothing_runs(allow, tmp_path, capsys):
+    import pickle
+
+    source = tiny_llama(tmp_path / "hf")
+    for weights in source.glob("*.safetensors"):
+        weights.unlink()
+    marker = tmp_path / "pwned"
+    (source / "pytorch_model.bin").write_bytes(pickle.dumps({"model.embed_tokens.weight": _RunsACommand(marker)}))
+    out = tmp_path / "out"
+    capsys.readouterr()  # what building the checkpoint printed
+
+    code = main(["export", str(source), "-o", str(out), *(["--allow-pickle"] if allow else []), "-q"])
+
+    assert code == 2
+    line = one_line_error(capsys)
+    assert ("weights_only" in line) and ("pytorch_model.bin" in line or str(source) in line)
+    assert not marker.exists() and not out.exists()
+
+
+def test_a_sharded_bf16_checkpoint_exports_with_the_same_parity(tmp_path):
+    source = tiny_llama(tmp_path / "hf", dtype="bfloat16", shard="20KB")
+    assert (source / "model.safetensors.index.json").is_file() and len(list(source.glob("*.safetensors"))) > 1
+    out = tmp_path / "onnx"
+    assert main(["export", str(source), "-o", str(out), "--decode-steps", "4", "--threads", "1",
+                 "--json", str(tmp_path / "r.json"), "-q"]) == 0
+    parity = json.loads((tmp_path / "r.json").read_text())["parity"]
+    assert parity["prefill_max_abs"] < 1e-4 and parity["decode_max_abs"] < 1e-4 and parity["forks"] == []
