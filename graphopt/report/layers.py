@@ -150,6 +150,17 @@ def layers_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _judged_outputs(parity: dict[str, Any]) -> str:
+    """Each output's kind and the number behind its verdict (``report.checks.headline``)."""
+    from graphopt.report.checks import headline
+
+    parts = []
+    for out in parity.get("outputs", []):
+        label, value = headline(out)
+        parts.append(f"{out['name']} ({out.get('kind') or 'output'}): {label} {_fmt(value, 6)}")
+    return "; ".join(parts) or "no outputs compared"
+
+
 def layers_html(report: dict[str, Any]) -> str:
     """A page that needs nothing but a browser: inline CSS and SVG, no scripts."""
     layers, details = quantization_layers(report)
@@ -184,7 +195,7 @@ def layers_html(report: dict[str, Any]) -> str:
     parity = verification.get("parity", {})
     summary = (
         f"Size {report.get('output_bytes', 0):,} of {report.get('input_bytes', 0):,} bytes; "
-        f"cosine mean {_fmt(parity.get('cosine_mean'), 6)}, top-1 {_fmt(parity.get('top1'), 6)} on "
+        f"{html.escape(_judged_outputs(parity))} on "
         f"{verification.get('data', {}).get('samples', '?')} samples "
         f"({html.escape(str(verification.get('data', {}).get('source', '')))}). {html.escape(_held_out(details))}"
     )
