@@ -106,15 +106,37 @@ def tiny_llama(folder: Path, *, tokenizer: bool = True, dtype: str = "float32", 
     """A randomly initialised 2-layer Llama (GQA 4/2 heads, tied embeddings) as a Hugging Face
     folder, with a character-level tokenizer: a decoder LLM in seconds. ``dtype`` ("bfloat16",
     "float16") and ``shard`` (a max shard size such as "20KB") write it as users' checkpoints are."""
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    return tiny_decoder(folder, "Llama", tokenizer=tokenizer, dtype=dtype, shard=shard, hidden_size=32,
+                        intermediate_size=64, tie_word_embeddings=True)
 
+
+# Per family: (config class, model class, settings beyond the shared small ones; GPT-2 names its own).
+TINY_FAMILIES: dict[str, tuple[str, str, dict]] = {
+    "Llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "Mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 8}),  # the prompts exceed the window
+    "Qwen3Moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", {"head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2,
+                                                           "moe_intermediate_size": 32, "mlp_only_layers": []}),
+    "GPT2": ("GPT2Config", "GPT2LMHeadModel", {"vocab_size": 96, "n_embd": 64, "n_layer": 2, "n_head": 4,
+                                               "n_positions": 256, "bos_token_id": 1, "eos_token_id": 2}),
+}
+
+
+def tiny_decoder(folder: Path, family: str, *, tokenizer: bool = True, dtype: str = "float32",
+                 shard: str | None = None, **settings) -> Path:
+    """A randomly initialised 2-layer decoder of ``family`` (``TINY_FAMILIES``) as a Hugging Face
+    folder with a character-level tokenizer."""
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    config_class, model_class, extra = TINY_FAMILIES[family]
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
-    model = LlamaForCausalLM(config).eval().to(getattr(torch, dtype))
+    shared = {"vocab_size": 96, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
+              "bos_token_id": 1, "eos_token_id": 2}
+    base = {} if family == "GPT2" else shared  # its config takes other names, and no KV-head count
+    config = getattr(transformers, config_class)(**{**base, **extra, **settings})
+    model = getattr(transformers, model_class)(config).eval().to(getattr(torch, dtype))
     model.save_pretrained(folder, **({"max_shard_size": shard} if shard else {}))
     if tokenizer:
         vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
@@ -122,8 +144,8 @@ def tiny_llama(folder: Path, *, tokenizer: bool = True, dtype: str = "float32", 
             vocab.setdefault(char, len(vocab))
         word_level = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
         word_level.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-        PreTrainedTokenizerFast(tokenizer_object=word_level, unk_token="<unk>", bos_token="<s>",
-                                eos_token="</s>").save_pretrained(folder)
+        transformers.PreTrainedTokenizerFast(tokenizer_object=word_level, unk_token="<unk>", bos_token="<s>",
+                                             eos_token="</s>").save_pretrained(folder)
     return folder
 
 

@@ -102,7 +102,7 @@ def load_causal_lm(source: str | os.PathLike, *, allow_pickle: bool = False) -> 
         except (ValueError, KeyError, OSError) as exc:
             raise UnsupportedModelError(f"{path}: cannot read the model's configuration: {reason(exc)}") from None
     architectures = list(getattr(config, "architectures", None) or [])
-    if not any(name.endswith("ForCausalLM") for name in architectures) and "gguf_file" not in extra:
+    if not any(_causal(name) for name in architectures) and "gguf_file" not in extra:
         raise UnsupportedModelError(f"{path}: not a causal language model (architectures: "
                                     f"{', '.join(architectures) or 'none'}); export takes text-generation models")
     started = time.perf_counter()
@@ -121,9 +121,20 @@ def load_causal_lm(source: str | os.PathLike, *, allow_pickle: bool = False) -> 
                                         "the model as a text generator") from None
     if getattr(model.config, "num_key_value_heads", None) is None:
         model.config.num_key_value_heads = model.config.num_attention_heads
+    experts = getattr(model.config, "num_experts", None) or getattr(model.config, "num_local_experts", None)
+    if experts and hasattr(model, "set_experts_implementation"):
+        # The default grouped_mm experts become a custom op no ONNX exporter translates.
+        model.set_experts_implementation("batched_mm")
     logger.info("loaded %s (%s, %d layers) in %.1fs", path.name, type(model).__name__,
                 model.config.num_hidden_layers, time.perf_counter() - started)
     return CausalLM(model, tokenizer, path)
+
+
+def _causal(architecture: str) -> bool:
+    """A text-generation class: ``*ForCausalLM``, or one transformers maps to causal LM (GPT2LMHeadModel)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return architecture.endswith("ForCausalLM") or architecture in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
 
 
 def _weights_choice(folder: Path, allow_pickle: bool) -> dict[str, Any]:
@@ -165,7 +176,10 @@ class FlatCacheDecoder(torch.nn.Module):
                 *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
         from transformers import DynamicCache
 
-        cache = DynamicCache(ddp_cache_data=list(zip(past[0::2], past[1::2])), config=self.model.config)
+        # A plain cache for every layer: a config would give sliding-window layers (Mistral, Gemma 2/3)
+        # whose bounded length torch.export turns into a fixed past length. The window still applies,
+        # through the attention mask the model builds.
+        cache = DynamicCache(ddp_cache_data=list(zip(past[0::2], past[1::2])))
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          use_cache=True, return_dict=True, **{self.keyword: cache})
         present: list[torch.Tensor] = []
