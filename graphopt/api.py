@@ -57,7 +57,8 @@ def optimize(model: PathLike, output: PathLike, *, recipe: str | Path = "lossles
 
 def check(base: PathLike, candidate: PathLike, *, data: DataSource = None, labels: str | None = None,
           min_cosine: float | None = None, max_abs: float | None = None, min_top1: float | None = None,
-          min_detections: float | None = None, det_threshold: float | None = None, max_latency_ratio: float | None = None, max_size_ratio: float | None = None, latency: bool | None = None,
+          min_detections: float | None = None, det_threshold: float | None = None,
+          max_latency_ratio: float | None = None, max_size_ratio: float | None = None, latency: bool | None = None,
           threads: int | None = None, batch_size: int = 1, shapes: Mapping[str, Sequence[int]] | None = None,
           seed: int = 0, extra_checks: Sequence[Any] = (), provider: str | None = None) -> dict[str, Any]:
     """``graphopt check``: the comparison (``passed``, ``checks``, ``parity``, ``latency``…).
@@ -75,7 +76,8 @@ def check(base: PathLike, candidate: PathLike, *, data: DataSource = None, label
     feeds = load_feeds(data, specs, batch_size=batch_size, shapes=shapes or {}, seed=seed,
                        extra_keys=[labels] if labels else ())
     thresholds = Thresholds(min_cosine=min_cosine, max_abs=max_abs, min_top1=min_top1,
-                            min_detections=min_detections, det_threshold=det_threshold, max_latency_ratio=max_latency_ratio, max_size_ratio=max_size_ratio)
+                            min_detections=min_detections, det_threshold=det_threshold,
+                            max_latency_ratio=max_latency_ratio, max_size_ratio=max_size_ratio)
     reference = reference_outputs(base_model.path, feeds)
     kinds = refine_kinds(output_kinds(base_model.model), {name: array.shape for name, array in reference[0].items()})
     comparison = compare_files(

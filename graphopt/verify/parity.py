@@ -20,7 +20,7 @@ _REL_FLOOR = 1e-3
 # score range of its own best: a near-tie (see _agreement).
 TIE_FRACTION = 0.01
 # A sample whose reference holds one value on at least this share of its elements has a
-# constant region (padding, silence, background): cosine is taken on the rest (_signal_cosine).
+# constant region (padding, silence, background): cosine is taken on the rest (signal_cosines).
 CONSTANT_SHARE = 0.2
 # ...and at least this many elements of it: in a short vector a repeated value is chance.
 CONSTANT_MIN_ELEMENTS = 8
@@ -174,6 +174,8 @@ def _compare_one(name: str, refs: list[np.ndarray], cands: list[np.ndarray], kin
     floor = max(_REL_FLOOR * scale, np.finfo(np.float32).tiny)
     max_abs = max_rel = abs_sum = 0.0
     elements = new_nonfinite = 0
+    # One value per sample: a cosine of one number is its sign; it is taken across the samples.
+    across = all(r.size == _rows(r) for r in refs) and sum(_rows(r) for r in refs) > 1
     cosines, constant, scalars = [], [], []
     for r, c in zip(refs, cands):
         ref, cand = _per_sample(r), _per_sample(c)
@@ -185,26 +187,29 @@ def _compare_one(name: str, refs: list[np.ndarray], cands: list[np.ndarray], kin
         abs_sum += float(diff.sum())
         elements += diff.size
         max_rel = max(max_rel, float((diff / np.maximum(np.abs(np.where(ref_finite, ref, 0.0)), floor)).max(initial=0.0)))
-        cos, share = signal_cosines(np.where(both, ref, 0.0), np.where(both, cand, 0.0))
+        finite_ref, finite_cand = np.where(both, ref, 0.0), np.where(both, cand, 0.0)
+        if across:
+            scalars.append(np.stack([finite_ref.ravel(), finite_cand.ravel()]))
+            continue
+        cos, share = signal_cosines(finite_ref, finite_cand)
         cosines.append(cos)
         constant.append(share)
-        scalars.append(np.stack([np.where(both, ref, 0.0).ravel(), np.where(both, cand, 0.0).ravel()]))
-    cosine = np.concatenate(cosines) if cosines else np.zeros(0)
-    across = all(r.size == _rows(r) for r in refs) and len(cosine) > 1
-    if across:  # one value per sample: a cosine of one number is its sign; take it across the samples
+    if across:
         column = np.concatenate(scalars, axis=1)
-        cosine = signal_cosines(column[:1], column[1:])[0]
+        cosines = [signal_cosines(column[:1], column[1:])[0]]
+    cosine = np.concatenate(cosines) if cosines else np.zeros(0)
     shares = np.concatenate(constant) if constant else np.zeros(0)
-    agreement, positions, ties = _agreement(refs, cands, kind)
     extra: dict[str, Any] = {}
+    changed = None
     if kind == "class score sequence":
         extra = _sequences(refs, cands)
-        agreement, positions, ties = _agreement(refs, cands, kind, extra.pop("changed"))
+        changed = extra.pop("changed")
     elif kind in DETECTION_KINDS:
         tally = compare_detections(refs, cands, kind, score_threshold, boxes)
         extra = {"detections_kept": tally.kept_share, "detections_reference": tally.reference,
                  "detections_appeared": tally.appeared, "largest_score_change": tally.largest_score_change,
                  "detection_layout": tally.layout}
+    agreement, positions, ties = _agreement(refs, cands, kind, changed)
     return OutputParity(
         name=name,
         max_abs=max_abs if not new_nonfinite else float("inf"),
@@ -218,7 +223,7 @@ def _compare_one(name: str, refs: list[np.ndarray], cands: list[np.ndarray], kin
         cosine_std=float(cosine.std()) if cosine.size else 0.0,
         top1_positions=positions,
         top1_ties=ties,
-        constant_share=float(shares.mean()) if shares.size and not across else 0.0,
+        constant_share=float(shares.mean()) if shares.size else 0.0,
         across_samples=across,
         **extra,
     )
