@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -118,6 +119,22 @@ class GraphoptPass(ir.passes.PassBase):
                 f"valid options: {', '.join(sorted(valid)) or '(none)'}"
             )
         self.options = self.Options(**options)
+        self._check_choices()
+
+    def _check_choices(self) -> None:
+        """Every option typed as a ``Literal`` holds one of its choices (RecipeError: a mistake is
+        refused before any work, whether the pass came from a recipe or from Python)."""
+        from graphopt.errors import RecipeError
+
+        hints = typing.get_type_hints(self.Options)
+        for field in dataclasses.fields(self.Options):
+            hint = hints.get(field.name)
+            if typing.get_origin(hint) is not typing.Literal:
+                continue
+            value, choices = getattr(self.options, field.name), typing.get_args(hint)
+            if value not in choices or isinstance(value, bool) != isinstance(choices[0], bool):
+                raise RecipeError(f"pass '{self.name}': '{field.name}' must be one of "
+                                  f"{', '.join(repr(c) for c in choices)}, got {value!r}")
 
     def __call__(self, model: Any, /, context: PassContext | None = None) -> PassResult:  # type: ignore[override]
         """Run on an ``onnx_ir.Model`` (or what ``graphopt.load_model`` returned) with the run's

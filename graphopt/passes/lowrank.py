@@ -36,7 +36,8 @@ from graphopt.passes.activations import ActivationCollector, RowFrequency, Secon
 from graphopt.passes.base import GraphoptPass, PassContext, PassResult, check_fractions
 from graphopt.passes.registry import register
 from graphopt.passes.weights import WeightUse, exclusion, initializer, replace_output, weight_use
-from graphopt.verify.judge import HeldOut, Judge, Verdict, hold_out, run_budget
+from graphopt.verify.judge import HeldOut, Judge, ParityVerdict, hold_out, run_budget
+from graphopt.verify.search import fewest_rungs, retreat
 
 logger = logging.getLogger(__name__)
 
@@ -259,9 +260,9 @@ class LowRankPass(GraphoptPass, name="lowrank",
 
     def _parity_ranks(self, model: ir.Model, candidates: list[Candidate],
                       split: HeldOut, context: PassContext) -> tuple[dict[int, int], dict[str, Any]]:
-        """The smallest parameter budget (bisection) whose model meets this pass's share of
-        the run's budget on the held-out feeds; ``context.retreat`` then moves it that many
-        halvings of the way to keeping everything."""
+        """The smallest parameter budget, on a grid of ``2**search_steps`` rungs (``verify.search``),
+        whose model meets this pass's share of the run's budget on the held-out feeds;
+        ``context.retreat`` halves the parameters it saved that many times."""
         from graphopt.verify.gate import Thresholds
 
         budget = run_budget(model, context.budget, Thresholds(min_cosine=self.options.min_cosine))
@@ -269,32 +270,29 @@ class LowRankPass(GraphoptPass, name="lowrank",
                       weak=split.weak)
         by_index = {c.index: c for c in candidates}
 
-        def verdict(fraction: float) -> tuple[dict[int, int], Verdict]:
+        steps = 2**self.options.search_steps  # rung n keeps n/steps of the parameters
+        trials: list[dict[str, Any]] = []
+
+        def verdict(rungs: int) -> ParityVerdict:
+            fraction = rungs / steps
             ranks = self._budget_ranks(candidates, fraction)
             trial = model.clone()
             _apply(trial.graph, by_index, {i: r for i, r in ranks.items() if r and self._pays(by_index[i], r)})
-            return ranks, judge.verdict(trial)
+            result = judge.verdict(trial)
+            trials.append({"params": round(fraction, 4), "measured": result.measured(), "meets": result.meets_target})
+            return result
 
-        low, high, best = 0.0, 1.0, None
-        trials = []
-        for _ in range(self.options.search_steps):
-            middle = (low + high) / 2
-            ranks, result = verdict(middle)
-            trials.append({"params": round(middle, 4), "measured": result.measured(), "meets": result.meets_target})
-            if result.meets_target:
-                high, best = middle, (ranks, middle, result)
-            else:
-                low = middle
-        if context.retreat:
-            fraction = 1.0 - (1.0 - (best[1] if best else 1.0)) / 2**context.retreat
-            ranks, result = verdict(fraction)
-            best = (ranks, fraction, result)
-        if best is None:
+        rungs, result = fewest_rungs(verdict, 0, steps)
+        if context.retreat and rungs < steps:
+            rungs = retreat(rungs, steps, context.retreat)
+            result = verdict(rungs)
+        if result is None or rungs == steps:  # keeping every parameter: nothing factorized
             return {c.index: 0 for c in candidates}, {"params": 1.0, "trials": trials, "budget": budget.describe(),
                                                       "held_out_feeds": len(split.judge)}
-        ranks, fraction, result = best
-        return ranks, {"params": fraction, "held_out": result.to_dict(), "budget": budget.describe(),
-                       "held_out_feeds": len(split.judge), "trials": trials}
+        fraction = rungs / steps
+        return self._budget_ranks(candidates, fraction), {
+            "params": fraction, "held_out": result.to_dict(), "budget": budget.describe(),
+            "held_out_feeds": len(split.judge), "trials": trials}
 
     def searches(self) -> bool:
         return self.options.select == "parity"

@@ -99,7 +99,9 @@ class Bound:
             return value / limit if limit > 0 else (0.0 if value == 0 else math.inf)
         allowance = 1.0 - limit
         lost = max(0.0, 1.0 - value)
-        return lost / allowance if allowance > 0 else (0.0 if lost == 0 else math.inf)
+        if allowance > 0:
+            return lost / allowance
+        return 0.0 if allowance == 0 and lost == 0 else math.inf  # a limit above 1: nothing meets it
 
     def noise(self, out: OutputParity, samples: int) -> float:
         """Standard error of this bound's error on a held-out set (0 where it cannot be told)."""
@@ -244,14 +246,18 @@ def hold_out(feeds: Sequence[Feed], fraction: float) -> HeldOut:
 
 @dataclasses.dataclass(frozen=True)
 class Verdict:
-    """How a candidate fares against the budget on the judging feeds."""
+    """How a candidate fares against its budget: the protocol every judge's verdicts share
+    (``Judge`` on tensors, ``verify.text.TextJudge`` on text), and all a search reads.
 
-    parity: ParityReport
-    error: float  # share of the budget used by the worst bound
-    noise: float  # standard error of ``error`` on these feeds
-    bound: Bound | None
-    allowed: float  # the share a search may use
-    weak: bool
+    ``error`` is the share of the budget the worst bound uses (1.0: exactly at it), ``noise``
+    the standard error of ``error`` on the judging data, ``allowed`` the share a search may use
+    (``share × (1 - reserve)``). A search's candidate meets the target when it stays within
+    ``allowed`` and ``NOISE_SIGMAS`` standard errors still fit in the budget."""
+
+    error: float
+    noise: float
+    allowed: float
+    weak: bool  # judged on the data it was tuned on: weak evidence
 
     @property
     def meets_budget(self) -> bool:
@@ -260,6 +266,23 @@ class Verdict:
     @property
     def meets_target(self) -> bool:
         return self.error <= self.allowed and self.error + NOISE_SIGMAS * self.noise <= 1.0
+
+    def measured(self) -> str:
+        """The deciding measurement, in words."""
+        raise NotImplementedError
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"measured": self.measured(), "budget_used": _finite(self.error), "noise": self.noise,
+                "allowed": self.allowed, "meets_budget": self.meets_budget, "meets_target": self.meets_target,
+                "weak_evidence": self.weak}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ParityVerdict(Verdict):
+    """A tensor judge's verdict: the per-output parity and the bound that decided."""
+
+    parity: ParityReport
+    bound: Bound | None
 
     @property
     def damage(self) -> float:
@@ -281,9 +304,8 @@ class Verdict:
         return f"{self.bound.label} {shown}{where}"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"measured": self.measured(), "value": self.value, "budget_used": _finite(self.error), "noise": self.noise,
-                "allowed": self.allowed, "meets_budget": self.meets_budget, "meets_target": self.meets_target,
-                "weak_evidence": self.weak, "samples": self.parity.samples}
+        data = super().to_dict()
+        return {"measured": data.pop("measured"), "value": self.value, **data, "samples": self.parity.samples}
 
 
 def _finite(value: float) -> float | None:
@@ -304,7 +326,7 @@ class Judge:
         self.threads = threads
         self.reference = run_outputs(self._session(model, optimize=False), self.feeds)
 
-    def verdict(self, candidate: ir.Model | bytes, *, optimize: bool = True, limit: int | None = None) -> Verdict:
+    def verdict(self, candidate: ir.Model | bytes, *, optimize: bool = True, limit: int | None = None) -> ParityVerdict:
         """``limit`` judges on the first feeds only (a ranking needs less evidence than a choice);
         ``optimize=False`` skips onnxruntime's graph optimizations (faster to build)."""
         feeds = self.feeds[:limit] if limit else self.feeds
@@ -316,7 +338,7 @@ class Judge:
         if bound is not None and not self.weak:
             _, out = bound.worst(parity)
             noise = bound.noise(out, parity.samples) if out is not None else 0.0
-        return Verdict(parity, error, noise, bound, self.allowed, self.weak)
+        return ParityVerdict(error=error, noise=noise, allowed=self.allowed, weak=self.weak, parity=parity, bound=bound)
 
     def _session(self, model: ir.Model | bytes, *, optimize: bool) -> Any:
         from graphopt.verify.runtime import make_session
@@ -337,4 +359,4 @@ def run_budget(model: ir.Model, budget: Any, fallback: Any = None) -> Budget:
     return Budget.resolve(budget, kinds) if budget is not None else Budget.resolve(None, kinds, fallback)
 
 
-__all__ = ["Bound", "Budget", "HeldOut", "Judge", "Metric", "Verdict", "hold_out", "run_budget"]
+__all__ = ["Bound", "Budget", "HeldOut", "Judge", "Metric", "ParityVerdict", "Verdict", "hold_out", "run_budget"]

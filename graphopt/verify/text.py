@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -30,6 +31,7 @@ import numpy as np
 from graphopt.errors import DataError
 from graphopt.verify.decoder import OrtDecoder
 from graphopt.verify.gate import CheckResult
+from graphopt.verify.judge import Verdict
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -110,13 +112,46 @@ class TextCalibration:
             yield decoder.feed(np.asarray([list(window)], np.int64), decoder.empty_cache())
 
 
+@dataclasses.dataclass(frozen=True)
+class TextScores:
+    """A candidate's scores on the judging windows, against the reference scored once."""
+
+    perplexity: float
+    ppl_ratio: float  # candidate over reference
+    token_agreement: float  # teacher-forced next-token agreement
+    ppl_log_se: float  # standard error of the log ratio across windows (inf: one window)
+    agreement_se: float  # standard error of the agreement across windows
+
+    def to_dict(self) -> dict[str, float]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TextVerdict(Verdict):
+    """A text judge's verdict (``verify.judge.Verdict``): the scores and the bound that decided."""
+
+    scores: TextScores
+    bound: str | None  # "max_ppl_ratio" or "min_token_agree"; None without a text budget
+
+    def measured(self) -> str:
+        return f"perplexity ratio {self.scores.ppl_ratio:.4f}, token agreement {self.scores.token_agreement:.4f}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "bound": self.bound, **self.scores.to_dict()}
+
+
 class TextJudge:
     """Perplexity ratio and teacher-forced agreement of candidates against one reference, on
-    the same windows (the reference scored once). Models are OrtDecoders or model paths/bytes."""
+    the same windows (the reference scored once); under ``thresholds``, a ``TextVerdict`` with
+    the share of the budget used and its noise, as ``verify.judge.Judge`` gives on tensors.
+    Models are OrtDecoders or model paths/bytes."""
 
     def __init__(self, reference: OrtDecoder | bytes | str | Path, windows: Sequence[Sequence[int]], *,
+                 thresholds: DecoderThresholds | None = None, share: float = 1.0, reserve: float = 0.5,
                  threads: int | None = None) -> None:
         self.windows, self.threads = windows, threads
+        self.thresholds = thresholds or DecoderThresholds()
+        self.allowed = share * (1.0 - reserve)
         self.token_nll, self.predictions = window_scores(self._decoder(reference), windows)
         self.nll = float(self.token_nll.mean())
 
@@ -124,10 +159,10 @@ class TextJudge:
     def perplexity(self) -> float:
         return float(np.exp(self.nll))
 
-    def score(self, candidate: OrtDecoder | bytes | str | Path) -> dict[str, float]:
+    def score(self, candidate: OrtDecoder | bytes | str | Path) -> TextScores:
         """Perplexity, its ratio to the reference's, teacher-forced agreement; and the standard
-        error of the log ratio and of the agreement across windows (``ppl_log_se``,
-        ``agreement_se``: how far another sample of this text could move them)."""
+        error of the log ratio and of the agreement across windows (how far another sample of
+        this text could move them)."""
         token_nll, predictions = window_scores(self._decoder(candidate), self.windows)
         agree = [a == b for a, b in zip(self.predictions, predictions)]
         ends = np.cumsum([len(a) for a in agree])[:-1]
@@ -136,13 +171,41 @@ class TextJudge:
             return float(np.std(per_window, ddof=1) / np.sqrt(len(per_window))) if len(per_window) > 1 else np.inf
 
         nll = float(token_nll.mean())
-        return {"perplexity": float(np.exp(nll)), "ppl_ratio": float(np.exp(nll - self.nll)),
-                "token_agreement": float(np.concatenate(agree).mean()),
-                "ppl_log_se": standard_error([d.mean() for d in np.split(token_nll - self.token_nll, ends)]),
-                "agreement_se": standard_error([a.mean() for a in agree])}
+        return TextScores(perplexity=float(np.exp(nll)), ppl_ratio=float(np.exp(nll - self.nll)),
+                          token_agreement=float(np.concatenate(agree).mean()),
+                          ppl_log_se=standard_error([d.mean() for d in np.split(token_nll - self.token_nll, ends)]),
+                          agreement_se=standard_error([a.mean() for a in agree]))
+
+    def verdict(self, candidate: OrtDecoder | bytes | str | Path) -> TextVerdict:
+        """The candidate against the text budget: each bound's share used — ``(ratio - 1) /
+        (max_ppl_ratio - 1)``, ``(1 - agreement) / (1 - min_token_agree)`` — the worst deciding,
+        with its standard error across windows as the noise."""
+        scores = self.score(candidate)
+        limits = self.thresholds
+        shares: list[tuple[float, float, str]] = []
+        if limits.max_ppl_ratio is not None:
+            allowance = limits.max_ppl_ratio - 1.0
+            shares.append((_share(max(0.0, scores.ppl_ratio - 1.0), allowance),
+                           _share(scores.ppl_ratio * scores.ppl_log_se, allowance), "max_ppl_ratio"))
+        if limits.min_token_agree is not None:
+            allowance = 1.0 - limits.min_token_agree
+            shares.append((_share(1.0 - scores.token_agreement, allowance),
+                           _share(scores.agreement_se, allowance), "min_token_agree"))
+        error, noise, bound = max(shares, default=(0.0, 0.0, None))
+        weak = len(self.windows) < 2  # no spread to tell the noise by
+        return TextVerdict(error=error, noise=0.0 if weak else noise, allowed=self.allowed, weak=weak,
+                           scores=scores, bound=bound)
 
     def _decoder(self, model: OrtDecoder | bytes | str | Path) -> OrtDecoder:
         return model if isinstance(model, OrtDecoder) else OrtDecoder(model, threads=self.threads)
+
+
+def _share(amount: float, allowance: float) -> float:
+    """``amount`` as a share of ``allowance`` (a zero allowance: 0 when nothing is used, else inf;
+    a negative one, a limit nothing can meet: inf)."""
+    if allowance > 0:
+        return amount / allowance
+    return 0.0 if allowance == 0 and amount <= 0 else math.inf
 
 
 def _timed(action: Any) -> float:
@@ -209,8 +272,8 @@ def compare_decoders(base: OrtDecoder, candidate: OrtDecoder, tokenizer: Any, *,
                        "base": tokenizer.decode(a), "candidate": tokenizer.decode(b)})
     result: dict[str, Any] = {
         "windows": len(windows), "window_tokens": len(windows[0]),
-        "perplexity": {"base": judge.perplexity, "candidate": scores["perplexity"], "ratio": scores["ppl_ratio"]},
-        "token_agreement": scores["token_agreement"],
+        "perplexity": {"base": judge.perplexity, "candidate": scores.perplexity, "ratio": scores.ppl_ratio},
+        "token_agreement": scores.token_agreement,
         "greedy": {"prompts": len(greedy), "new_tokens": new_tokens,
                    "agreement": float(np.mean([g["agree"] for g in greedy])) if greedy else None,
                    "identical": sum(g["fork_at"] is None for g in greedy), "continuations": greedy},

@@ -37,7 +37,8 @@ from graphopt.passes.prune.moments import ChannelMoments, channel_moments
 from graphopt.passes.prune.report import layer_report
 from graphopt.passes.prune.stats import model_cost
 from graphopt.passes.registry import register
-from graphopt.verify.judge import HeldOut, Judge, Verdict, hold_out, run_budget
+from graphopt.verify.judge import HeldOut, Judge, ParityVerdict, hold_out, run_budget
+from graphopt.verify.search import fewest_rungs, retreat
 
 logger = logging.getLogger(__name__)
 
@@ -213,8 +214,9 @@ class PruneChannelsPass(GraphoptPass, name="prune-channels",
 
     def _search(self, model: ir.Model, layers: dict, scores: np.ndarray, moments: dict[str, ChannelMoments],
                 details: dict[str, Any], context: PassContext) -> float:
-        """Bisection on a grid of 1/32 steps: the largest amount meeting the run's budget on the
-        held-out feeds (``verify.judge``); ``context.retreat`` halves it that many times."""
+        """The largest amount, on a grid of 1/32 steps (``verify.search``), meeting the run's
+        budget on the held-out feeds (``verify.judge``); ``context.retreat`` halves it that many
+        times."""
         budget = run_budget(model, context.budget)
         if not budget.bounds:
             raise DataError(f"pass '{self.name}': search needs a budget: give --min-cosine, --min-top1 or --max-abs")
@@ -223,28 +225,26 @@ class PruneChannelsPass(GraphoptPass, name="prune-channels",
                       threads=context.threads or 1)
         proto = ir.serde.serialize_model(model)
 
-        def meets(amount: float) -> Verdict:
+        # Rung n removes 1/32 less than the most the options allow (rung 0: ``max_amount``).
+        most, trials = int(self.options.max_amount * 32), []
+
+        def judged(rungs: int) -> ParityVerdict:
+            amount = (most - rungs) / 32
             trial = ir.serde.deserialize_model(proto)
             trial_dependency = analyze(trial, context.exclude)
             chosen = {g.index for g in self._choose(layers, scores, amount)}
             self._prune(trial, trial_dependency, [g for g in trial_dependency.groups if g.index in chosen], moments)
-            return judge.verdict(trial)
-
-        low, high, trials = 0, int(self.options.max_amount * 32), []
-        while low < high:
-            middle = (low + high + 1) // 2
-            verdict = meets(middle / 32)
-            trials.append({"amount": middle / 32, "measured": verdict.measured(), "value": verdict.value,
+            verdict = judge.verdict(trial)
+            trials.append({"amount": amount, "measured": verdict.measured(), "value": verdict.value,
                            "meets": verdict.meets_target})
-            if verdict.meets_target:
-                low = middle
-            else:
-                high = middle - 1
+            return verdict
+
+        rungs, _ = fewest_rungs(judged, -1, most)
         details["search"] = {"trials": trials, "budget": budget.describe(), "allowed": judge.allowed,
                              "judged_on_feeds": len(split.judge), "weak_evidence": split.weak}
-        if low == 0 and trials and not any(t["meets"] for t in trials):
+        if rungs == most and trials and not any(t["meets"] for t in trials):
             logger.info("no amount above 0 meets the budget on the calibration data")
-        return (low >> context.retreat) / 32
+        return (most - retreat(rungs, most, context.retreat)) / 32
 
     def searches(self) -> bool:
         return self.options.search

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -40,7 +39,8 @@ from graphopt.passes.weights import RECURRENT_OPS, WEIGHT_OPS, WeightUse, weight
 from graphopt.passes.quantize.weight_only import QuantizeWeightsPass
 from graphopt.passes.registry import register
 from graphopt.progress import progress
-from graphopt.verify.judge import Judge, Verdict, hold_out, run_budget
+from graphopt.verify.judge import Judge, ParityVerdict, hold_out, run_budget
+from graphopt.verify.search import fewest_rungs, retreat
 
 logger = logging.getLogger(__name__)
 
@@ -216,7 +216,7 @@ class QuantizeInt8Pass(GraphoptPass, name="quantize-int8",
                          "measured": profile.measured, "reused": profile.reused}
 
 
-def _notes(verdict: Verdict, final: list[LayerChoice], weak: bool) -> list[str]:
+def _notes(verdict: ParityVerdict, final: list[LayerChoice], weak: bool) -> list[str]:
     notes = []
     if not verdict.meets_target:
         notes.append(f"held-out {verdict.measured()} meets the budget but not its reserve: "
@@ -247,8 +247,7 @@ class _Ladder:
 
     def retreat(self, first: int, second: int, times: int) -> tuple[int, int]:
         """``times`` halvings of the ladder left below the whole first phase and ``second``."""
-        taken = len(self.compute) + second if second else first
-        taken = self.length - math.floor((self.length - taken) / 2**times)
+        taken = retreat(len(self.compute) + second if second else first, self.length, times)
         return min(taken, len(self.compute)), max(0, taken - len(self.compute))
 
     def measure(self, step: Literal["weight-only", "float"]) -> None:
@@ -297,10 +296,10 @@ class _Ladder:
             modes[rung.layer.node] = rung.mode
         return [dataclasses.replace(c, mode=modes[c.node]) for c in self.choices]
 
-    def judge_plan(self, first: int, second: int = 0) -> Verdict:
+    def judge_plan(self, first: int, second: int = 0) -> ParityVerdict:
         return self.judge.verdict(self.build(self.plan(first, second)))
 
-    def search(self) -> tuple[int, int, Verdict]:
+    def search(self) -> tuple[int, int, ParityVerdict]:
         """The fewest rungs whose model meets the target, the speed choices having missed it.
 
         When all of the first phase meets the target, the fewest of its rungs (bisection).
@@ -311,13 +310,13 @@ class _Ladder:
         if count:
             top = self.judge_plan(count)
             if top.meets_target:
-                first, verdict = _fewest(lambda n: self.judge_plan(n), 0, count, top)
+                first, verdict = fewest_rungs(lambda n: self.judge_plan(n), 0, count, top)
                 return first, 0, verdict
         # The speed choices, or the whole first phase, missed: with no float layer it misses.
-        second, verdict = _fewest(lambda n: self.judge_plan(count, n), 0, len(self.choices),
+        second, verdict = fewest_rungs(lambda n: self.judge_plan(count, n), 0, len(self.choices),
                                   self.judge_plan(count, len(self.choices)))
         if count:
-            first, verdict = _fewest(lambda n: self.judge_plan(n, second), -1, count, verdict)
+            first, verdict = fewest_rungs(lambda n: self.judge_plan(n, second), -1, count, verdict)
             return first, second, verdict
         return 0, second, verdict
 
@@ -337,20 +336,6 @@ class _Ladder:
             share = "n/a" if alone is None else f"{alone:.3g}"
             choice.reason = f"{action} for accuracy (alone in {form}: {share} of the budget, {measured})"
         return final
-
-
-def _fewest(judge: Any, low: int, high: int, high_verdict: Verdict) -> tuple[int, Verdict]:
-    """Bisection for the smallest n in (low, high] whose verdict meets the target, given that
-    ``high`` meets it and ``low`` is taken to miss (-1: even 0 may meet it)."""
-    best = (high, high_verdict)
-    while high - low > 1:
-        middle = (low + high) // 2
-        verdict = judge(middle)
-        if verdict.meets_target:
-            high, best = middle, (middle, verdict)
-        else:
-            low = middle
-    return best
 
 
 class _Builder:

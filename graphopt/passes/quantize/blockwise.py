@@ -42,24 +42,25 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import onnx_ir as ir
 
 from graphopt.passes.base import GraphoptPass, PassContext, PassResult
-from graphopt.passes.quantize.blocks import METHODS, BlockQuantized, awq_scales, output_error, quantize_blocks
+from graphopt.passes.quantize.block_encodings import (Encoded, divide_input, encode_matmul, encode_standard,
+                                                      encode_table, logits_producers, reads_transposed, table_block)
+from graphopt.passes.quantize.blocks import BlockQuantized, awq_scales, output_error, quantize_blocks
+from graphopt.passes.quantize.precision import BitSearch, BitTrial, BlockLayer
 from graphopt.passes.registry import register
-from graphopt.passes.weights import WeightUse, first_consumer, initializer, replace_output, weight_uses
+from graphopt.passes.weights import WeightUse, weight_uses
+from graphopt.verify.search import fewest_rungs, retreat
+
+if TYPE_CHECKING:
+    from graphopt.verify.text import TextVerdict
 
 logger = logging.getLogger(__name__)
 
-_BLOCK_SIZES = (16, 32, 64, 128, 256)
-_ZERO_POINTS = ("integer", "offset", "float")
-_METHODS = (*METHODS, "awq", "auto")
-_NORM_WEIGHTS = {"SimplifiedLayerNormalization": (1, None), "SkipSimplifiedLayerNormalization": (2, None),
-                 "RMSNormalization": (1, None), "LayerNormalization": (1, 2), "SkipLayerNormalization": (2, 3)}
-"""Norms whose output an AWQ scale can be folded into: (weight input, bias input)."""
 
 
 @dataclasses.dataclass
@@ -72,7 +73,7 @@ class _Layer:
     role: str  # "linear", "head" (untied), "tied" (table + head), "embedding" (untied table)
     bits: int
     hessian: np.ndarray | None = None  # E[x xᵀ] of the input on the calibration windows (fits the methods)
-    check: np.ndarray | None = None  # the same on held-out windows (chooses between them)
+    held_out_hessian: np.ndarray | None = None  # the same on held-out windows (chooses between methods)
     input_scales: np.ndarray | None = None  # AWQ: the codes are of diag(s)·W, the input is divided by s
     alpha: float = 0.0
     heads: tuple[ir.Node, ...] = ()  # tied: the FusedMatMul nodes reading the table transposed
@@ -109,32 +110,32 @@ class QuantizeBlockwisePass(GraphoptPass, name="quantize-blockwise",
     role = "compress"
 
     class Options:
-        bits: int = 4
+        bits: Literal[4, 8] = 4
         """4 or 8 bits per weight (the layers' starting point when searching)."""
-        block_size: int = 32
+        block_size: Literal[16, 32, 64, 128, 256] = 32
         """Values per block along K (16, 32, 64, 128 or 256); each block has its own scale."""
         symmetric: bool = True
         """A zero point of 2^(bits-1) for every block (none stored) instead of one fitted per block."""
-        zero_points: str = "integer"
+        zero_points: Literal["integer", "offset", "float"] = "integer"
         """Asymmetric only: 'integer' (packed), 'offset' (float, served by a separate term) or
         'float' (the kernel's float input: slow on onnxruntime's CPU)."""
-        operators: str = "onnxruntime"
+        operators: Literal["onnxruntime", "standard"] = "onnxruntime"
         """'onnxruntime' (MatMulNBits, GatherBlockQuantized) or 'standard': DequantizeLinear with
         block_size (opset 21; int4/uint4 codes) before the float op, for runtimes without contrib
         ops (onnxruntime turns DequantizeLinear + MatMul back into MatMulNBits at load)."""
-        method: str = "auto"
+        method: Literal["rtn", "hqq", "awq", "gptq", "auto"] = "auto"
         """'rtn', 'hqq' (data-free; ~10 s per 10M-element weight on 2 cores), 'awq' (activation-aware
         input scales, then rounding), 'gptq' (error-compensating rounding), or 'auto': gptq with
         calibration, else rtn. awq and gptq need calibration; each is kept per layer only where it
         loses less than rounding to nearest on held-out calibration text. Both fit the calibration's
         kind of text: calibrate on the text the model will read."""
-        head_bits: int = 8
+        head_bits: Literal[0, 4, 8] = 8
         """The LM head and the embedding table (shared codes when tied): 8, 4, or 0 to keep them float."""
         search: bool = True
         """With calibration text and a text budget: 8 bits for the layers that need it, fewest first."""
         eight_bit: tuple[str, ...] = ()
         """MatMul nodes held at 8 bits whatever else is chosen."""
-        accuracy_level: int = -1
+        accuracy_level: Literal[-1, 0, 1, 2, 3, 4] = -1
         """onnxruntime's compute type: 0 default, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations; -1:
         per bit width, the faster of 0 and 4 on this CPU (measured once, cached)."""
         min_elements: int = 1024
@@ -145,17 +146,8 @@ class QuantizeBlockwisePass(GraphoptPass, name="quantize-blockwise",
     def __init__(self, **options: Any) -> None:
         from graphopt.errors import RecipeError
 
-        super().__init__(**options)
+        super().__init__(**options)  # each Literal option checked there
         o = self.options
-        checks = [("bits", o.bits in (4, 8), "4 or 8"), ("block_size", o.block_size in _BLOCK_SIZES, str(_BLOCK_SIZES)),
-                  ("accuracy_level", o.accuracy_level in range(-1, 5), "-1..4"),
-                  ("zero_points", o.zero_points in _ZERO_POINTS, ", ".join(_ZERO_POINTS)),
-                  ("method", o.method in _METHODS, ", ".join(_METHODS)),
-                  ("head_bits", o.head_bits in (0, 4, 8), "0, 4 or 8"),
-                  ("operators", o.operators in ("onnxruntime", "standard"), "'onnxruntime' or 'standard'")]
-        for option, valid, allowed in checks:
-            if not valid:
-                raise RecipeError(f"pass '{self.name}': '{option}' must be {allowed}, got {getattr(o, option)!r}")
         if o.operators == "standard" and not o.symmetric and o.zero_points != "integer":
             raise RecipeError(f"pass '{self.name}': standard operators hold integer zero points only "
                               f"(zero_points = 'integer'), got {o.zero_points!r}")
@@ -204,7 +196,7 @@ class QuantizeBlockwisePass(GraphoptPass, name="quantize-blockwise",
             levels = _accuracy_levels(context, o.block_size)
         # One weight at a time: read (external data is mapped, not loaded), quantized, encoded into
         # the graph, unmapped; only the codes stay. A search keeps the codes of each width it tried.
-        nodes: dict[int, _Encoded] = {}
+        nodes: dict[int, Encoded] = {}
         for layer in progress(layers, f"{method}: {len(layers)} weights", unit="weight"):
             group = readers.pop(layer.use.node.inputs[0].name, None)
             if group is not None:
@@ -217,43 +209,43 @@ class QuantizeBlockwisePass(GraphoptPass, name="quantize-blockwise",
             layer.relative_error = float(np.sqrt(error / max(total, 1e-30)))
             del weight
             if o.operators == "standard":
-                _encode_standard(graph, layer, quantized)
+                encode_standard(graph, layer.use, quantized, table=layer.role in ("tied", "embedding"))
             else:
-                nodes[id(layer)] = _encode(graph, layer, quantized, levels, o.zero_points)
+                nodes[id(layer)] = self._encode(graph, layer, quantized, levels[quantized.bits])
             layer.release()
             if reference is None:  # no search will swap widths: the packed codes in the graph suffice
                 layer.encoded.clear()
             del quantized
         if o.operators != "standard" and "com.microsoft" not in model.opset_imports:
             model.opset_imports["com.microsoft"] = 1
-        search: dict[str, Any] = {}
+        search = None
         if reference is not None:
             search = self._search(model, layers, nodes, reference, context, method, snapshots, levels)
-        table = [{"node": layer.name, "role": layer.role, "shape": list(layer.shape), "bits": layer.bits,
-                  "accuracy_level": levels[layer.bits] if layer.level is None else layer.level,
-                  "block_size": layer.block_size or o.block_size, "method": layer.methods[layer.bits],
-                  "awq_alpha": layer.alpha,
-                  "relative_error": layer.relative_error, "sensitivity": layer.sensitivity} for layer in layers]
+        table = [BlockLayer(node=layer.name, role=layer.role, shape=layer.shape, bits=layer.bits,
+                            accuracy_level=levels[layer.bits] if layer.level is None else layer.level,
+                            block_size=layer.block_size or o.block_size, method=layer.methods[layer.bits],
+                            awq_alpha=layer.alpha, relative_error=layer.relative_error,
+                            sensitivity=layer.sensitivity) for layer in layers]
         changes = {"weights encoded": len(layers), "8-bit": sum(layer.bits == 8 for layer in layers)}
-        exhausted = search.pop("exhausted", None)
+        exhausted = search.exhausted if search is not None else None
         return PassResult(model, modified=True, changes=changes, notes=[exhausted] if exhausted else [],
-                          details={"layers": table, "skipped": skipped, "method": method, "accuracy_level": levels,
-                                   "search": search},
-                          searched=bool(search), exhausted=exhausted)
+                          details={"layers": [row.to_dict() for row in table], "skipped": skipped, "method": method,
+                                   "accuracy_level": levels, "search": search.to_dict() if search else {}},
+                          searched=search is not None, exhausted=exhausted)
 
     def _layers(self, graph: ir.Graph, context: PassContext) -> tuple[list[_Layer], dict[str, str]]:
         o = self.options
         uses, skipped = weight_uses(graph, ("MatMul", "Gather"), o.min_elements, context.exclude)
         wanted, eight = set(o.nodes), set(o.eight_bit)
         layers: list[_Layer] = []
-        heads = {id(node): node for node in _logits_producers(graph)}
+        heads = {id(node): node for node in logits_producers(graph)}
         for use in uses:
             if wanted and use.node.name not in wanted:
                 skipped[use.name] = "not selected"
                 continue
             table = use.weight.const_value
             if use.kind == "Gather":
-                tied = tuple(user for user, index in use.weight.uses() if index == 1 and _reads_transposed(user))
+                tied = tuple(user for user, index in use.weight.uses() if index == 1 and reads_transposed(user))
                 others = [user for user, _ in use.weight.uses() if user.op_type != "Gather" and user not in tied]
                 if o.head_bits == 0 or others:
                     skipped[use.name] = "kept float (head_bits = 0)" if o.head_bits == 0 else \
@@ -261,7 +253,7 @@ class QuantizeBlockwisePass(GraphoptPass, name="quantize-blockwise",
                     continue
                 if any(layer.use.weight is use.weight for layer in layers):
                     continue  # a table read by two Gathers is encoded once
-                block = _table_block(table.shape[1], o.block_size)
+                block = table_block(table.shape[1], o.block_size)
                 if block is None:
                     skipped[use.name] = f"table width {table.shape[1]} has no power-of-two block from 16 to {o.block_size}"
                     continue
@@ -303,12 +295,17 @@ class QuantizeBlockwisePass(GraphoptPass, name="quantize-blockwise",
                 # less on held-out text (weights already on the grid, as a GGUF checkpoint's are, stay)
                 fitted = quantize_blocks(weight, bits=bits, block_size=block, form=form, method="gptq",
                                          hessian=layer.hessian, input_scales=scales)
-                judge = layer.check if layer.check is not None else layer.hessian
+                judge = layer.held_out_hessian if layer.held_out_hessian is not None else layer.hessian
                 if _loss(fitted, weight, judge) < _loss(nearest, weight, judge):
                     quantized, chosen = fitted, "gptq"
             layer.encoded[bits] = quantized
             layer.methods[bits] = ("awq+" if scales is not None else "") + chosen
         return layer.encoded[bits]
+
+    def _encode(self, graph: ir.Graph, layer: _Layer, quantized: BlockQuantized, level: int) -> Encoded:
+        if layer.role in ("tied", "embedding"):
+            return encode_table(graph, layer.use, quantized, level, layer.heads)
+        return encode_matmul(graph, layer.use, quantized, level, self.options.zero_points)
 
     def _form(self, layer: _Layer) -> str:
         o = self.options
@@ -327,10 +324,10 @@ class QuantizeBlockwisePass(GraphoptPass, name="quantize-blockwise",
         form = self._form(first)
         weights = [layer.weight for layer in group]
         scales, alpha, _ = awq_scales(weights, first.hessian, bits=o.bits, block_size=o.block_size, form=form)
-        if scales is not None and first.check is not None:
+        if scales is not None and first.held_out_hessian is not None:
             def held_out(input_scales: np.ndarray | None) -> float:
                 return sum(_loss(quantize_blocks(w, bits=o.bits, block_size=o.block_size, form=form,
-                                                 input_scales=input_scales), w, first.check) for w in weights)
+                                                 input_scales=input_scales), w, first.held_out_hessian) for w in weights)
 
             if held_out(scales) >= held_out(None):
                 scales, alpha = None, 0.0
@@ -341,282 +338,112 @@ class QuantizeBlockwisePass(GraphoptPass, name="quantize-blockwise",
             return
         for layer in group:
             layer.input_scales, layer.alpha = scales, alpha
-        _divide_input(graph, first.use.node.inputs[0], [layer.use.node for layer in group], scales)
+        divide_input(graph, first.use.node.inputs[0], [layer.use.node for layer in group], scales)
 
-    def _search(self, model: ir.Model, layers: list[_Layer], nodes: dict[int, _Encoded], reference: str,
-                context: PassContext, method: str, snapshots: _Snapshots, levels: dict[int, int]) -> dict[str, Any]:
+    def _search(self, model: ir.Model, layers: list[_Layer], nodes: dict[int, Encoded], reference: str,
+                context: PassContext, method: str, snapshots: _Snapshots, levels: dict[int, int]) -> BitSearch | None:
+        """Bits and compute type per layer under the text budget, by the house's search
+        (``verify.search``) judged by ``verify.text.TextJudge``. Rung 0 is every layer at ``bits``
+        with the faster compute; the rungs, in order, give float compute to the layers of one
+        weight shape (4 bits with int8 activations only: the shapes whose int8 activations cost
+        the most, measured one shape at a time, first), then 8 bits to one layer (most sensitive
+        first). The fewest rungs meeting the target are taken; each retreat halves the rungs left."""
         from graphopt.verify.text import TextJudge
 
         text = context.text
         thresholds = text.thresholds
-        judge_ = TextJudge(reference, text.judge_windows, threads=context.threads)
-        # Half the slack is kept for unseen text (8 windows measure agreement to about ±0.01, and prose
-        # of another kind moves it by more); each retreat keeps a quarter more.
-        margin = min(0.5 + 0.25 * context.retreat, 0.95)
-        target_ppl = None if thresholds.max_ppl_ratio is None else 1 + (thresholds.max_ppl_ratio - 1) * (1 - margin)
-        target_agree = None if thresholds.min_token_agree is None else \
-            thresholds.min_token_agree + (1 - thresholds.min_token_agree) * margin
-        if target_ppl is None and target_agree is None:
-            return {}
-        linear = [layer for layer in layers if layer.role == "linear"]
-        trials: list[dict[str, Any]] = []
-        summary = {"windows": len(text.judge_windows), "target_ppl_ratio": target_ppl,
-                   "target_token_agree": target_agree, "trials": trials}
-
-        def judge(step: str) -> bool:
-            scores = judge_.score(snapshots.write(model))
-            ok = (target_ppl is None or scores["ppl_ratio"] <= target_ppl) and \
-                 (target_agree is None or scores["token_agreement"] >= target_agree)
-            trials.append({"step": step, "eight_bit_layers": sum(layer.bits == 8 for layer in linear),
-                           "float_compute_layers": sum(layer.level == 1 for layer in linear), **scores, "meets": ok})
-            logger.info("blockwise search: %s: perplexity ratio %.4f, agreement %.4f%s", step, scores["ppl_ratio"],
-                        scores["token_agreement"], "" if ok else " (misses)")
-            return ok
-
-        def set_level(group: list[_Layer], level: int | None) -> None:
-            for layer in group:
-                layer.level = level
-                nodes[id(layer)].set_level(levels[layer.bits] if level is None else level)
-
-        if judge(f"all {self.options.bits}-bit"):
-            return summary
-        # Rung 1: float compute (accuracy_level 1) for the layer groups (one weight shape: one role
-        # in every block) whose int8 activations cost the most, measured one group at a time.
+        if thresholds.max_ppl_ratio is None and thresholds.min_token_agree is None:
+            return None
+        judge = TextJudge(reference, text.judge_windows, thresholds=thresholds, threads=context.threads)
+        ladder = _BitLadder(self, model, layers, nodes, judge, snapshots, method, levels)
+        search = BitSearch(windows=len(text.judge_windows),
+                           target_ppl_ratio=None if thresholds.max_ppl_ratio is None
+                           else 1 + (thresholds.max_ppl_ratio - 1) * judge.allowed,
+                           target_token_agree=None if thresholds.min_token_agree is None
+                           else 1 - (1 - thresholds.min_token_agree) * judge.allowed, trials=ladder.trials)
+        if ladder.judge(0, f"all {self.options.bits}-bit").meets_target:
+            return search
         if self.options.bits == 4 and levels[4] == 4:
-            groups: dict[tuple[int, ...], list[_Layer]] = {}
-            for layer in linear:
-                groups.setdefault(tuple(layer.shape), []).append(layer)
-            gains = []
-            for shape, group in groups.items():
-                set_level(group, 1)
-                judge(f"float compute for the {len(group)} layers of shape {shape[0]}x{shape[1]}")
-                set_level(group, None)
-                gains.append((trials[-1]["token_agreement"] - trials[0]["token_agreement"]
-                              - (trials[-1]["ppl_ratio"] - trials[0]["ppl_ratio"]), shape))
-            for gain, shape in sorted(gains, reverse=True):
-                if gain <= 0:
-                    break
-                set_level(groups[shape], 1)
-                if judge(f"+ float compute for shape {shape[0]}x{shape[1]}"):
-                    return summary
-        # Rung 2: 8 bits, in order of sensitivity, fewest first (bisection over that order).
-        movable = sorted((layer for layer in linear if layer.bits != 8), key=lambda layer: -layer.sensitivity)
-
-        def with_eight_bits(count: int) -> bool:
-            for index, layer in enumerate(movable):
-                bits = 8 if index < count else self.options.bits
-                if layer.bits != bits:
-                    layer.bits = bits
-                    nodes[id(layer)].swap(self._encode_layer(layer, bits, method),
-                                          levels[bits] if layer.level is None or bits == 8 else layer.level)
-            return judge(f"{count} of {len(movable)} layers at 8 bits")
-
-        if not with_eight_bits(len(movable)):  # the end of the ladder: the final verification decides
-            best = max(trials, key=lambda t: t["token_agreement"] - t["ppl_ratio"])
-            summary["exhausted"] = (
+            ladder.rank_shapes()
+        ladder.rungs += [("bits", layer) for layer in
+                         sorted((layer for layer in ladder.linear if layer.bits != 8), key=lambda l: -l.sensitivity)]
+        total = search.rungs = len(ladder.rungs)
+        top = ladder.judge(total, "the whole ladder")
+        if not top.meets_target:  # the end of the ladder: the final verification decides
+            best = max(ladder.trials, key=lambda t: t.token_agreement - t.ppl_ratio)
+            search.exhausted = (
                 f"the text budget cannot be met on {len(text.judge_windows)} calibration windows: best reached "
-                f"perplexity ratio {best['ppl_ratio']:.4f} (target {_shown(target_ppl)}), token agreement "
-                f"{best['token_agreement']:.4f} (target {_shown(target_agree)}) with {best['step']}")
-            return summary
-        low, high = 0, len(movable)
-        while high - low > 1:
-            middle = (low + high) // 2
-            if with_eight_bits(middle):
-                high = middle
-            else:
-                low = middle
-        if trials[-1]["eight_bit_layers"] != high:
-            with_eight_bits(high)
-        return summary
+                f"perplexity ratio {best.ppl_ratio:.4f} (target {_shown(search.target_ppl_ratio)}), token agreement "
+                f"{best.token_agreement:.4f} (target {_shown(search.target_token_agree)}) with {best.step}")
+            search.taken = total
+            return search
+        taken, _ = fewest_rungs(lambda n: ladder.judge(n), 0, total, top)
+        search.taken = retreat(taken, total, context.retreat)
+        ladder.take(search.taken)
+        return search
 
 
 def _shown(value: float | None) -> str:
     return "none" if value is None else f"{value:.4f}"
 
 
-# -- encoding --------------------------------------------------------------------------------
+class _BitLadder:
+    """The rungs of the bits search and the model's state on them (``_search``)."""
 
+    def __init__(self, owner: QuantizeBlockwisePass, model: ir.Model, layers: list[_Layer], nodes: dict[int, Encoded],
+                 judge: Any, snapshots: _Snapshots, method: str, levels: dict[int, int]) -> None:
+        self.owner, self.model, self.nodes, self.judge_ = owner, model, nodes, judge
+        self.snapshots, self.method, self.levels = snapshots, method, levels
+        self.linear = [layer for layer in layers if layer.role == "linear"]
+        self.base_bits = {id(layer): layer.bits for layer in self.linear}
+        self.rungs: list[tuple[str, Any]] = []  # ("level", [layers of one shape]) or ("bits", layer)
+        self.trials: list[BitTrial] = []
 
-class _Encoded:
-    """The initializers and nodes one layer was encoded into; ``swap`` re-points them at other
-    codes of the same form (another bit width) without touching the graph's structure."""
+    def judge(self, rungs: int, step: str | None = None) -> TextVerdict:
+        self.take(rungs)
+        verdict = self.judge_.verdict(self.snapshots.write(self.model))
+        step = step or f"{rungs} of {len(self.rungs)} rungs"
+        scores = verdict.scores
+        self.trials.append(BitTrial(
+            step=step, rungs=rungs, eight_bit_layers=sum(layer.bits == 8 for layer in self.linear),
+            float_compute_layers=sum(layer.level == 1 for layer in self.linear), ppl_ratio=scores.ppl_ratio,
+            token_agreement=scores.token_agreement, budget_used=verdict.error, noise=verdict.noise,
+            meets=verdict.meets_target))
+        logger.info("blockwise search: %s: perplexity ratio %.4f, agreement %.4f%s", step, scores.ppl_ratio,
+                    scores.token_agreement, "" if verdict.meets_target else " (misses)")
+        return verdict
 
-    def __init__(self, node: ir.Node, codes: ir.Value, scales: ir.Value, zero_points: ir.Value | None,
-                 offsets: ir.Value | None, readers: tuple[ir.Node, ...] = ()) -> None:
-        self.node, self.codes, self.scales = node, codes, scales
-        self.zero_points, self.offsets, self.readers = zero_points, offsets, readers
+    def rank_shapes(self) -> None:
+        """The float-compute rungs: each shape's layers in float compute alone, judged once; the
+        shapes whose agreement gained more than their perplexity ratio lost, most first."""
+        groups: dict[tuple[int, int], list[_Layer]] = {}
+        for layer in self.linear:
+            groups.setdefault(layer.shape, []).append(layer)
+        base = self.trials[0]
+        gains = []
+        for shape, group in groups.items():
+            self.rungs = [("level", group)]
+            trial = self.judge(1, f"float compute for the {len(group)} layers of shape {shape[0]}x{shape[1]}")
+            gains.append((trial.scores.token_agreement - base.token_agreement
+                          - (trial.scores.ppl_ratio - base.ppl_ratio), shape))
+        self.rungs = [("level", groups[shape]) for gain, shape in sorted(gains, reverse=True) if gain > 0]
+        self.take(0)
 
-    def set_level(self, level: int) -> None:
-        for node in (self.node, *self.readers):
-            if node.op_type == "MatMulNBits":
-                node.attributes["accuracy_level"] = ir.AttrInt64("accuracy_level", level)
-
-    def swap(self, quantized: BlockQuantized, level: int) -> None:
-        self.codes.const_value = ir.tensor(quantized.packed_codes(), name=self.codes.name)
-        self.scales.const_value = ir.tensor(quantized.scales, name=self.scales.name)
-        if self.zero_points is not None:
-            self.zero_points.const_value = ir.tensor(quantized.packed_zero_points(), name=self.zero_points.name)
-        if self.offsets is not None:
-            self.offsets.const_value = ir.tensor(quantized.offsets().astype(np.float16), name=self.offsets.name)
-        for node in (self.node, *self.readers):
-            node.attributes["bits"] = ir.AttrInt64("bits", quantized.bits)
-        self.set_level(level)
-
-
-def _table_block(width: int, block_size: int) -> int | None:
-    """The largest power-of-two block from 16 up to ``block_size`` that divides a table's width:
-    GatherBlockQuantized returns whole blocks, so a table's rows must hold whole blocks."""
-    block = block_size
-    while block >= 16:
-        if width % block == 0:
-            return block
-        block //= 2
-    return None
-
-
-def _encode(graph: ir.Graph, layer: _Layer, quantized: BlockQuantized, levels: dict[int, int],
-            zero_points: str) -> _Encoded:
-    if layer.role in ("tied", "embedding"):
-        return _encode_table(graph, layer, quantized, levels[quantized.bits])
-    return _encode_matmul(graph, layer.use, quantized, levels[quantized.bits], zero_points)
-
-
-def _matmul_nbits(inputs: list[ir.Value | None], quantized: BlockQuantized, n: int, level: int, name: str) -> ir.Node:
-    return ir.node("MatMulNBits", inputs, {"K": quantized.k, "N": n, "bits": quantized.bits,
-                                           "block_size": quantized.block_size, "accuracy_level": level},
-                   domain="com.microsoft", name=name)
-
-
-def _encode_matmul(graph: ir.Graph, use: WeightUse, quantized: BlockQuantized, level: int, zero_points: str) -> _Encoded:
-    """Replace the MatMul of ``use`` by MatMulNBits reading ``quantized`` (plus the offset term)."""
-    node = use.node
-    name = use.weight.name or "weight"
-    n = quantized.scales.shape[0]
-    codes = initializer(graph, f"{name}_q", quantized.packed_codes())
-    scales = initializer(graph, f"{name}_scales", quantized.scales)
-    inputs: list[ir.Value | None] = [node.inputs[0], codes, scales]
-    zp = offsets = None
-    float_zero = quantized.zero_points.dtype != np.uint8
-    if zero_points == "float" and float_zero or not float_zero and not quantized.symmetric:
-        zp = initializer(graph, f"{name}_zero_points", quantized.packed_zero_points())
-        inputs.append(zp)
-    fused = _matmul_nbits(inputs, quantized, n, level, node.name or f"{name}_matmul_nbits")
-    added = [fused]
-    result = fused.outputs[0]
-    if zero_points == "offset" and float_zero:
-        offsets = initializer(graph, f"{name}_offsets", quantized.offsets().astype(np.float16))
-        sums = ir.node("MatMul", [node.inputs[0], _block_sums(graph, quantized.k, quantized.block_size)],
-                       name=f"{fused.name}_block_sums")
-        widened = ir.node("Cast", [offsets], {"to": ir.DataType.FLOAT}, name=f"{fused.name}_offsets_f32")
-        term = ir.node("MatMul", [sums.outputs[0], widened.outputs[0]], name=f"{fused.name}_offset_term")
-        total = ir.node("Add", [result, term.outputs[0]], name=f"{fused.name}_plus_offsets")
-        added += [sums, widened, term, total]
-        result = total.outputs[0]
-    for new in added:
-        graph.insert_before(node, new)
-    _take_over(graph, node, result)
-    if not use.weight.uses():
-        graph.initializers.pop(use.weight.name, None)
-    return _Encoded(fused, codes, scales, zp, offsets)
-
-
-def _encode_standard(graph: ir.Graph, layer: _Layer, quantized: BlockQuantized) -> None:
-    """DequantizeLinear(codes, scales[, zero points], axis, block_size) in front of the weight's
-    readers: int4/int8 codes when symmetric, uint4/uint8 with zero points otherwise."""
-    import ml_dtypes
-
-    use = layer.use
-    name = use.weight.name or "weight"
-    codes = quantized.codes.reshape(quantized.codes.shape[0], -1)[:, : quantized.k]  # [N, K]
-    symmetric = quantized.symmetric
-    signed = {4: ml_dtypes.int4, 8: np.int8}[quantized.bits]
-    unsigned = {4: ml_dtypes.uint4, 8: np.uint8}[quantized.bits]
-    if symmetric:
-        values = (codes.astype(np.int16) - quantized.half).astype(signed)
-    else:
-        values = codes.astype(unsigned)
-    table = layer.role in ("tied", "embedding")
-    # A table is [V, H] with blocks along H (axis 1); a MatMul weight is [K, N], blocks along K (axis 0).
-    data = values if table else values.T
-    scales = quantized.scales if table else quantized.scales.T
-    inputs = [initializer(graph, f"{name}_q", np.ascontiguousarray(data)),
-              initializer(graph, f"{name}_scales", np.ascontiguousarray(scales))]
-    if not symmetric:
-        zero = quantized.zero_points if table else quantized.zero_points.T
-        inputs.append(initializer(graph, f"{name}_zero_points", np.ascontiguousarray(zero.astype(unsigned))))
-    dequantized = ir.node("DequantizeLinear", inputs, {"axis": 1 if table else 0, "block_size": quantized.block_size},
-                          name=f"{name}_dequantize")
-    dequantized.outputs[0].name = f"{name}_dequantized"
-    graph.insert_before(first_consumer(use.weight, graph), dequantized)
-    use.weight.replace_all_uses_with(dequantized.outputs[0])
-    graph.initializers.pop(use.weight.name, None)
-
-
-def _block_sums(graph: ir.Graph, k: int, block_size: int) -> ir.Value:
-    """P [K, blocks]: 1 where row k lies in block b (shared by every layer with this K)."""
-    name = f"blockwise_sums_{k}x{block_size}"
-    if name in graph.initializers:
-        return graph.initializers[name]
-    blocks = -(-k // block_size)
-    matrix = np.zeros((k, blocks), np.float32)
-    matrix[np.arange(k), np.arange(k) // block_size] = 1.0
-    return initializer(graph, name, matrix)
-
-
-def _encode_table(graph: ir.Graph, layer: _Layer, quantized: BlockQuantized, level: int) -> _Encoded:
-    """The embedding table → GatherBlockQuantized on its [V, H] codes; a tied head's
-    FusedMatMul(transB) → MatMulNBits on the same codes and scales."""
-    use = layer.use
-    name = use.weight.name or "table"
-    vocab = use.weight.const_value.shape[0]
-    codes = initializer(graph, f"{name}_q", quantized.packed_codes())
-    scales = initializer(graph, f"{name}_scales", quantized.scales)
-    flat_shape = initializer(graph, f"{name}_q_shape", np.array([vocab, -1], np.int64))
-    flat = ir.node("Reshape", [codes, flat_shape], name=f"{name}_q_rows")
-    graph.insert_before(first_consumer(use.weight, graph), flat)
-    readers = []
-    for gather, index in list(use.weight.uses()):
-        if gather.op_type != "Gather":
-            continue
-        new = ir.node("GatherBlockQuantized", [flat.outputs[0], gather.inputs[1], scales],
-                      {"gather_axis": 0, "quantize_axis": 1, "block_size": quantized.block_size,
-                       "bits": quantized.bits}, domain="com.microsoft", name=gather.name or f"{name}_gather")
-        graph.insert_before(gather, new)
-        _take_over(graph, gather, new.outputs[0])
-        readers.append(new)
-    main = readers[0]
-    for head in layer.heads:
-        fused = _matmul_nbits([head.inputs[0], codes, scales], quantized, vocab, level, head.name or f"{name}_head")
-        graph.insert_before(head, fused)
-        _take_over(graph, head, fused.outputs[0])
-        readers.append(fused)
-    graph.initializers.pop(use.weight.name, None)
-    return _Encoded(main, codes, scales, None, None, tuple(readers[1:]))
-
-
-def _take_over(graph: ir.Graph, node: ir.Node, result: ir.Value) -> None:
-    """``result`` replaces ``node``'s output (its readers, name and type where it had one)."""
-    output = node.outputs[0]
-    if output.dtype is not None:  # an intermediate value may carry no type: leave the new one untyped too
-        result.dtype = output.dtype
-    if output.shape is not None:
-        result.shape = output.shape
-    replace_output(graph, node, result, "replaced")
-
-
-def _reads_transposed(node: ir.Node) -> bool:
-    """A FusedMatMul(A, T, transB=1) with nothing else set: A · Tᵀ, the tied LM head."""
-    if node.op_type != "FusedMatMul" or node.domain != "com.microsoft":
-        return False
-    attrs = node.attributes
-    return (attrs.get_int("transB", 0) == 1 and attrs.get_int("transA", 0) == 0
-            and attrs.get_int("transBatchA", 0) == 0 and attrs.get_int("transBatchB", 0) == 0
-            and attrs.get_float("alpha", 1.0) == 1.0)
-
-
-def _logits_producers(graph: ir.Graph) -> list[ir.Node]:
-    return [output.producer() for output in graph.outputs
-            if output.name == "logits" and output.producer() is not None]
+    def take(self, rungs: int) -> None:
+        """The model with the first ``rungs`` rungs taken and no other."""
+        taken = self.rungs[:rungs]
+        float_compute = {id(layer) for kind, group in taken if kind == "level" for layer in group}
+        eight = {id(layer) for kind, layer in taken if kind == "bits"}
+        for layer in self.linear:
+            bits = 8 if id(layer) in eight else self.base_bits[id(layer)]
+            level = 1 if id(layer) in float_compute and bits != 8 else None
+            node = self.nodes[id(layer)]
+            if layer.bits != bits:
+                layer.bits = bits
+                node.swap(self.owner._encode_layer(layer, bits, self.method), self.levels[bits])
+            if layer.level != level:
+                layer.level = level
+                node.set_level(self.levels[layer.bits] if level is None else level)
 
 
 # -- measurements ------------------------------------------------------------------------------
@@ -660,29 +487,6 @@ def _readers(layers: list[_Layer]) -> dict[str, list[_Layer]]:
     return groups
 
 
-def _divide_input(graph: ir.Graph, value: ir.Value, nodes: list[ir.Node], scales: np.ndarray) -> None:
-    """Make ``nodes`` read ``value`` / ``scales`` (along its last axis): the norm that writes it
-    takes the division into its weight (and bias) when it feeds nothing else; else a Mul by 1/s."""
-    producer = value.producer()
-    inputs = _NORM_WEIGHTS.get(producer.op_type) if producer is not None and value.index() == 0 else None
-    if inputs is not None and {id(node) for node, _ in value.uses()} == {id(node) for node in nodes}:
-        params = [producer.inputs[i] if i is not None and i < len(producer.inputs) else None for i in inputs]
-        if params[0] is not None and all(
-                p is None or p.const_value is not None and len(p.uses()) == 1
-                and tuple(p.const_value.shape.numpy()) == (scales.size,) for p in params):
-            for param in params:
-                if param is not None:
-                    values = param.const_value.numpy()
-                    param.const_value = ir.tensor((values / scales).astype(values.dtype), name=param.name)
-            return
-    dtype = value.dtype.numpy() if value.dtype is not None else np.float32
-    factors = initializer(graph, f"{value.name}_awq_inverse_scales", (1.0 / scales).astype(dtype))
-    divide = ir.node("Mul", [value, factors], name=f"{value.name}_awq_scaled")
-    graph.insert_before(first_consumer(value, graph), divide)
-    for node in nodes:
-        node.replace_input_with(0, divide.outputs[0])
-
-
 def _measure_hessians(model: ir.Model, layers: list[_Layer], context: PassContext, pass_name: str,
                       snapshot: str) -> None:
     """E[x xᵀ] of each layer's input on the calibration feeds (decoder: the calibration text;
@@ -708,7 +512,7 @@ def _measure_hessians(model: ir.Model, layers: list[_Layer], context: PassContex
         value = moments[layer.use.node.inputs[0].name].value
         layer.hessian = None if value is None else value.astype(np.float64)
         value = held_out[layer.use.node.inputs[0].name].value
-        layer.check = None if value is None else value.astype(np.float64)
+        layer.held_out_hessian = None if value is None else value.astype(np.float64)
 
 
 def _accuracy_levels(context: PassContext, block_size: int) -> dict[int, int]:
