@@ -313,9 +313,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         _check_output_folders(args.json_out)
     info = describe(load_model(args.model))
     if args.json_out == "-":
-        sys.stdout.write(to_json(info))
+        sys.stdout.write(to_json(info.to_dict()))
     elif args.json_out:
-        write_text(args.json_out, to_json(info))
+        write_text(args.json_out, to_json(info.to_dict()))
     if args.json_out != "-" and not (args.quiet and args.json_out):
         sys.stdout.write(format_text(info) + "\n")
     return EXIT_OK
@@ -525,12 +525,11 @@ def cmd_package(args: argparse.Namespace) -> int:
     )
     manifest = package(args.model, args.output, options)
     if not args.quiet:
-        verification = manifest["verification"]
-        print(f"wrote {args.output}: manifest.json, {', '.join(f['path'] for f in manifest['files'])}")
-        print(f"{manifest['ort']['file']} matches {manifest['model']['file']}: max abs "
-              f"{verification['parity']['max_abs']:.3g} (budget {verification['max_abs_budget']:.3g}) on "
-              f"{verification['data']['samples']} samples"
-              + (" of random inputs" if verification["data"]["synthetic"] else f" from {verification['data']['source']}"))
+        verification, data = manifest.verification, manifest.verification.data
+        print(f"wrote {args.output}: manifest.json, {', '.join(f.path for f in manifest.files)}")
+        print(f"{manifest.names.ort} matches {manifest.model.file}: max abs "
+              f"{verification.parity.max_abs:.3g} (budget {verification.max_abs_budget:.3g}) on {data.samples} samples"
+              + (" of random inputs" if data.synthetic else f" from {data.source}"))
     return EXIT_OK
 
 

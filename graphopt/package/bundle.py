@@ -37,10 +37,13 @@ from graphopt.io import (
     side_files,
     to_json,
 )
-from graphopt.package.ortformat import convert_to_ort
+from graphopt.package.ortformat import Conversion, convert_to_ort
 from graphopt.package.targets import Target, check_model, load_target
-from graphopt.report.inspection import describe
+from graphopt.report.inspection import ModelDescription, ValueInfo, describe
+from graphopt.report.records import DataRecord, to_record
 from graphopt.verify.feeds import DataSource
+from graphopt.verify.gate import CheckResult
+from graphopt.verify.parity import ParityReport
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +70,94 @@ class PackageOptions:
     report: str | Path | None = None
 
 
-def package(model_path: str | os.PathLike, output: str | os.PathLike, options: PackageOptions) -> dict[str, Any]:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BundleNames:
+    """The bundle's own files: the model (always ending in .onnx), its ORT copy and the config."""
+
+    model: str
+    ort: str
+    config: str
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BundleModel:
+    file: str
+    description: ModelDescription
+    external_data: tuple[str, ...]
+    normalized: str | None = None  # what the copy changed (a legacy IR 3 model), else byte-exact
+    folder_files: tuple[str, ...] = ()  # a model folder's other files, carried beside the model
+
+    def to_dict(self) -> dict[str, Any]:
+        described = self.description.to_dict()
+        data = {"file": self.file, **{key: described[key] for key in _MODEL_KEYS},
+                "external_data": list(self.external_data)}
+        if self.normalized:
+            data.update(normalized=self.normalized)
+        if self.folder_files:
+            data.update(folder_files=list(self.folder_files))
+        return data
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BundleVerification:
+    """The .ort against the .onnx at the level an ORT file stores (``parity``, gated by
+    ``max_abs_budget``), and against the .onnx with optimizations off (recorded only)."""
+
+    data: DataRecord
+    threads: int
+    max_abs_budget: float
+    parity: ParityReport
+    unoptimized: ParityReport
+    checks: tuple[CheckResult, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "data": dataclasses.asdict(self.data),
+            "threads": self.threads,
+            "max_abs_budget": self.max_abs_budget,
+            "parity": self.parity.to_dict(),
+            "unoptimized_onnx": {"max_abs": self.unoptimized.max_abs, "cosine_min": self.unoptimized.cosine_min},
+            "checks": [check.to_dict() for check in self.checks],
+            "passed": True,
+        }
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FileEntry:
+    path: str
+    bytes: int
+    sha256: str
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Manifest:
+    """``manifest.json``: what the bundle holds, how it was made and verified."""
+
+    graphopt: str
+    onnxruntime: str
+    model: BundleModel
+    names: BundleNames
+    conversion: Conversion
+    target: Target | None
+    verification: BundleVerification
+    optimization: dict[str, Any] | None  # optimize's JSON report as given, machine paths cut to file names
+    files: tuple[FileEntry, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": BUNDLE_FORMAT,
+            "graphopt": self.graphopt,
+            "onnxruntime": self.onnxruntime,
+            "model": self.model.to_dict(),
+            "ort": {"file": self.names.ort, "config": self.names.config, **self.conversion.to_dict()},
+            "target": self.target.to_dict() if self.target else None,
+            "verification": self.verification.to_dict(),
+            "optimization": self.optimization,
+            "files": [dataclasses.asdict(entry) for entry in self.files],
+        }
+
+
+def package(model_path: str | os.PathLike, output: str | os.PathLike, options: PackageOptions) -> Manifest:
     """Write the bundle of ``model_path`` to ``output`` (``.zip``: a zip file; otherwise a
     folder) and return its manifest. Nothing is written unless the ``.ort`` loads in
     onnxruntime and matches the ``.onnx`` within ``options.max_abs`` (else GateFailed)."""
@@ -96,20 +186,16 @@ def package(model_path: str | os.PathLike, output: str | os.PathLike, options: P
     try:
         bundle = staging / "bundle"
         names = _bundle_names(loaded)
-        normalized = _copy_model(loaded, bundle, names["model"])
+        normalized = _copy_model(loaded, bundle, names.model)
         carried = _copy_side_files(Path(model_path), loaded, bundle, names)
-        conversion = _convert(bundle / names["model"], bundle, names, target, staging / "convert")
-        verification = _verify(bundle / names["model"], bundle / names["ort"], feeds, options,
-                               stored_level=_stored_level(conversion["optimization_level"]))
-        manifest = _manifest(loaded, names, target, conversion, verification, report)
-        if normalized:
-            manifest["model"]["normalized"] = normalized
-        if carried:
-            manifest["model"]["folder_files"] = carried
-        files = [_file_entry(bundle, name) for name in _bundle_files(bundle)]
+        conversion = _convert(bundle / names.model, bundle, names, target, staging / "convert")
+        verification = _verify(bundle / names.model, bundle / names.ort, feeds, options,
+                               stored_level=_stored_level(conversion.optimization_level))
+        manifest = _manifest(loaded, names, target, conversion, verification, report, normalized, carried)
+        files = tuple(_file_entry(bundle, name) for name in _bundle_files(bundle))
         (bundle / SUMMARY).write_text(_summary_text(manifest, files), encoding="utf-8")
-        manifest["files"] = [_file_entry(bundle, SUMMARY), *files]
-        (bundle / MANIFEST).write_text(to_json(manifest), encoding="utf-8")
+        manifest = dataclasses.replace(manifest, files=(_file_entry(bundle, SUMMARY), *files))
+        (bundle / MANIFEST).write_text(to_json(manifest.to_dict()), encoding="utf-8")
         _normalize_tree(bundle)
         if as_zip:
             _write_zip(bundle, staging / "bundle.zip")
@@ -196,12 +282,12 @@ def _normalize_tree(bundle: Path) -> None:
 # -- staging ---------------------------------------------------------------------------------
 
 
-def _bundle_names(loaded: LoadedModel) -> dict[str, str]:
+def _bundle_names(loaded: LoadedModel) -> BundleNames:
     # onnxruntime's converter only takes files ending in .onnx.
     model = loaded.path.name if loaded.path.suffix.lower() == ".onnx" else loaded.path.name + ".onnx"
     stem = model[: -len(".onnx")]
-    names = {"model": model, "ort": f"{stem}.ort", "config": f"{stem}.required_operators_and_types.config"}
-    taken = {MANIFEST, SUMMARY, names["ort"], names["config"]}
+    names = BundleNames(model=model, ort=f"{stem}.ort", config=f"{stem}.required_operators_and_types.config")
+    taken = {MANIFEST, SUMMARY, names.ort, names.config}
     for data in loaded.files[1:]:
         relative = data.relative_to(loaded.path.parent).as_posix()
         if relative in taken:
@@ -209,17 +295,17 @@ def _bundle_names(loaded: LoadedModel) -> dict[str, str]:
     return names
 
 
-def _copy_side_files(source: Path, loaded: LoadedModel, bundle: Path, names: dict[str, str]) -> list[str]:
+def _copy_side_files(source: Path, loaded: LoadedModel, bundle: Path, names: BundleNames) -> tuple[str, ...]:
     """A model folder's other files (tokenizer, configs), byte for byte beside the model."""
     if not source.is_dir():
-        return []
+        return ()
     carried = []
     for path in side_files(source, loaded.path):
-        if path.name in (MANIFEST, SUMMARY, names["ort"], names["config"]):
+        if path.name in (MANIFEST, SUMMARY, names.ort, names.config):
             raise InputError(f"{path}: has the name of a bundle file; rename it")
         shutil.copyfile(path, bundle / path.name)
         carried.append(path.name)
-    return carried
+    return tuple(carried)
 
 
 def _copy_model(loaded: LoadedModel, bundle: Path, name: str) -> str | None:
@@ -244,11 +330,11 @@ def _copy_model(loaded: LoadedModel, bundle: Path, name: str) -> str | None:
     return None
 
 
-def _convert(model: Path, bundle: Path, names: dict[str, str], target: Target | None, work: Path) -> dict[str, Any]:
+def _convert(model: Path, bundle: Path, names: BundleNames, target: Target | None, work: Path) -> Conversion:
     level = target.optimization_level if target else "all"
     platform = target.platform if target else None
     logger.info("converting %s to ORT format (optimization level %s)", model.name, level)
-    return convert_to_ort(model, ort_path=bundle / names["ort"], config_path=bundle / names["config"],
+    return convert_to_ort(model, ort_path=bundle / names.ort, config_path=bundle / names.config,
                           level=level, platform=platform, work=work)
 
 
@@ -261,7 +347,7 @@ def _stored_level(conversion_level: str) -> str:
 
 
 def _verify(onnx_path: Path, ort_path: Path, feeds: Any, options: PackageOptions, *,
-            stored_level: str) -> dict[str, Any]:
+            stored_level: str) -> BundleVerification:
     """The .ort against the .onnx optimized to the level an ORT-format file stores: at most
     "extended", since layout rewrites (NCHWc) are made at load time, not saved — measured: an
     int8 PP-OCR .ort equals its .onnx at "extended" exactly, while at "all" the NCHWc int8
@@ -274,29 +360,24 @@ def _verify(onnx_path: Path, ort_path: Path, feeds: Any, options: PackageOptions
     from graphopt.verify.runtime import make_session
 
     logger.info("verifying %s against %s on %s", ort_path.name, onnx_path.name, feeds.source)
-    outputs = {
-        name: run_outputs(make_session(path, optimize=optimize, level=level, threads=options.threads), feeds.feeds)
-        for name, path, optimize, level in (("reference", onnx_path, False, None),
-                                            ("optimized", onnx_path, True, stored_level),
-                                            ("ort", ort_path, True, None))
-    }
-    parity = compare_outputs(outputs["optimized"], outputs["ort"])
-    unoptimized = compare_outputs(outputs["reference"], outputs["ort"])
+
+    def outputs(path: Path, optimize: bool, level: str | None) -> list[dict[str, Any]]:
+        return run_outputs(make_session(path, optimize=optimize, level=level, threads=options.threads), feeds.feeds)
+
+    reference = outputs(onnx_path, False, None)
+    optimized = outputs(onnx_path, True, stored_level)
+    ort = outputs(ort_path, True, None)
+    parity = compare_outputs(optimized, ort)
+    unoptimized = compare_outputs(reference, ort)
     checks = gate_checks(Thresholds(max_abs=options.max_abs), parity)
     failed = failures(checks)
     if failed:
         raise GateFailed(f"bundle not written: {ort_path.name} differs from {onnx_path.name} optimized to the "
                          f"'{stored_level}' level it stores: " + "; ".join(c.message for c in failed),
                          [c.name for c in failed])
-    return {
-        "data": feeds.describe(),
-        "threads": options.threads,
-        "max_abs_budget": options.max_abs,
-        "parity": parity.to_dict(),
-        "unoptimized_onnx": {"max_abs": unoptimized.max_abs, "cosine_min": unoptimized.cosine_min},
-        "checks": [c.to_dict() for c in checks],
-        "passed": True,
-    }
+    return BundleVerification(data=to_record(DataRecord, feeds.describe()), threads=options.threads,
+                              max_abs_budget=options.max_abs, parity=parity, unoptimized=unoptimized,
+                              checks=tuple(checks))
 
 
 # -- manifest and summary --------------------------------------------------------------------
@@ -323,66 +404,58 @@ def _without_absolute_paths(value: Any) -> Any:
     return value
 
 
-def _manifest(loaded: LoadedModel, names: dict[str, str], target: Target | None, conversion: dict[str, Any],
-              verification: dict[str, Any], report: dict[str, Any] | None) -> dict[str, Any]:
+def _manifest(loaded: LoadedModel, names: BundleNames, target: Target | None, conversion: Conversion,
+              verification: BundleVerification, report: dict[str, Any] | None, normalized: str | None,
+              carried: tuple[str, ...]) -> Manifest:
     from graphopt.verify.runtime import onnxruntime_version
 
-    info = describe(loaded)
-    return {
-        "format": BUNDLE_FORMAT,
-        "graphopt": __version__,
-        "onnxruntime": onnxruntime_version(),
-        "model": {"file": names["model"], **{key: info[key] for key in _MODEL_KEYS},
-                  "external_data": [f.relative_to(loaded.path.parent).as_posix() for f in loaded.files[1:]]},
-        "ort": {"file": names["ort"], "config": names["config"], **conversion},
-        "target": target.to_dict() if target else None,
-        "verification": verification,
-        "optimization": report,
-    }
+    model = BundleModel(file=names.model, description=describe(loaded),
+                        external_data=tuple(f.relative_to(loaded.path.parent).as_posix() for f in loaded.files[1:]),
+                        normalized=normalized, folder_files=carried)
+    return Manifest(graphopt=__version__, onnxruntime=onnxruntime_version(), model=model, names=names,
+                    conversion=conversion, target=target, verification=verification, optimization=report)
 
 
-def _file_entry(bundle: Path, name: str) -> dict[str, Any]:
+def _file_entry(bundle: Path, name: str) -> FileEntry:
     digest = hashlib.sha256()
     with open(bundle / name, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
-    return {"path": name, "bytes": (bundle / name).stat().st_size, "sha256": digest.hexdigest()}
+    return FileEntry(path=name, bytes=(bundle / name).stat().st_size, sha256=digest.hexdigest())
 
 
-def _signature(value: dict[str, Any]) -> str:
-    dims = "?" if value["shape"] is None else ",".join("?" if d is None else str(d) for d in value["shape"])
-    return f"{value['name']}: {value['dtype']}[{dims}]"
+def _signature(value: ValueInfo) -> str:
+    dims = "?" if value.shape is None else ",".join("?" if d is None else str(d) for d in value.shape)
+    return f"{value.name}: {value.dtype}[{dims}]"
 
 
-def _summary_text(manifest: dict[str, Any], files: list[dict[str, Any]]) -> str:
-    model, ort, verification = manifest["model"], manifest["ort"], manifest["verification"]
-    parity, data = verification["parity"], verification["data"]
-    target = manifest["target"]
+def _summary_text(manifest: Manifest, files: tuple[FileEntry, ...]) -> str:
+    model, names, conversion = manifest.model, manifest.names, manifest.conversion
+    verification, target = manifest.verification, manifest.target
+    parity, data = verification.parity, verification.data
     lines = [
-        f"graphopt edge bundle of {model['file']} (graphopt {manifest['graphopt']}, "
-        f"onnxruntime {manifest['onnxruntime']})",
+        f"graphopt edge bundle of {model.file} (graphopt {manifest.graphopt}, onnxruntime {manifest.onnxruntime})",
         "",
-        *(f"input   {_signature(v)}" for v in model["inputs"]),
-        *(f"output  {_signature(v)}" for v in model["outputs"]),
-        "opsets  " + ", ".join(f"{d} {v}" for d, v in model["opsets"].items()),
-        f"target  {target['name']}: {target['description']}" if target else "target  none (no operator allow-list)",
+        *(f"input   {_signature(v)}" for v in model.description.inputs),
+        *(f"output  {_signature(v)}" for v in model.description.outputs),
+        "opsets  " + ", ".join(f"{d} {v}" for d, v in model.description.opsets.items()),
+        f"target  {target.name}: {target.description}" if target else "target  none (no operator allow-list)",
         "",
         "files",
-        *(f"  {f['path']:<48} {f['bytes']:>12,} bytes  sha256 {f['sha256'][:16]}…" for f in files),
+        *(f"  {f.path:<48} {f.bytes:>12,} bytes  sha256 {f.sha256[:16]}…" for f in files),
         "",
-        f"{ort['file']}: ORT format, optimization level '{ort['optimization_level']}', "
-        f"platform {ort['platform'] or 'any'}",
-        f"minimal onnxruntime build: --minimal_build --include_ops_by_config {ort['config']} "
+        f"{names.ort}: ORT format, optimization level '{conversion.optimization_level}', "
+        f"platform {conversion.platform or 'any'}",
+        f"minimal onnxruntime build: --minimal_build --include_ops_by_config {names.config} "
         "--enable_reduced_operator_type_support",
-        "operators  " + ", ".join(ort["operators"]),
+        "operators  " + ", ".join(conversion.operators),
         "",
-        f"verification: {ort['file']} against {model['file']} optimized to the level an ORT file stores, on "
-        f"{data['samples']} samples from {data['source']}" + (" — random inputs, weak evidence" if data["synthetic"]
-                                                              else ""),
-        f"  max abs {parity['max_abs']:.3g} (budget {verification['max_abs_budget']:.3g}), "
-        f"cosine min {parity['cosine_min']:.6f}",
-        f"  against {model['file']} with optimizations off (int8 kernels round differently): max abs "
-        f"{verification['unoptimized_onnx']['max_abs']:.3g}",
+        f"verification: {names.ort} against {model.file} optimized to the level an ORT file stores, on "
+        f"{data.samples} samples from {data.source}" + (" — random inputs, weak evidence" if data.synthetic else ""),
+        f"  max abs {parity.max_abs:.3g} (budget {verification.max_abs_budget:.3g}), "
+        f"cosine min {parity.cosine_min:.6f}",
+        f"  against {model.file} with optimizations off (int8 kernels round differently): max abs "
+        f"{verification.unoptimized.max_abs:.3g}",
         "",
         "manifest.json lists every file with its size and sha256.",
     ]

@@ -9,6 +9,7 @@ because onnxruntime writes one table from a hash map whose order changes with ev
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import subprocess
@@ -21,8 +22,27 @@ from graphopt.errors import GraphoptError, InvalidModelError
 CONVERTER = "onnxruntime.tools.convert_onnx_models_to_ort"
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Conversion:
+    """What the converter was asked to do and the operators the ``.config`` lists, for a manifest."""
+
+    optimization_level: str
+    platform: str | None
+    operators: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "tool": CONVERTER,
+            "optimization_style": "Fixed",
+            "optimization_level": self.optimization_level,
+            "platform": self.platform,
+            "type_reduction": True,
+            "operators": list(self.operators),
+        }
+
+
 def convert_to_ort(model: Path, *, ort_path: Path, config_path: Path, level: str, platform: str | None,
-                   work: Path) -> dict[str, Any]:
+                   work: Path) -> Conversion:
     """Convert ``model`` (a file ending in .onnx, external data beside it) into ``ort_path``
     and write the operators it needs to ``config_path``; return what was done, for a manifest.
 
@@ -46,14 +66,7 @@ def convert_to_ort(model: Path, *, ort_path: Path, config_path: Path, level: str
     # The converter's header names the absolute path of the .ort it read.
     config = re.sub(r"^# - .*$", f"# - {ort_path.name}", config_file.read_text(encoding="utf-8"), flags=re.MULTILINE)
     config_path.write_text(config, encoding="utf-8")
-    return {
-        "tool": CONVERTER,
-        "optimization_style": "Fixed",
-        "optimization_level": level,
-        "platform": platform,
-        "type_reduction": True,
-        "operators": config_operators(config),
-    }
+    return Conversion(optimization_level=level, platform=platform, operators=tuple(config_operators(config)))
 
 
 def _converter_error(proc: subprocess.CompletedProcess[str], model: Path) -> str:

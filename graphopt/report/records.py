@@ -1,0 +1,149 @@
+"""Typed records of graphopt's JSON reports, and the one way a report's JSON becomes a record.
+
+A record is a dataclass whose field names are the report's keys. ``to_record`` builds one from
+the JSON by its fields' names and type hints (nested records, lists and dicts of them,
+``X | None``): the only place a report is read by key. Keys a record does not name are left
+out; a key the JSON lacks takes the field's default. Renderers and the command line read
+records by attribute; JSON is written from the records (``to_dict``) at the edge.
+
+The records here are the reports whose producers hand over JSON-shaped data (``optimize``'s
+report, ``check``'s comparison, ``bench``): the command line parses each once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeVar
+
+from graphopt.verify.gate import CheckResult
+from graphopt.verify.latency import LatencyStats
+from graphopt.verify.parity import ParityReport
+
+R = TypeVar("R")
+
+# What graphopt.io.to_json writes for a non-finite number.
+_NON_FINITE = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
+
+
+def to_record(cls: type[R], data: Mapping[str, Any]) -> R:
+    """The record ``cls`` of the JSON object ``data`` (see the module's docstring)."""
+    hints = _hints(cls)
+    values = {field.name: _value(hints[field.name], data[field.name])
+              for field in dataclasses.fields(cls) if field.init and field.name in data}
+    return cls(**values)
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _value(hint: Any, value: Any) -> Any:
+    if value is None:
+        return None
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        members = [arg for arg in args if arg is not type(None)]
+        return _value(members[0], value) if len(members) == 1 else value
+    if dataclasses.is_dataclass(hint) and isinstance(value, Mapping):
+        return to_record(hint, value)
+    if origin in (list, tuple, Sequence) and isinstance(value, (list, tuple)):
+        items = [_value(args[0] if args else Any, item) for item in value]
+        return tuple(items) if origin is tuple else items
+    if origin in (dict, Mapping) and isinstance(value, Mapping):
+        return {key: _value(args[1] if args else Any, item) for key, item in value.items()}
+    if hint is float and isinstance(value, str) and value in _NON_FINITE:
+        return _NON_FINITE[value]
+    return value
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataRecord:
+    """Where the feeds came from (``verify.feeds.FeedSet.describe``; ``asdict`` is its JSON)."""
+
+    source: str = ""
+    synthetic: bool = False
+    feeds: int = 0
+    samples: int = 0
+    evidence: str = ""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LatencyRecord:
+    """Interleaved A/B latency (``verify.latency.ABLatency.to_dict``): ``a`` the base, ``b`` the
+    candidate."""
+
+    a: LatencyStats
+    b: LatencyStats
+    ratio: float
+    threads: int
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ComparisonRecord:
+    """``check``'s comparison (``verify.compare.Comparison.to_dict``), also the ``verification``
+    of ``optimize``'s report, where ``text`` holds a decoder's comparison as text generator."""
+
+    base: str = ""
+    candidate: str = ""
+    passed: bool = False
+    data: DataRecord = DataRecord()
+    base_bytes: int = 0
+    candidate_bytes: int = 0
+    size_ratio: float | None = None
+    parity: ParityReport | None = None
+    latency: LatencyRecord | None = None
+    checks: list[CheckResult] = dataclasses.field(default_factory=list)
+    text: dict[str, Any] | None = None  # verify.text.compare_decoders' result
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RecipeRecord:
+    name: str | None = None
+    description: str = ""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PassStepRecord:
+    """One step of ``optimize``'s report (``passes.pipeline.StepRecord.to_dict``): what the
+    renderers use of it. ``details`` is the pass's own report (see ``report.layers``)."""
+
+    name: str
+    details: dict[str, Any] = dataclasses.field(default_factory=dict)
+    rolled_back: bool = False
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OptimizeRecord:
+    """``optimize``'s report (``optimize.OptimizeReport.to_dict``): what the renderers use of it."""
+
+    output: str = ""
+    input_bytes: int = 0
+    output_bytes: int = 0
+    recipe: RecipeRecord = RecipeRecord()
+    steps: list[PassStepRecord] = dataclasses.field(default_factory=list)
+    verification: ComparisonRecord = ComparisonRecord()
+    retreats: int = 0
+    seconds: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BenchRecord:
+    """``bench``'s result (``api.bench``)."""
+
+    model: str
+    threads: int
+    median_ms: float
+    p90_ms: float
+    runs: int
+    data: DataRecord
+    peak_rss_mib: float | None = None
+
+
+__all__ = ["BenchRecord", "ComparisonRecord", "DataRecord", "LatencyRecord", "OptimizeRecord", "PassStepRecord",
+           "RecipeRecord", "to_record"]
