@@ -460,7 +460,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     except GateFailed as exc:
         data, failure = exc.report, exc
     if cv_result is not None:
-        data["cross_validation"] = cv_result
+        data["cross_validation"] = cv_result.to_dict()
     return _check_reports(args, data, failure, started)
 
 
@@ -548,6 +548,7 @@ def _add_cv_gate(parser: argparse.ArgumentParser) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from graphopt.evaluate import EvaluateOptions, evaluate
     from graphopt.io import to_json, write_text
+    from graphopt.report.evaluation import evaluation_text
 
     _check_output_folders(args.json_out)
     options = EvaluateOptions(
@@ -558,31 +559,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     )
     result = evaluate(args.model, args.data, options)
     if args.json_out:
-        write_text(args.json_out, to_json(result))
+        write_text(args.json_out, to_json(result.to_dict()))
     if not args.quiet:
-        print(_evaluate_summary(result))
+        print(evaluation_text(result))
     return EXIT_OK
-
-
-def _evaluate_summary(result: dict[str, Any]) -> str:
-    metric, diff = result["metric"], result["difference"]
-    d = 7 if metric == "cosine" else 4  # int8 moves a cosine by ~1e-5: show it
-    lines = [f"{result['split']['method']}, {result['split']['folds']} fold(s), {result['data']['samples']} samples, "
-             f"metric {metric} on output '{result['output']}'"]
-    lines += [f"  fold {f['fold']}: held out {f['held_out']:>5}  base {f['base']:.{d}f}  candidate "
-              f"{f['candidate']:.{d}f}  difference {f['difference']:+.{d}f}" for f in result["folds"]]
-    for key in ("base", "candidate", "difference"):
-        stats = result["summary"][key]
-        spread = f" ± {stats['std']:.{d}f}" if stats["std"] is not None else ""
-        sign = "+" if key == "difference" else ""
-        lines.append(f"  {key:<10} mean {stats['mean']:{sign}.{d}f}{spread} (across folds)")
-    lines.append(f"paired difference {diff['estimate']:+.{d}f}, {diff['confidence']:.0%} CI "
-                 f"[{diff['ci_low']:+.{d}f}, {diff['ci_high']:+.{d}f}] ({diff['resamples']} bootstrap resamples)")
-    if result["mcnemar"]:
-        test = result["mcnemar"]
-        lines.append(f"McNemar: base-only correct {test['base_only_correct']}, candidate-only correct "
-                     f"{test['candidate_only_correct']}, p = {test['p_value']:.4g} ({test['test']})")
-    return "\n".join(lines)
 
 
 def cmd_distill(args: argparse.Namespace) -> int:

@@ -19,15 +19,16 @@ from typing import Any
 
 import numpy as np
 
-from graphopt import __version__
 from graphopt.errors import DataError, GateFailed, GraphoptError, UsageError, reason, require_extra
 from graphopt.io import load_model
 from graphopt.optimize import OptimizeOptions, optimize
+from graphopt.report.evaluation import Evaluation, FoldCompression, FoldResult, McNemar, SplitDescription
+from graphopt.report.records import ComparisonRecord, to_record
 from graphopt.verify.feeds import InputSpec, batched_feeds, check_same_inputs, input_specs, read_npz
 from graphopt.verify.gate import CheckResult
 from graphopt.verify.metrics import METRICS, Metric
 from graphopt.verify.runtime import make_session
-from graphopt.verify.statistics import FoldScores, macro_f1, mcnemar, mean_std, paired_bootstrap
+from graphopt.verify.statistics import FoldScores, macro_f1, mcnemar, paired_bootstrap
 
 logger = logging.getLogger(__name__)
 
@@ -249,9 +250,9 @@ def fold_scores(metric: Metric, base: np.ndarray, candidate: np.ndarray, labels:
 # -- the fold loop --------------------------------------------------------------------------
 
 
-def evaluate(model: str | Path, data: str | Path, options: EvaluateOptions) -> dict[str, Any]:
+def evaluate(model: str | Path, data: str | Path, options: EvaluateOptions) -> Evaluation:
     """Cross-validated comparison of ``model`` with its compressed form (``options.recipe``)
-    or with ``options.candidate``; returns the result documented in README (`evaluate`)."""
+    or with ``options.candidate``; ``to_dict`` of the result is documented in README (`evaluate`)."""
     check_options(options)
     base = load_model(model)
     specs = input_specs(base.model)
@@ -271,48 +272,48 @@ def evaluate(model: str | Path, data: str | Path, options: EvaluateOptions) -> d
     folds, scores, correctness = [], [], []
     with tempfile.TemporaryDirectory(prefix="graphopt-evaluate-") as tmp:
         for number, (train, test) in enumerate(splits, start=1):
-            record: dict[str, Any] = {"fold": number, "train": len(train), "held_out": len(test)}
+            compression = None
             if cand_all is not None:
                 cand_out = cand_all[test]
             else:
                 logger.info("fold %d/%d: compressing with recipe '%s' calibrated on %d training samples",
                             number, len(splits), options.recipe, len(train))
-                compressed, record["optimize"] = _compress_fold(base.path, labelled, train, number, Path(tmp), options)
+                compressed, compression = _compress_fold(base.path, labelled, train, number, Path(tmp), options)
                 cand_out = predict(compressed, labelled.subset(test), output, **run)
             labels = labelled.labels[test] if labelled.labels is not None else None
             fold, correct = fold_scores(options.metric, base_out[test], cand_out, labels, output)
-            record.update(base=float(fold.score(fold.base, fold.labels)),
-                          candidate=float(fold.score(fold.candidate, fold.labels)),
-                          difference=float(fold.difference()), test_indices=test.tolist())
+            result = FoldResult(fold=number, train=len(train), held_out=len(test),
+                                base=float(fold.score(fold.base, fold.labels)),
+                                candidate=float(fold.score(fold.candidate, fold.labels)),
+                                difference=float(fold.difference()), test_indices=tuple(test.tolist()),
+                                optimize=compression)
             logger.info("fold %d/%d: %s base %.4f, candidate %.4f", number, len(splits), options.metric,
-                        record["base"], record["candidate"])
-            folds.append(record)
+                        result.base, result.candidate)
+            folds.append(result)
             scores.append(fold)
             if correct is not None:
                 correctness.append(correct)
 
     interval = paired_bootstrap(scores, resamples=options.resamples, confidence=options.confidence, seed=options.seed)
-    return {
-        "graphopt": __version__,
-        "model": str(base.path),
-        "candidate": ({"recipe": str(options.recipe)} if options.recipe is not None
-                      else {"model": str(candidate.path)} if candidate is not None else None),
-        "data": {"source": str(labelled.source), "samples": labelled.samples, "labels": options.labels},
-        "output": output,
-        "metric": options.metric,
-        "split": _split_description(options, len(splits)),
-        "folds": folds,
-        "summary": {key: mean_std([f[key] for f in folds]) for key in ("base", "candidate", "difference")},
-        "difference": interval.to_dict(),
-        "mcnemar": (mcnemar(np.concatenate([c[0] for c in correctness]), np.concatenate([c[1] for c in correctness]))
-                    if correctness else None),
-    }
+    return Evaluation(
+        model=str(base.path),
+        recipe=str(options.recipe) if options.recipe is not None else None,
+        candidate=str(candidate.path) if candidate is not None else None,
+        source=str(labelled.source), samples=labelled.samples, labels=options.labels,
+        output=output,
+        metric=options.metric,
+        split=_split_description(options, len(splits)),
+        folds=tuple(folds),
+        difference=interval,
+        mcnemar=(McNemar(**mcnemar(np.concatenate([c[0] for c in correctness]),
+                                   np.concatenate([c[1] for c in correctness]))) if correctness else None),
+    )
 
 
 def cross_validated_gate(base: str | Path, candidate: str | Path, data: str | Path | None, *, folds: int | None,
                          max_drop: float | None, metric: Metric = "accuracy", labels: str | None = None,
                          seed: int = 0, batch_size: int = 1,
-                         threads: int | None = None) -> tuple[list[CheckResult], dict[str, Any] | None]:
+                         threads: int | None = None) -> tuple[list[CheckResult], Evaluation | None]:
     """The ``cv_max_drop`` check of ``graphopt check --cv K --max-drop X`` and the evaluation
     behind it: ``candidate`` against ``base`` over ``folds`` shuffled folds of ``data``. The check
     fails only when even the upper bound of the paired interval of (candidate − base) loses more
@@ -329,10 +330,10 @@ def cross_validated_gate(base: str | Path, candidate: str | Path, data: str | Pa
         labels=labels, folds=folds, candidate=candidate, metric=metric, seed=seed, batch_size=batch_size,
         threads=threads,
     ))
-    diff = result["difference"]
-    message = (f"{metric} difference {diff['estimate']:+.4g}, 95% CI [{diff['ci_low']:+.4g}, "
-               f"{diff['ci_high']:+.4g}] over {folds} folds (fails when the upper bound < -{max_drop:g})")
-    return [CheckResult("cv_max_drop", -max_drop, diff["ci_high"], diff["ci_high"] >= -max_drop, message)], result
+    diff = result.difference
+    message = (f"{metric} difference {diff.estimate:+.4g}, 95% CI [{diff.low:+.4g}, "
+               f"{diff.high:+.4g}] over {folds} folds (fails when the upper bound < -{max_drop:g})")
+    return [CheckResult("cv_max_drop", -max_drop, diff.high, diff.high >= -max_drop, message)], result
 
 
 def _output_name(loaded: Any, wanted: str | None) -> str:
@@ -345,7 +346,7 @@ def _output_name(loaded: Any, wanted: str | None) -> str:
 
 
 def _compress_fold(model: Path, labelled: LabelledData, train: np.ndarray, number: int, folder: Path,
-                   options: EvaluateOptions) -> tuple[Path, dict[str, Any]]:
+                   options: EvaluateOptions) -> tuple[Path, FoldCompression]:
     """Optimize ``model`` with the fold's training samples as calibration *and* verification
     data: nothing held out reaches the compression."""
     train_data = folder / f"fold{number}-train.npz"
@@ -360,23 +361,23 @@ def _compress_fold(model: Path, labelled: LabelledData, train: np.ndarray, numbe
         raise GateFailed(f"fold {number}: {exc}", exc.failures) from exc
     except GraphoptError as exc:
         raise type(exc)(f"fold {number}: {exc}") from exc
-    parity = report.verification["parity"]
-    summary = {"input_bytes": report.input_bytes, "output_bytes": report.output_bytes,
-               "calibration_samples": len(train), "train_cosine_mean": parity["cosine_mean"],
-               "train_max_abs": parity["max_abs"]}
-    return output, summary
+    parity = to_record(ComparisonRecord, report.verification).parity
+    assert parity is not None  # a written model was verified
+    return output, FoldCompression(input_bytes=report.input_bytes, output_bytes=report.output_bytes,
+                                   calibration_samples=len(train), train_cosine_mean=parity.cosine_mean,
+                                   train_max_abs=parity.max_abs)
 
 
-def _split_description(options: EvaluateOptions, count: int) -> dict[str, Any]:
+def _split_description(options: EvaluateOptions, count: int) -> SplitDescription:
     if options.holdout is not None:
         method = "stratified hold-out" if options.stratified else "hold-out"
     elif options.cyclic:
         method = "cyclic k-fold (contiguous, data order)"
     else:
         method = "stratified k-fold" if options.stratified else "k-fold"
-    return {"method": method, "folds": count, "holdout": options.holdout, "seed": options.seed,
-            "shuffled": not options.cyclic}
+    return SplitDescription(method=method, folds=count, holdout=options.holdout, seed=options.seed,
+                            shuffled=not options.cyclic)
 
 
-__all__ = ["EvaluateOptions", "LabelledData", "check_options", "cross_validated_gate", "evaluate", "load_labelled",
-           "predict", "split_indices"]
+__all__ = ["EvaluateOptions", "Evaluation", "FoldResult", "LabelledData", "check_options", "cross_validated_gate",
+           "evaluate", "load_labelled", "predict", "split_indices"]

@@ -209,7 +209,7 @@ def test_macro_f1_matches_scikit_learn() -> None:
 
 
 def test_identical_candidate_end_to_end(base: Path, data: Path) -> None:
-    result = evaluate(base, data, EvaluateOptions(labels="labels", folds=4, stratified=False, candidate=base))
+    result = evaluate(base, data, EvaluateOptions(labels="labels", folds=4, stratified=False, candidate=base)).to_dict()
     assert len(result["folds"]) == 4
     assert all(f["base"] == f["candidate"] == 1.0 for f in result["folds"])
     assert (result["difference"]["ci_low"], result["difference"]["ci_high"]) == (0.0, 0.0)
@@ -219,7 +219,7 @@ def test_identical_candidate_end_to_end(base: Path, data: Path) -> None:
 def test_known_difference_end_to_end(base: Path, always_zero: Path, data: Path) -> None:
     zeros = float(np.mean(_labels(data) == 0))
     assert zeros == 12 / SAMPLES
-    result = evaluate(base, data, EvaluateOptions(labels="labels", folds=3, candidate=always_zero))
+    result = evaluate(base, data, EvaluateOptions(labels="labels", folds=3, candidate=always_zero)).to_dict()
     assert result["difference"]["estimate"] == pytest.approx(zeros - 1.0)
     assert result["summary"]["candidate"]["mean"] == pytest.approx(zeros, abs=0.05)
     assert result["difference"]["ci_low"] <= zeros - 1.0 <= result["difference"]["ci_high"] < 0
@@ -227,10 +227,10 @@ def test_known_difference_end_to_end(base: Path, always_zero: Path, data: Path) 
 
 
 def test_top5_and_cosine(base: Path, always_zero: Path, data: Path) -> None:
-    top1 = evaluate(base, data, EvaluateOptions(labels="labels", holdout=0.25, candidate=always_zero))
-    top5 = evaluate(base, data, EvaluateOptions(labels="labels", holdout=0.25, candidate=always_zero, metric="top5"))
+    top1 = evaluate(base, data, EvaluateOptions(labels="labels", holdout=0.25, candidate=always_zero)).to_dict()
+    top5 = evaluate(base, data, EvaluateOptions(labels="labels", holdout=0.25, candidate=always_zero, metric="top5")).to_dict()
     assert top5["folds"][0]["candidate"] >= top1["folds"][0]["candidate"]
-    cosine = evaluate(base, data, EvaluateOptions(labels="labels", holdout=0.25, candidate=base, metric="cosine"))
+    cosine = evaluate(base, data, EvaluateOptions(labels="labels", holdout=0.25, candidate=base, metric="cosine")).to_dict()
     assert cosine["folds"][0]["candidate"] == pytest.approx(1.0) and cosine["mcnemar"] is None
 
 
@@ -238,7 +238,7 @@ def test_fixed_batch_model_scores_every_sample(weights: tuple[np.ndarray, np.nda
                                               tmp_path: Path) -> None:
     fixed = tmp_path / "fixed7.onnx"
     onnx.save(classifier(*weights, batch=7), fixed)  # 120 samples = 17 batches of 7 + 1
-    result = evaluate(fixed, data, EvaluateOptions(labels="labels", folds=3, candidate=fixed))
+    result = evaluate(fixed, data, EvaluateOptions(labels="labels", folds=3, candidate=fixed)).to_dict()
     assert sum(f["held_out"] for f in result["folds"]) == SAMPLES
     assert all(f["base"] == 1.0 for f in result["folds"])
 
@@ -256,7 +256,7 @@ def test_calibration_and_verification_never_see_held_out_samples(
                                verification={"parity": {"cosine_mean": 1.0, "max_abs": 0.0}})
 
     monkeypatch.setattr("graphopt.evaluate.optimize", recording_optimize)
-    result = evaluate(base, data, EvaluateOptions(labels="labels", folds=4, stratified=True, recipe="int8"))
+    result = evaluate(base, data, EvaluateOptions(labels="labels", folds=4, stratified=True, recipe="int8")).to_dict()
     assert len(seen) == 4
     for fold, used in zip(result["folds"], seen):
         held_out = set(fold["test_indices"])
@@ -286,7 +286,7 @@ def test_labels_outside_the_classes_are_refused_before_compressing(
 
 
 def test_lossless_recipe_costs_nothing(base: Path, data: Path) -> None:
-    result = evaluate(base, data, EvaluateOptions(labels="labels", folds=2, recipe="lossless"))
+    result = evaluate(base, data, EvaluateOptions(labels="labels", folds=2, recipe="lossless")).to_dict()
     assert [f["difference"] for f in result["folds"]] == [0.0, 0.0]
     assert all(f["optimize"]["calibration_samples"] == f["train"] for f in result["folds"])
 

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 from graphopt.verify.gate import CheckResult
 from graphopt.verify.latency import LatencyStats
-from graphopt.verify.parity import ParityReport
+from graphopt.verify.parity import OutputParity
 
 R = TypeVar("R")
 
@@ -85,6 +85,20 @@ class LatencyRecord:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class ParitySummary:
+    """Parity as a report states it (``verify.parity.ParityReport.to_dict``): the worst output's
+    numbers, and each output's."""
+
+    max_abs: float
+    cosine_mean: float
+    cosine_min: float | None = None
+    top1: float | None = None
+    samples: int = 0
+    new_nonfinite: int = 0
+    outputs: list[OutputParity] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class ComparisonRecord:
     """``check``'s comparison (``verify.compare.Comparison.to_dict``), also the ``verification``
     of ``optimize``'s report, where ``text`` holds a decoder's comparison as text generator."""
@@ -96,7 +110,7 @@ class ComparisonRecord:
     base_bytes: int = 0
     candidate_bytes: int = 0
     size_ratio: float | None = None
-    parity: ParityReport | None = None
+    parity: ParitySummary | None = None
     latency: LatencyRecord | None = None
     checks: list[CheckResult] = dataclasses.field(default_factory=list)
     text: dict[str, Any] | None = None  # verify.text.compare_decoders' result
@@ -145,5 +159,5 @@ class BenchRecord:
     peak_rss_mib: float | None = None
 
 
-__all__ = ["BenchRecord", "ComparisonRecord", "DataRecord", "LatencyRecord", "OptimizeRecord", "PassStepRecord",
-           "RecipeRecord", "to_record"]
+__all__ = ["BenchRecord", "ComparisonRecord", "DataRecord", "LatencyRecord", "OptimizeRecord", "ParitySummary",
+           "PassStepRecord", "RecipeRecord", "to_record"]
