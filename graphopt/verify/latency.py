@@ -94,23 +94,26 @@ def compare_interleaved(
     for i in range(warmup):
         _timed_run(session_a, feeds[i % len(feeds)])
         _timed_run(session_b, feeds[i % len(feeds)])
-    times: dict[str, list[float]] = {"a": [], "b": []}
-    sessions = {"a": session_a, "b": session_b}
+    sessions = (session_a, session_b)
+    times_a: list[float] = []
+    times_b: list[float] = []
     pair_ratios = []
     deadline = time.perf_counter() + max_seconds
     index = 0
-    while len(times["a"]) < rounds and (len(times["a"]) < 5 or time.perf_counter() < deadline):
-        order = ("a", "b") if (index // block) % 2 == 0 else ("b", "a")
-        blocks = {}
-        for key in order:
+    while len(times_a) < rounds and (len(times_a) < 5 or time.perf_counter() < deadline):
+        order = (0, 1) if (index // block) % 2 == 0 else (1, 0)
+        blocks: list[list[float]] = [[], []]
+        for side in order:
             time.sleep(pause)  # let the other session's worker threads stop spinning
-            _timed_run(sessions[key], feeds[index % len(feeds)])  # discarded: see docstring
-            blocks[key] = [_timed_run(sessions[key], feeds[(index + offset) % len(feeds)]) for offset in range(block)]
-            times[key] += blocks[key]
-        if np.median(blocks["a"]) > 0:
-            pair_ratios.append(float(np.median(blocks["b"]) / np.median(blocks["a"])))
+            _timed_run(sessions[side], feeds[index % len(feeds)])  # discarded: see docstring
+            blocks[side] = [_timed_run(sessions[side], feeds[(index + offset) % len(feeds)]) for offset in range(block)]
+        block_a, block_b = blocks
+        times_a += block_a
+        times_b += block_b
+        if np.median(block_a) > 0:
+            pair_ratios.append(float(np.median(block_b) / np.median(block_a)))
         index += block
-    return ABLatency(LatencyStats.from_seconds(times["a"]), LatencyStats.from_seconds(times["b"]), threads, pair_ratios)
+    return ABLatency(LatencyStats.from_seconds(times_a), LatencyStats.from_seconds(times_b), threads, pair_ratios)
 
 
 _STATUS = Path("/proc/self/status")
