@@ -113,7 +113,7 @@ def check_decoder(base: PathLike, candidate: PathLike, *, data: PathLike, prompt
                                    min_greedy_agree=min_greedy_agree, max_decode_ratio=max_decode_ratio,
                                    max_prefill_ratio=max_prefill_ratio, max_size_ratio=max_size_ratio)
     tokenizer = base_folder.tokenizer
-    result = compare_decoders(
+    comparison = compare_decoders(
         OrtDecoder(base_folder.model, threads=threads, optimize=False),
         OrtDecoder(candidate_folder.model, threads=threads),
         tokenizer, windows=text_windows(data, tokenizer, window=window, limit=windows),
@@ -121,13 +121,13 @@ def check_decoder(base: PathLike, candidate: PathLike, *, data: PathLike, prompt
         measure_latency=thresholds.needs_latency() if latency is None else latency, thresholds=thresholds,
         base_bytes=folder_bytes(base_folder), candidate_bytes=folder_bytes(candidate_folder),
         deployed_base=lambda: OrtDecoder(base_folder.model, threads=threads))
-    result.update(base=str(base), candidate=str(candidate), data={"source": str(data), "synthetic": False,
-                                                                   "samples": result["windows"]})
-    failed = [c for c in result["checks"] if not c["passed"]]
+    report = {**comparison.to_dict(), "base": str(base), "candidate": str(candidate),
+              "data": {"source": str(data), "synthetic": False, "samples": comparison.windows}}
+    failed = [c for c in comparison.checks if not c.passed]
     if failed:
-        raise GateFailed("check failed: " + "; ".join(f"{c['name']}: {c['message']}" for c in failed),
-                         [c["name"] for c in failed], report=result)
-    return result
+        raise GateFailed("check failed: " + "; ".join(f"{c.name}: {c.message}" for c in failed),
+                         [c.name for c in failed], report=report)
+    return report
 
 
 def bench(model: PathLike, *, data: DataSource = None, labels: str | None = None, runs: int = 100, warmup: int = 5,

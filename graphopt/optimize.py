@@ -22,11 +22,12 @@ from graphopt.passes.base import PassContext
 from graphopt.passes.fix_shapes import FixInputShapesPass
 from graphopt.recipe import Recipe, load_recipe
 from graphopt.verify.compare import compare_files, reference_outputs
-from graphopt.verify.feeds import DataSource, FeedSet, input_specs, load_feeds
+from graphopt.verify.feeds import DataSource, FeedSet, input_specs, is_decoder, load_feeds
 from graphopt.verify.gate import CheckResult, Thresholds, failures
 from graphopt.verify.judge import Budget
 from graphopt.verify.kinds import output_kinds, refine_kinds
 from graphopt.verify.runtime import check_loadable, onnxruntime_version
+from graphopt.verify.text import DecoderText, DecoderThresholds, judge_text, text_budget, text_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -91,26 +92,6 @@ class OptimizeReport:
             "seconds": self.seconds,
             **({"folder": self.folder} if self.folder is not None else {}),
         }
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class DecoderText:
-    """How a decoder LLM is judged as a text generator besides the parity of its logits: on the
-    prose in ``data`` (a .txt) with the tokenizer of the model's folder (``verify/text.py``)."""
-
-    data: str | Path
-    prompts: str | Path | None = None
-    window: int = 128
-    windows: int = 16
-    new_tokens: int = 32
-    thresholds: Any = None  # verify.text.DecoderThresholds
-    skip: int = 0  # windows at the start of ``data`` not judged on (the calibration took them)
-
-
-# Calibration text of a decoder (``--calib PROSE.txt``, else the bundled corpus): windows whose
-# activations passes measure, then windows their searches judge trials on.
-CALIBRATION_WINDOWS = 16
-SEARCH_WINDOWS = 16
 
 
 # Times the final verification may send the searching passes further down their ladders.
@@ -184,11 +165,17 @@ def _optimize_file(input_path: str | os.PathLike, output_path: str | os.PathLike
     if needing and options.calib is None and not recipe.text_budget:  # a text recipe has the bundled corpus
         raise DataError(f"recipe '{recipe.name}' needs calibration data for {', '.join(needing)}: give --calib DATA")
     loaded = load_model(input_path)
+    specs = input_specs(loaded.model)
     text_calibration = None
     if recipe.text_budget:  # a decoder recipe: judged on text, calibrated on text
-        options, text_calibration = _text_defaults(loaded, recipe, options)
-    tokenizer = _text_tokenizer(loaded, options.text) if options.text else None
-    specs = input_specs(loaded.model)
+        from graphopt.samples import SENTENCES_FILE
+
+        text, text_calibration = text_budget(
+            loaded.path, is_decoder(specs), options.text, options.calib, corpus=Path(SENTENCES_FILE),
+            recipe=recipe.name, defaults=DecoderThresholds(max_ppl_ratio=recipe.max_ppl_ratio,
+                                                           min_token_agree=recipe.min_token_agree))
+        options = dataclasses.replace(options, text=text, calib=None if text_calibration else options.calib)
+    tokenizer = text_tokenizer(loaded.path, is_decoder(specs), options.text) if options.text else None
     if options.fix_shapes:  # the data must have the shapes the written model will take
         fix.validate(loaded.model)
         specs = [dataclasses.replace(s, shape=fix.fixed.get(s.name, s.shape)) for s in specs]
@@ -286,71 +273,6 @@ def _optimize_folder(source: Path, output: Path, options: OptimizeOptions) -> Op
     return report
 
 
-def _text_defaults(loaded: LoadedModel, recipe: Recipe, options: OptimizeOptions) -> tuple[OptimizeOptions, Any]:
-    """A recipe with a text budget: the options with the verification text filled in (the
-    user's --data, else the bundled corpus after the calibration windows), and the calibration
-    text its passes get (--calib PROSE.txt, else the bundled corpus's first windows)."""
-    from graphopt.samples import SENTENCES_FILE
-    from graphopt.verify.decoder import open_folder
-    from graphopt.verify.feeds import is_decoder
-    from graphopt.verify.text import DecoderThresholds, TextCalibration, text_windows
-
-    if not is_decoder(input_specs(loaded.model)):
-        raise DataError(f"{loaded.path}: recipe '{recipe.name}' is for decoder LLMs with a KV cache (its budget is "
-                        "judged on text); this model is not one: use --recipe int8 or a recipe of your own")
-    if not (loaded.path.parent / "tokenizer.json").is_file() and options.text is None:
-        logger.warning("%s: no tokenizer.json beside the model, so no text to judge it on: judged by the "
-                       "recipe's logit parity on random decoder steps instead (weak evidence), no search", loaded.path)
-        return options, None
-    calib_path = options.calib if isinstance(options.calib, (str, Path)) and str(options.calib).endswith(".txt") \
-        else None
-    if options.calib is not None and calib_path is None:
-        raise DataError(f"{options.calib}: a decoder is calibrated on prose: give --calib PROSE.txt")
-    text = options.text or DecoderText(data=SENTENCES_FILE)
-    stated = text.thresholds or DecoderThresholds()
-    thresholds = dataclasses.replace(
-        stated, max_ppl_ratio=stated.max_ppl_ratio if stated.max_ppl_ratio is not None else recipe.max_ppl_ratio,
-        min_token_agree=stated.min_token_agree if stated.min_token_agree is not None else recipe.min_token_agree)
-    tokenizer = open_folder(loaded.path.parent).tokenizer
-    source = Path(calib_path or SENTENCES_FILE)
-    windows = text_windows(source, tokenizer, window=text.window, limit=CALIBRATION_WINDOWS + SEARCH_WINDOWS)
-    if len(windows) < CALIBRATION_WINDOWS + SEARCH_WINDOWS:
-        raise DataError(f"{source}: {len(windows)} windows of {text.window} tokens; calibration needs "
-                        f"{CALIBRATION_WINDOWS + SEARCH_WINDOWS}")
-    if Path(text.data).resolve() == source.resolve():  # never judge on the windows it was calibrated on
-        text = dataclasses.replace(text, skip=len(windows))
-    calibration = TextCalibration(tuple(map(tuple, windows[:CALIBRATION_WINDOWS])),
-                                  tuple(map(tuple, windows[CALIBRATION_WINDOWS:])), thresholds, str(source))
-    logger.info("calibration text: %s (%d windows); judged on %s", source.name, len(windows), Path(text.data).name)
-    return dataclasses.replace(options, text=dataclasses.replace(text, thresholds=thresholds), calib=None), calibration
-
-
-def _text_tokenizer(loaded: LoadedModel, text: DecoderText) -> Any:
-    """The tokenizer of the decoder's folder; refused before any work when there is none or the
-    model is not a decoder with a KV cache."""
-    from graphopt.verify.decoder import open_folder
-    from graphopt.verify.feeds import is_decoder
-
-    if not is_decoder(input_specs(loaded.model)):
-        raise DataError(f"{text.data}: text data is for decoder LLMs with a KV cache; {loaded.path} is not one")
-    return open_folder(loaded.path.parent).tokenizer
-
-
-def _text_comparison(base: Path, candidate: Path, tokenizer: Any, options: OptimizeOptions) -> dict[str, Any]:
-    from graphopt.verify.decoder import OrtDecoder
-    from graphopt.verify.text import DecoderThresholds, compare_decoders, load_prompts, text_windows
-
-    text = options.text
-    assert text is not None
-    logger.info("judging it as a text generator on %s", text.data)
-    return compare_decoders(
-        OrtDecoder(base, threads=options.threads, optimize=False), OrtDecoder(candidate, threads=options.threads),
-        tokenizer, windows=text_windows(text.data, tokenizer, window=text.window, limit=text.windows, skip=text.skip),
-        prompts=load_prompts(text.prompts) if text.prompts else (), new_tokens=text.new_tokens,
-        measure_latency=options.measure_latency, thresholds=text.thresholds or DecoderThresholds(),
-        deployed_base=lambda: OrtDecoder(base, threads=options.threads))
-
-
 def _load_data(options: OptimizeOptions, specs: list[Any]) -> tuple[FeedSet | None, FeedSet]:
     """(calibration feeds or None, verification feeds)."""
     extra = [options.labels] if options.labels else []
@@ -391,12 +313,13 @@ def _write_verified(report: OptimizeReport, result: PipelineResult, loaded: Load
             budget=report.budget,
         )
         if options.text is not None:
-            text = _text_comparison(loaded.path, staged.model_path, tokenizer, options)
-            comparison.checks += [CheckResult(**check) for check in text["checks"]]
+            text = judge_text(loaded.path, staged.model_path, tokenizer, options.text, threads=options.threads,
+                              measure_latency=options.measure_latency)
+            comparison.checks += text.checks
         report.output_bytes = staged.size_bytes()
         report.verification = {**comparison.to_dict(), "candidate": str(Path(output_path))}
         if options.text is not None:
-            report.verification["text"] = text
+            report.verification["text"] = text.to_dict()
         failed = failures(comparison.checks)
         if failed:
             raise GateFailed(f"{Path(output_path).name} not written: " + "; ".join(f.message for f in failed),

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import statistics
 import time
@@ -32,6 +33,8 @@ from graphopt.errors import DataError
 from graphopt.verify.decoder import OrtDecoder
 from graphopt.verify.gate import CheckResult
 from graphopt.verify.judge import Verdict
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -214,8 +217,25 @@ def _timed(action: Any) -> float:
     return (time.perf_counter() - start) * 1000.0
 
 
+@dataclasses.dataclass(frozen=True)
+class DecoderLatency:
+    """Prefill ms of one prompt and decode ms/token after it (medians per model, ``base`` and
+    ``candidate``), and the candidate's ratios (median of the paired rounds)."""
+
+    prompt_tokens: int
+    decode_tokens: int
+    rounds: int
+    prefill_ms: dict[str, float]
+    decode_ms_per_token: dict[str, float]
+    prefill_ratio: float
+    decode_ratio: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 def interleaved_latency(base: OrtDecoder, candidate: OrtDecoder, prompt: Sequence[int], *, decode_tokens: int = 16,
-                        rounds: int = 5) -> dict[str, Any]:
+                        rounds: int = 5) -> DecoderLatency:
     """Prefill ms of ``prompt`` and decode ms/token after it, base and candidate alternating."""
     results: dict[str, dict[str, list[float]]] = {"base": {"prefill": [], "decode": []},
                                                   "candidate": {"prefill": [], "decode": []}}
@@ -244,58 +264,103 @@ def interleaved_latency(base: OrtDecoder, candidate: OrtDecoder, prompt: Sequenc
     def ratio(kind: str) -> float:
         return statistics.median(c / b for c, b in zip(results["candidate"][kind], results["base"][kind]))
 
-    return {
-        "prompt_tokens": len(prompt), "decode_tokens": decode_tokens, "rounds": rounds,
-        "prefill_ms": {label: statistics.median(v["prefill"]) for label, v in results.items()},
-        "decode_ms_per_token": {label: statistics.median(v["decode"]) for label, v in results.items()},
-        "prefill_ratio": ratio("prefill"), "decode_ratio": ratio("decode"),
-    }
+    return DecoderLatency(
+        prompt_tokens=len(prompt), decode_tokens=decode_tokens, rounds=rounds,
+        prefill_ms={label: statistics.median(v["prefill"]) for label, v in results.items()},
+        decode_ms_per_token={label: statistics.median(v["decode"]) for label, v in results.items()},
+        prefill_ratio=ratio("prefill"), decode_ratio=ratio("decode"))
+
+
+@dataclasses.dataclass(frozen=True)
+class GreedyContinuation:
+    """One prompt continued greedily by both models."""
+
+    prompt: str
+    agree: float  # share of the new tokens that are the same, position by position
+    fork_at: int | None  # the first position where they differ (None: identical)
+    base: str
+    candidate: str
+
+
+@dataclasses.dataclass
+class DecoderComparison:
+    """Two decoders judged as text generators, and the gate checks of the stated thresholds;
+    ``to_dict`` is the report's ``text`` section."""
+
+    windows: int
+    window_tokens: int
+    base_perplexity: float
+    scores: TextScores
+    new_tokens: int
+    continuations: list[GreedyContinuation]
+    latency: DecoderLatency | None = None  # when timed
+    size_ratio: float | None = None
+    checks: list[CheckResult] = dataclasses.field(default_factory=list)
+
+    @property
+    def greedy_agreement(self) -> float | None:
+        return float(np.mean([c.agree for c in self.continuations])) if self.continuations else None
+
+    @property
+    def passed(self) -> bool:
+        return all(check.passed for check in self.checks)
+
+    def to_dict(self) -> dict[str, Any]:
+        result: dict[str, Any] = {
+            "windows": self.windows, "window_tokens": self.window_tokens,
+            "perplexity": {"base": self.base_perplexity, "candidate": self.scores.perplexity,
+                           "ratio": self.scores.ppl_ratio},
+            "token_agreement": self.scores.token_agreement,
+            "greedy": {"prompts": len(self.continuations), "new_tokens": self.new_tokens,
+                       "agreement": self.greedy_agreement,
+                       "identical": sum(c.fork_at is None for c in self.continuations),
+                       "continuations": [dataclasses.asdict(c) for c in self.continuations]},
+        }
+        if self.latency is not None:
+            result["latency"] = self.latency.to_dict()
+        if self.size_ratio is not None:
+            result["size_ratio"] = self.size_ratio
+        result["checks"] = [check.to_dict() for check in self.checks]
+        result["passed"] = self.passed
+        return result
 
 
 def compare_decoders(base: OrtDecoder, candidate: OrtDecoder, tokenizer: Any, *, windows: Sequence[Sequence[int]],
                      prompts: Sequence[str] = (), new_tokens: int = 32, measure_latency: bool = True,
                      thresholds: DecoderThresholds = DecoderThresholds(), base_bytes: int | None = None,
                      candidate_bytes: int | None = None, deployed_base: Callable[[], OrtDecoder] | None = None,
-                     ) -> dict[str, Any]:
+                     ) -> DecoderComparison:
     """The decoder comparison and its gate checks (only stated thresholds are checked). ``base``
     is the reference (optimizations off, as every reference here); latency is timed against the
     base as deployed, ``deployed_base()`` (default: ``base`` itself), opened only when timed."""
     judge = TextJudge(base, windows)
-    scores = judge.score(candidate)
-    greedy: list[dict[str, Any]] = []
+    continuations = []
     for text in prompts:
         ids = tokenizer.encode(text).ids
         a, b = list(base.greedy(ids, new_tokens)), list(candidate.greedy(ids, new_tokens))
-        same = sum(x == y for x, y in zip(a, b))
         fork = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
-        greedy.append({"prompt": text, "agree": same / new_tokens, "fork_at": fork,
-                       "base": tokenizer.decode(a), "candidate": tokenizer.decode(b)})
-    result: dict[str, Any] = {
-        "windows": len(windows), "window_tokens": len(windows[0]),
-        "perplexity": {"base": judge.perplexity, "candidate": scores.perplexity, "ratio": scores.ppl_ratio},
-        "token_agreement": scores.token_agreement,
-        "greedy": {"prompts": len(greedy), "new_tokens": new_tokens,
-                   "agreement": float(np.mean([g["agree"] for g in greedy])) if greedy else None,
-                   "identical": sum(g["fork_at"] is None for g in greedy), "continuations": greedy},
-    }
+        continuations.append(GreedyContinuation(text, sum(x == y for x, y in zip(a, b)) / new_tokens, fork,
+                                                tokenizer.decode(a), tokenizer.decode(b)))
+    comparison = DecoderComparison(windows=len(windows), window_tokens=len(windows[0]),
+                                   base_perplexity=judge.perplexity, scores=judge.score(candidate),
+                                   new_tokens=new_tokens, continuations=continuations)
     if measure_latency or thresholds.needs_latency():
-        result["latency"] = interleaved_latency(deployed_base() if deployed_base else base, candidate, windows[0])
+        comparison.latency = interleaved_latency(deployed_base() if deployed_base else base, candidate, windows[0])
     if base_bytes and candidate_bytes:
-        result["size_ratio"] = candidate_bytes / base_bytes
-    result["checks"] = [c.to_dict() for c in decoder_checks(result, thresholds)]
-    result["passed"] = all(c["passed"] for c in result["checks"])
-    return result
+        comparison.size_ratio = candidate_bytes / base_bytes
+    comparison.checks = decoder_checks(comparison, thresholds)
+    return comparison
 
 
-def decoder_checks(result: dict[str, Any], thresholds: DecoderThresholds) -> list[CheckResult]:
-    latency = result.get("latency") or {}
+def decoder_checks(comparison: DecoderComparison, thresholds: DecoderThresholds) -> list[CheckResult]:
+    latency = comparison.latency
     measured = {
-        "max_ppl_ratio": (result["perplexity"]["ratio"], "perplexity ratio"),
-        "min_token_agree": (result["token_agreement"], "teacher-forced next-token agreement"),
-        "min_greedy_agree": (result["greedy"]["agreement"], "greedy continuation agreement"),
-        "max_decode_ratio": (latency.get("decode_ratio"), "decode ms/token ratio"),
-        "max_prefill_ratio": (latency.get("prefill_ratio"), "prefill ms ratio"),
-        "max_size_ratio": (result.get("size_ratio"), "size ratio"),
+        "max_ppl_ratio": (comparison.scores.ppl_ratio, "perplexity ratio"),
+        "min_token_agree": (comparison.scores.token_agreement, "teacher-forced next-token agreement"),
+        "min_greedy_agree": (comparison.greedy_agreement, "greedy continuation agreement"),
+        "max_decode_ratio": (latency.decode_ratio if latency else None, "decode ms/token ratio"),
+        "max_prefill_ratio": (latency.prefill_ratio if latency else None, "prefill ms ratio"),
+        "max_size_ratio": (comparison.size_ratio, "size ratio"),
     }
     checks = []
     for name, (value, what) in measured.items():
@@ -307,3 +372,86 @@ def decoder_checks(result: dict[str, Any], thresholds: DecoderThresholds) -> lis
         shown = "not measured" if value is None else f"{value:.4g}"
         checks.append(CheckResult(name, limit, value, passed, f"{what} {shown} ({bound} {limit:g})"))
     return checks
+
+
+# -- a decoder judged on text by `optimize` ------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DecoderText:
+    """How a decoder LLM is judged as a text generator besides the parity of its logits: on the
+    prose in ``data`` (a .txt) with the tokenizer of the model's folder."""
+
+    data: str | Path
+    prompts: str | Path | None = None
+    window: int = 128
+    windows: int = 16
+    new_tokens: int = 32
+    thresholds: DecoderThresholds | None = None
+    skip: int = 0  # windows at the start of ``data`` not judged on (the calibration took them)
+
+
+# Calibration text of a decoder (``--calib PROSE.txt``, else the bundled corpus): windows whose
+# activations passes measure, then windows their searches judge trials on.
+CALIBRATION_WINDOWS = 16
+SEARCH_WINDOWS = 16
+
+
+def text_budget(model_path: Path, is_decoder: bool, text: DecoderText | None, calib: Any, *,
+                defaults: DecoderThresholds, corpus: Path, recipe: str) -> tuple[DecoderText | None,
+                                                                                  TextCalibration | None]:
+    """A recipe with a text budget (``defaults``): the verification text (the user's ``text``,
+    else ``corpus`` after the calibration windows) with the budget filled in, and the
+    calibration text its passes get (``calib``, a .txt, else ``corpus``'s first windows). Without
+    a tokenizer beside the model: (``text``, None), judged by the recipe's logit parity."""
+    from graphopt.verify.decoder import open_folder
+
+    if not is_decoder:
+        raise DataError(f"{model_path}: recipe '{recipe}' is for decoder LLMs with a KV cache (its budget is "
+                        "judged on text); this model is not one: use --recipe int8 or a recipe of your own")
+    if not (model_path.parent / "tokenizer.json").is_file() and text is None:
+        logger.warning("%s: no tokenizer.json beside the model, so no text to judge it on: judged by the "
+                       "recipe's logit parity on random decoder steps instead (weak evidence), no search", model_path)
+        return text, None
+    calib_path = calib if isinstance(calib, (str, Path)) and str(calib).endswith(".txt") else None
+    if calib is not None and calib_path is None:
+        raise DataError(f"{calib}: a decoder is calibrated on prose: give --calib PROSE.txt")
+    text = text or DecoderText(data=corpus)
+    stated = text.thresholds or DecoderThresholds()
+    thresholds = dataclasses.replace(
+        stated, max_ppl_ratio=stated.max_ppl_ratio if stated.max_ppl_ratio is not None else defaults.max_ppl_ratio,
+        min_token_agree=stated.min_token_agree if stated.min_token_agree is not None else defaults.min_token_agree)
+    tokenizer = open_folder(model_path.parent).tokenizer
+    source = Path(calib_path or corpus)
+    wanted = CALIBRATION_WINDOWS + SEARCH_WINDOWS
+    windows = text_windows(source, tokenizer, window=text.window, limit=wanted)
+    if len(windows) < wanted:
+        raise DataError(f"{source}: {len(windows)} windows of {text.window} tokens; calibration needs {wanted}")
+    if Path(text.data).resolve() == source.resolve():  # never judge on the windows it was calibrated on
+        text = dataclasses.replace(text, skip=len(windows))
+    calibration = TextCalibration(tuple(map(tuple, windows[:CALIBRATION_WINDOWS])),
+                                  tuple(map(tuple, windows[CALIBRATION_WINDOWS:])), thresholds, str(source))
+    logger.info("calibration text: %s (%d windows); judged on %s", source.name, len(windows), Path(text.data).name)
+    return dataclasses.replace(text, thresholds=thresholds), calibration
+
+
+def text_tokenizer(model_path: Path, is_decoder: bool, text: DecoderText) -> Any:
+    """The tokenizer of the decoder's folder; refused before any work when there is none or the
+    model is not a decoder with a KV cache."""
+    from graphopt.verify.decoder import open_folder
+
+    if not is_decoder:
+        raise DataError(f"{text.data}: text data is for decoder LLMs with a KV cache; {model_path} is not one")
+    return open_folder(model_path.parent).tokenizer
+
+
+def judge_text(base: Path, candidate: Path, tokenizer: Any, text: DecoderText, *, threads: int | None,
+               measure_latency: bool) -> DecoderComparison:
+    """The written candidate against its base, as text generators on ``text``."""
+    logger.info("judging it as a text generator on %s", text.data)
+    return compare_decoders(
+        OrtDecoder(base, threads=threads, optimize=False), OrtDecoder(candidate, threads=threads),
+        tokenizer, windows=text_windows(text.data, tokenizer, window=text.window, limit=text.windows, skip=text.skip),
+        prompts=load_prompts(text.prompts) if text.prompts else (), new_tokens=text.new_tokens,
+        measure_latency=measure_latency, thresholds=text.thresholds or DecoderThresholds(),
+        deployed_base=lambda: OrtDecoder(base, threads=threads))
