@@ -22,10 +22,11 @@ from graphopt.passes.base import PassContext
 from graphopt.passes.fix_shapes import FixInputShapesPass
 from graphopt.recipe import Recipe, load_recipe
 from graphopt.verify.compare import compare_files, reference_outputs
-from graphopt.verify.feeds import DataSource, FeedSet, input_specs, is_decoder, load_feeds
+from graphopt.verify.feeds import DataSource, FeedSet, input_specs, load_feeds
 from graphopt.verify.gate import CheckResult, Thresholds, failures
 from graphopt.verify.judge import Budget
 from graphopt.verify.kinds import output_kinds, refine_kinds
+from graphopt.verify.layout import is_decoder
 from graphopt.verify.runtime import check_loadable, onnxruntime_version
 from graphopt.verify.text import DecoderText, DecoderThresholds, judge_text, text_budget, text_tokenizer
 

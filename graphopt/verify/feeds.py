@@ -20,6 +20,7 @@ import onnx_ir as ir
 from onnx import numpy_helper
 
 from graphopt.errors import DataError
+from graphopt.verify.layout import is_decoder
 
 Feed = dict[str, np.ndarray]
 
@@ -310,16 +311,6 @@ def random_feeds(
     feeds = [{spec.name: _random_array(rng, spec, concrete[spec.name]) for spec in specs} for _ in range(count)]
     described = ", ".join(f"{n}={list(s)}" for n, s in concrete.items())
     return FeedSet(feeds, f"random (seed {seed}; {described})", True)
-
-
-def is_decoder(specs: Sequence[InputSpec]) -> bool:
-    """A decoder LLM with a KV cache in onnxruntime-genai's layout (``verify/decoder.py``)."""
-    from graphopt.verify.layout import REQUIRED_INPUTS, is_past
-
-    names = {spec.name for spec in specs}
-    past = [spec for spec in specs if is_past(spec.name)]
-    return set(REQUIRED_INPUTS) <= names and bool(past) and all(
-        len(spec.shape) == 4 and isinstance(spec.shape[1], int) and isinstance(spec.shape[3], int) for spec in past)
 
 
 def _decoder_feeds(specs: Sequence[InputSpec], rng: np.random.Generator, count: int, batch: int,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from typing import Literal
+from typing import Any, Literal
 
 PAST = "past_key_values"
 PRESENT = "present"
@@ -58,6 +58,17 @@ def sorted_past(names: Iterable[str]) -> list[str]:
     return sorted((name for name in names if is_past(name)), key=past_position)
 
 
+def is_decoder(inputs: Iterable[Any]) -> bool:
+    """A decoder LLM with a KV cache in this layout: the required inputs, and past inputs of
+    shape [batch, kv_heads, sequence, head_size] with the heads and head size fixed (``inputs``:
+    anything with ``name`` and ``shape``, such as ``verify.feeds.InputSpec``)."""
+    inputs = list(inputs)
+    names = {value.name for value in inputs}
+    past = [value for value in inputs if is_past(value.name)]
+    return set(REQUIRED_INPUTS) <= names and bool(past) and all(
+        len(value.shape) == 4 and isinstance(value.shape[1], int) and isinstance(value.shape[3], int) for value in past)
+
+
 def genai_names() -> dict[str, dict[str, str]]:
     """The ``inputs`` and ``outputs`` naming templates of a genai_config.json."""
     return {"inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask", "position_ids": "position_ids",
@@ -66,5 +77,5 @@ def genai_names() -> dict[str, dict[str, str]]:
                         "present_value_names": f"{PRESENT}.%d.value"}}
 
 
-__all__ = ["LOGITS", "PAST", "PRESENT", "REQUIRED_INPUTS", "cache_name", "cache_names", "genai_names", "is_past",
+__all__ = ["LOGITS", "PAST", "PRESENT", "REQUIRED_INPUTS", "cache_name", "cache_names", "genai_names", "is_decoder", "is_past",
            "is_present", "past_position", "present_for", "sorted_past"]
