@@ -186,3 +186,35 @@ def test_the_decoder_layout_is_spelled_in_one_module():
                                                   or 'f"past_key_values' in line or '"present.' in line
                                                   for line in path.read_text().splitlines())]
     assert spelled == []
+
+
+def _source_trees(under: str = "") -> Iterable[tuple[str, ast.Module]]:
+    for path in sorted((SOURCE / under).rglob("*.py")):
+        yield str(path.relative_to(SOURCE)), ast.parse(path.read_text())
+
+
+def test_only_verify_defines_verdicts_and_searches():
+    """One judging protocol: every verdict type is a ``verify.judge.Verdict`` defined under
+    verify/; a pass that searches uses ``verify.search`` (no bisection of its own)."""
+    outside = []
+    for name, tree in _source_trees():
+        if name.startswith("verify/"):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ClassDef) and node.name.endswith("Verdict"):
+                outside.append(f"{name}: class {node.name}")
+            # a hand-written bisection: ``(low + high) // 2`` or ``(low + high) / 2``
+            if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.FloorDiv, ast.Div)) \
+                    and isinstance(node.left, ast.BinOp) and isinstance(node.left.op, ast.Add) \
+                    and isinstance(node.right, ast.Constant) and node.right.value == 2 \
+                    and all(isinstance(side, ast.Name) for side in (node.left.left, node.left.right)):
+                outside.append(f"{name}:{node.lineno}: bisection")
+    assert outside == []
+
+
+def test_no_pass_decides_pass_or_fail():
+    """Passes return their best result; only optimize (and the commands) raise GateFailed."""
+    raising = [f"{name}:{node.lineno}" for name, tree in _source_trees("passes") for node in ast.walk(tree)
+               if isinstance(node, ast.Raise) and node.exc is not None
+               and "GateFailed" in ast.unparse(node.exc)]
+    assert raising == []
