@@ -323,7 +323,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_optimize(args: argparse.Namespace) -> int:
     from graphopt.optimize import OptimizeOptions, optimize
-    from graphopt.report.checks import checks_text, outputs_text
     from graphopt.verify.feeds import parse_shape_overrides
 
     text = _decoder_text(args)
@@ -353,31 +352,39 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         report = optimize(args.model, args.output, options).to_dict()
     except GateFailed as exc:
         if exc.report:
-            _write_optimize_reports(args, exc.report)
+            record = _write_optimize_reports(args, exc.report)
             if not args.quiet:  # the same numbers and PASS/FAIL table a failed `check` prints
-                if exc.report["verification"].get("parity"):
-                    print(outputs_text(exc.report["verification"]["parity"]))
-                print(checks_text(exc.report["verification"]["checks"]))
+                print(_verification_text(record.verification))
         raise
-    _write_optimize_reports(args, report)
+    record = _write_optimize_reports(args, report)
     if not args.quiet:
-        print(_optimize_summary(report))
-        if report["verification"].get("parity"):
-            print(outputs_text(report["verification"]["parity"]))
-        print(checks_text(report["verification"]["checks"]))
+        print(_optimize_summary(record))
+        print(_verification_text(record.verification))
     return EXIT_OK
 
 
-def _write_optimize_reports(args: argparse.Namespace, report: dict[str, Any]) -> None:
+def _write_optimize_reports(args: argparse.Namespace, report: dict[str, Any]) -> Any:
+    """The JSON report and the pages made from it; returns its record (``report.records.OptimizeRecord``)."""
     from graphopt.io import to_json, write_text
     from graphopt.report.layers import layers_html, layers_markdown
+    from graphopt.report.records import OptimizeRecord, to_record
 
     if args.report:
         write_text(args.report, to_json(report))
+    record = to_record(OptimizeRecord, report)
     if args.html:
-        write_text(args.html, layers_html(report))
+        write_text(args.html, layers_html(record))
     if args.layers_markdown:
-        write_text(args.layers_markdown, layers_markdown(report))
+        write_text(args.layers_markdown, layers_markdown(record))
+    return record
+
+
+def _verification_text(verification: Any) -> str:
+    """Each output's numbers (where parity was measured) and the PASS/FAIL table."""
+    from graphopt.report.checks import checks_text, outputs_text
+
+    return "\n".join(([outputs_text(verification.parity)] if verification.parity else [])
+                     + [checks_text(verification.checks)])
 
 
 def _refuse_same_path(model: str, output: str) -> None:
@@ -385,33 +392,31 @@ def _refuse_same_path(model: str, output: str) -> None:
         raise UsageError(f"{output}: output path equals the input; choose another -o")
 
 
-def _optimize_summary(report: dict[str, Any]) -> str:
-    from graphopt.report.layers import quantization_layers
+def _optimize_summary(report: Any) -> str:
+    """What was written, its parity, text measures and latency (``report``: an ``OptimizeRecord``)."""
+    from graphopt.report.checks import decoder_text
+    from graphopt.report.layers import precision_table
 
-    verification = report["verification"]
+    verification, data, parity = report.verification, report.verification.data, report.verification.parity
     lines = [
-        f"wrote {report['output']}: {report['output_bytes']:,} bytes "
-        f"({report['output_bytes'] / report['input_bytes']:.3f}× of {report['input_bytes']:,}) "
-        f"with recipe '{report['recipe']['name']}' in {report['seconds']:.1f}s",
-        f"parity on {verification['data']['samples']} samples ({verification['data']['source']}): "
-        f"max abs {verification['parity']['max_abs']:.3g}, cosine mean {verification['parity']['cosine_mean']:.6f}"
-        + (f", top-1 agreement {verification['parity']['top1']:.6f}" if verification['parity'].get("top1") is not None
-           else ""),
+        f"wrote {report.output}: {report.output_bytes:,} bytes "
+        f"({report.output_bytes / report.input_bytes:.3f}× of {report.input_bytes:,}) "
+        f"with recipe '{report.recipe.name}' in {report.seconds:.1f}s",
+        f"parity on {data.samples} samples ({data.source}): "
+        f"max abs {parity.max_abs:.3g}, cosine mean {parity.cosine_mean:.6f}"
+        + (f", top-1 agreement {parity.top1:.6f}" if parity.top1 is not None else ""),
     ]
-    if verification.get("text"):
-        from graphopt.report.checks import decoder_text
-
-        lines.append(decoder_text(verification["text"]))
-    floats = [layer.get("label") or layer["node"] for layer in quantization_layers(report)[0]
-              if layer.get("mode") == "float"]
-    if floats:
-        lines.append(f"left in float for accuracy: {len(floats)} layer(s) (see the report's steps)")
-    if report.get("retreats"):
-        lines.append(f"the final verification sent the search {report['retreats']} step(s) further down its ladder")
-    if verification.get("latency"):
-        lat = verification["latency"]
-        lines.append(f"latency: {lat['a']['median_ms']:.2f} ms → {lat['b']['median_ms']:.2f} ms "
-                     f"(ratio {lat['ratio']:.3f}, {_count(lat['threads'], 'thread')}, interleaved)")
+    if verification.text:
+        lines.append(decoder_text(verification.text))
+    table = precision_table(report)
+    if table is not None and table.float_layers:
+        lines.append(f"left in float for accuracy: {len(table.float_layers)} layer(s) (see the report's steps)")
+    if report.retreats:
+        lines.append(f"the final verification sent the search {report.retreats} step(s) further down its ladder")
+    lat = verification.latency
+    if lat:
+        lines.append(f"latency: {lat.a.median_ms:.2f} ms → {lat.b.median_ms:.2f} ms "
+                     f"(ratio {lat.ratio:.3f}, {_count(lat.threads, 'thread')}, interleaved)")
     return "\n".join(lines)
 
 
@@ -467,32 +472,33 @@ def cmd_check(args: argparse.Namespace) -> int:
 def _check_reports(args: argparse.Namespace, data: dict[str, Any], failure: GateFailed | None, started: float) -> int:
     from graphopt.io import to_json, write_text
     from graphopt.report.checks import check_markdown, checks_text, decoder_text, junit_xml, outputs_text
-    from graphopt.verify.gate import CheckResult
+    from graphopt.report.records import DecoderComparisonRecord, comparison_record
 
-    checks = [CheckResult(**c) for c in data["checks"]]
     if args.json_out:
         write_text(args.json_out, to_json(data))
+    result = comparison_record(data)
     if args.junit:
-        write_text(args.junit, junit_xml(checks, suite="graphopt.check", seconds=time.perf_counter() - started))
+        write_text(args.junit, junit_xml(result.checks, suite="graphopt.check", seconds=time.perf_counter() - started))
     if args.markdown:
-        write_text(args.markdown, check_markdown(data))
+        write_text(args.markdown, check_markdown(result))
     if not args.quiet:
-        if "perplexity" in data:
-            print(decoder_text(data))
+        if isinstance(result, DecoderComparisonRecord):
+            print(decoder_text(result))
         else:
-            print(outputs_text(data["parity"]))
-        print(checks_text(data["checks"]))
+            print(outputs_text(result.parity))
+        print(checks_text(result.checks))
     if failure is not None:
         raise failure
     if not args.quiet:
-        print(f"check passed ({len(checks)} checks, {data['data']['samples']} samples"
-              + (", random inputs" if data["data"]["synthetic"] else "") + ")")
+        print(f"check passed ({len(result.checks)} checks, {result.data.samples} samples"
+              + (", random inputs" if result.data.synthetic else "") + ")")
     return EXIT_OK
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from graphopt.api import bench
     from graphopt.io import to_json, write_text
+    from graphopt.report.records import BenchRecord, to_record
     from graphopt.verify.feeds import parse_shape_overrides
 
     _check_output_folders(args.json_out)
@@ -503,9 +509,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         write_text(args.json_out, to_json(result))
     if args.quiet and args.json_out:
         return EXIT_OK
-    peak_text = f", peak RSS {result['peak_rss_mib']:.0f} MiB" if result["peak_rss_mib"] else ""
-    print(f"{Path(result['model']).name}: median {result['median_ms']:.3f} ms, p90 {result['p90_ms']:.3f} ms over "
-          f"{result['runs']} runs ({_count(result['threads'], 'thread')}{peak_text}; {result['data']['source']})")
+    timing = to_record(BenchRecord, result)
+    peak_text = f", peak RSS {timing.peak_rss_mib:.0f} MiB" if timing.peak_rss_mib else ""
+    print(f"{Path(timing.model).name}: median {timing.median_ms:.3f} ms, p90 {timing.p90_ms:.3f} ms over "
+          f"{timing.runs} runs ({_count(timing.threads, 'thread')}{peak_text}; {timing.data.source})")
     return EXIT_OK
 
 

@@ -99,6 +99,67 @@ class ParitySummary:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class Perplexity:
+    base: float
+    candidate: float
+    ratio: float
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Continuation:
+    """One prompt continued greedily by both decoders."""
+
+    prompt: str
+    fork_at: int | None  # the first token where they differ; None: identical
+    base: str
+    candidate: str
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GreedyRecord:
+    prompts: int = 0
+    new_tokens: int = 0
+    agreement: float | None = None
+    identical: int = 0
+    continuations: list[Continuation] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BaseAndCandidate:
+    base: float
+    candidate: float
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DecoderLatencyRecord:
+    """Prefill ms and decode ms/token of both decoders, interleaved, and the candidate's ratios."""
+
+    prefill_ms: BaseAndCandidate
+    decode_ms_per_token: BaseAndCandidate
+    prefill_ratio: float
+    decode_ratio: float
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DecoderComparisonRecord:
+    """Two decoders judged as text generators (``verify.text.compare_decoders``): the ``text`` of
+    ``optimize``'s verification, and with ``base``, ``candidate`` and ``data`` `check`'s result."""
+
+    windows: int
+    window_tokens: int
+    perplexity: Perplexity
+    token_agreement: float
+    greedy: GreedyRecord = GreedyRecord()
+    latency: DecoderLatencyRecord | None = None
+    size_ratio: float | None = None
+    checks: list[CheckResult] = dataclasses.field(default_factory=list)
+    passed: bool = False
+    base: str = ""
+    candidate: str = ""
+    data: DataRecord = DataRecord()
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class ComparisonRecord:
     """``check``'s comparison (``verify.compare.Comparison.to_dict``), also the ``verification``
     of ``optimize``'s report, where ``text`` holds a decoder's comparison as text generator."""
@@ -113,7 +174,12 @@ class ComparisonRecord:
     parity: ParitySummary | None = None
     latency: LatencyRecord | None = None
     checks: list[CheckResult] = dataclasses.field(default_factory=list)
-    text: dict[str, Any] | None = None  # verify.text.compare_decoders' result
+    text: DecoderComparisonRecord | None = None
+
+
+def comparison_record(data: Mapping[str, Any]) -> ComparisonRecord | DecoderComparisonRecord:
+    """The record of `check`'s result: two decoders' (it states perplexity) or two model files'."""
+    return to_record(DecoderComparisonRecord if "perplexity" in data else ComparisonRecord, data)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -159,5 +225,6 @@ class BenchRecord:
     peak_rss_mib: float | None = None
 
 
-__all__ = ["BenchRecord", "ComparisonRecord", "DataRecord", "LatencyRecord", "OptimizeRecord", "ParitySummary",
-           "PassStepRecord", "RecipeRecord", "to_record"]
+__all__ = ["BaseAndCandidate", "BenchRecord", "ComparisonRecord", "Continuation", "DataRecord",
+           "DecoderComparisonRecord", "DecoderLatencyRecord", "GreedyRecord", "LatencyRecord", "OptimizeRecord",
+           "ParitySummary", "PassStepRecord", "Perplexity", "RecipeRecord", "comparison_record", "to_record"]
