@@ -161,7 +161,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="graphopt", description="Compress, verify and package ONNX models.")
     parser.add_argument("--version", action="version", version=f"graphopt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_inspect_command(sub)
+    _add_optimize_command(sub)
+    _add_check_command(sub)
+    _add_bench_command(sub)
+    _add_package_command(sub)
+    _add_evaluate_command(sub)
+    _add_distill_command(sub)
+    _add_export_command(sub)
+    _add_generate_command(sub)
+    _add_recipes_command(sub)
+    return parser
 
+
+def _add_inspect_command(sub: Any) -> None:
     p = sub.add_parser("inspect", help="signature, opsets, ops, parameters, output kinds and files of a model")
     p.add_argument("model")
     p.add_argument("--json", dest="json_out", nargs="?", const="-", metavar="FILE",
@@ -169,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_inspect)
 
+
+def _add_optimize_command(sub: Any) -> None:
     p = sub.add_parser("optimize", help="run a recipe of passes, verify the result, write it")
     p.add_argument("model")
     p.add_argument("-o", "--output", required=True, help="output .onnx (never the input)")
@@ -195,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_judging(p)
     p.set_defaults(func=cmd_optimize)
 
+
+def _add_check_command(sub: Any) -> None:
     p = sub.add_parser("check", help="CI gate: compare a candidate with its base against thresholds")
     p.add_argument("base")
     p.add_argument("candidate")
@@ -207,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_judging(p, cross_validation=True)
     p.set_defaults(func=cmd_check)
 
+
+def _add_bench_command(sub: Any) -> None:
     p = sub.add_parser("bench", help="latency of one model in onnxruntime")
     p.add_argument("model")
     p.add_argument("--runs", type=_positive_int, default=100, help="timed runs (default 100, at most 30 s)")
@@ -217,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_bench)
 
+
+def _add_package_command(sub: Any) -> None:
     p = sub.add_parser("package", help="edge bundle: .onnx, verified .ort, operator config, manifest")
     p.add_argument("model")
     p.add_argument("-o", "--output", required=True, help="bundle.zip, or a folder (never the input)")
@@ -231,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_package)
 
+
+def _add_evaluate_command(sub: Any) -> None:
     p = sub.add_parser("evaluate", help="cross-validated cost of compression on labelled data (folds, CI, McNemar)",
                        description="Score MODEL and its compressed form (or --candidate) on held-out parts of "
                        "labelled data. With --recipe, each fold compresses the model calibrated and verified on "
@@ -262,12 +285,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_evaluate)
 
+
+def _add_distill_command(sub: Any) -> None:
     p = sub.add_parser("distill", help="torch: distill a student from a teacher, export it with parity "
                        "(needs the torch extra)")
     p.add_argument("config", help="TOML naming teacher, student and data factories (package.module:function)")
     _add_common(p)
     p.set_defaults(func=cmd_distill)
 
+
+def _add_export_command(sub: Any) -> None:
     p = sub.add_parser("export", help="torch: a causal LM (Hugging Face folder or .gguf) → an ONNX decoder folder "
                        "with a KV cache, verified against torch (needs the llm extra)")
     p.add_argument("source", help="a Hugging Face model folder or a .gguf file")
@@ -286,6 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_export)
 
+
+def _add_generate_command(sub: Any) -> None:
     p = sub.add_parser("generate", help="greedy continuation of a prompt from a decoder folder, streamed")
     p.add_argument("folder", help="a model folder graphopt export (or optimize) wrote")
     p.add_argument("--prompt", required=True, help="the text to continue")
@@ -295,11 +324,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_generate)
 
+
+def _add_recipes_command(sub: Any) -> None:
     p = sub.add_parser("recipes", help="list built-in recipes and passes; with NAME, a recipe's TOML or a pass's options")
     p.add_argument("name", nargs="?", help="a built-in recipe (prints its TOML) or a pass (prints its options)")
     _add_common(p)
     p.set_defaults(func=cmd_recipes)
-    return parser
 
 
 # -- commands -------------------------------------------------------------------------------
