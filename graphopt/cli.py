@@ -604,25 +604,27 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_distill(args: argparse.Namespace) -> int:
     require_extra("torch", extra="torch", purpose="distill")
+    from graphopt.report.records import DistillRecord, to_record
     from graphopt.torch.config import run_config
 
-    report = run_config(args.config, quiet=args.quiet)
-    if not args.quiet and "outputs" in report:
-        history = report["distill"]["history"]
-        best = report["distill"]["best_metric"]
-        print(f"distilled {report['teacher_params']:,} → {report['student_params']:,} parameters in "
-              f"{len(history)} epochs ({report['distill']['stopped']})"
-              + (f"; best validation {report['distill']['metric']} {best:.4f}" if best is not None else ""))
-        print(f"wrote {report['outputs']['state_dict']} and {report['outputs']['onnx']} "
-              f"({report['export']['exporter']}, max abs {report['export']['parity']['max_abs']:.3g} vs torch)")
+    report = to_record(DistillRecord, run_config(args.config, quiet=args.quiet))
+    if not args.quiet and report.outputs is not None and report.export is not None:
+        distill = report.distill
+        print(f"distilled {report.teacher_params:,} → {report.student_params:,} parameters in "
+              f"{len(distill.history)} epochs ({distill.stopped})"
+              + (f"; best validation {distill.metric} {distill.best_metric:.4f}"
+                 if distill.best_metric is not None else ""))
+        print(f"wrote {report.outputs.state_dict} and {report.outputs.onnx} "
+              f"({report.export.exporter}, max abs {report.export.parity.max_abs:.3g} vs torch)")
     return EXIT_OK
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     require_extra("torch", extra="llm", purpose="export")
     require_extra("transformers", extra="llm", purpose="export")
-    from graphopt.torch.decoder import DecoderExportOptions, export_decoder
     from graphopt.io import to_json, write_text
+    from graphopt.report.records import DecoderExportRecord, to_record
+    from graphopt.torch.decoder import DecoderExportOptions, export_decoder
     from graphopt.verify.text import load_prompts
 
     options = DecoderExportOptions(fuse=args.fuse, max_abs=args.max_abs, decode_steps=args.decode_steps,
@@ -631,13 +633,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.json_out:
         write_text(args.json_out, to_json(report))
     if not args.quiet:
-        parity = report["parity"]
-        fused = ", ".join(f"{n} {op.removesuffix(' nodes')}" for op, n in report["fusion"]["changes"].items()) or "none"
-        print(f"wrote {report['output']}: {report['architecture']}, {report['layers']} layers, fused: {fused}")
-        print(f"vs torch on {parity['prompts']} prompts: logits max abs {parity['prefill_max_abs']:.3g} (prefill), "
-              f"{parity['decode_max_abs']:.3g} ({parity['decode_steps']} cached steps); greedy identical on "
-              f"{parity['greedy_identical']} of {parity['prompts']}"
-              + (f", {len(parity['forks'])} fork(s) at near ties" if parity["forks"] else ""))
+        exported = to_record(DecoderExportRecord, report)
+        parity = exported.parity
+        fused = ", ".join(f"{n} {op.removesuffix(' nodes')}" for op, n in exported.fusion.changes.items()) or "none"
+        print(f"wrote {exported.output}: {exported.architecture}, {exported.layers} layers, fused: {fused}")
+        print(f"vs torch on {parity.prompts} prompts: logits max abs {parity.prefill_max_abs:.3g} (prefill), "
+              f"{parity.decode_max_abs:.3g} ({parity.decode_steps} cached steps); greedy identical on "
+              f"{parity.greedy_identical} of {parity.prompts}"
+              + (f", {len(parity.forks)} fork(s) at near ties" if parity.forks else ""))
     return EXIT_OK
 
 

@@ -7,7 +7,8 @@ out; a key the JSON lacks takes the field's default. Renderers and the command l
 records by attribute; JSON is written from the records (``to_dict``) at the edge.
 
 The records here are the reports whose producers hand over JSON-shaped data (``optimize``'s
-report, ``check``'s comparison, ``bench``): the command line parses each once.
+report, ``check``'s comparison, ``bench``, ``distill``, ``export``): the command line parses each
+once.
 """
 
 from __future__ import annotations
@@ -225,6 +226,72 @@ class BenchRecord:
     peak_rss_mib: float | None = None
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DistillSummary:
+    history: list[dict[str, float]]  # one entry per epoch
+    best_metric: float | None
+    metric: str
+    stopped: str
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DistilledFiles:
+    state_dict: str
+    onnx: str
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MaxAbs:
+    max_abs: float
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StudentExport:
+    exporter: str
+    parity: MaxAbs  # against torch
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DistillRecord:
+    """``distill``'s report (``torch.config.run_config``); ``outputs`` and ``export`` once written."""
+
+    teacher_params: int
+    student_params: int
+    distill: DistillSummary
+    outputs: DistilledFiles | None = None
+    export: StudentExport | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FusionRecord:
+    changes: dict[str, int] = dataclasses.field(default_factory=dict)  # what the fusion made, e.g. "attention nodes"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DecoderExportParity:
+    """An exported decoder against torch: logits on each prompt's prefill and cached steps, greedy forks."""
+
+    prompts: int
+    decode_steps: int
+    prefill_max_abs: float
+    decode_max_abs: float
+    greedy_identical: int
+    forks: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DecoderExportRecord:
+    """``export``'s report (``torch.decoder.export_decoder``)."""
+
+    output: str
+    architecture: str
+    layers: int
+    fusion: FusionRecord
+    parity: DecoderExportParity
+
+
 __all__ = ["BaseAndCandidate", "BenchRecord", "ComparisonRecord", "Continuation", "DataRecord",
-           "DecoderComparisonRecord", "DecoderLatencyRecord", "GreedyRecord", "LatencyRecord", "OptimizeRecord",
-           "ParitySummary", "PassStepRecord", "Perplexity", "RecipeRecord", "comparison_record", "to_record"]
+           "DecoderComparisonRecord", "DecoderExportParity", "DecoderExportRecord", "DecoderLatencyRecord",
+           "DistillRecord", "DistillSummary", "DistilledFiles", "FusionRecord", "GreedyRecord", "LatencyRecord",
+           "MaxAbs", "OptimizeRecord", "ParitySummary", "PassStepRecord", "Perplexity", "RecipeRecord",
+           "StudentExport", "comparison_record", "to_record"]
