@@ -41,7 +41,7 @@ class Int8Layer:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class HeldOutVerdict:
+class HeldOutRecord:
     """The search's verdict on the held-out calibration feeds (``verify.judge.Verdict.to_dict``)."""
 
     measured: str | None = "—"
@@ -53,7 +53,7 @@ class HeldOutVerdict:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Int8Table:
     layers: list[Int8Layer]
-    held_out: HeldOutVerdict = HeldOutVerdict()
+    held_out: HeldOutRecord = HeldOutRecord()
     held_out_feeds: int | None = None
     budget: str = "—"
 
