@@ -96,6 +96,18 @@ def test_zip_holds_model_ort_config_summary_and_a_manifest_of_every_file(model_p
             assert info.compress_type == zipfile.ZIP_STORED
 
 
+def test_package_returns_the_manifest_record_it_wrote(model_path, tmp_path):
+    from graphopt.io import to_json
+    from graphopt.package import PackageOptions
+    from graphopt.package import package as build
+
+    manifest = build(model_path, tmp_path / "bundle", PackageOptions())
+
+    assert (tmp_path / "bundle" / "manifest.json").read_text() == to_json(manifest.to_dict())
+    assert manifest.names.ort == "model.ort" and manifest.verification.data.samples == 8
+    assert [f.path for f in manifest.files] == BUNDLE[1:]
+
+
 def test_config_names_the_operators_and_no_path(model_path, tmp_path):
     out = tmp_path / "bundle.zip"
     assert package(model_path, out) == 0
