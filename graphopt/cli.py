@@ -14,7 +14,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from graphopt import __version__
 from graphopt.errors import (
@@ -29,6 +29,9 @@ from graphopt.errors import (
 )
 from graphopt.cpu import TARGET_CPUS
 from graphopt.verify.metrics import METRICS
+
+if TYPE_CHECKING:  # the command line imports what a command needs when it runs
+    from graphopt.report.records import ComparisonRecord, OptimizeRecord
 
 logger = logging.getLogger("graphopt")
 
@@ -393,8 +396,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _write_optimize_reports(args: argparse.Namespace, report: dict[str, Any]) -> Any:
-    """The JSON report and the pages made from it; returns its record (``report.records.OptimizeRecord``)."""
+def _write_optimize_reports(args: argparse.Namespace, report: dict[str, Any]) -> OptimizeRecord:
+    """The JSON report and the pages made from it; returns the report's record."""
     from graphopt.io import to_json, write_text
     from graphopt.report.layers import layers_html, layers_markdown
     from graphopt.report.records import OptimizeRecord, to_record
@@ -409,7 +412,7 @@ def _write_optimize_reports(args: argparse.Namespace, report: dict[str, Any]) ->
     return record
 
 
-def _verification_text(verification: Any) -> str:
+def _verification_text(verification: ComparisonRecord) -> str:
     """Each output's numbers (where parity was measured) and the PASS/FAIL table."""
     from graphopt.report.checks import checks_text, outputs_text
 
@@ -422,8 +425,8 @@ def _refuse_same_path(model: str, output: str) -> None:
         raise UsageError(f"{output}: output path equals the input; choose another -o")
 
 
-def _optimize_summary(report: Any) -> str:
-    """What was written, its parity, text measures and latency (``report``: an ``OptimizeRecord``)."""
+def _optimize_summary(report: OptimizeRecord) -> str:
+    """What was written, its parity, text measures and latency."""
     from graphopt.report.checks import decoder_text
     from graphopt.report.layers import precision_table
 
