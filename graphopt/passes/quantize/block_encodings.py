@@ -81,13 +81,13 @@ def encode_matmul(graph: ir.Graph, use: WeightUse, quantized: BlockQuantized, le
     if zero_points == "float" and float_zero or not float_zero and not quantized.symmetric:
         zp = initializer(graph, f"{name}_zero_points", quantized.packed_zero_points())
         inputs.append(zp)
-    fused = matmul_nbits(inputs, quantized, n, level, node.name or f"{name}matmul_nbits")
+    fused = matmul_nbits(inputs, quantized, n, level, node.name or f"{name}_matmul_nbits")
     added = [fused]
     result = fused.outputs[0]
     if zero_points == "offset" and float_zero:
         offsets = initializer(graph, f"{name}_offsets", quantized.offsets().astype(np.float16))
         sums = ir.node("MatMul", [node.inputs[0], block_sums(graph, quantized.k, quantized.block_size)],
-                       name=f"{fused.name}block_sums")
+                       name=f"{fused.name}_block_sums")
         widened = ir.node("Cast", [offsets], {"to": ir.DataType.FLOAT}, name=f"{fused.name}_offsets_f32")
         term = ir.node("MatMul", [sums.outputs[0], widened.outputs[0]], name=f"{fused.name}_offset_term")
         total = ir.node("Add", [result, term.outputs[0]], name=f"{fused.name}_plus_offsets")
