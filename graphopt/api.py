@@ -158,7 +158,7 @@ def evaluate(model: PathLike, data: PathLike, **options: Any) -> dict[str, Any]:
     from graphopt.evaluate import EvaluateOptions
     from graphopt.evaluate import evaluate as run
 
-    return run(model, data, EvaluateOptions(**options))
+    return run(model, data, EvaluateOptions(**options)).to_dict()
 
 
 def package(model: PathLike, output: PathLike, *, target: str | Path | None = None, data: DataSource = None,
@@ -168,8 +168,10 @@ def package(model: PathLike, output: PathLike, *, target: str | Path | None = No
     from graphopt.package import PackageOptions
     from graphopt.package import package as run
 
-    return run(model, output, PackageOptions(data=data, batch_size=batch_size, shapes=dict(shapes or {}), seed=seed,
-                                             threads=threads, max_abs=max_abs, target=target, report=optimize_report))
+    manifest = run(model, output, PackageOptions(data=data, batch_size=batch_size, shapes=dict(shapes or {}),
+                                                 seed=seed, threads=threads, max_abs=max_abs, target=target,
+                                                 report=optimize_report))
+    return manifest.to_dict()
 
 
 __all__ = ["bench", "check", "evaluate", "optimize", "package"]

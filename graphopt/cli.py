@@ -131,7 +131,7 @@ def _decoder_check(args: argparse.Namespace) -> dict[str, Any]:
 
 def _decoder_text(args: argparse.Namespace) -> Any:
     """optimize --data PROSE.txt on a decoder: how it is judged as a text generator (or None)."""
-    from graphopt.optimize import DecoderText
+    from graphopt.verify.text import DecoderText
     from graphopt.verify.text import DecoderThresholds
 
     if args.data is None or not str(args.data).endswith(".txt"):
