@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -140,3 +141,67 @@ def peak_memory() -> Iterator[Callable[[], float | None]]:
     yield lambda: result[0]
     peak = _peak_rss_kib()
     result[0] = peak / 1024 if reset and peak is not None else None
+
+
+# -- decoders ----------------------------------------------------------------------------------
+
+
+def _timed(action: Any) -> float:
+    start = time.perf_counter()
+    action()
+    return (time.perf_counter() - start) * 1000.0
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderLatency:
+    """Prefill ms of one prompt and decode ms/token after it (medians per model, ``base`` and
+    ``candidate``), and the candidate's ratios (median of the paired rounds)."""
+
+    prompt_tokens: int
+    decode_tokens: int
+    rounds: int
+    prefill_ms: dict[str, float]
+    decode_ms_per_token: dict[str, float]
+    prefill_ratio: float
+    decode_ratio: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def interleaved_latency(base: Any, candidate: Any, prompt: Sequence[int], *, decode_tokens: int = 16,
+                        rounds: int = 5) -> DecoderLatency:
+    """Two decoders (``verify.decoder.OrtDecoder``): prefill ms of ``prompt`` and decode ms/token
+    after it, base and candidate alternating as ``compare_interleaved`` does for other models."""
+    results: dict[str, dict[str, list[float]]] = {"base": {"prefill": [], "decode": []},
+                                                  "candidate": {"prefill": [], "decode": []}}
+    ids = np.asarray([list(prompt)], np.int64)
+    for round_ in range(rounds + 1):  # the first round warms up and is not counted
+        order = (("base", base), ("candidate", candidate)) if round_ % 2 == 0 else (("candidate", candidate), ("base", base))
+        for label, decoder in order:
+            state: dict[str, Any] = {}
+
+            def prefill(decoder: Any = decoder, state: dict[str, Any] = state) -> None:
+                state["logits"], state["cache"] = decoder.step(ids, decoder.empty_cache())
+
+            prefill_ms = _timed(prefill)
+
+            def decode(decoder: Any = decoder, state: dict[str, Any] = state) -> None:
+                logits, cache = state["logits"], state["cache"]
+                for _ in range(decode_tokens):
+                    token = np.asarray([[int(np.argmax(logits[0, -1]))]], np.int64)
+                    logits, cache = decoder.step(token, cache)
+
+            decode_ms = _timed(decode) / decode_tokens
+            if round_:
+                results[label]["prefill"].append(prefill_ms)
+                results[label]["decode"].append(decode_ms)
+
+    def ratio(kind: str) -> float:
+        return statistics.median(c / b for c, b in zip(results["candidate"][kind], results["base"][kind]))
+
+    return DecoderLatency(
+        prompt_tokens=len(prompt), decode_tokens=decode_tokens, rounds=rounds,
+        prefill_ms={label: statistics.median(v["prefill"]) for label, v in results.items()},
+        decode_ms_per_token={label: statistics.median(v["decode"]) for label, v in results.items()},
+        prefill_ratio=ratio("prefill"), decode_ratio=ratio("decode"))

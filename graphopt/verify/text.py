@@ -21,8 +21,6 @@ import dataclasses
 import json
 import logging
 import math
-import statistics
-import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +31,7 @@ from graphopt.errors import DataError
 from graphopt.verify.decoder import OrtDecoder
 from graphopt.verify.gate import CheckResult
 from graphopt.verify.judge import Verdict
+from graphopt.verify.latency import DecoderLatency, interleaved_latency
 
 logger = logging.getLogger(__name__)
 
@@ -209,66 +208,6 @@ def _share(amount: float, allowance: float) -> float:
     if allowance > 0:
         return amount / allowance
     return 0.0 if allowance == 0 and amount <= 0 else math.inf
-
-
-def _timed(action: Any) -> float:
-    start = time.perf_counter()
-    action()
-    return (time.perf_counter() - start) * 1000.0
-
-
-@dataclasses.dataclass(frozen=True)
-class DecoderLatency:
-    """Prefill ms of one prompt and decode ms/token after it (medians per model, ``base`` and
-    ``candidate``), and the candidate's ratios (median of the paired rounds)."""
-
-    prompt_tokens: int
-    decode_tokens: int
-    rounds: int
-    prefill_ms: dict[str, float]
-    decode_ms_per_token: dict[str, float]
-    prefill_ratio: float
-    decode_ratio: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def interleaved_latency(base: OrtDecoder, candidate: OrtDecoder, prompt: Sequence[int], *, decode_tokens: int = 16,
-                        rounds: int = 5) -> DecoderLatency:
-    """Prefill ms of ``prompt`` and decode ms/token after it, base and candidate alternating."""
-    results: dict[str, dict[str, list[float]]] = {"base": {"prefill": [], "decode": []},
-                                                  "candidate": {"prefill": [], "decode": []}}
-    ids = np.asarray([list(prompt)], np.int64)
-    for round_ in range(rounds + 1):  # the first round warms up and is not counted
-        order = (("base", base), ("candidate", candidate)) if round_ % 2 == 0 else (("candidate", candidate), ("base", base))
-        for label, decoder in order:
-            state: dict[str, Any] = {}
-
-            def prefill(decoder: OrtDecoder = decoder, state: dict[str, Any] = state) -> None:
-                state["logits"], state["cache"] = decoder.step(ids, decoder.empty_cache())
-
-            prefill_ms = _timed(prefill)
-
-            def decode(decoder: OrtDecoder = decoder, state: dict[str, Any] = state) -> None:
-                logits, cache = state["logits"], state["cache"]
-                for _ in range(decode_tokens):
-                    token = np.asarray([[int(np.argmax(logits[0, -1]))]], np.int64)
-                    logits, cache = decoder.step(token, cache)
-
-            decode_ms = _timed(decode) / decode_tokens
-            if round_:
-                results[label]["prefill"].append(prefill_ms)
-                results[label]["decode"].append(decode_ms)
-
-    def ratio(kind: str) -> float:
-        return statistics.median(c / b for c, b in zip(results["candidate"][kind], results["base"][kind]))
-
-    return DecoderLatency(
-        prompt_tokens=len(prompt), decode_tokens=decode_tokens, rounds=rounds,
-        prefill_ms={label: statistics.median(v["prefill"]) for label, v in results.items()},
-        decode_ms_per_token={label: statistics.median(v["decode"]) for label, v in results.items()},
-        prefill_ratio=ratio("prefill"), decode_ratio=ratio("decode"))
 
 
 @dataclasses.dataclass(frozen=True)
