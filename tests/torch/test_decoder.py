@@ -330,6 +330,33 @@ def test_int4_budget_out_of_reach_exits_1_naming_the_best_value_and_writes_nothi
     assert "text budget cannot be met" in step["exhausted"]
 
 
+def test_the_bits_ladder_reaches_float_weights_when_8_bits_miss(exported, tmp_path, capsys):
+    """A budget no quantized linear layer meets (perplexity ratio within 1e-5, head and table kept
+    float): the ladder climbs past 8 bits to float weights, writes the fewest that meet it, and the
+    report says which layers stayed float."""
+    import onnx_ir as ir
+
+    _, out, _ = exported
+    recipe = tmp_path / "tight.toml"
+    recipe.write_text('max_ppl_ratio = 1.00001\n\n[[steps]]\npass = "quantize-blockwise"\nbits = 4\n'
+                      'head_bits = 0\nmethod = "rtn"\n')
+    prose = _prose(tmp_path / "prose.txt")
+    assert main(["optimize", str(out), "-o", str(tmp_path / "mixed"), "--recipe", str(recipe), "--data", str(prose),
+                 "--window", "16", "--windows", "4", "--no-latency", "--threads", "1", "-q",
+                 "--report", str(tmp_path / "r.json")]) == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "r.json").read_text())
+    step = next(s for s in report["steps"] if s["name"] == "quantize-blockwise")
+    search = step["details"]["search"]
+    assert [t["step"] for t in search["trials"]][-1] != "every layer at 8 bits"
+    assert any(t["step"] == "every layer at 8 bits" and not t["meets"] for t in search["trials"])
+    assert any(t["float_layers"] > 0 and t["meets"] for t in search["trials"])
+    floats = [row for row in step["details"]["layers"] if row["method"] == "float"]
+    assert floats and all(row["bits"] == 32 for row in floats) and step["changes"]["kept float"] == len(floats)
+    model = ir.load(tmp_path / "mixed" / "model.onnx")
+    matmuls = [node for node in model.graph if node.op_type == "MatMul" and node.inputs[1].is_initializer()]
+    assert {node.name for node in matmuls} >= {row["node"] for row in floats}
+
+
 def test_int4_recipe_on_a_model_that_is_not_a_decoder_is_refused(tmp_path, capsys):
     from tests.conftest import make_model, tensor
 

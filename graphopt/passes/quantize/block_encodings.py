@@ -18,6 +18,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphopt.passes.quantize.blocks import BlockQuantized
+from graphopt.passes.naming import unique_value_name
 from graphopt.passes.weights import WeightUse, first_consumer, initializer, replace_output
 
 NORM_WEIGHTS = {"SimplifiedLayerNormalization": (1, None), "SkipSimplifiedLayerNormalization": (2, None),
@@ -30,9 +31,10 @@ class Encoded:
     codes of the same form (another bit width) without touching the graph's structure."""
 
     def __init__(self, node: ir.Node, codes: ir.Value, scales: ir.Value, zero_points: ir.Value | None,
-                 offsets: ir.Value | None, readers: tuple[ir.Node, ...] = ()) -> None:
+                 offsets: ir.Value | None, readers: tuple[ir.Node, ...] = (), added: tuple[ir.Node, ...] = ()) -> None:
         self.node, self.codes, self.scales = node, codes, scales
         self.zero_points, self.offsets, self.readers = zero_points, offsets, readers
+        self.added = added or (node,)  # every node the encoding added, the one giving the result last
 
     def set_level(self, level: int) -> None:
         for node in (self.node, *self.readers):
@@ -98,7 +100,7 @@ def encode_matmul(graph: ir.Graph, use: WeightUse, quantized: BlockQuantized, le
     take_over(graph, node, result)
     if not use.weight.uses():
         graph.initializers.pop(use.weight.name, None)
-    return Encoded(fused, codes, scales, zp, offsets)
+    return Encoded(fused, codes, scales, zp, offsets, added=tuple(added))
 
 
 def encode_standard(graph: ir.Graph, use: WeightUse, quantized: BlockQuantized, *, table: bool) -> None:
@@ -220,3 +222,23 @@ def divide_input(graph: ir.Graph, value: ir.Value, nodes: list[ir.Node], scales:
     graph.insert_before(first_consumer(value, graph), divide)
     for node in nodes:
         node.replace_input_with(0, divide.outputs[0])
+
+
+def restore_float(graph: ir.Graph, encoded: Encoded, weight: ir.TensorProtocol, weight_name: str) -> None:
+    """A MatMul ``encode_matmul`` replaced, back in float: ``MatMul(A, weight)`` takes over the
+    result, and the nodes and initializers only the encoding used are removed. ``encoded`` may
+    be of another copy of ``graph`` (``ir.Model.clone``): its nodes are found here by name."""
+    by_name = {node.name: node for node in graph}
+    added = [by_name[node.name] for node in encoded.added]
+    fused, last = added[0], added[-1]
+    value = ir.Value(name=unique_value_name(graph, weight_name), const_value=weight)
+    graph.register_initializer(value)
+    matmul = ir.node("MatMul", [fused.inputs[0], value], name=fused.name)
+    graph.insert_before(fused, matmul)
+    take_over(graph, last, matmul.outputs[0])
+    inputs = {id(v): v for node in added for v in node.inputs if v is not None and v.is_initializer()}
+    for node in reversed(added[:-1]):
+        graph.remove(node, safe=True)
+    for value in inputs.values():
+        if not value.uses():
+            graph.initializers.pop(value.name, None)

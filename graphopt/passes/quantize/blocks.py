@@ -228,6 +228,13 @@ def output_error(quantized: BlockQuantized, weight: np.ndarray,
 AWQ_ALPHAS = tuple(round(a, 2) for a in np.linspace(0.1, 1.0, 10))
 
 
+def relative_loss(quantized: BlockQuantized, weight: np.ndarray, hessian: np.ndarray | None) -> float:
+    """The relative output error tr(Eᵀ H E) / tr(Wᵀ H W) on the inputs H measures (without H, the
+    weight's own relative squared error)."""
+    error, total = output_error(quantized, weight, None if hessian is None else hessian.astype(np.float32))
+    return error / max(total, 1e-30)
+
+
 def awq_scales(weights: list[np.ndarray], hessian: np.ndarray, *, bits: int, block_size: int, form: str,
                alphas: tuple[float, ...] = AWQ_ALPHAS) -> tuple[np.ndarray | None, float, float]:
     """AWQ's per-input-channel scales for the layers ``weights`` (each [K, N]) that read one input

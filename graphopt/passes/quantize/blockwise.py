@@ -33,16 +33,16 @@ likewise.
 
 **Bits per layer** (``search``): with calibration text (``PassContext.text``) and a text budget,
 every layer starts at ``bits``; if the calibration windows set aside for judging miss the budget,
-layers move to 8 bits in order of sensitivity (GPTQ's output loss when measured, else the
-weight's relative error), fewest first (a bisection over that order); if all of them at 8 bits
-still miss it, the pass fails naming the best value reachable.
+the ladder of ``bit_search.py`` is climbed (float compute per weight shape, 8 bits per layer, then
+float weights per layer), fewest rungs first; where even the top misses, the pass says so and the
+final verification decides.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 import onnx_ir as ir
@@ -50,14 +50,11 @@ import onnx_ir as ir
 from graphopt.passes.base import GraphoptPass, PassContext, PassResult
 from graphopt.passes.quantize.block_encodings import (Encoded, divide_input, encode_matmul, encode_standard,
                                                       encode_table, logits_producers, reads_transposed, table_block)
-from graphopt.passes.quantize.blocks import BlockQuantized, awq_scales, output_error, quantize_blocks
-from graphopt.passes.quantize.precision import BitSearch, BitTrial, BlockLayer
+from graphopt.passes.quantize.bit_search import search_bits
+from graphopt.passes.quantize.blocks import BlockQuantized, awq_scales, output_error, quantize_blocks, relative_loss
+from graphopt.passes.quantize.precision import BlockLayer
 from graphopt.passes.registry import register
 from graphopt.passes.weights import WeightUse, weight_uses
-from graphopt.verify.search import fewest_rungs, retreat
-
-if TYPE_CHECKING:
-    from graphopt.verify.text import TextVerdict
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +80,7 @@ class _Layer:
     methods: dict[int, str] = dataclasses.field(default_factory=dict)  # per bit width, the method that won
     relative_error: float = 0.0
     block_size: int | None = None  # a table's own block (it must divide the table's width), else the pass's
+    kept_float: bool = False  # the search kept its float weight (the end of the ladder)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -204,7 +202,7 @@ class QuantizeBlockwisePass(GraphoptPass, name="quantize-blockwise",
             quantized = self._encode_layer(layer, layer.bits, method)
             weight = layer.weight
             # the output loss on the calibration inputs when measured (else the weight's own error)
-            layer.sensitivity = _loss(quantized, weight, layer.hessian)
+            layer.sensitivity = relative_loss(quantized, weight, layer.hessian)
             error, total = output_error(quantized, weight)
             layer.relative_error = float(np.sqrt(error / max(total, 1e-30)))
             del weight
@@ -220,13 +218,22 @@ class QuantizeBlockwisePass(GraphoptPass, name="quantize-blockwise",
             model.opset_imports["com.microsoft"] = 1
         search = None
         if reference is not None:
-            search = self._search(model, layers, nodes, reference, context, method, snapshots, levels)
-        table = [BlockLayer(node=layer.name, role=layer.role, shape=layer.shape, bits=layer.bits,
-                            accuracy_level=levels[layer.bits] if layer.level is None else layer.level,
-                            block_size=layer.block_size or o.block_size, method=layer.methods[layer.bits],
+            search = search_bits(model, layers, nodes, reference, context, bits=o.bits, levels=levels,
+                                 encode=lambda layer, bits: self._encode_layer(layer, bits, method),
+                                 write=snapshots.write)
+        table = [BlockLayer(node=layer.name, role=layer.role, shape=layer.shape,
+                            bits=32 if layer.kept_float else layer.bits,
+                            accuracy_level=0 if layer.kept_float else
+                            levels[layer.bits] if layer.level is None else layer.level,
+                            block_size=layer.block_size or o.block_size,
+                            method="float" if layer.kept_float else layer.methods[layer.bits],
                             awq_alpha=layer.alpha, relative_error=layer.relative_error,
                             sensitivity=layer.sensitivity) for layer in layers]
-        changes = {"weights encoded": len(layers), "8-bit": sum(layer.bits == 8 for layer in layers)}
+        kept = sum(layer.kept_float for layer in layers)
+        changes = {"weights encoded": len(layers) - kept, "8-bit": sum(layer.bits == 8 and not layer.kept_float
+                                                                      for layer in layers)}
+        if kept:
+            changes["kept float"] = kept
         exhausted = search.exhausted if search is not None else None
         return PassResult(model, modified=True, changes=changes, notes=[exhausted] if exhausted else [],
                           details={"layers": [row.to_dict() for row in table], "skipped": skipped, "method": method,
@@ -296,7 +303,7 @@ class QuantizeBlockwisePass(GraphoptPass, name="quantize-blockwise",
                 fitted = quantize_blocks(weight, bits=bits, block_size=block, form=form, method="gptq",
                                          hessian=layer.hessian, input_scales=scales)
                 judge = layer.held_out_hessian if layer.held_out_hessian is not None else layer.hessian
-                if _loss(fitted, weight, judge) < _loss(nearest, weight, judge):
+                if relative_loss(fitted, weight, judge) < relative_loss(nearest, weight, judge):
                     quantized, chosen = fitted, "gptq"
             layer.encoded[bits] = quantized
             layer.methods[bits] = ("awq+" if scales is not None else "") + chosen
@@ -326,7 +333,7 @@ class QuantizeBlockwisePass(GraphoptPass, name="quantize-blockwise",
         scales, alpha, _ = awq_scales(weights, first.hessian, bits=o.bits, block_size=o.block_size, form=form)
         if scales is not None and first.held_out_hessian is not None:
             def held_out(input_scales: np.ndarray | None) -> float:
-                return sum(_loss(quantize_blocks(w, bits=o.bits, block_size=o.block_size, form=form,
+                return sum(relative_loss(quantize_blocks(w, bits=o.bits, block_size=o.block_size, form=form,
                                                  input_scales=input_scales), w, first.held_out_hessian) for w in weights)
 
             if held_out(scales) >= held_out(None):
@@ -339,111 +346,6 @@ class QuantizeBlockwisePass(GraphoptPass, name="quantize-blockwise",
         for layer in group:
             layer.input_scales, layer.alpha = scales, alpha
         divide_input(graph, first.use.node.inputs[0], [layer.use.node for layer in group], scales)
-
-    def _search(self, model: ir.Model, layers: list[_Layer], nodes: dict[int, Encoded], reference: str,
-                context: PassContext, method: str, snapshots: _Snapshots, levels: dict[int, int]) -> BitSearch | None:
-        """Bits and compute type per layer under the text budget, by the house's search
-        (``verify.search``) judged by ``verify.text.TextJudge``. Rung 0 is every layer at ``bits``
-        with the faster compute; the rungs, in order, give float compute to the layers of one
-        weight shape (4 bits with int8 activations only: the shapes whose int8 activations cost
-        the most, measured one shape at a time, first), then 8 bits to one layer (most sensitive
-        first). The fewest rungs meeting the target are taken; each retreat halves the rungs left."""
-        from graphopt.verify.text import TextJudge
-
-        text = context.text
-        thresholds = text.thresholds
-        if thresholds.max_ppl_ratio is None and thresholds.min_token_agree is None:
-            return None
-        judge = TextJudge(reference, text.judge_windows, thresholds=thresholds, threads=context.threads)
-        ladder = _BitLadder(self, model, layers, nodes, judge, snapshots, method, levels)
-        search = BitSearch(windows=len(text.judge_windows),
-                           target_ppl_ratio=None if thresholds.max_ppl_ratio is None
-                           else 1 + (thresholds.max_ppl_ratio - 1) * judge.allowed,
-                           target_token_agree=None if thresholds.min_token_agree is None
-                           else 1 - (1 - thresholds.min_token_agree) * judge.allowed, trials=ladder.trials)
-        if ladder.judge(0, f"all {self.options.bits}-bit").meets_target:
-            return search
-        if self.options.bits == 4 and levels[4] == 4:
-            ladder.rank_shapes()
-        ladder.rungs += [("bits", layer) for layer in
-                         sorted((layer for layer in ladder.linear if layer.bits != 8), key=lambda l: -l.sensitivity)]
-        total = search.rungs = len(ladder.rungs)
-        top = ladder.judge(total, "the whole ladder")
-        if not top.meets_target:  # the end of the ladder: the final verification decides
-            best = max(ladder.trials, key=lambda t: t.token_agreement - t.ppl_ratio)
-            search.exhausted = (
-                f"the text budget cannot be met on {len(text.judge_windows)} calibration windows: best reached "
-                f"perplexity ratio {best.ppl_ratio:.4f} (target {_shown(search.target_ppl_ratio)}), token agreement "
-                f"{best.token_agreement:.4f} (target {_shown(search.target_token_agree)}) with {best.step}")
-            search.taken = total
-            return search
-        taken, _ = fewest_rungs(lambda n: ladder.judge(n), 0, total, top)
-        search.taken = retreat(taken, total, context.retreat)
-        ladder.take(search.taken)
-        return search
-
-
-def _shown(value: float | None) -> str:
-    return "none" if value is None else f"{value:.4f}"
-
-
-class _BitLadder:
-    """The rungs of the bits search and the model's state on them (``_search``)."""
-
-    def __init__(self, owner: QuantizeBlockwisePass, model: ir.Model, layers: list[_Layer], nodes: dict[int, Encoded],
-                 judge: Any, snapshots: _Snapshots, method: str, levels: dict[int, int]) -> None:
-        self.owner, self.model, self.nodes, self.judge_ = owner, model, nodes, judge
-        self.snapshots, self.method, self.levels = snapshots, method, levels
-        self.linear = [layer for layer in layers if layer.role == "linear"]
-        self.base_bits = {id(layer): layer.bits for layer in self.linear}
-        self.rungs: list[tuple[str, Any]] = []  # ("level", [layers of one shape]) or ("bits", layer)
-        self.trials: list[BitTrial] = []
-
-    def judge(self, rungs: int, step: str | None = None) -> TextVerdict:
-        self.take(rungs)
-        verdict = self.judge_.verdict(self.snapshots.write(self.model))
-        step = step or f"{rungs} of {len(self.rungs)} rungs"
-        scores = verdict.scores
-        self.trials.append(BitTrial(
-            step=step, rungs=rungs, eight_bit_layers=sum(layer.bits == 8 for layer in self.linear),
-            float_compute_layers=sum(layer.level == 1 for layer in self.linear), ppl_ratio=scores.ppl_ratio,
-            token_agreement=scores.token_agreement, budget_used=verdict.error, noise=verdict.noise,
-            meets=verdict.meets_target))
-        logger.info("blockwise search: %s: perplexity ratio %.4f, agreement %.4f%s", step, scores.ppl_ratio,
-                    scores.token_agreement, "" if verdict.meets_target else " (misses)")
-        return verdict
-
-    def rank_shapes(self) -> None:
-        """The float-compute rungs: each shape's layers in float compute alone, judged once; the
-        shapes whose agreement gained more than their perplexity ratio lost, most first."""
-        groups: dict[tuple[int, int], list[_Layer]] = {}
-        for layer in self.linear:
-            groups.setdefault(layer.shape, []).append(layer)
-        base = self.trials[0]
-        gains = []
-        for shape, group in groups.items():
-            self.rungs = [("level", group)]
-            trial = self.judge(1, f"float compute for the {len(group)} layers of shape {shape[0]}x{shape[1]}")
-            gains.append((trial.scores.token_agreement - base.token_agreement
-                          - (trial.scores.ppl_ratio - base.ppl_ratio), shape))
-        self.rungs = [("level", groups[shape]) for gain, shape in sorted(gains, reverse=True) if gain > 0]
-        self.take(0)
-
-    def take(self, rungs: int) -> None:
-        """The model with the first ``rungs`` rungs taken and no other."""
-        taken = self.rungs[:rungs]
-        float_compute = {id(layer) for kind, group in taken if kind == "level" for layer in group}
-        eight = {id(layer) for kind, layer in taken if kind == "bits"}
-        for layer in self.linear:
-            bits = 8 if id(layer) in eight else self.base_bits[id(layer)]
-            level = 1 if id(layer) in float_compute and bits != 8 else None
-            node = self.nodes[id(layer)]
-            if layer.bits != bits:
-                layer.bits = bits
-                node.swap(self.owner._encode_layer(layer, bits, self.method), self.levels[bits])
-            if layer.level != level:
-                layer.level = level
-                node.set_level(self.levels[layer.bits] if level is None else level)
 
 
 # -- measurements ------------------------------------------------------------------------------
@@ -469,13 +371,6 @@ class _Snapshots:
 
     def close(self) -> None:
         self._folder.cleanup()
-
-
-def _loss(quantized: BlockQuantized, weight: np.ndarray, hessian: np.ndarray | None) -> float:
-    """The relative output error tr(Eᵀ H E) / tr(Wᵀ H W) on the inputs H measures (without H, the
-    weight's own relative squared error)."""
-    error, total = output_error(quantized, weight, None if hessian is None else hessian.astype(np.float32))
-    return error / max(total, 1e-30)
 
 
 def _readers(layers: list[_Layer]) -> dict[str, list[_Layer]]:

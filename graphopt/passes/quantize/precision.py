@@ -36,12 +36,13 @@ class BlockLayer:
 
 @dataclasses.dataclass(frozen=True)
 class BitTrial:
-    """One judged rung: the layers at 8 bits and in float compute, and the text scores."""
+    """One judged rung: the layers at 8 bits, in float compute and in float, and the text scores."""
 
     step: str
     rungs: int
     eight_bit_layers: int
     float_compute_layers: int
+    float_layers: int
     ppl_ratio: float
     token_agreement: float
     budget_used: float
@@ -54,7 +55,7 @@ class BitTrial:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> BitTrial:
         known = {f.name for f in dataclasses.fields(cls)}
-        defaults = {"rungs": 0, "budget_used": float("nan"), "noise": float("nan")}
+        defaults = {"rungs": 0, "float_layers": 0, "budget_used": float("nan"), "noise": float("nan")}
         return cls(**{**defaults, **{key: value for key, value in data.items() if key in known}})
 
 

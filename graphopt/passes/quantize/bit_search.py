@@ -1,0 +1,178 @@
+"""``quantize-blockwise``'s search of bits per layer under a text budget: the house's search
+(``verify.search``) over one ladder, judged by ``verify.text.TextJudge`` on the calibration
+windows set aside for judging.
+
+The ladder, from the most compressed model back towards the original:
+
+0. every layer at the pass's ``bits``, with the faster compute type for its width on this CPU
+   (``accuracy_level``: int8 activations or float, measured once per machine);
+1. float compute for the layers of one weight shape (4 bits with int8 activations only): the
+   shapes whose int8 activations cost the most, measured one shape at a time, first; a shape
+   whose float compute gains nothing is no rung;
+2. 8 bits for one layer, the most sensitive first (GPTQ's output loss where measured);
+3. float weights for one layer (its MatMul as it was), the largest output loss at 8 bits per
+   byte it costs first: the end of the ladder is the original's linear layers, so a budget that
+   any mix can meet is never refused (only the LM head and embedding table stay at ``head_bits``).
+
+The fewest rungs meeting the target are taken (bisection: the ladder is taken to be monotone);
+each retreat halves the rungs left. Float weights are restored on a copy of the model for each
+trial (tensors shared) and in place once chosen.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import onnx_ir as ir
+
+from graphopt.passes.base import PassContext
+from graphopt.passes.quantize.block_encodings import Encoded, restore_float
+from graphopt.passes.quantize.blocks import BlockQuantized, relative_loss
+from graphopt.passes.quantize.precision import BitSearch, BitTrial
+from graphopt.verify.search import fewest_rungs, retreat
+
+if TYPE_CHECKING:
+    from graphopt.verify.text import TextJudge, TextVerdict
+
+logger = logging.getLogger(__name__)
+
+Encode = Callable[[Any, int], BlockQuantized]  # (layer, bits) → its codes at that width
+
+
+def search_bits(model: ir.Model, layers: list[Any], nodes: dict[int, Encoded], reference: str, context: PassContext,
+                *, bits: int, levels: dict[int, int], encode: Encode, write: Callable[[ir.Model], str]
+                ) -> BitSearch | None:
+    """Choose bits, compute type and float weights per linear layer (see the module); ``write``
+    puts a model where onnxruntime reads it. None without a text budget."""
+    from graphopt.verify.text import TextJudge
+
+    text = context.text
+    thresholds = text.thresholds
+    if thresholds.max_ppl_ratio is None and thresholds.min_token_agree is None:
+        return None
+    judge = TextJudge(reference, text.judge_windows, thresholds=thresholds, threads=context.threads)
+    ladder = BitLadder(model, layers, nodes, judge, write=write, encode=encode, levels=levels)
+    search = BitSearch(windows=len(text.judge_windows),
+                       target_ppl_ratio=None if thresholds.max_ppl_ratio is None
+                       else 1 + (thresholds.max_ppl_ratio - 1) * judge.allowed,
+                       target_token_agree=None if thresholds.min_token_agree is None
+                       else 1 - (1 - thresholds.min_token_agree) * judge.allowed, trials=ladder.trials)
+    if ladder.judge(0, f"all {bits}-bit").meets_target:
+        return search
+    if bits == 4 and levels[4] == 4:
+        ladder.rank_shapes()
+    ladder.rungs += [("bits", layer) for layer in
+                     sorted((layer for layer in ladder.linear if layer.bits != 8), key=lambda layer: -layer.sensitivity)]
+    low = 0  # rung 0 missed
+    top = ladder.judge(len(ladder.rungs), "every layer at 8 bits")
+    if not top.meets_target:  # float weights: the rest of the ladder
+        low = len(ladder.rungs)
+        ladder.rungs += [("float", layer) for layer in ladder.by_loss_per_byte()]
+        top = ladder.judge(len(ladder.rungs), "every linear layer in float")
+    total = search.rungs = len(ladder.rungs)
+    if not top.meets_target:  # the end of the ladder: the final verification decides
+        best = max(ladder.trials, key=lambda t: t.token_agreement - t.ppl_ratio)
+        search.exhausted = (
+            f"the text budget cannot be met on {len(text.judge_windows)} calibration windows: best reached "
+            f"perplexity ratio {best.ppl_ratio:.4f} (target {_shown(search.target_ppl_ratio)}), token agreement "
+            f"{best.token_agreement:.4f} (target {_shown(search.target_token_agree)}) with {best.step}")
+        search.taken = total
+    else:
+        taken, _ = fewest_rungs(lambda n: ladder.judge(n), low, total, top)
+        search.taken = retreat(taken, total, context.retreat)
+    ladder.settle(search.taken)
+    return search
+
+
+def _shown(value: float | None) -> str:
+    return "none" if value is None else f"{value:.4f}"
+
+
+class BitLadder:
+    """The rungs of the bits search and the model's state on them."""
+
+    def __init__(self, model: ir.Model, layers: list[Any], nodes: dict[int, Encoded], judge: TextJudge, *,
+                 write: Callable[[ir.Model], str], encode: Encode, levels: dict[int, int]) -> None:
+        self.model, self.nodes, self.judge_ = model, nodes, judge
+        self.write, self.encode, self.levels = write, encode, levels
+        self.linear = [layer for layer in layers if layer.role == "linear"]
+        self.base_bits = {id(layer): layer.bits for layer in self.linear}
+        self.rungs: list[tuple[str, Any]] = []  # ("level", [layers of one shape]), ("bits" | "float", layer)
+        self.floats: list[Any] = []  # the layers the rungs taken keep in float
+        self.trials: list[BitTrial] = []
+
+    def judge(self, rungs: int, step: str | None = None) -> TextVerdict:
+        self.take(rungs)
+        verdict = self.judge_.verdict(self.write(self._with_floats(self.model.clone()) if self.floats else self.model))
+        step = step or f"{rungs} of {len(self.rungs)} rungs"
+        scores = verdict.scores
+        self.trials.append(BitTrial(
+            step=step, rungs=rungs, eight_bit_layers=sum(layer.bits == 8 for layer in self.linear),
+            float_compute_layers=sum(layer.level == 1 for layer in self.linear), float_layers=len(self.floats),
+            ppl_ratio=scores.ppl_ratio, token_agreement=scores.token_agreement, budget_used=verdict.error,
+            noise=verdict.noise, meets=verdict.meets_target))
+        logger.info("blockwise search: %s: perplexity ratio %.4f, agreement %.4f%s", step, scores.ppl_ratio,
+                    scores.token_agreement, "" if verdict.meets_target else " (misses)")
+        return verdict
+
+    def rank_shapes(self) -> None:
+        """The float-compute rungs: each shape's layers in float compute alone, judged once; the
+        shapes whose agreement gained more than their perplexity ratio lost, most first."""
+        groups: dict[tuple[int, int], list[Any]] = {}
+        for layer in self.linear:
+            groups.setdefault(layer.shape, []).append(layer)
+        base = self.trials[0]
+        gains = []
+        for shape, group in groups.items():
+            self.rungs = [("level", group)]
+            trial = self.judge(1, f"float compute for the {len(group)} layers of shape {shape[0]}x{shape[1]}")
+            gains.append((trial.scores.token_agreement - base.token_agreement
+                          - (trial.scores.ppl_ratio - base.ppl_ratio), shape))
+        self.rungs = [("level", groups[shape]) for gain, shape in sorted(gains, reverse=True) if gain > 0]
+        self.take(0)
+
+    def by_loss_per_byte(self) -> list[Any]:
+        """The linear layers, the largest output loss at 8 bits per float byte it would cost first."""
+        def per_byte(layer: Any) -> float:
+            k, n = layer.shape
+            return relative_loss(self.encode(layer, 8), layer.weight, layer.hessian) / (k * n)
+
+        ranked = sorted(self.linear, key=per_byte, reverse=True)
+        for layer in self.linear:
+            layer.release()
+        return ranked
+
+    def take(self, rungs: int) -> None:
+        """The model with the first ``rungs`` rungs taken and no other (float weights: listed in
+        ``floats``, restored on a copy when judged)."""
+        taken = self.rungs[:rungs]
+        float_compute = {id(layer) for kind, group in taken if kind == "level" for layer in group}
+        eight = {id(layer) for kind, layer in taken if kind in ("bits", "float")}
+        self.floats = [layer for kind, layer in taken if kind == "float"]
+        for layer in self.linear:
+            bits = 8 if id(layer) in eight else self.base_bits[id(layer)]
+            level = 1 if id(layer) in float_compute and bits != 8 else None
+            node = self.nodes[id(layer)]
+            if layer.bits != bits:
+                layer.bits = bits
+                node.swap(self.encode(layer, bits), self.levels[bits])
+            if layer.level != level:
+                layer.level = level
+                node.set_level(self.levels[layer.bits] if level is None else level)
+
+    def settle(self, rungs: int) -> None:
+        """The chosen rungs, in place: float weights restored in the model itself."""
+        self.take(rungs)
+        self._with_floats(self.model)
+        for layer in self.floats:
+            layer.kept_float = True
+
+    def _with_floats(self, model: ir.Model) -> ir.Model:
+        for layer in self.floats:
+            restore_float(model.graph, self.nodes[id(layer)], layer.tensor, layer.use.weight.name or layer.name)
+        return model
+
+
+__all__ = ["BitLadder", "search_bits"]
