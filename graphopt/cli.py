@@ -14,7 +14,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn
 
 from graphopt import __version__
 from graphopt.errors import (
@@ -93,13 +93,12 @@ def _add_thresholds(parser: argparse.ArgumentParser) -> None:
 
 def _add_judging(parser: argparse.ArgumentParser, *, cross_validation: bool = False) -> None:
     """What optimize and check judge a model on: data, thresholds (the --cv gate for check), the
-    decoder measures; and the common options."""
+    decoder measures."""
     _add_data(parser)
     _add_thresholds(parser)
     if cross_validation:
         _add_cv_gate(parser)
     _add_decoder_gate(parser)
-    _add_common(parser)
 
 
 def _add_decoder_gate(parser: argparse.ArgumentParser) -> None:
@@ -164,30 +163,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="graphopt", description="Compress, verify and package ONNX models.")
     parser.add_argument("--version", action="version", version=f"graphopt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    _add_inspect_command(sub)
-    _add_optimize_command(sub)
-    _add_check_command(sub)
-    _add_bench_command(sub)
-    _add_package_command(sub)
-    _add_evaluate_command(sub)
-    _add_distill_command(sub)
-    _add_export_command(sub)
-    _add_generate_command(sub)
-    _add_recipes_command(sub)
+    for command in _SUBCOMMANDS:
+        p = sub.add_parser(command.name, help=command.help, description=command.description)
+        command.add_arguments(p)
+        _add_common(p)
+        p.set_defaults(func=command.run)
     return parser
 
 
-def _add_inspect_command(sub: Any) -> None:
-    p = sub.add_parser("inspect", help="signature, opsets, ops, parameters, output kinds and files of a model")
+def _add_inspect_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model")
     p.add_argument("--json", dest="json_out", nargs="?", const="-", metavar="FILE",
                    help="write the description as JSON to FILE (bare --json: to stdout)")
-    _add_common(p)
-    p.set_defaults(func=cmd_inspect)
 
 
-def _add_optimize_command(sub: Any) -> None:
-    p = sub.add_parser("optimize", help="run a recipe of passes, verify the result, write it")
+def _add_optimize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model")
     p.add_argument("-o", "--output", required=True, help="output .onnx (never the input)")
     p.add_argument("--recipe", default="lossless", help="built-in recipe name or a .toml file (default lossless)")
@@ -211,11 +201,9 @@ def _add_optimize_command(sub: Any) -> None:
                    help="the x86 CPU the model is for: int8 weights exact on it (avx2: no VNNI, where uint8 x int8 "
                    "products saturate; vnni: AVX-VNNI, AVX-512 VNNI or AMX); default: this machine's")
     _add_judging(p)
-    p.set_defaults(func=cmd_optimize)
 
 
-def _add_check_command(sub: Any) -> None:
-    p = sub.add_parser("check", help="CI gate: compare a candidate with its base against thresholds")
+def _add_check_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("base")
     p.add_argument("candidate")
     p.add_argument("--latency", action=argparse.BooleanOptionalAction, default=None,
@@ -225,23 +213,18 @@ def _add_check_command(sub: Any) -> None:
     p.add_argument("--junit", metavar="FILE", help="write JUnit XML (one testcase per threshold)")
     p.add_argument("--markdown", metavar="FILE", help="write a Markdown summary for a pull request")
     _add_judging(p, cross_validation=True)
-    p.set_defaults(func=cmd_check)
 
 
-def _add_bench_command(sub: Any) -> None:
-    p = sub.add_parser("bench", help="latency of one model in onnxruntime")
+def _add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model")
     p.add_argument("--runs", type=_positive_int, default=100, help="timed runs (default 100, at most 30 s)")
     p.add_argument("--warmup", type=int, default=5)
     _add_provider(p)
     p.add_argument("--json", dest="json_out", metavar="FILE", help="write the result as JSON")
     _add_data(p)
-    _add_common(p)
-    p.set_defaults(func=cmd_bench)
 
 
-def _add_package_command(sub: Any) -> None:
-    p = sub.add_parser("package", help="edge bundle: .onnx, verified .ort, operator config, manifest")
+def _add_package_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model")
     p.add_argument("-o", "--output", required=True, help="bundle.zip, or a folder (never the input)")
     p.add_argument("--target", help="built-in target name or a .toml file: operator allow-list, opset range")
@@ -252,16 +235,9 @@ def _add_package_command(sub: Any) -> None:
                    help="largest .ort vs .onnx output difference, at most (default 1e-4)")
     _add_data(p, labels=False, threads=1, threads_help="onnxruntime threads of the verification (default 1, so "
               "the manifest does not depend on the machine's core count)")
-    _add_common(p)
-    p.set_defaults(func=cmd_package)
 
 
-def _add_evaluate_command(sub: Any) -> None:
-    p = sub.add_parser("evaluate", help="cross-validated cost of compression on labelled data (folds, CI, McNemar)",
-                       description="Score MODEL and its compressed form (or --candidate) on held-out parts of "
-                       "labelled data. With --recipe, each fold compresses the model calibrated and verified on "
-                       "its training part only. Reports per-fold metrics, mean ± std, the paired difference "
-                       "(candidate − base) with a 95% bootstrap interval, and McNemar's test.")
+def _add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model")
     p.add_argument("--data", required=True, metavar="DATA.npz",
                    help=".npz: one array per model input plus the labels, samples on axis 0")
@@ -285,21 +261,13 @@ def _add_evaluate_command(sub: Any) -> None:
     p.add_argument("--resamples", type=_positive_int, default=2000, help="bootstrap resamples (default 2000)")
     p.add_argument("--threads", type=_positive_int, default=None, help="onnxruntime threads (default: all cores)")
     p.add_argument("--cache-dir", help="per-machine speed profile cache (default ~/.cache/graphopt)")
-    _add_common(p)
-    p.set_defaults(func=cmd_evaluate)
 
 
-def _add_distill_command(sub: Any) -> None:
-    p = sub.add_parser("distill", help="torch: distill a student from a teacher, export it with parity "
-                       "(needs the torch extra)")
+def _add_distill_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="TOML naming teacher, student and data factories (package.module:function)")
-    _add_common(p)
-    p.set_defaults(func=cmd_distill)
 
 
-def _add_export_command(sub: Any) -> None:
-    p = sub.add_parser("export", help="torch: a causal LM (Hugging Face folder or .gguf) → an ONNX decoder folder "
-                       "with a KV cache, verified against torch (needs the llm extra)")
+def _add_export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="a Hugging Face model folder or a .gguf file")
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="the model folder to write (new or empty)")
     p.add_argument("--task", choices=["text-generation"], default="text-generation",
@@ -313,26 +281,18 @@ def _add_export_command(sub: Any) -> None:
                    "weights_only loader; without it a folder with only pickled weights is refused (exit 2)")
     p.add_argument("--threads", type=_positive_int, help="onnxruntime threads (default: all cores)")
     p.add_argument("--json", dest="json_out", metavar="FILE", help="also write the export report here")
-    _add_common(p)
-    p.set_defaults(func=cmd_export)
 
 
-def _add_generate_command(sub: Any) -> None:
-    p = sub.add_parser("generate", help="greedy continuation of a prompt from a decoder folder, streamed")
+def _add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("folder", help="a model folder graphopt export (or optimize) wrote")
     p.add_argument("--prompt", required=True, help="the text to continue")
     p.add_argument("--max-new-tokens", type=_positive_int, default=64, help="at most this many tokens (default 64)")
     p.add_argument("--no-stop", dest="stop", action="store_false", help="do not stop at the end-of-sequence token")
     p.add_argument("--threads", type=_positive_int, help="onnxruntime threads (default: all cores)")
-    _add_common(p)
-    p.set_defaults(func=cmd_generate)
 
 
-def _add_recipes_command(sub: Any) -> None:
-    p = sub.add_parser("recipes", help="list built-in recipes and passes; with NAME, a recipe's TOML or a pass's options")
+def _add_recipes_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", nargs="?", help="a built-in recipe (prints its TOML) or a pass (prints its options)")
-    _add_common(p)
-    p.set_defaults(func=cmd_recipes)
 
 
 # -- commands -------------------------------------------------------------------------------
@@ -617,7 +577,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
               f"{len(distill.history)} epochs ({distill.stopped})"
               + (f"; best validation {distill.metric} {distill.best_metric:.4f}"
                  if distill.best_metric is not None else ""))
-        print(f"wrote {report.outputs.state_dict} and {report.outputs.onnx} "
+        print(f"wrote {report.outputs.state_dict} and {report.export.path} "
               f"({report.export.exporter}, max abs {report.export.parity.max_abs:.3g} vs torch)")
     return EXIT_OK
 
@@ -714,6 +674,42 @@ def _toml_value(value: Any) -> str:
 
 
 # -- entry point ----------------------------------------------------------------------------
+
+
+class _Subcommand(NamedTuple):
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]  # all but the common options
+    run: Callable[[argparse.Namespace], int]
+    description: str | None = None
+
+
+# The subcommands, in the order --help lists them.
+_SUBCOMMANDS = (
+    _Subcommand("inspect", "signature, opsets, ops, parameters, output kinds and files of a model",
+                _add_inspect_arguments, cmd_inspect),
+    _Subcommand("optimize", "run a recipe of passes, verify the result, write it", _add_optimize_arguments,
+                cmd_optimize),
+    _Subcommand("check", "CI gate: compare a candidate with its base against thresholds", _add_check_arguments,
+                cmd_check),
+    _Subcommand("bench", "latency of one model in onnxruntime", _add_bench_arguments, cmd_bench),
+    _Subcommand("package", "edge bundle: .onnx, verified .ort, operator config, manifest", _add_package_arguments,
+                cmd_package),
+    _Subcommand("evaluate", "cross-validated cost of compression on labelled data (folds, CI, McNemar)",
+                _add_evaluate_arguments, cmd_evaluate,
+                description="Score MODEL and its compressed form (or --candidate) on held-out parts of labelled "
+                "data. With --recipe, each fold compresses the model calibrated and verified on its training part "
+                "only. Reports per-fold metrics, mean ± std, the paired difference (candidate − base) with a 95% "
+                "bootstrap interval, and McNemar's test."),
+    _Subcommand("distill", "torch: distill a student from a teacher, export it with parity (needs the torch extra)",
+                _add_distill_arguments, cmd_distill),
+    _Subcommand("export", "torch: a causal LM (Hugging Face folder or .gguf) → an ONNX decoder folder with a KV "
+                "cache, verified against torch (needs the llm extra)", _add_export_arguments, cmd_export),
+    _Subcommand("generate", "greedy continuation of a prompt from a decoder folder, streamed",
+                _add_generate_arguments, cmd_generate),
+    _Subcommand("recipes", "list built-in recipes and passes; with NAME, a recipe's TOML or a pass's options",
+                _add_recipes_arguments, cmd_recipes),
+)
 
 
 def _configure_logging(quiet: bool) -> None:

@@ -296,3 +296,15 @@ def test_inspect_cuts_long_symbolic_dimensions(tmp_path, capsys):
     assert main(["inspect", str(path)]) == 0
     out = capsys.readouterr().out
     assert long_dim not in out and "input:    X: float[1,Add(Mul(floor(sequence_…]" in out
+
+
+@pytest.mark.parametrize("command", ["inspect", "optimize", "check", "bench", "package", "evaluate", "distill",
+                                     "export", "generate", "recipes"])
+def test_every_subcommand_takes_the_common_options_and_runs_its_own_command(command):
+    from graphopt import cli
+
+    help_text = cli.build_parser()._subparsers._group_actions[0].choices[command].format_help()
+    (subcommand,) = [s for s in cli._SUBCOMMANDS if s.name == command]
+
+    assert "-q, --quiet" in help_text and "--debug" in help_text
+    assert subcommand.run is getattr(cli, f"cmd_{command}")

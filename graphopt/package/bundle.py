@@ -39,7 +39,7 @@ from graphopt.io import (
 )
 from graphopt.package.ortformat import Conversion, convert_to_ort
 from graphopt.package.targets import Target, check_model, load_target
-from graphopt.report.inspection import ModelDescription, ValueInfo, describe
+from graphopt.report.inspection import DataFile, ModelDescription, ValueInfo, describe
 from graphopt.report.records import DataRecord, to_record
 from graphopt.verify.feeds import DataSource
 from graphopt.verify.gate import CheckResult
@@ -123,9 +123,9 @@ class BundleVerification:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class FileEntry:
-    path: str
-    bytes: int
+class FileEntry(DataFile):
+    """A file of the bundle, its path relative to the bundle."""
+
     sha256: str
 
 

@@ -47,19 +47,16 @@ class WeightTensor:
     shape: tuple[int, ...]
     bytes: int
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape), "bytes": self.bytes}
-
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DataFile:
-    path: str  # relative to the model's folder
+    path: str  # relative to the model's folder (a bundle's file: to the bundle)
     bytes: int
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelDescription:
-    """What a model is; ``to_dict`` is `graphopt inspect --json`."""
+    """What a model is; ``to_dict`` is `graphopt inspect --json`, its keys the fields in order."""
 
     path: str
     file_bytes: int
@@ -68,41 +65,34 @@ class ModelDescription:
     opsets: dict[str, int]
     inputs: tuple[ValueInfo, ...]
     outputs: tuple[ValueInfo, ...]
+    nodes: int
     ops: dict[str, int]  # op type → count, most frequent first
+    parameters: int
+    parameter_bytes: int
     parameters_by_dtype: dict[str, DtypeTotal]
     largest_tensors: tuple[WeightTensor, ...]
     external_data_files: tuple[DataFile, ...]
 
-    @property
-    def nodes(self) -> int:
-        return sum(self.ops.values())
-
-    @property
-    def parameters(self) -> int:
-        return sum(total.parameters for total in self.parameters_by_dtype.values())
-
-    @property
-    def parameter_bytes(self) -> int:
-        return sum(total.bytes for total in self.parameters_by_dtype.values())
-
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "path": self.path,
-            "file_bytes": self.file_bytes,
-            "ir_version": self.ir_version,
-            "producer": self.producer,
-            "opsets": dict(self.opsets),
-            "inputs": [value.to_dict() for value in self.inputs],
-            "outputs": [value.to_dict() for value in self.outputs],
-            "nodes": self.nodes,
-            "ops": dict(self.ops),
-            "parameters": self.parameters,
-            "parameter_bytes": self.parameter_bytes,
-            "parameters_by_dtype": {dtype: dataclasses.asdict(total)
-                                    for dtype, total in self.parameters_by_dtype.items()},
-            "largest_tensors": [tensor.to_dict() for tensor in self.largest_tensors],
-            "external_data_files": [dataclasses.asdict(file) for file in self.external_data_files],
-        }
+        return _fields_json(self)
+
+
+def _fields_json(record: Any) -> dict[str, Any]:
+    return {field.name: _json(getattr(record, field.name)) for field in dataclasses.fields(record)}
+
+
+def _json(value: Any) -> Any:
+    """A description's value as JSON data: a record as its own ``to_dict`` or by its fields,
+    tuples as lists."""
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    if dataclasses.is_dataclass(value):
+        return _fields_json(value)
+    if isinstance(value, tuple):
+        return [_json(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _json(item) for key, item in value.items()}
+    return value
 
 
 def _value_info(value: ir.Value, *, output: bool = False) -> ValueInfo:
@@ -138,6 +128,7 @@ def describe(loaded: LoadedModel, *, largest: int = 10) -> ModelDescription:
                                      total.bytes + tensor.nbytes)
     biggest = sorted(weights, key=lambda item: item[1].nbytes, reverse=True)[:largest]
     inputs = [v for v in model.graph.inputs if v.name not in model.graph.initializers]
+    ops = dict(sorted(op_histogram(model).items(), key=lambda kv: (-kv[1], kv[0])))
     return ModelDescription(
         path=str(loaded.path),
         file_bytes=loaded.file_bytes,
@@ -146,7 +137,10 @@ def describe(loaded: LoadedModel, *, largest: int = 10) -> ModelDescription:
         opsets={domain or "ai.onnx": version for domain, version in sorted(model.opset_imports.items())},
         inputs=tuple(_value_info(v) for v in inputs),
         outputs=tuple(_value_info(v, output=True) for v in model.graph.outputs),
-        ops=dict(sorted(op_histogram(model).items(), key=lambda kv: (-kv[1], kv[0]))),
+        nodes=sum(ops.values()),
+        ops=ops,
+        parameters=sum(total.parameters for total in by_dtype.values()),
+        parameter_bytes=sum(total.bytes for total in by_dtype.values()),
         parameters_by_dtype=dict(sorted(by_dtype.items())),
         largest_tensors=tuple(WeightTensor(name=name, dtype=t.dtype.name.lower(), shape=tuple(t.shape.numpy()),
                                            bytes=t.nbytes) for name, t in biggest),

@@ -8,7 +8,8 @@ records by attribute; JSON is written from the records (``to_dict``) at the edge
 
 The records here are the reports whose producers hand over JSON-shaped data (``optimize``'s
 report, ``check``'s comparison, ``bench``, ``distill``, ``export``): the command line parses each
-once.
+once. Where a producer's own dataclass is what a part of its JSON holds (``CheckResult``,
+``LatencyStats``, ``OutputParity``, ``GreedyContinuation``), the records use it, not a copy.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any, TypeVar
 from graphopt.verify.gate import CheckResult
 from graphopt.verify.latency import LatencyStats
 from graphopt.verify.parity import OutputParity
+from graphopt.verify.text import GreedyContinuation
 
 R = TypeVar("R")
 
@@ -87,33 +89,24 @@ class LatencyRecord:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ParitySummary:
-    """Parity as a report states it (``verify.parity.ParityReport.to_dict``): the worst output's
-    numbers, and each output's."""
+    """Parity as a report states it (``verify.parity.ParityReport.to_dict``), what its readers use:
+    the worst output's numbers, and each output's."""
 
     max_abs: float
     cosine_mean: float
-    cosine_min: float | None = None
     top1: float | None = None
-    samples: int = 0
-    new_nonfinite: int = 0
     outputs: list[OutputParity] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Perplexity:
+class BaseAndCandidate:
     base: float
     candidate: float
-    ratio: float
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Continuation:
-    """One prompt continued greedily by both decoders."""
-
-    prompt: str
-    fork_at: int | None  # the first token where they differ; None: identical
-    base: str
-    candidate: str
+class Perplexity(BaseAndCandidate):
+    ratio: float  # candidate over base
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -122,13 +115,7 @@ class GreedyRecord:
     new_tokens: int = 0
     agreement: float | None = None
     identical: int = 0
-    continuations: list[Continuation] = dataclasses.field(default_factory=list)
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class BaseAndCandidate:
-    base: float
-    candidate: float
+    continuations: list[GreedyContinuation] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -213,15 +200,12 @@ class OptimizeRecord:
     seconds: float = 0.0
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class BenchRecord:
-    """``bench``'s result (``api.bench``)."""
+@dataclasses.dataclass(kw_only=True)  # not frozen: LatencyStats is not
+class BenchRecord(LatencyStats):
+    """``bench``'s result (``api.bench``): the model's latency, and what it ran on."""
 
     model: str
     threads: int
-    median_ms: float
-    p90_ms: float
-    runs: int
     data: DataRecord
     peak_rss_mib: float | None = None
 
@@ -236,19 +220,14 @@ class DistillSummary:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DistilledFiles:
-    state_dict: str
-    onnx: str
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class MaxAbs:
-    max_abs: float
+    state_dict: str  # the ONNX file is the export's ``path``
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class StudentExport:
+    path: str  # the student's ONNX file
     exporter: str
-    parity: MaxAbs  # against torch
+    parity: ParitySummary  # against torch
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -290,8 +269,7 @@ class DecoderExportRecord:
     parity: DecoderExportParity
 
 
-__all__ = ["BaseAndCandidate", "BenchRecord", "ComparisonRecord", "Continuation", "DataRecord",
-           "DecoderComparisonRecord", "DecoderExportParity", "DecoderExportRecord", "DecoderLatencyRecord",
-           "DistillRecord", "DistillSummary", "DistilledFiles", "FusionRecord", "GreedyRecord", "LatencyRecord",
-           "MaxAbs", "OptimizeRecord", "ParitySummary", "PassStepRecord", "Perplexity", "RecipeRecord",
-           "StudentExport", "comparison_record", "to_record"]
+__all__ = ["BaseAndCandidate", "BenchRecord", "ComparisonRecord", "DataRecord", "DecoderComparisonRecord",
+           "DecoderExportParity", "DecoderExportRecord", "DecoderLatencyRecord", "DistillRecord", "DistillSummary",
+           "DistilledFiles", "FusionRecord", "GreedyRecord", "LatencyRecord", "OptimizeRecord", "ParitySummary",
+           "PassStepRecord", "Perplexity", "RecipeRecord", "StudentExport", "comparison_record", "to_record"]

@@ -102,3 +102,21 @@ def test_records_are_frozen():
     record = to_record(OptimizeRecord, {"output": "m.onnx"})
     with pytest.raises(dataclasses.FrozenInstanceError):
         record.output = "other.onnx"  # type: ignore[misc]
+
+
+def test_parts_a_producer_writes_from_its_own_dataclass_come_back_as_that_dataclass():
+    from graphopt.report.records import BenchRecord
+    from graphopt.verify.latency import LatencyStats
+    from graphopt.verify.text import GreedyContinuation
+
+    bench = to_record(BenchRecord, {"model": "m.onnx", "provider": "CPUExecutionProvider", "threads": 2,
+                                    "batch_size": 1, "data": {"source": "random"}, "median_ms": 1.5, "p90_ms": 2.0,
+                                    "mean_ms": 1.6, "runs": 5, "peak_rss_mib": None, "seconds": 0.1})
+    continuation = GreedyContinuation("a b", 0.5, 3, "x y", "x z")
+    decoder = to_record(DecoderComparisonRecord, {
+        "windows": 2, "window_tokens": 8, "perplexity": {"base": 2.0, "candidate": 2.1, "ratio": 1.05},
+        "token_agreement": 0.9, "greedy": {"prompts": 1, "continuations": [dataclasses.asdict(continuation)]}})
+
+    assert isinstance(bench, LatencyStats) and (bench.median_ms, bench.runs, bench.data.source) == (1.5, 5, "random")
+    assert decoder.greedy.continuations == [continuation]
+    assert (decoder.perplexity.base, decoder.perplexity.candidate, decoder.perplexity.ratio) == (2.0, 2.1, 1.05)
