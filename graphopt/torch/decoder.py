@@ -251,7 +251,44 @@ def torch_greedy(model: Any, prompt: list[int], steps: int) -> tuple[list[np.nda
     return rows, tokens[:steps]
 
 
-def verify_decoder(lm: CausalLM, model_path: Path, options: DecoderExportOptions) -> dict[str, Any]:
+@dataclasses.dataclass(frozen=True)
+class Fork:
+    """Where the ONNX model's greedy continuation of a prompt leaves torch's."""
+
+    prompt: str
+    position: int
+    torch_top2_gap: float  # torch's two best logits there, apart by this much
+    near_tie: bool  # closer than TIE_MARGIN: rounding alone may pick either
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderParity:
+    """The exported decoder against torch: the largest logit differences and the greedy forks."""
+
+    prompts: int
+    decode_steps: int
+    prefill_max_abs: float
+    decode_max_abs: float
+    greedy_identical: int
+    forks: list[Fork]
+
+    def failures(self, max_abs: float) -> list[str]:
+        """What refuses the export: logits beyond ``max_abs``, or a fork that is no near-tie."""
+        failed = []
+        worst = max(self.prefill_max_abs, self.decode_max_abs)
+        if worst > max_abs:
+            failed.append(f"logits differ from torch by {worst:.3g} (> {max_abs})")
+        real = [fork for fork in self.forks if not fork.near_tie]
+        if real:
+            failed.append(f"greedy continuation of {real[0].prompt!r} forks from torch's at token "
+                          f"{real[0].position} where torch's top two logits are {real[0].torch_top2_gap:.3g} apart")
+        return failed
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def verify_decoder(lm: CausalLM, model_path: Path, options: DecoderExportOptions) -> DecoderParity:
     """Logit parity (prefill and cached steps) and greedy agreement of the ONNX folder with torch."""
     from graphopt.verify.decoder import OrtDecoder
 
@@ -271,23 +308,9 @@ def verify_decoder(lm: CausalLM, model_path: Path, options: DecoderExportOptions
             identical += 1
             continue
         top2 = np.sort(reference[at])[-2:]
-        forks.append({"prompt": text, "position": at, "torch_top2_gap": float(top2[1] - top2[0]),
-                      "near_tie": bool(top2[1] - top2[0] < TIE_MARGIN)})
-    return {"prompts": len(options.prompts), "decode_steps": options.decode_steps,
-            "prefill_max_abs": worst_prefill, "decode_max_abs": worst_decode,
-            "greedy_identical": identical, "forks": forks}
-
-
-def _failures(parity: dict[str, Any], options: DecoderExportOptions) -> list[str]:
-    failed = []
-    if parity["prefill_max_abs"] > options.max_abs or parity["decode_max_abs"] > options.max_abs:
-        failed.append(f"logits differ from torch by {max(parity['prefill_max_abs'], parity['decode_max_abs']):.3g} "
-                      f"(> {options.max_abs})")
-    real = [f for f in parity["forks"] if not f["near_tie"]]
-    if real:
-        failed.append(f"greedy continuation of {real[0]['prompt']!r} forks from torch's at token "
-                      f"{real[0]['position']} where torch's top two logits are {real[0]['torch_top2_gap']:.3g} apart")
-    return failed
+        gap = float(top2[1] - top2[0])
+        forks.append(Fork(text, at, gap, gap < TIE_MARGIN))
+    return DecoderParity(len(options.prompts), options.decode_steps, worst_prefill, worst_decode, identical, forks)
 
 
 # -- the folder ------------------------------------------------------------------------------
@@ -369,9 +392,9 @@ def export_decoder(source: str | os.PathLike, output: str | os.PathLike,
         report = {
             "source": str(source_path), "output": str(out), "architecture": type(lm.model).__name__,
             "layers": lm.model.config.num_hidden_layers, "opset": options.opset,
-            "export_seconds": round(export_seconds, 2), "fusion": fusion, "parity": parity,
+            "export_seconds": round(export_seconds, 2), "fusion": fusion, "parity": parity.to_dict(),
         }
-        failed = _failures(parity, options)
+        failed = parity.failures(options.max_abs)
         if failed:
             raise GateFailed(f"{out}: not written: " + "; ".join(failed), ["decoder_parity"], report=report)
         _write_side_files(lm, folder)
