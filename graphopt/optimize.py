@@ -173,8 +173,8 @@ def _optimize_file(input_path: str | os.PathLike, output_path: str | os.PathLike
 
         text, text_calibration = text_budget(
             loaded.path, is_decoder(specs), options.text, options.calib, corpus=Path(SENTENCES_FILE),
-            recipe=recipe.name, defaults=DecoderThresholds(max_ppl_ratio=recipe.max_ppl_ratio,
-                                                           min_token_agree=recipe.min_token_agree))
+            recipe=recipe.name, size_target=options.thresholds.max_size_ratio,
+            defaults=DecoderThresholds(max_ppl_ratio=recipe.max_ppl_ratio, min_token_agree=recipe.min_token_agree))
         options = dataclasses.replace(options, text=text, calib=None if text_calibration else options.calib)
     tokenizer = text_tokenizer(loaded.path, is_decoder(specs), options.text) if options.text else None
     if options.fix_shapes:  # the data must have the shapes the written model will take

@@ -71,7 +71,7 @@ class BlockwiseTable:
 
     @property
     def float_layers(self) -> list[Int8Layer]:
-        return []  # every weight is 4- or 8-bit; float compute is a search step's count
+        return []  # the int8 table's float layers; blockwise layers kept float are rows with method "float"
 
 
 PrecisionTable = Int8Table | BlockwiseTable
@@ -119,10 +119,20 @@ def _blockwise_rows(table: BlockwiseTable) -> list[list[str]]:
              layer.method, _fmt(layer.relative_error, 3), _fmt(layer.sensitivity, 3)] for layer in table.layers]
 
 
+_SEARCH_COLUMNS = ("search step", "8-bit layers", "float-compute layers", "float layers", "size ×", "perplexity ×",
+                   "token agreement", "meets")
+
+
 def _search_rows(table: BlockwiseTable) -> list[list[str]]:
-    trials = table.search.trials if table.search else []
-    return [[trial.step, str(trial.eight_bit_layers), str(trial.float_compute_layers), f"{trial.ppl_ratio:.4f}",
-             f"{trial.token_agreement:.4f}", "yes" if trial.meets else "no"] for trial in trials]
+    """The trials: the frontier the search measured (size, perplexity, agreement), the chosen
+    rung marked."""
+    search = table.search
+    trials = search.trials if search else []
+    chosen = max((i for i, t in enumerate(trials) if t.rungs == search.taken), default=None) if search else None
+    return [[trial.step + (" ← chosen" if i == chosen else ""), str(trial.eight_bit_layers),
+             str(trial.float_compute_layers), str(trial.float_layers), _fmt(trial.size_ratio, 3),
+             f"{trial.ppl_ratio:.4f}", f"{trial.token_agreement:.4f}", "yes" if trial.meets else "no"]
+            for i, trial in enumerate(trials)]
 
 
 def _blockwise_intro(table: BlockwiseTable) -> str:
@@ -130,7 +140,9 @@ def _blockwise_intro(table: BlockwiseTable) -> str:
     text = f"Blockwise weights ({table.method}); accuracy level per bit width {table.accuracy_level}."
     if search:
         text += (f" Searched on {search.windows} calibration windows for perplexity ratio ≤ "
-                 f"{_fmt(search.target_ppl_ratio)} and token agreement ≥ {_fmt(search.target_token_agree)}.")
+                 f"{_fmt(search.target_ppl_ratio)} and token agreement ≥ {_fmt(search.target_token_agree)}"
+                 + (f", the most faithful model within size {search.max_size_ratio:g}" if search.max_size_ratio else "")
+                 + ".")
     return text
 
 
@@ -138,8 +150,8 @@ def _blockwise_markdown(report: OptimizeRecord, table: BlockwiseTable) -> str:
     lines = [f"### Per-layer precision — `{report.output}`", "", _blockwise_intro(table), ""]
     trials = _search_rows(table)
     if trials:
-        lines += ["| search step | 8-bit layers | float-compute layers | perplexity × | token agreement | meets |",
-                  "|---|---|---|---|---|---|", *("| " + " | ".join(row) + " |" for row in trials), ""]
+        lines += ["| " + " | ".join(_SEARCH_COLUMNS) + " |", "|" + "---|" * len(_SEARCH_COLUMNS),
+                  *("| " + " | ".join(row) + " |" for row in trials), ""]
     lines += ["| " + " | ".join(_BLOCKWISE_COLUMNS) + " |", "|" + "---|" * len(_BLOCKWISE_COLUMNS)]
     lines += ["| " + " | ".join(row) + " |" for row in _blockwise_rows(table)]
     return "\n".join(lines) + "\n"
@@ -152,8 +164,7 @@ def _blockwise_html(report: OptimizeRecord, title: str, table: BlockwiseTable) -
         return f"<table><tr>{head}</tr>{body}</table>"
 
     trials = _search_rows(table)
-    search = html_table(["search step", "8-bit layers", "float-compute layers", "perplexity ×", "token agreement",
-                         "meets"], trials) if trials else ""
+    search = html_table(_SEARCH_COLUMNS, trials) if trials else ""
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title>
 <style>

@@ -337,12 +337,16 @@ SEARCH_WINDOWS = 16
 
 
 def text_budget(model_path: Path, is_decoder: bool, text: DecoderText | None, calib: Any, *,
-                defaults: DecoderThresholds, corpus: Path, recipe: str) -> tuple[DecoderText | None,
-                                                                                  TextCalibration | None]:
+                defaults: DecoderThresholds, corpus: Path, recipe: str, size_target: float | None = None
+                ) -> tuple[DecoderText | None, TextCalibration | None]:
     """A recipe with a text budget (``defaults``): the verification text (the user's ``text``,
     else ``corpus`` after the calibration windows) with the budget filled in, and the
     calibration text its passes get (``calib``, a .txt, else ``corpus``'s first windows). Without
-    a tokenizer beside the model: (``text``, None), judged by the recipe's logit parity."""
+    a tokenizer beside the model: (``text``, None), judged by the recipe's logit parity.
+
+    A ``size_target`` (the output's size over the input's) with no perplexity or agreement bound
+    stated asks for the most faithful model within that size: the recipe's text budget is not
+    applied, and the passes' searches read the target from the calibration's thresholds."""
     from graphopt.verify.decoder import open_folder
 
     if not is_decoder:
@@ -357,6 +361,9 @@ def text_budget(model_path: Path, is_decoder: bool, text: DecoderText | None, ca
         raise DataError(f"{calib}: a decoder is calibrated on prose: give --calib PROSE.txt")
     text = text or DecoderText(data=corpus)
     stated = text.thresholds or DecoderThresholds()
+    if size_target is not None and stated.max_ppl_ratio is None and stated.min_token_agree is None:
+        defaults = DecoderThresholds()  # the most faithful model within the size, not a fixed budget
+        logger.info("size target %.3g: the most faithful model within it, judged on text", size_target)
     thresholds = dataclasses.replace(
         stated, max_ppl_ratio=stated.max_ppl_ratio if stated.max_ppl_ratio is not None else defaults.max_ppl_ratio,
         min_token_agree=stated.min_token_agree if stated.min_token_agree is not None else defaults.min_token_agree)
@@ -371,6 +378,8 @@ def text_budget(model_path: Path, is_decoder: bool, text: DecoderText | None, ca
     calibration = TextCalibration(tuple(map(tuple, windows[:CALIBRATION_WINDOWS])),
                                   tuple(map(tuple, windows[CALIBRATION_WINDOWS:])), thresholds, str(source))
     logger.info("calibration text: %s (%d windows); judged on %s", source.name, len(windows), Path(text.data).name)
+    calibration = dataclasses.replace(calibration, thresholds=dataclasses.replace(thresholds,
+                                                                                  max_size_ratio=size_target))
     return dataclasses.replace(text, thresholds=thresholds), calibration
 
 

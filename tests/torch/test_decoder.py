@@ -357,6 +357,31 @@ def test_the_bits_ladder_reaches_float_weights_when_8_bits_miss(exported, tmp_pa
     assert {node.name for node in matmuls} >= {row["node"] for row in floats}
 
 
+def test_a_size_target_gives_the_most_faithful_model_within_it(exported, tmp_path, capsys):
+    """--max-size-ratio without a perplexity or agreement bound: the recipe's text budget gives way
+    to the most rungs whose size fits; the report's trials are the frontier (size, scores), and
+    the written file is within the target."""
+    _, out, _ = exported
+    prose = _prose(tmp_path / "prose.txt")
+    common = ["--recipe", "int4", "--data", str(prose), "--window", "16", "--windows", "4", "--no-latency",
+              "--threads", "1", "-q"]
+    sizes = {}
+    for target in ("0.75", "0.95"):
+        report_path = tmp_path / f"r{target}.json"
+        assert main(["optimize", str(out), "-o", str(tmp_path / f"s{target}"), "--max-size-ratio", target,
+                     "--report", str(report_path), *common]) == 0, capsys.readouterr().err
+        report = json.loads(report_path.read_text())
+        search = next(s for s in report["steps"] if s["name"] == "quantize-blockwise")["details"]["search"]
+        assert search["max_size_ratio"] == float(target)
+        chosen = [t for t in search["trials"] if t["rungs"] == search["taken"]]
+        assert chosen and chosen[-1]["size_ratio"] <= float(target)
+        assert report["output_bytes"] / report["input_bytes"] <= float(target)
+        assert {c["name"] for c in report["verification"]["checks"]} >= {"max_size_ratio"}
+        assert "max_ppl_ratio" not in {c["name"] for c in report["verification"]["checks"]}
+        sizes[target] = (search["taken"], report["output_bytes"])
+    assert sizes["0.95"][0] > sizes["0.75"][0] and sizes["0.95"][1] > sizes["0.75"][1]  # more room: more rungs
+
+
 def test_int4_recipe_on_a_model_that_is_not_a_decoder_is_refused(tmp_path, capsys):
     from tests.conftest import make_model, tensor
 

@@ -50,15 +50,20 @@ def search_bits(model: ir.Model, layers: list[Any], nodes: dict[int, Encoded], r
 
     text = context.text
     thresholds = text.thresholds
-    if thresholds.max_ppl_ratio is None and thresholds.min_token_agree is None:
+    size_target = thresholds.max_size_ratio
+    if thresholds.max_ppl_ratio is None and thresholds.min_token_agree is None and size_target is None:
         return None
     judge = TextJudge(reference, text.judge_windows, thresholds=thresholds, threads=context.threads)
-    ladder = BitLadder(model, layers, nodes, judge, write=write, encode=encode, levels=levels)
+    ladder = BitLadder(model, layers, nodes, judge, write=write, encode=encode, levels=levels,
+                       reference_file_bytes=_file_bytes(reference))
     search = BitSearch(windows=len(text.judge_windows),
                        target_ppl_ratio=None if thresholds.max_ppl_ratio is None
                        else 1 + (thresholds.max_ppl_ratio - 1) * judge.allowed,
                        target_token_agree=None if thresholds.min_token_agree is None
-                       else 1 - (1 - thresholds.min_token_agree) * judge.allowed, trials=ladder.trials)
+                       else 1 - (1 - thresholds.min_token_agree) * judge.allowed, trials=ladder.trials,
+                       max_size_ratio=size_target)
+    if size_target is not None:
+        return _within_size(ladder, search, bits, levels, size_target)
     if ladder.judge(0, f"all {bits}-bit").meets_target:
         return search
     if bits == 4 and levels[4] == 4:
@@ -86,6 +91,38 @@ def search_bits(model: ir.Model, layers: list[Any], nodes: dict[int, Encoded], r
     return search
 
 
+def _within_size(ladder: BitLadder, search: BitSearch, bits: int, levels: dict[int, int],
+                 size_target: float) -> BitSearch:
+    """The most faithful model within ``size_target``: every rung the size allows, the float
+    compute rungs (no bytes) first. Judged there and at rung 0, the two ends of the frontier."""
+    ladder.judge(0, f"all {bits}-bit")
+    if bits == 4 and levels[4] == 4:
+        ladder.rank_shapes()
+    ladder.rungs += [("bits", layer) for layer in
+                     sorted((layer for layer in ladder.linear if layer.bits != 8), key=lambda layer: -layer.sensitivity)]
+    ladder.rungs += [("float", layer) for layer in ladder.by_loss_per_byte()]
+    search.rungs = len(ladder.rungs)
+    sizes = ladder.size_ratios()
+    fitting = [n for n, ratio in enumerate(sizes) if ratio <= size_target]
+    if not fitting:
+        search.exhausted = (f"no model reaches the size target {size_target:g}: every layer at {bits} bits is "
+                            f"{sizes[0]:.4f} of the original")
+        search.taken = 0
+    else:
+        search.taken = max(fitting)
+        ladder.judge(search.taken, f"the most rungs within size {size_target:g}")
+    ladder.settle(search.taken)
+    return search
+
+
+def _file_bytes(path: str) -> int:
+    """A model's bytes on disk: its file and the external data file beside it."""
+    import os
+
+    data = path + ".data"
+    return os.path.getsize(path) + (os.path.getsize(data) if os.path.exists(data) else 0)
+
+
 def _shown(value: float | None) -> str:
     return "none" if value is None else f"{value:.4f}"
 
@@ -94,7 +131,8 @@ class BitLadder:
     """The rungs of the bits search and the model's state on them."""
 
     def __init__(self, model: ir.Model, layers: list[Any], nodes: dict[int, Encoded], judge: TextJudge, *,
-                 write: Callable[[ir.Model], str], encode: Encode, levels: dict[int, int]) -> None:
+                 write: Callable[[ir.Model], str], encode: Encode, levels: dict[int, int],
+                 reference_file_bytes: int = 0) -> None:
         self.model, self.nodes, self.judge_ = model, nodes, judge
         self.write, self.encode, self.levels = write, encode, levels
         self.linear = [layer for layer in layers if layer.role == "linear"]
@@ -102,6 +140,15 @@ class BitLadder:
         self.rungs: list[tuple[str, Any]] = []  # ("level", [layers of one shape]), ("bits" | "float", layer)
         self.floats: list[Any] = []  # the layers the rungs taken keep in float
         self.trials: list[BitTrial] = []
+        # Sizes are the bytes the initializers hold, rung 0's as encoded and the float model's with
+        # every encoded weight as it was, plus what the float model's file holds besides them (its
+        # graph; alignment in external data): an estimate on the large side of the file's.
+        self._stored: dict[tuple[int, int], int] = {}
+        params = sum(value.const_value.nbytes for value in model.graph.initializers.values()
+                     if value.const_value is not None)
+        reference = params + sum(layer.tensor.nbytes - self._bytes(layer, layer.bits) for layer in layers)
+        overhead = max(0, reference_file_bytes - reference)
+        self.rung0_bytes, self.reference_bytes = params + overhead, reference + overhead
 
     def judge(self, rungs: int, step: str | None = None) -> TextVerdict:
         self.take(rungs)
@@ -112,7 +159,7 @@ class BitLadder:
             step=step, rungs=rungs, eight_bit_layers=sum(layer.bits == 8 for layer in self.linear),
             float_compute_layers=sum(layer.level == 1 for layer in self.linear), float_layers=len(self.floats),
             ppl_ratio=scores.ppl_ratio, token_agreement=scores.token_agreement, budget_used=verdict.error,
-            noise=verdict.noise, meets=verdict.meets_target))
+            noise=verdict.noise, meets=verdict.meets_target, size_ratio=self.size_ratio(rungs)))
         logger.info("blockwise search: %s: perplexity ratio %.4f, agreement %.4f%s", step, scores.ppl_ratio,
                     scores.token_agreement, "" if verdict.meets_target else " (misses)")
         return verdict
@@ -132,6 +179,38 @@ class BitLadder:
                           - (trial.scores.ppl_ratio - base.ppl_ratio), shape))
         self.rungs = [("level", groups[shape]) for gain, shape in sorted(gains, reverse=True) if gain > 0]
         self.take(0)
+
+    def size_ratios(self, rungs: int | None = None) -> list[float]:
+        """The model's bytes over the float model's with 0, 1, … every rung taken: rung 0 as
+        written, plus what each rung's layer gains (8 bits, or its float weight)."""
+        total, ratios = self.rung0_bytes, []
+        for kind, layer in [("", None), *self.rungs[:rungs]]:
+            if kind == "bits":
+                total += self._bytes(layer, 8) - self._bytes(layer, self.base_bits[id(layer)])
+            elif kind == "float":
+                total += layer.tensor.nbytes - self._bytes(layer, 8)
+            ratios.append(total / self.reference_bytes)
+        return ratios
+
+    def size_ratio(self, rungs: int) -> float:
+        return self.size_ratios(rungs)[-1]
+
+    def _bytes(self, layer: Any, bits: int) -> int:
+        """What the layer's encoding stores at ``bits``: codes, scales and its zero points or offsets."""
+        key = (id(layer), bits)
+        if key not in self._stored:
+            self._stored[key] = self._count_bytes(layer, bits)
+        return self._stored[key]
+
+    def _count_bytes(self, layer: Any, bits: int) -> int:
+        quantized = self.encode(layer, bits)
+        encoded = self.nodes[id(layer)]
+        total = quantized.packed_codes().nbytes + quantized.scales.nbytes
+        if encoded.zero_points is not None:
+            total += quantized.packed_zero_points().nbytes
+        if encoded.offsets is not None:
+            total += 2 * quantized.scales.size  # float16, one per block
+        return total
 
     def by_loss_per_byte(self) -> list[Any]:
         """The linear layers, the largest output loss at 8 bits per float byte it would cost first."""

@@ -48,6 +48,7 @@ class BitTrial:
     budget_used: float
     noise: float
     meets: bool
+    size_ratio: float | None = None  # the model's bytes over the float model's at this rung
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -70,6 +71,7 @@ class BitSearch:
     rungs: int = 0  # the ladder's length
     taken: int = 0  # rungs taken (after any retreat)
     exhausted: str | None = None  # the budget is out of reach on the calibration windows
+    max_size_ratio: float | None = None  # a size target: the most faithful model within it
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -83,7 +85,8 @@ class BitSearch:
         return cls(windows=data.get("windows", 0), target_ppl_ratio=data.get("target_ppl_ratio"),
                    target_token_agree=data.get("target_token_agree"),
                    trials=[BitTrial.from_dict(t) for t in data.get("trials", [])], rungs=data.get("rungs", 0),
-                   taken=data.get("taken", 0), exhausted=data.get("exhausted"))
+                   taken=data.get("taken", 0), exhausted=data.get("exhausted"),
+                   max_size_ratio=data.get("max_size_ratio"))
 
 
 __all__ = ["BitSearch", "BitTrial", "BlockLayer"]
