@@ -302,8 +302,8 @@ class QuantizeBlockwisePass(GraphoptPass, name="quantize-blockwise",
                 # less on held-out text (weights already on the grid, as a GGUF checkpoint's are, stay)
                 fitted = quantize_blocks(weight, bits=bits, block_size=block, form=form, method="gptq",
                                          hessian=layer.hessian, input_scales=scales)
-                judge = layer.held_out_hessian if layer.held_out_hessian is not None else layer.hessian
-                if relative_loss(fitted, weight, judge) < relative_loss(nearest, weight, judge):
+                inputs = layer.held_out_hessian if layer.held_out_hessian is not None else layer.hessian
+                if relative_loss(fitted, weight, inputs) < relative_loss(nearest, weight, inputs):
                     quantized, chosen = fitted, "gptq"
             layer.encoded[bits] = quantized
             layer.methods[bits] = ("awq+" if scales is not None else "") + chosen
