@@ -64,14 +64,12 @@ def search_bits(model: ir.Model, layers: list[Any], nodes: dict[int, Encoded], r
                        max_size_ratio=size_target)
     if size_target is not None:
         return _within_size(ladder, search, bits, levels, size_target)
-    if ladder.judge(0, f"all {bits}-bit").meets_target:
+    first = ladder.judge(0, f"all {bits}-bit")
+    if first.meets_target:
         return search
-    if bits == 4 and levels[4] == 4:
-        ladder.rank_shapes()
-    ladder.rungs += [("bits", layer) for layer in
-                     sorted((layer for layer in ladder.linear if layer.bits != 8), key=lambda layer: -layer.sensitivity)]
+    ladder.add_quantized_rungs(bits, levels)
     low = 0  # rung 0 missed
-    top = ladder.judge(len(ladder.rungs), "every layer at 8 bits")
+    top = ladder.judge(len(ladder.rungs), "every layer at 8 bits") if ladder.rungs else first
     if not top.meets_target:  # float weights: the rest of the ladder
         low = len(ladder.rungs)
         ladder.rungs += [("float", layer) for layer in ladder.by_loss_per_byte()]
@@ -96,10 +94,7 @@ def _within_size(ladder: BitLadder, search: BitSearch, bits: int, levels: dict[i
     """The most faithful model within ``size_target``: every rung the size allows, the float
     compute rungs (no bytes) first. Judged there and at rung 0, the two ends of the frontier."""
     ladder.judge(0, f"all {bits}-bit")
-    if bits == 4 and levels[4] == 4:
-        ladder.rank_shapes()
-    ladder.rungs += [("bits", layer) for layer in
-                     sorted((layer for layer in ladder.linear if layer.bits != 8), key=lambda layer: -layer.sensitivity)]
+    ladder.add_quantized_rungs(bits, levels)
     ladder.rungs += [("float", layer) for layer in ladder.by_loss_per_byte()]
     search.rungs = len(ladder.rungs)
     sizes = ladder.size_ratios()
@@ -110,7 +105,8 @@ def _within_size(ladder: BitLadder, search: BitSearch, bits: int, levels: dict[i
         search.taken = 0
     else:
         search.taken = max(fitting)
-        ladder.judge(search.taken, f"the most rungs within size {size_target:g}")
+        if search.taken:  # rung 0 is judged already
+            ladder.judge(search.taken, f"the most rungs within size {size_target:g}")
     ladder.settle(search.taken)
     return search
 
@@ -163,6 +159,14 @@ class BitLadder:
         logger.info("blockwise search: %s: perplexity ratio %.4f, agreement %.4f%s", step, scores.ppl_ratio,
                     scores.token_agreement, "" if verdict.meets_target else " (misses)")
         return verdict
+
+    def add_quantized_rungs(self, bits: int, levels: dict[int, int]) -> None:
+        """The float-compute rungs (4 bits on int8 activations only), then 8 bits per layer, the
+        most sensitive first."""
+        if bits == 4 and levels[4] == 4:
+            self.rank_shapes()
+        self.rungs += [("bits", layer) for layer in
+                       sorted((layer for layer in self.linear if layer.bits != 8), key=lambda layer: -layer.sensitivity)]
 
     def rank_shapes(self) -> None:
         """The float-compute rungs: each shape's layers in float compute alone, judged once; the
