@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import onnx_ir as ir
 
+from graphopt.io import weights_nbytes
 from graphopt.passes.base import PassContext
 from graphopt.passes.quantize.block_encodings import Encoded, restore_float
 from graphopt.passes.quantize.blocks import BlockQuantized, relative_loss
@@ -140,8 +141,7 @@ class BitLadder:
         # every encoded weight as it was, plus what the float model's file holds besides them (its
         # graph; alignment in external data): an estimate on the large side of the file's.
         self._stored: dict[tuple[int, int], int] = {}
-        params = sum(value.const_value.nbytes for value in model.graph.initializers.values()
-                     if value.const_value is not None)
+        params = weights_nbytes(model)
         reference = params + sum(layer.tensor.nbytes - self._bytes(layer, layer.bits) for layer in layers)
         overhead = max(0, reference_file_bytes - reference)
         self.rung0_bytes, self.reference_bytes = params + overhead, reference + overhead
