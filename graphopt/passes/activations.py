@@ -167,6 +167,34 @@ class ChannelMoments:
 
 
 @dataclasses.dataclass
+class RowSample:
+    """A uniform sample of at most ``limit`` rows of a tensor (channels on the last axis) over
+    every value seen (each row gets a seeded random key; the smallest keys stay), and each
+    channel's largest |x| over all rows; float32."""
+
+    limit: int = 512
+    seed: int = 0
+    rows: Any = None
+    keys: Any = None
+    absmax: Any = None
+    _rng: Any = None
+
+    def update(self, value: np.ndarray) -> None:
+        matrix = np.asarray(value, np.float32).reshape(-1, value.shape[-1])
+        peak = np.abs(matrix).max(axis=0)
+        self.absmax = peak if self.absmax is None else np.maximum(self.absmax, peak)
+        if self._rng is None:
+            self._rng = np.random.default_rng(self.seed)
+        keys = self._rng.random(matrix.shape[0])
+        if self.rows is not None:
+            matrix, keys = np.concatenate([self.rows, matrix]), np.concatenate([self.keys, keys])
+        if keys.size > self.limit:
+            kept = np.sort(np.argpartition(keys, self.limit - 1)[: self.limit])
+            matrix, keys = matrix[kept], keys[kept]
+        self.rows, self.keys = np.ascontiguousarray(matrix), keys
+
+
+@dataclasses.dataclass
 class SecondMoment:
     """E[x xᵀ] over the rows of a tensor (channels on the last axis; rows are the first axis's
     columns when ``transposed``), or only its diagonal; float64."""

@@ -90,7 +90,10 @@ class FuseDecoderPass(GraphoptPass, name="fuse-decoder",
         present = fused_counts(model)
         counts = {op: n - present.get(op, 0) for op, n in fused_counts(fused).items() if n > present.get(op, 0)}
         if not counts:
-            return PassResult(model.clone(), modified=False, notes=["no attention, rotary or norm pattern matched"])
+            # an exported decoder comes fused: say what it has, not that nothing matched
+            return PassResult(model.clone(), modified=False, changes={f"{op} nodes (already fused)": n
+                                                                      for op, n in present.items()},
+                              notes=[] if present else ["no attention, rotary or norm pattern matched"])
         try:
             worst = _fusion_error(model, fused, context.threads)
         except GraphoptError as exc:  # a fusion wrote a graph onnxruntime cannot load or run (GPT-2's Gemm)

@@ -304,7 +304,8 @@ def test_int4_recipe_writes_a_4_bit_decoder_judged_on_text(exported, tmp_path, c
     # The exporter may keep the tied table as one tensor or write the head's transpose apart.
     assert roles in ({"linear": 4, "tied": 8}, {"linear": 4, "embedding": 8, "head": 8}), roles
     assert step["details"]["method"] == "gptq"  # auto with calibration text
-    assert {row["method"] for row in step["details"]["layers"] if row["role"] == "linear"} <= {"rtn", "gptq"}
+    assert {row["method"].removeprefix("smooth+") for row in step["details"]["layers"]
+            if row["role"] == "linear"} <= {"rtn", "gptq"}
     assert {c["name"] for c in report["verification"]["checks"]} >= {"max_ppl_ratio", "min_token_agree"}
     ops = op_histogram(ir.load(tmp_path / "int4" / "model.onnx"))
     assert ops["GatherBlockQuantized"] == 1 and ops["MatMulNBits"] >= 2 and "FusedMatMul" not in ops
@@ -357,6 +358,58 @@ def test_the_bits_ladder_reaches_float_weights_when_8_bits_miss(exported, tmp_pa
     assert {node.name for node in matmuls} >= {row["node"] for row in floats}
 
 
+def _with_outlier_channels(folder: Path, dest: Path, factor: float = 40.0) -> Path:
+    """The exported decoder with the same function and LLM-like activation outliers: two channels
+    of every norm that feeds a MatMul scaled by ``factor``, the weight rows reading them divided
+    by it (the twin's reparametrization, made extreme)."""
+    import shutil
+
+    import onnx_ir as ir
+
+    shutil.copytree(folder, dest)
+    (dest / "model.onnx").unlink()
+    (dest / "model.onnx.data").unlink()
+    model = ir.load(folder / "model.onnx")
+    for node in model.graph:
+        if not node.op_type.endswith("SimplifiedLayerNormalization"):
+            continue
+        readers = [user for user, index in node.outputs[0].uses()]
+        if not readers or any(user.op_type != "MatMul" or not user.inputs[1].is_initializer() for user in readers):
+            continue
+        index = 2 if node.op_type.startswith("Skip") else 1
+        values = node.inputs[index].const_value.numpy().copy()  # the norms may share one γ: a new one each
+        values[[0, 5]] *= factor
+        gamma = ir.Value(name=f"{node.name}_skewed_gamma", const_value=ir.tensor(values, name=f"{node.name}_skewed_gamma"))
+        model.graph.register_initializer(gamma)
+        node.replace_input_with(index, gamma)
+        for user in readers:
+            weight = user.inputs[1].const_value.numpy().copy()
+            weight[[0, 5]] /= factor
+            user.inputs[1].const_value = ir.tensor(weight, name=user.inputs[1].name)
+    ir.save(model, dest / "model.onnx", external_data="model.onnx.data")
+    return dest
+
+
+def test_smoothing_scales_survive_float_weights_restored_by_the_ladder(exported, tmp_path, capsys):
+    """Activation outliers (same function): under int8 activations the inputs are smoothed, and
+    where the ladder restores float weights it restores diag(s)·W, since the input still comes
+    divided by s: a budget only float weights meet is met, and every linear layer in float scores
+    as the original does."""
+    _, out, _ = exported
+    skewed = _with_outlier_channels(out, tmp_path / "skewed")
+    recipe = tmp_path / "tight.toml"
+    recipe.write_text('max_ppl_ratio = 1.00001\n\n[[steps]]\npass = "quantize-blockwise"\nbits = 4\n'
+                      'head_bits = 0\nmethod = "rtn"\naccuracy_level = 4\n')
+    prose = _prose(tmp_path / "prose.txt")
+    assert main(["optimize", str(skewed / "model.onnx"), "-o", str(tmp_path / "mixed"), "--recipe", str(recipe),
+                 "--data", str(prose), "--window", "16", "--windows", "4", "--no-latency", "--threads", "1", "-q",
+                 "--report", str(tmp_path / "r.json")]) == 0, capsys.readouterr().err
+    step = next(s for s in json.loads((tmp_path / "r.json").read_text())["steps"] if s["name"] == "quantize-blockwise")
+    assert any(row["awq_alpha"] > 0 for row in step["details"]["layers"])  # smoothed (float rows keep their α)
+    every = [t for t in step["details"]["search"]["trials"] if t["step"] == "every linear layer in float"]
+    assert every and abs(every[0]["ppl_ratio"] - 1) < 1e-4 and every[0]["token_agreement"] == 1.0
+
+
 def test_a_size_target_gives_the_most_faithful_model_within_it(exported, tmp_path, capsys):
     """--max-size-ratio without a perplexity or agreement bound: the recipe's text budget gives way
     to the most rungs whose size fits; the report's trials are the frontier (size, scores), and
@@ -380,6 +433,13 @@ def test_a_size_target_gives_the_most_faithful_model_within_it(exported, tmp_pat
         assert "max_ppl_ratio" not in {c["name"] for c in report["verification"]["checks"]}
         sizes[target] = (search["taken"], report["output_bytes"])
     assert sizes["0.95"][0] > sizes["0.75"][0] and sizes["0.95"][1] > sizes["0.75"][1]  # more room: more rungs
+    # the layers the search moved to 8 bits are symmetric: their zero points and offset terms left
+    import onnx_ir as ir
+
+    model = ir.load(tmp_path / "s0.95" / "model.onnx")
+    eight = [node for node in model.graph if node.op_type == "MatMulNBits" and node.attributes["bits"].value == 8]
+    assert eight and all(len(node.inputs) == 3 for node in eight)
+    assert not any(node.name.endswith("_plus_offsets") and node.inputs[0].producer() in eight for node in model.graph)
 
 
 def test_int4_recipe_on_a_model_that_is_not_a_decoder_is_refused(tmp_path, capsys):

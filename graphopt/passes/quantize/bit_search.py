@@ -29,7 +29,7 @@ import onnx_ir as ir
 
 from graphopt.io import weights_nbytes
 from graphopt.passes.base import PassContext
-from graphopt.passes.quantize.block_encodings import Encoded, restore_float
+from graphopt.passes.quantize.block_encodings import Encoded, drop_zero_terms, restore_float
 from graphopt.passes.quantize.blocks import BlockQuantized, relative_loss
 from graphopt.passes.quantize.precision import BitSearch, BitTrial
 from graphopt.verify.search import fewest_rungs, retreat
@@ -210,6 +210,8 @@ class BitLadder:
         quantized = self.encode(layer, bits)
         encoded = self.nodes[id(layer)]
         total = quantized.packed_codes().nbytes + quantized.scales.nbytes
+        if quantized.symmetric:  # no zero points or offsets once settled (drop_zero_terms)
+            return total
         if encoded.zero_points is not None:
             total += quantized.packed_zero_points().nbytes
         if encoded.offsets is not None:
@@ -251,10 +253,17 @@ class BitLadder:
         self._with_floats(self.model)
         for layer in self.floats:
             layer.kept_float = True
+        for layer in self.linear:
+            if not layer.kept_float and layer.encoded[layer.bits].symmetric:
+                drop_zero_terms(self.model.graph, self.nodes[id(layer)])
 
     def _with_floats(self, model: ir.Model) -> ir.Model:
         for layer in self.floats:
-            restore_float(model.graph, self.nodes[id(layer)], layer.tensor, layer.use.weight.name or layer.name)
+            weight = layer.tensor
+            if layer.input_scales is not None:  # its input comes divided by s (AWQ, SmoothQuant): diag(s)·W
+                weight = ir.tensor(layer.weight * layer.input_scales[:, None], name=weight.name)
+                layer.release()
+            restore_float(model.graph, self.nodes[id(layer)], weight, layer.use.weight.name or layer.name)
         return model
 
 

@@ -46,11 +46,35 @@ class Encoded:
         self.scales.const_value = ir.tensor(quantized.scales, name=self.scales.name)
         if self.zero_points is not None:
             self.zero_points.const_value = ir.tensor(quantized.packed_zero_points(), name=self.zero_points.name)
-        if self.offsets is not None:
-            self.offsets.const_value = ir.tensor(quantized.offsets().astype(np.float16), name=self.offsets.name)
+        if self.offsets is not None:  # symmetric codes (8 bits) add nothing: zeros of the term's own shape
+            shape = self.offsets.const_value.shape.numpy()
+            offsets = np.zeros(shape, np.float16) if quantized.symmetric else quantized.offsets().astype(np.float16)
+            self.offsets.const_value = ir.tensor(offsets, name=self.offsets.name)
         for node in (self.node, *self.readers):
             node.attributes["bits"] = ir.AttrInt64("bits", quantized.bits)
+            node.attributes["block_size"] = ir.AttrInt64("block_size", quantized.block_size)
         self.set_level(level)
+
+
+def drop_zero_terms(graph: ir.Graph, encoded: Encoded) -> None:
+    """A layer whose codes ended symmetric (8 bits, after a search swapped widths in place) reads
+    no zero points and adds no offset term: both leave the graph (they were exact no-ops)."""
+    node = encoded.node
+    if encoded.zero_points is not None:
+        node.resize_inputs(3)
+        if not encoded.zero_points.uses():
+            graph.initializers.pop(encoded.zero_points.name, None)
+        encoded.zero_points = None
+    if encoded.offsets is not None:
+        last = encoded.added[-1]
+        take_over(graph, last, node.outputs[0])
+        inputs = {id(v): v for n in encoded.added[1:] for v in n.inputs if v is not None and v.is_initializer()}
+        for extra in reversed(encoded.added[1:]):
+            graph.remove(extra, safe=True)
+        for value in inputs.values():
+            if not value.uses():
+                graph.initializers.pop(value.name, None)
+        encoded.offsets, encoded.added = None, (node,)
 
 
 def table_block(width: int, block_size: int) -> int | None:
@@ -164,7 +188,13 @@ def encode_table(graph: ir.Graph, use: WeightUse, quantized: BlockQuantized, lev
                       {"gather_axis": 0, "quantize_axis": 1, "block_size": quantized.block_size,
                        "bits": quantized.bits}, domain="com.microsoft", name=gather.name or f"{name}_gather")
         graph.insert_before(gather, new)
-        take_over(graph, gather, new.outputs[0])
+        rows = new.outputs[0]
+        if quantized.input_scales is not None:  # codes of E·diag(s): each row read is divided back by s
+            inverse = initializer(graph, f"{name}_inverse_scales", (1.0 / quantized.input_scales).astype(np.float32))
+            divide = ir.node("Mul", [rows, inverse], name=f"{new.name}_unscaled")
+            graph.insert_before(gather, divide)
+            rows = divide.outputs[0]
+        take_over(graph, gather, rows)
         readers.append(new)
     main = readers[0]
     for head in heads:

@@ -263,6 +263,72 @@ def awq_scales(weights: list[np.ndarray], hessian: np.ndarray, *, bits: int, blo
     return best
 
 
+def on_float_grid(weight: np.ndarray, bits: int, block_size: int) -> bool:
+    """Whether ``weight`` [K, N] lies on a ``bits`` grid of ``block_size`` blocks with float zero
+    points (a GGUF Q4_1 import's does; a float checkpoint's does not): rounding to it changes
+    nothing beyond float32 noise."""
+    error, total = output_error(quantize_blocks(weight, bits=bits, block_size=block_size, form="float"), weight)
+    return error <= 1e-10 * max(total, 1e-30)
+
+
+SMOOTHING_ALPHAS = (0.2, 0.35, 0.5, 0.65, 0.8, 0.9, 1.0)
+
+
+def int8_activations(x: np.ndarray, block_size: int) -> np.ndarray:
+    """``x`` [T, K] as onnxruntime's int8-activation kernels (MatMulNBits, accuracy level 4) read
+    it: each row's blocks of ``block_size`` along K rounded to 255 symmetric levels of their own
+    largest |x|."""
+    t, k = x.shape
+    blocks = np.pad(x, ((0, 0), (0, -k % block_size))).reshape(t, -1, block_size)
+    scales = np.abs(blocks).max(axis=2, keepdims=True) / 127.0
+    scales[scales == 0] = 1.0
+    return (np.clip(np.rint(blocks / scales), -127, 127) * scales).reshape(t, -1)[:, :k]
+
+
+def smoothing_scales(weights: list[np.ndarray], rows: np.ndarray, absmax: np.ndarray, *,
+                     widths: list[tuple[int, bool, str, int]], held_out: np.ndarray | None = None,
+                     alphas: tuple[float, ...] = SMOOTHING_ALPHAS) -> tuple[np.ndarray | None, float]:
+    """Input scales s [K] for layers ``weights`` (each [K, N]) that read one input, so that the
+    codes of diag(s)·W against x / s lose least: SmoothQuant's s = max|x|^α / max|W|^(1−α), α from
+    ``alphas`` or none. Each of ``widths`` — (bits, whether the kernel reads int8 activations, the
+    grid's form, its block along K), every form the layers may take — gives an output error on ``rows`` (a sample of the
+    calibration input; ``absmax`` its channels' largest |x| over all of it); the scales with the
+    least product of those errors win, kept only if they also beat no scales on ``held_out``
+    rows. (s, α); s is None when no scales win (weights already on a grid stay on it)."""
+    peak = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
+    # at most ~2^31 multiply-adds per trial: a wide layer (an LM head) is judged on fewer rows
+    keep = max(32, (1 << 31) // max(1, rows.shape[1] * sum(w.shape[1] for w in weights)))
+    rows = rows[::-(-len(rows) // keep)]
+    held_out = held_out[::-(-len(held_out) // keep)] if held_out is not None and len(held_out) else None
+    products = {id(sample): [sample @ w for w in weights] for sample in (rows, held_out) if sample is not None}
+
+    def loss(sample: np.ndarray, scales: np.ndarray | None) -> float:
+        inputs = sample if scales is None else sample / scales
+        exact = products[id(sample)]
+        total = 0.0
+        for bits, int8, form, block_size in widths:
+            x = int8_activations(inputs, block_size) if int8 else inputs
+            error = sum(float(np.square(x @ quantize_blocks(w, bits=bits, block_size=block_size, form=form,
+                                                             input_scales=scales).dequantize(effective=False)
+                                        - y).sum()) for w, y in zip(weights, exact))
+            total += np.log(error + 1e-30)
+        return total
+
+    best: tuple[np.ndarray | None, float, float] = (None, 0.0, loss(rows, None))
+    floor = np.maximum(absmax, absmax[absmax > 0].min() if np.any(absmax > 0) else 1.0)
+    weight_floor = np.maximum(peak, peak[peak > 0].min() if np.any(peak > 0) else 1.0)
+    for alpha in alphas:
+        scales = floor ** alpha / weight_floor ** (1 - alpha)
+        scales = (scales / np.exp(np.log(scales).mean())).astype(np.float32)
+        trial = loss(rows, scales)
+        if trial < best[2]:
+            best = (scales, float(alpha), trial)
+    scales, alpha, _ = best
+    if scales is not None and held_out is not None and len(held_out) and loss(held_out, scales) >= loss(held_out, None):
+        return None, 0.0
+    return scales, alpha
+
+
 def _block_error(values: np.ndarray, mask: np.ndarray, scales: np.ndarray, zero: np.ndarray, bits: int,
                  p: float = 2.0, importance: np.ndarray | None = None) -> np.ndarray:
     codes = round_codes(values, mask, scales, zero, bits).astype(np.float32)

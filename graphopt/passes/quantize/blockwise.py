@@ -51,12 +51,16 @@ from graphopt.passes.base import GraphoptPass, PassContext, PassResult
 from graphopt.passes.quantize.block_encodings import (Encoded, divide_input, encode_matmul, encode_standard,
                                                       encode_table, logits_producers, reads_transposed, table_block)
 from graphopt.passes.quantize.bit_search import search_bits
-from graphopt.passes.quantize.blocks import BlockQuantized, awq_scales, output_error, quantize_blocks, relative_loss
+from graphopt.passes.quantize.blocks import (BlockQuantized, awq_scales, on_float_grid, output_error, quantize_blocks,
+                                             relative_loss, smoothing_scales)
 from graphopt.passes.quantize.precision import BlockLayer
 from graphopt.passes.registry import register
 from graphopt.passes.weights import WeightUse, weight_uses
 
 logger = logging.getLogger(__name__)
+
+# Rows of each layer input kept for SmoothQuant's search (half as many held out).
+_SAMPLE_ROWS = 512
 
 
 
@@ -81,6 +85,8 @@ class _Layer:
     relative_error: float = 0.0
     block_size: int | None = None  # a table's own block (it must divide the table's width), else the pass's
     kept_float: bool = False  # the search kept its float weight (the end of the ladder)
+    smoothed: bool = False  # input_scales are SmoothQuant's (int8 activations), not AWQ's
+    on_float_grid: bool | None = None  # zero_points 'auto': the weight lies on a float-zero-point grid
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -112,11 +118,17 @@ class QuantizeBlockwisePass(GraphoptPass, name="quantize-blockwise",
         """4 or 8 bits per weight (the layers' starting point when searching)."""
         block_size: Literal[16, 32, 64, 128, 256] = 32
         """Values per block along K (16, 32, 64, 128 or 256); each block has its own scale."""
+        eight_bit_block_size: Literal[0, 16, 32, 64, 128, 256] = 0
+        """The block of 8-bit layers (head, table, layers a search moves): 0 for ``block_size``.
+        With int8 activations each block of the input is rounded to its own range too, so a
+        smaller block keeps more of the activations."""
         symmetric: bool = True
         """A zero point of 2^(bits-1) for every block (none stored) instead of one fitted per block."""
-        zero_points: Literal["integer", "offset", "float"] = "integer"
-        """Asymmetric only: 'integer' (packed), 'offset' (float, served by a separate term) or
-        'float' (the kernel's float input: slow on onnxruntime's CPU)."""
+        zero_points: Literal["integer", "offset", "float", "auto"] = "integer"
+        """Asymmetric only: 'integer' (packed), 'offset' (float, served by a separate term),
+        'float' (the kernel's float input: slow on onnxruntime's CPU), or 'auto': 'offset' for the
+        layers whose weights lie on such a grid already (a GGUF Q4_1 import), else 'integer'.
+        8-bit layers are symmetric whatever this says."""
         operators: Literal["onnxruntime", "standard"] = "onnxruntime"
         """'onnxruntime' (MatMulNBits, GatherBlockQuantized) or 'standard': DequantizeLinear with
         block_size (opset 21; int4/uint4 codes) before the float op, for runtimes without contrib
@@ -135,7 +147,14 @@ class QuantizeBlockwisePass(GraphoptPass, name="quantize-blockwise",
         """MatMul nodes held at 8 bits whatever else is chosen."""
         accuracy_level: Literal[-1, 0, 1, 2, 3, 4] = -1
         """onnxruntime's compute type: 0 default, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations; -1:
-        per bit width, the faster of 0 and 4 on this CPU (measured once, cached)."""
+        per bit width, the faster of 0 and 4 on this CPU (measured once, cached). A stated level
+        is that of the layers at ``bits``; 8-bit ones (head, table, layers a search moves) take
+        the faster of 0 and 4."""
+        smoothing: bool = True
+        """With int8 activations (accuracy level 4) and calibration: per input channel scales that
+        move activation outliers into the weights (SmoothQuant), chosen per input by the output
+        error of both roundings on calibration rows, kept only where they also win on held-out
+        rows; folded into the norm writing the input, else divided out by a Mul."""
         min_elements: int = 1024
         """Weights with fewer elements stay float."""
         nodes: tuple[str, ...] = ()
@@ -185,19 +204,37 @@ class QuantizeBlockwisePass(GraphoptPass, name="quantize-blockwise",
                                         f"has {model.opset_imports.get('', 1)} (run upgrade-opset with target = 21)")
         searching = context.text is not None and o.search and o.operators == "onnxruntime"
         reference = snapshots.write(model) if searching else None
-        if method in ("gptq", "awq"):
-            _measure_hessians(model, [layer for layer in layers if layer.role == "linear"], context, self.name,
-                              reference or snapshots.write(model))
-        readers = _readers(layers) if method == "awq" else {}
         levels = {bits: max(o.accuracy_level, 0) for bits in (4, 8)}
-        if o.accuracy_level < 0 and o.operators == "onnxruntime":
-            levels = _accuracy_levels(context, o.block_size)
+        if o.operators == "onnxruntime" and (o.accuracy_level < 0 or o.bits != 8 and (searching or any(
+                layer.bits == 8 for layer in layers))):
+            # a stated level is the `bits` layers'; the 8-bit ones (head, table, layers the search
+            # moves) take the faster on this CPU (8-bit float compute is ~100× slower per token here)
+            levels = {**_accuracy_levels(context, o.block_size),
+                      **({o.bits: o.accuracy_level} if o.accuracy_level >= 0 else {})}
+        # the widths a layer may end at (the search moves layers to 8 bits), and whether each reads
+        # int8 activations: SmoothQuant's scales serve where one does
+        widths = sorted({o.bits, 8} if searching else {o.bits})
+        smoothing = (o.smoothing and o.operators == "onnxruntime" and any(levels[bits] == 4 for bits in widths)
+                     and (context.text is not None or context.calibration is not None))
+        samples: dict[str, _InputSample] = {}
+        if method in ("gptq", "awq") or smoothing:
+            measured = [layer for layer in layers if layer.role == "linear" or smoothing and _input(layer)]
+            samples = _measure_inputs(model, measured, context, self.name, reference or snapshots.write(model),
+                                      moments=method in ("gptq", "awq"), rows=smoothing)
+        readers = _readers(layers, smoothing) if method == "awq" or smoothing else {}
         # One weight at a time: read (external data is mapped, not loaded), quantized, encoded into
         # the graph, unmapped; only the codes stay. A search keeps the codes of each width it tried.
         nodes: dict[int, Encoded] = {}
         for layer in progress(layers, f"{method}: {len(layers)} weights", unit="weight"):
-            group = readers.pop(layer.use.node.inputs[0].name, None)
-            if group is not None:
+            source = _input(layer)
+            group = readers.pop(source.name, None) if source is not None else None
+            if group is not None and smoothing:
+                head = layer.role != "linear"  # a head keeps its own width
+                self._smooth_inputs(graph, group, samples[source.name],
+                                    [(bits, levels[bits] == 4, self._form(layer, bits),
+                                      layer.block_size or self._block(bits))
+                                     for bits in ([layer.bits] if head else widths)])
+            elif group is not None:
                 self._scale_inputs(graph, group)
             quantized = self._encode_layer(layer, layer.bits, method)
             weight = layer.weight
@@ -225,7 +262,7 @@ class QuantizeBlockwisePass(GraphoptPass, name="quantize-blockwise",
                             bits=32 if layer.kept_float else layer.bits,
                             accuracy_level=0 if layer.kept_float else
                             levels[layer.bits] if layer.level is None else layer.level,
-                            block_size=layer.block_size or o.block_size,
+                            block_size=layer.block_size or self._block(layer.bits),
                             method="float" if layer.kept_float else layer.methods[layer.bits],
                             awq_alpha=layer.alpha, relative_error=layer.relative_error,
                             sensitivity=layer.sensitivity) for layer in layers]
@@ -260,9 +297,10 @@ class QuantizeBlockwisePass(GraphoptPass, name="quantize-blockwise",
                     continue
                 if any(layer.use.weight is use.weight for layer in layers):
                     continue  # a table read by two Gathers is encoded once
-                block = table_block(table.shape[1], o.block_size)
+                block = table_block(table.shape[1], self._block(o.head_bits))
                 if block is None:
-                    skipped[use.name] = f"table width {table.shape[1]} has no power-of-two block from 16 to {o.block_size}"
+                    skipped[use.name] = (f"table width {table.shape[1]} has no power-of-two block from 16 to "
+                                         f"{self._block(o.head_bits)}")
                     continue
                 layers.append(_Layer(use.name, use, table, "tied" if tied else "embedding", o.head_bits, heads=tied,
                                      block_size=block))
@@ -285,15 +323,15 @@ class QuantizeBlockwisePass(GraphoptPass, name="quantize-blockwise",
         """The layer's codes at ``bits`` (computed once per width)."""
         if bits not in layer.encoded:
             o = self.options
-            form = self._form(layer)
+            form = self._form(layer, bits)
             rounding = method if layer.role == "linear" and method in ("hqq", "gptq") else "rtn"
             if rounding == "gptq" and layer.hessian is None:
                 rounding = "hqq"
             weight = layer.weight
-            block = layer.block_size or o.block_size
+            block = layer.block_size or self._block(bits)
             scales = layer.input_scales
             # AWQ's codes: each block's scale searched for the least activation-weighted error
-            searched = rounding == "hqq" or scales is not None and form != "float"
+            searched = rounding == "hqq" or scales is not None and not layer.smoothed and form != "float"
             nearest = quantize_blocks(weight, bits=bits, block_size=block, form=form,
                                       method="hqq" if searched else "rtn",
                                       hessian=layer.hessian if scales is not None else None, input_scales=scales)
@@ -306,19 +344,57 @@ class QuantizeBlockwisePass(GraphoptPass, name="quantize-blockwise",
                 if relative_loss(fitted, weight, inputs) < relative_loss(nearest, weight, inputs):
                     quantized, chosen = fitted, "gptq"
             layer.encoded[bits] = quantized
-            layer.methods[bits] = ("awq+" if scales is not None else "") + chosen
+            prefix = ("smooth+" if layer.smoothed else "awq+") if scales is not None else ""
+            layer.methods[bits] = prefix + chosen
         return layer.encoded[bits]
 
     def _encode(self, graph: ir.Graph, layer: _Layer, quantized: BlockQuantized, level: int) -> Encoded:
         if layer.role in ("tied", "embedding"):
             return encode_table(graph, layer.use, quantized, level, layer.heads)
-        return encode_matmul(graph, layer.use, quantized, level, self.options.zero_points)
+        return encode_matmul(graph, layer.use, quantized, level,
+                             "offset" if self.options.zero_points == "auto" else self.options.zero_points)
 
-    def _form(self, layer: _Layer) -> str:
+    def _block(self, bits: int) -> int:
         o = self.options
-        if o.symmetric or layer.role in ("tied", "embedding"):
+        return o.eight_bit_block_size if bits == 8 and o.eight_bit_block_size else o.block_size
+
+    def _form(self, layer: _Layer, bits: int) -> str:
+        """The grid of ``layer`` at ``bits``: symmetric when asked, for tables, and at 8 bits
+        (a zero point buys under one bit of 256 levels, and the int8 kernel then needs no
+        offset term); else integer or float zero points as ``zero_points`` says ('auto': float
+        only where the weights lie on a float-zero-point grid, as a GGUF Q4_1 import's do)."""
+        o = self.options
+        if o.symmetric or layer.role in ("tied", "embedding") or bits == 8:
             return "symmetric"
+        if o.zero_points == "auto":
+            if layer.on_float_grid is None:
+                layer.on_float_grid = on_float_grid(layer.weight, bits, layer.block_size or self._block(bits))
+            return "float" if layer.on_float_grid else "integer"
         return "integer" if o.zero_points == "integer" else "float"
+
+    def _smooth_inputs(self, graph: ir.Graph, group: list[_Layer], sample: _InputSample,
+                       widths: list[tuple[int, bool, str, int]]) -> None:
+        """SmoothQuant: the input scales shared by the layers reading one input, for the
+        ``widths`` they may take (``smoothing_scales``), folded into the norm writing that input or
+        divided out by a Mul."""
+        if sample.rows is None or sample.rows.rows is None or not any(width[1] for width in widths):
+            return
+        o = self.options
+        first = group[0]
+        weights = [layer.weight for layer in group]
+        held_out = sample.held_out.rows if sample.held_out is not None else None
+        scales, alpha = smoothing_scales(weights, sample.rows.rows, sample.rows.absmax, widths=widths,
+                                         held_out=held_out)
+        weights.clear()
+        for layer in group:
+            layer.release()
+        if scales is None:
+            return
+        for layer in group:
+            layer.input_scales, layer.alpha = scales, alpha
+            layer.smoothed = True
+        readers = list(first.heads) if first.role == "tied" else [layer.use.node for layer in group]
+        divide_input(graph, _input(first), readers, scales)
 
     def _scale_inputs(self, graph: ir.Graph, group: list[_Layer]) -> None:
         """AWQ: the input scales shared by the layers reading one input, chosen on the calibration
@@ -328,7 +404,7 @@ class QuantizeBlockwisePass(GraphoptPass, name="quantize-blockwise",
         if first.hessian is None:
             return
         o = self.options
-        form = self._form(first)
+        form = self._form(first, o.bits)
         weights = [layer.weight for layer in group]
         scales, alpha, _ = awq_scales(weights, first.hessian, bits=o.bits, block_size=o.block_size, form=form)
         if scales is not None and first.held_out_hessian is not None:
@@ -373,20 +449,41 @@ class _Snapshots:
         self._folder.cleanup()
 
 
-def _readers(layers: list[_Layer]) -> dict[str, list[_Layer]]:
-    """The linear layers grouped by the input they read (they share AWQ scales)."""
+def _input(layer: _Layer) -> ir.Value | None:
+    """The activation a layer multiplies: its MatMul's left input; a tied table's head's (None:
+    an embedding table alone)."""
+    if layer.role in ("tied", "embedding"):
+        return layer.heads[0].inputs[0] if layer.heads else None
+    return layer.use.node.inputs[0]
+
+
+def _readers(layers: list[_Layer], heads: bool = False) -> dict[str, list[_Layer]]:
+    """The linear layers grouped by the input they read (they share input scales); with
+    ``heads``, an LM head (tied or not) too, alone."""
     groups: dict[str, list[_Layer]] = {}
     for layer in layers:
-        if layer.role == "linear":
-            groups.setdefault(layer.use.node.inputs[0].name, []).append(layer)
+        source = _input(layer)
+        if layer.role == "linear" or heads and source is not None:
+            groups.setdefault(source.name, []).append(layer)
     return groups
 
 
-def _measure_hessians(model: ir.Model, layers: list[_Layer], context: PassContext, pass_name: str,
-                      snapshot: str) -> None:
-    """E[x xᵀ] of each layer's input on the calibration feeds (decoder: the calibration text;
-    ``snapshot`` is the float model on disk), and on a decoder's held-out judge windows."""
-    from graphopt.passes.activations import ActivationCollector, SecondMoment
+@dataclasses.dataclass
+class _InputSample:
+    """Rows of one layer input (SmoothQuant's search): on the calibration feeds and on the
+    held-out judge windows."""
+
+    rows: Any = None  # activations.RowSample
+    held_out: Any = None
+
+
+def _measure_inputs(model: ir.Model, layers: list[_Layer], context: PassContext, pass_name: str, snapshot: str, *,
+                    moments: bool, rows: bool) -> dict[str, _InputSample]:
+    """One pass over the calibration feeds (decoder: the calibration text; ``snapshot`` is the
+    float model on disk), and one over a decoder's held-out judge windows, measuring each layer
+    input: E[x xᵀ] (``moments``: set on the layers) and a sample of its rows (``rows``:
+    returned by input name)."""
+    from graphopt.passes.activations import ActivationCollector, RowSample, SecondMoment
 
     feeds: Any
     if context.text is not None:
@@ -396,18 +493,29 @@ def _measure_hessians(model: ir.Model, layers: list[_Layer], context: PassContex
         feeds = context.text.feeds(decoder)
     else:
         feeds = context.calibration_feeds(pass_name).feeds
-    names = sorted({layer.use.node.inputs[0].name for layer in layers})
-    moments = {name: SecondMoment() for name in names}
+    names = sorted({_input(layer).name for layer in layers})
+
+    def accumulators(limit: int) -> tuple[dict[str, SecondMoment], dict[str, RowSample]]:
+        return ({name: SecondMoment() for name in names} if moments else {},
+                {name: RowSample(limit) for name in names} if rows else {})
+
+    def measure(stream: Any, wanted: tuple[dict[str, SecondMoment], dict[str, RowSample]]) -> None:
+        collector.stream(stream, {name: [acc[name] for acc in wanted if name in acc] for name in names})
+
     collector = ActivationCollector(model, names, threads=context.threads)
-    collector.stream(feeds, moments)
-    held_out = {name: SecondMoment() for name in names}
+    fitted = accumulators(_SAMPLE_ROWS)
+    measure(feeds, fitted)
+    judged = accumulators(_SAMPLE_ROWS // 2)
     if context.text is not None and context.text.judge_windows:
-        collector.stream(context.text.feeds(decoder, held_out=True), held_out)
-    for layer in layers:
-        value = moments[layer.use.node.inputs[0].name].value
-        layer.hessian = None if value is None else value.astype(np.float64)
-        value = held_out[layer.use.node.inputs[0].name].value
-        layer.held_out_hessian = None if value is None else value.astype(np.float64)
+        measure(context.text.feeds(decoder, held_out=True), judged)
+    if moments:
+        for layer in (layer for layer in layers if layer.role == "linear"):
+            value = fitted[0][_input(layer).name].value
+            layer.hessian = None if value is None else value.astype(np.float64)
+            value = judged[0][_input(layer).name].value
+            layer.held_out_hessian = None if value is None else value.astype(np.float64)
+    return {name: _InputSample(fitted[1].get(name), judged[1].get(name) if judged[1].get(name) is not None
+                               and judged[1][name].rows is not None else None) for name in names}
 
 
 def _accuracy_levels(context: PassContext, block_size: int) -> dict[int, int]:

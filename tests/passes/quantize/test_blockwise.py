@@ -116,10 +116,11 @@ def q4_1_weight(rng, k: int, n: int) -> np.ndarray:
     return (np.repeat(d, 32, axis=0) * q + np.repeat(m, 32, axis=0)).astype(np.float32)
 
 
-@pytest.mark.parametrize("zero_points", ["float", "offset"])
+@pytest.mark.parametrize("zero_points", ["float", "offset", "auto"])
 def test_float_zero_points_reproduce_a_q4_1_grid_through_onnxruntime(rng, zero_points):
     """An integer zero point cannot hold m/d; a float one can, served as the kernel's input
-    ('float') or as a symmetric kernel plus a per-block offset term ('offset')."""
+    ('float') or as a symmetric kernel plus a per-block offset term ('offset', and 'auto' for a
+    weight on that grid)."""
     k, n = 96, 16
     weight = q4_1_weight(rng, k, n)
     rounded = quantize_blocks(weight, bits=4, block_size=32, form="integer")
@@ -148,7 +149,8 @@ def test_a_tied_table_and_head_share_one_set_of_8_bit_codes(rng):
                               [numpy_helper.from_array(table, "E")])
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
     model = ir.serde.deserialize_model(proto)
-    result = get_pass("quantize-blockwise")(min_elements=16, **FAST)(model)
+    # bits = 8: the stated float compute is the head's too (else 8-bit layers take this CPU's faster)
+    result = get_pass("quantize-blockwise")(min_elements=16, bits=8, **FAST)(model)
     assert [(row["role"], row["bits"]) for row in result.details["layers"]] == [("tied", 8)]
     assert op_histogram(model) == {"Reshape": 1, "GatherBlockQuantized": 1, "MatMulNBits": 1}
     readers = {node.op_type: node for node in model.graph}
@@ -319,3 +321,102 @@ def test_awq_folds_into_the_norm_or_divides_with_a_mul_and_beats_rounding(rng):
             assert [node.input[0] for node in muls] == (["r"] if layers["down"]["awq_alpha"] else [])
     assert errors["awq"] < errors["rtn"]
     assert get_pass("quantize-blockwise")(method="awq").needs_calibration()
+
+
+def test_int8_activations_round_each_row_block_to_its_own_range(rng):
+    """The model of onnxruntime's int8 activations (accuracy level 4): every row's block of K is
+    rounded to 255 symmetric levels of its own largest |x|; a block's largest value is exact."""
+    from graphopt.passes.quantize.blocks import int8_activations
+
+    x = rng.standard_normal((5, 40)).astype(np.float32)
+    x[:, 3] = 50.0
+    q = int8_activations(x, 16)
+    assert q.shape == x.shape and q[0, 3] == 50.0
+    step = np.abs(x[:, :16]).max(axis=1, keepdims=True) / 127
+    assert np.all(np.abs(q[:, :16] - x[:, :16]) <= step / 2 + 1e-6)
+    assert np.all(np.abs(q[:, 32:] - x[:, 32:]) <= np.abs(x[:, 32:]).max(axis=1, keepdims=True) / 254 + 1e-6)
+
+
+def _outlier_inputs(rng, rows: int, k: int) -> np.ndarray:
+    inputs = rng.standard_normal((rows, k)).astype(np.float32)
+    inputs[:, [2, 40, 77]] *= 60  # a few channels far above the rest, as an LLM's activations have
+    return inputs
+
+
+def test_smoothing_scales_lower_the_int8_activation_error_and_keep_the_product(rng):
+    """Under int8 activations, outlier channels cost the other channels of their block most of
+    their levels; SmoothQuant's scales move that range into the weights: the served product
+    (int8(x / s) against the codes of diag(s)·W) is closer to x·W than without scales, and in
+    float the scales change nothing."""
+    from graphopt.passes.quantize.blocks import int8_activations, smoothing_scales
+
+    k, n = 128, 96
+    weight = (rng.standard_normal((k, n)) * 0.05).astype(np.float32)
+    rows, held = _outlier_inputs(rng, 512, k), _outlier_inputs(rng, 256, k)
+    scales, alpha = smoothing_scales([weight], rows, np.abs(rows).max(axis=0), widths=[(8, True, "symmetric", 32)],
+                                     held_out=held)
+    assert scales is not None and 0 < alpha <= 1
+
+    def served(input_scales):
+        codes = quantize_blocks(weight, bits=8, block_size=32, form="symmetric", input_scales=input_scales)
+        x = held if input_scales is None else held / input_scales
+        return int8_activations(x, 32) @ codes.dequantize(effective=False), codes
+
+    exact = held @ weight
+    plain, _ = served(None)
+    smoothed, codes = served(scales)
+    assert np.square(smoothed - exact).sum() < 0.5 * np.square(plain - exact).sum()
+    np.testing.assert_allclose((held / scales) @ codes.dequantize(effective=False), held @ codes.dequantize(),
+                               rtol=1e-4, atol=1e-4 * np.abs(exact).max())
+
+
+def test_smoothing_leaves_weights_on_their_4_bit_grid(rng):
+    """A checkpoint whose weights lie on 4-bit blocks (a GGUF's) keeps them there: any scale
+    would take the 4-bit codes off their exact grid, which no activation gain repays."""
+    from graphopt.passes.quantize.blocks import smoothing_scales
+
+    weight = on_grid(rng, 128, 64, bits=4, block_size=32)
+    rows = _outlier_inputs(rng, 256, 128)
+    scales, alpha = smoothing_scales([weight], rows, np.abs(rows).max(axis=0), widths=[(4, False, "symmetric", 32), (8, True, "symmetric", 32)])
+    assert scales is None and alpha == 0.0
+
+
+def test_smoothing_folds_into_the_norm_under_int8_activations_only(rng):
+    """With calibration and int8 activations (accuracy level 4), the scales of the layer behind
+    the norm go into γ and β, the layer behind the Relu gets a Mul, and the model still computes
+    the float function up to the roundings; with float activations there is nothing to smooth."""
+    from graphopt.passes.base import PassContext
+    from graphopt.verify.feeds import FeedSet
+
+    proto = _norm_then_two_layers(rng)
+    feeds = [{"X": rng.standard_normal((64, 64)).astype(np.float32)} for _ in range(4)]
+    held = {"X": rng.standard_normal((256, 64)).astype(np.float32)}
+    expected = run(proto, held)[0]
+    for level, smoothed in ((4, True), (0, False)):
+        model = ir.serde.deserialize_model(proto)
+        result = get_pass("quantize-blockwise")(method="rtn", bits=8, min_elements=16, accuracy_level=level)(
+            model, PassContext(calibration=FeedSet(feeds, "test", False), threads=1))
+        layers = {row["node"]: row for row in result.details["layers"]}
+        assert layers["up"]["method"].startswith("smooth+") is smoothed
+        out = ir.serde.serialize_model(model)
+        gamma = next(t for t in out.graph.initializer if t.name == "gamma")
+        assert np.allclose(numpy_helper.to_array(gamma), numpy_helper.to_array(proto.graph.initializer[0])) \
+            is not smoothed
+        got = run(out, held)[0]
+        assert float(np.abs(got - expected).max()) < 0.05 * float(np.abs(expected).max())
+
+
+def test_auto_zero_points_are_integer_off_the_grid_and_8_bit_codes_symmetric(rng):
+    """'auto' gives a float checkpoint's weights integer zero points (the kernel's own input, no
+    offset term); at 8 bits the codes are symmetric whatever zero_points says (no zero points)."""
+    k, n = 96, 16
+    weight = (rng.standard_normal((k, n)) * 0.1).astype(np.float32)
+    for bits, inputs in ((4, 4), (8, 3)):
+        model = ir.serde.deserialize_model(matmul_model(weight))
+        get_pass("quantize-blockwise")(bits=bits, symmetric=False, zero_points="auto", min_elements=16, **FAST)(model)
+        assert op_histogram(model) == {"MatMulNBits": 1}
+        node = next(iter(model.graph))
+        assert len(node.inputs) == inputs and node.attributes["bits"].value == bits
+        x = rng.standard_normal((3, k)).astype(np.float32)
+        bound = 0.1 if bits == 4 else 0.01
+        assert np.abs(run(model, {"X": x})[0] - x @ weight).max() < bound * np.abs(x @ weight).max()
