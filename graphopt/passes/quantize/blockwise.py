@@ -322,7 +322,6 @@ class QuantizeBlockwisePass(GraphoptPass, name="quantize-blockwise",
     def _encode_layer(self, layer: _Layer, bits: int, method: str) -> BlockQuantized:
         """The layer's codes at ``bits`` (computed once per width)."""
         if bits not in layer.encoded:
-            o = self.options
             form = self._form(layer, bits)
             rounding = method if layer.role == "linear" and method in ("hqq", "gptq") else "rtn"
             if rounding == "gptq" and layer.hessian is None:
