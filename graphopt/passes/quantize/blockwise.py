@@ -378,7 +378,6 @@ class QuantizeBlockwisePass(GraphoptPass, name="quantize-blockwise",
         divided out by a Mul."""
         if sample.rows is None or sample.rows.rows is None or not any(width[1] for width in widths):
             return
-        o = self.options
         first = group[0]
         weights = [layer.weight for layer in group]
         held_out = sample.held_out.rows if sample.held_out is not None else None
