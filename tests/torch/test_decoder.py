@@ -432,7 +432,17 @@ def test_a_size_target_gives_the_most_faithful_model_within_it(exported, tmp_pat
         assert {c["name"] for c in report["verification"]["checks"]} >= {"max_size_ratio"}
         assert "max_ppl_ratio" not in {c["name"] for c in report["verification"]["checks"]}
         sizes[target] = (search["taken"], report["output_bytes"])
+        rung0 = search["trials"][0]["size_ratio"]
     assert sizes["0.95"][0] > sizes["0.75"][0] and sizes["0.95"][1] > sizes["0.75"][1]  # more room: more rungs
+    # below rung 0 (head and table at 8 bits): they go to 4 bits, and only then
+    target = f"{rung0 - 0.004:.4f}"
+    assert main(["optimize", str(out), "-o", str(tmp_path / "small"), "--max-size-ratio", target,
+                 "--report", str(tmp_path / "small.json"), *common]) == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "small.json").read_text())
+    step = next(s for s in report["steps"] if s["name"] == "quantize-blockwise")
+    assert step["details"]["search"]["trials"][0]["step"] == "all 4-bit, LM head and table too"
+    assert {row["bits"] for row in step["details"]["layers"] if row["role"] != "linear"} == {4}
+    assert report["output_bytes"] / report["input_bytes"] <= float(target)
     # the layers the search moved to 8 bits are symmetric: their zero points and offset terms left
     import onnx_ir as ir
 

@@ -14,6 +14,9 @@ The ladder, from the most compressed model back towards the original:
    byte it costs first: the end of the ladder is the original's linear layers, so a budget that
    any mix can meet is never refused (only the LM head and embedding table stay at ``head_bits``).
 
+A size target that rung 0 misses takes the LM head and embedding table from 8 to 4 bits first
+(only then: their 8 bits are the recipe's choice for fidelity).
+
 The fewest rungs meeting the target are taken (bisection: the ladder is taken to be monotone);
 each retreat halves the rungs left. Float weights are restored on a copy of the model for each
 trial (tensors shared) and in place once chosen.
@@ -94,20 +97,21 @@ def _within_size(ladder: BitLadder, search: BitSearch, bits: int, levels: dict[i
                  size_target: float) -> BitSearch:
     """The most faithful model within ``size_target``: every rung the size allows, the float
     compute rungs (no bytes) first. Judged there and at rung 0, the two ends of the frontier."""
-    ladder.judge(0, f"all {bits}-bit")
+    lowered = ""
+    if ladder.size_ratio(0) > size_target and bits == 4 and ladder.lower_heads():
+        lowered = ", LM head and table too"  # below the recipe's head_bits only when the size asks for it
+    ladder.judge(0, f"all {bits}-bit{lowered}")
+    if ladder.size_ratio(0) > size_target:  # no rung adds fewer bytes than rung 0 holds
+        search.exhausted = (f"no model reaches the size target {size_target:g}: every layer at {bits} bits"
+                            f"{lowered} is {ladder.size_ratio(0):.4f} of the original")
+        ladder.settle(0)
+        return search
     ladder.add_quantized_rungs(bits, levels)
     ladder.rungs += [("float", layer) for layer in ladder.by_loss_per_byte()]
     search.rungs = len(ladder.rungs)
-    sizes = ladder.size_ratios()
-    fitting = [n for n, ratio in enumerate(sizes) if ratio <= size_target]
-    if not fitting:
-        search.exhausted = (f"no model reaches the size target {size_target:g}: every layer at {bits} bits is "
-                            f"{sizes[0]:.4f} of the original")
-        search.taken = 0
-    else:
-        search.taken = max(fitting)
-        if search.taken:  # rung 0 is judged already
-            ladder.judge(search.taken, f"the most rungs within size {size_target:g}")
+    search.taken = max(n for n, ratio in enumerate(ladder.size_ratios()) if ratio <= size_target)  # rung 0 fits
+    if search.taken:  # rung 0 is judged already
+        ladder.judge(search.taken, f"the most rungs within size {size_target:g}")
     ladder.settle(search.taken)
     return search
 
@@ -133,6 +137,7 @@ class BitLadder:
         self.model, self.nodes, self.judge_ = model, nodes, judge
         self.write, self.encode, self.levels = write, encode, levels
         self.linear = [layer for layer in layers if layer.role == "linear"]
+        self.heads = [layer for layer in layers if layer.role != "linear"]
         self.base_bits = {id(layer): layer.bits for layer in self.linear}
         self.rungs: list[tuple[str, Any]] = []  # ("level", [layers of one shape]), ("bits" | "float", layer)
         self.floats: list[Any] = []  # the layers the rungs taken keep in float
@@ -159,6 +164,17 @@ class BitLadder:
         logger.info("blockwise search: %s: perplexity ratio %.4f, agreement %.4f%s", step, scores.ppl_ratio,
                     scores.token_agreement, "" if verdict.meets_target else " (misses)")
         return verdict
+
+    def lower_heads(self) -> bool:
+        """The LM head and embedding table from 8 to 4 bits (a size target that rung 0 misses):
+        rung 0's bytes shrink by what their codes shrink. False when there is none at 8 bits."""
+        heads = [layer for layer in self.heads if layer.bits == 8]
+        for layer in heads:
+            before = self._count_bytes(layer, 8)
+            layer.bits = 4
+            self.nodes[id(layer)].swap(self.encode(layer, 4), self.levels[4])
+            self.rung0_bytes -= before - self._count_bytes(layer, 4)
+        return bool(heads)
 
     def add_quantized_rungs(self, bits: int, levels: dict[int, int]) -> None:
         """The float-compute rungs (4 bits on int8 activations only), then 8 bits per layer, the
