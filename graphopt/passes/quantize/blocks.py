@@ -302,19 +302,25 @@ def smoothing_scales(weights: list[np.ndarray], rows: np.ndarray, absmax: np.nda
     held_out = held_out[::-(-len(held_out) // keep)] if held_out is not None and len(held_out) else None
     products = {id(sample): [sample @ w for w in weights] for sample in (rows, held_out) if sample is not None}
 
-    def loss(sample: np.ndarray, scales: np.ndarray | None) -> float:
+    energy = sum(float(np.square(y).sum()) for y in products[id(rows)])
+
+    def errors(sample: np.ndarray, scales: np.ndarray | None) -> list[float]:
         inputs = sample if scales is None else sample / scales
-        exact = products[id(sample)]
-        total = 0.0
+        found = []
         for bits, int8, form, block_size in widths:
             x = int8_activations(inputs, block_size) if int8 else inputs
-            error = sum(float(np.square(x @ quantize_blocks(w, bits=bits, block_size=block_size, form=form,
-                                                             input_scales=scales).dequantize(effective=False)
-                                        - y).sum()) for w, y in zip(weights, exact))
-            total += np.log(error + 1e-30)
-        return total
+            found.append(sum(float(np.square(x @ quantize_blocks(w, bits=bits, block_size=block_size, form=form,
+                                                                  input_scales=scales).dequantize(effective=False)
+                                             - y).sum()) for w, y in zip(weights, products[id(sample)])))
+        return found
 
-    best: tuple[np.ndarray | None, float, float] = (None, 0.0, loss(rows, None))
+    def loss(sample: np.ndarray, scales: np.ndarray | None) -> float:
+        return float(sum(np.log(error + 1e-30) for error in errors(sample, scales)))
+
+    plain = errors(rows, None)
+    if min(plain) <= 1e-10 * energy:  # a width rebuilds these weights exactly (on its grid): keep them there
+        return None, 0.0
+    best: tuple[np.ndarray | None, float, float] = (None, 0.0, float(sum(np.log(e + 1e-30) for e in plain)))
     floor = np.maximum(absmax, absmax[absmax > 0].min() if np.any(absmax > 0) else 1.0)
     weight_floor = np.maximum(peak, peak[peak > 0].min() if np.any(peak > 0) else 1.0)
     for alpha in alphas:

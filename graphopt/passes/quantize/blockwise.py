@@ -14,6 +14,15 @@ than plain rounding's, GPTQ only where it beats rounding to nearest on held-out 
 scales of the layers reading one input are folded into the norm that writes it (its weight, and
 bias, divided by s) when that norm feeds nothing else; otherwise a ``Mul`` by 1/s is inserted.
 
+**Smoothing** (``smoothing``, with any calibration, where a width the layers may take reads int8
+activations, ``accuracy_level`` 4): onnxruntime then rounds each row's blocks of the input to 255
+levels of their own largest |x|, and an LLM's few outlier channels take those levels from the rest
+of their block. SmoothQuant's per-channel scales s = max|x|^α / max|W|^(1−α) move that range into
+the weights; per input, α (or none) is chosen by the output error both roundings give on a sample
+of calibration rows, for every width the layers may end at (the product of their errors), and kept
+only if it also wins on held-out rows. Folded like AWQ's; for a tied LM head, the table holds
+E·diag(s) and each row the Gather reads is divided back by s (one Mul).
+
 **Forms of an asymmetric grid** (``zero_points``):
 
 * ``integer``: packed unsigned zero points, onnxruntime's fast kernels;
@@ -23,7 +32,14 @@ bias, divided by s) when that norm feeds nothing else; otherwise a ``Mul`` by 1/
   sums each block of A (shared by every layer of that K) and O [blocks, N] is stored in float16
   (the runtime widens it once, at load). Costs 2 bytes per block and two small MatMuls;
 * ``float``: the float zero points as the kernel's own input (onnxruntime has no fast path for
-  it: several times slower per token; kept for runtimes that have one).
+  it: several times slower per token; kept for runtimes that have one);
+* ``auto``: ``offset`` for the weights that lie on a float-zero-point grid already (a GGUF Q4_1
+  import: rebuilt exactly), ``integer`` for the rest (a float checkpoint's).
+
+At 8 bits the codes are symmetric whatever ``zero_points`` says (a zero point buys under one bit
+of 256 levels; the int8 kernel then needs no offset term), in blocks of ``eight_bit_block_size``
+when set (smaller blocks also round int8 activations finer). A layer a search moved to 8 bits
+leaves its zero points and offset term behind once settled.
 
 **The LM head and the embedding table.** A table read by a Gather and, transposed, by the head's
 (Fused)MatMul is one set of codes: ``GatherBlockQuantized`` and ``MatMulNBits`` both read it (the
