@@ -133,11 +133,17 @@ def _decoder_text(args: argparse.Namespace) -> Any:
     from graphopt.verify.text import DecoderText
     from graphopt.verify.text import DecoderThresholds
 
-    if args.data is None or not str(args.data).endswith(".txt"):
-        if args.prompts or any(getattr(args, name) is not None for name in _DECODER_FLAGS):
-            raise UsageError("the decoder measures need prose to judge on: give --data PROSE.txt")
+    asked = args.prompts or any(getattr(args, name) is not None for name in _DECODER_FLAGS)
+    data = args.data
+    if data is None and asked:  # judged on the bundled corpus, as the int4 recipe's own budget is
+        from graphopt.samples import SENTENCES_FILE
+
+        data = SENTENCES_FILE
+    if data is None or not str(data).endswith(".txt"):
+        if asked:
+            raise UsageError(f"{data}: the decoder measures are judged on prose: give --data PROSE.txt")
         return None
-    return DecoderText(data=args.data, prompts=args.prompts, window=args.window, windows=args.windows,
+    return DecoderText(data=data, prompts=args.prompts, window=args.window, windows=args.windows,
                        new_tokens=args.new_tokens, thresholds=DecoderThresholds(
                            **{name: getattr(args, name) for name in _DECODER_FLAGS}))
 

@@ -331,6 +331,18 @@ def test_int4_budget_out_of_reach_exits_1_naming_the_best_value_and_writes_nothi
     assert "text budget cannot be met" in step["exhausted"]
 
 
+def test_a_text_bound_without_data_is_judged_on_the_bundled_corpus(exported, tmp_path, capsys):
+    """--max-ppl-ratio without --data: the decoder is judged on the bundled corpus after its
+    calibration windows, as the int4 recipe's own budget is (it used to exit 2)."""
+    _, out, _ = exported
+    assert main(["optimize", str(out), "-o", str(tmp_path / "int4"), "--recipe", "int4", "--max-ppl-ratio", "1.5",
+                 "--window", "16", "--windows", "4", "--no-latency", "--threads", "1", "-q",
+                 "--report", str(tmp_path / "r.json")]) == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "r.json").read_text())
+    check = next(c for c in report["verification"]["checks"] if c["name"] == "max_ppl_ratio")
+    assert check["passed"] and check["threshold"] == 1.5
+
+
 def test_the_bits_ladder_reaches_float_weights_when_8_bits_miss(exported, tmp_path, capsys):
     """A budget no quantized linear layer meets (perplexity ratio within 1e-5, head and table kept
     float): the ladder climbs past 8 bits to float weights, writes the fewest that meet it, and the
