@@ -14,6 +14,10 @@ script builds graphopt's own with its CLI.
 
     python -m benchmarks.llm_int4 --base work/bench/llm_export/graphopt --peers /path/to/int4/manifest.json \\
         --genai-int4 /path/to/genai-int4
+
+With ``--graphopt NAME=PATH`` (repeatable; a model folder or a model file) it measures graphopt
+models built before instead of building its own; ``--title`` and ``--note`` then say what was measured,
+e.g. the float twin's export as ``--base`` and peers built by ``benchmarks/llm_peers.py``.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import platform
 import re
 import statistics
 import sys
@@ -30,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.common import BENCH_DIR, THREADS, markdown_table, one_line
-from benchmarks.llm_export import build, folder_size, prefill_and_decode
+from benchmarks.llm_export import build, prefill_and_decode
 
 WINDOWS = 64
 WINDOW = 128
@@ -59,7 +64,16 @@ SYMMETRIC_RUNS = ((128, "gptq", "licenses"), (128, "awq", "licenses"), (128, "gp
                   (64, "gptq", "licenses"))
 
 
-# What each peer folder (named by the peers' build, see the module docstring) holds.
+TITLE = "Blockwise 4-bit weights (issue #21): SmolLM2-135M-Instruct"
+NOTE = ("The checkpoint's linear weights lie on Q4_1 grids of 32 (its table on Q8_0): block-32 asymmetric "
+        "float offsets rebuild them exactly, so block 128 symmetric is the setting where that alignment helps "
+        "no tool.")
+# The row "decode / builder" divides by: the builder's -p int4 -e cpu at its defaults (--genai-int4, or
+# benchmarks/llm_peers.py's name for it).
+BUILDER_INT4 = ("genai builder int4 b32", "genai-int4-b32")
+
+# What each peer folder (named by the peers' build, see the module docstring) holds; a manifest's own
+# "settings" comes first.
 PEER_LABELS = {
     "ort-rtn-b32-asym": "onnxruntime MatMulNBitsQuantizer RTN, block 32 asym, level 4; LM head + table fp32",
     "ort-rtn-b128-sym": "onnxruntime RTN, block 128 sym, level 4; LM head + table fp32",
@@ -137,7 +151,40 @@ def graphopt_builds(base: Path, out: Path, held: Path, calibration: Path, only: 
     return models
 
 
+def model_bytes(path: Path) -> int:
+    """Bytes of a model (a folder's model, or a model file) and its external data."""
+    from graphopt.io import external_files, model_file
+
+    model = model_file(path)
+    return model.stat().st_size + sum(f.stat().st_size for f in external_files(model))
+
+
+def prebuilt(name: str, path: Path) -> dict[str, Any]:
+    """A graphopt model built before; its build seconds and recipe from the report beside it
+    (``PATH.json``, as ``graphopt_builds`` and ``optimize --report`` name it), if there is one."""
+    report_path = path.with_suffix(".json")
+    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    recipe = report.get("recipe", {}).get("name") if isinstance(report.get("recipe"), dict) else report.get("recipe")
+    return {"name": name, "tool": "graphopt", "settings": f"--recipe {recipe}" if recipe else "",
+            "folder": path, "build_seconds": report.get("seconds")}
+
+
+def machine() -> str:
+    """The CPU's model name, whether it has AVX-512 VNNI, and the measuring onnxruntime."""
+    import onnxruntime
+
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        cpuinfo = ""
+    name = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
+                platform.processor() or "unknown CPU")
+    vnni = "with" if re.search(r"\bavx512_vnni\b", cpuinfo) else "without"
+    return f"CPU: {name}, {vnni} avx512_vnni. onnxruntime {onnxruntime.__version__}."
+
+
 def measure(models: list[dict[str, Any]], base: Path, held: Path) -> None:
+    from graphopt.io import model_file
     from graphopt.torch.decoder import DEFAULT_PROMPTS
     from graphopt.verify.decoder import OrtDecoder, open_folder
     from graphopt.verify.text import TextJudge, text_windows
@@ -150,13 +197,13 @@ def measure(models: list[dict[str, Any]], base: Path, held: Path) -> None:
     base_greedy = [list(reference.greedy(ids, NEW_TOKENS)) for ids in prompts]
     decoders = {"fp32 export": OrtDecoder(base / "model.onnx", threads=THREADS)}
     for model in models:
-        decoder = OrtDecoder(model["folder"] / "model.onnx", threads=THREADS)
+        decoder = OrtDecoder(model_file(model["folder"]), threads=THREADS)
         decoders[model["name"]] = decoder
-        model.update(judge.score(decoder))
+        model.update(judge.score(decoder).to_dict())
         same = [sum(a == b for a, b in zip(list(decoder.greedy(ids, NEW_TOKENS)), ref)) / NEW_TOKENS
                 for ids, ref in zip(prompts, base_greedy)]
         model["greedy_agreement"] = float(np.mean(same))
-        model["bytes"] = folder_size(model["folder"])
+        model["bytes"] = model_bytes(model["folder"])
         print(f"measured {model['name']}: ppl x{model['ppl_ratio']:.4f}, agree {model['token_agreement']:.3f}",
               file=sys.stderr)
     prompt = np.asarray([windows[0]], np.int64)
@@ -172,15 +219,16 @@ def measure(models: list[dict[str, Any]], base: Path, held: Path) -> None:
         for key in ("prefill", "decode"):
             model[f"{key}_ms"] = statistics.median(timings[model["name"]][key])
             model[f"{key}_ratio"] = model[f"{key}_ms"] / base_timing[key]
-    models.insert(0, {"name": "fp32 export", "tool": "graphopt export", "settings": "float32", "bytes": folder_size(base),
+    models.insert(0, {"name": "fp32 export", "tool": "graphopt export", "settings": "float32", "bytes": model_bytes(base),
                       "ppl_ratio": 1.0, "perplexity": judge.perplexity, "token_agreement": 1.0,
                       "greedy_agreement": 1.0, "prefill_ms": base_timing["prefill"], "decode_ms": base_timing["decode"],
                       "prefill_ratio": 1.0, "decode_ratio": 1.0, "build_seconds": None})
 
 
-def section(models: list[dict[str, Any]], failed: list[dict[str, Any]], held: Path, tokens: int) -> str:
+def section(models: list[dict[str, Any]], failed: list[dict[str, Any]], held: Path, tokens: int,
+            title: str = TITLE, note: str = NOTE) -> str:
     base = models[0]
-    genai = next((m for m in models if m["name"] == "genai builder int4 b32"), None)
+    genai = next((m for m in models if m["name"] in BUILDER_INT4), None)
     rows = []
     for m in models:
         rows.append([m["name"], m.get("settings", ""), "—" if m.get("build_seconds") is None else f"{m['build_seconds']:.0f}",
@@ -188,15 +236,13 @@ def section(models: list[dict[str, Any]], failed: list[dict[str, Any]], held: Pa
                      f"{m['token_agreement']:.3f}", f"{m['greedy_agreement']:.2f}", f"{m['prefill_ms']:.0f}",
                      f"{m['prefill_ratio']:.2f}", f"{m['decode_ms']:.1f}", f"{m['decode_ratio']:.2f}",
                      f"{m['decode_ms'] / genai['decode_ms']:.2f}" if genai else "—"])
-    text = ["## Blockwise 4-bit weights (issue #21): SmolLM2-135M-Instruct", "",
+    text = [f"## {title}", "",
             f"`python -m benchmarks.llm_int4` — measured in one process, {THREADS} intra-op threads, against the fp32 "
             f"export. Held-out prose: {WINDOWS} windows of {WINDOW} tokens of {held.name} ({tokens} tokens of "
             "license texts); perplexity of the fp32 export "
             f"{base['perplexity']:.2f}. Greedy: {NEW_TOKENS} tokens on the 16 default prompts. Prefill of {WINDOW} "
             f"tokens and decode ms/token over {DECODE_TOKENS} cached steps, median of {ROUNDS} interleaved rounds. "
-            "The checkpoint's linear weights lie on Q4_1 grids of 32 (its table on Q8_0): block-32 asymmetric "
-            "float offsets rebuild them exactly, so block 128 symmetric is the setting where that alignment helps "
-            "no tool.", "",
+            f"{machine()} {note}".rstrip(), "",
             markdown_table(["model", "settings", "build s", "MB", "size ×", "ppl ×", "token agree", "greedy agree",
                             "prefill ms", "prefill ×", "decode ms/tok", "decode ×", "decode / builder"], rows)]
     for m in failed:
@@ -214,10 +260,17 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--skip-build", action="store_true", help="measure graphopt's folders from a previous run")
     parser.add_argument("--build-only", action="store_true", help="build graphopt's folders, measure nothing")
     parser.add_argument("--only", help="rebuild only graphopt's runs whose name holds this (others from built.json)")
+    parser.add_argument("--graphopt", action="append", default=[], metavar="NAME=PATH",
+                        help="measure this graphopt model built before (a folder or a model file; repeatable) "
+                             "instead of building graphopt's own")
+    parser.add_argument("--title", default=TITLE, help="the section's title: the model and issue measured")
+    parser.add_argument("--note", default=NOTE, help="a sentence after the method (what is special about the model)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     held = license_prose(args.out / "licenses.txt")
-    if args.skip_build:
+    if args.graphopt:
+        built = [prebuilt(name, Path(path)) for name, _, path in (given.partition("=") for given in args.graphopt)]
+    elif args.skip_build:
         previous = json.loads((args.out / "built.json").read_text())
         built = [{**m, "folder": Path(m["folder"])} if "folder" in m else m for m in previous]
     else:
@@ -235,8 +288,9 @@ def main(argv: list[str] | None = None) -> str:
                        "folder": args.genai_int4, "build_seconds": None})
     if args.peers:
         for entry in json.loads(args.peers.read_text()):
-            folder = args.peers.parent / entry["name"]
-            record = {"name": entry["name"], "tool": entry.get("tool", ""), "settings": PEER_LABELS.get(entry["name"], ""),
+            folder = Path(entry.get("folder") or args.peers.parent / entry["name"])
+            record = {"name": entry["name"], "tool": entry.get("tool", ""),
+                      "settings": entry.get("settings") or PEER_LABELS.get(entry["name"], ""),
                       "build_seconds": entry.get("seconds")}
             if entry.get("ok") and (folder / "model.onnx").is_file():
                 models.append({**record, "folder": folder})
@@ -246,7 +300,7 @@ def main(argv: list[str] | None = None) -> str:
     from graphopt.verify.decoder import open_folder
 
     tokens = len(open_folder(args.base).tokenizer.encode(held.read_text(encoding="utf-8")).ids)
-    text = section(models, failed, held, tokens)
+    text = section(models, failed, held, tokens, args.title, args.note)
     (args.out / "results.json").write_text(json.dumps(models, default=str, indent=1))
     (args.out / "section.md").write_text(text)
     print(text)
