@@ -118,6 +118,10 @@ TINY_FAMILIES: dict[str, tuple[str, str, dict]] = {
                                                            "moe_intermediate_size": 32, "mlp_only_layers": []}),
     "GPT2": ("GPT2Config", "GPT2LMHeadModel", {"vocab_size": 96, "n_embd": 64, "n_layer": 2, "n_head": 4,
                                                "n_positions": 256, "bos_token_id": 1, "eos_token_id": 2}),
+    # 7B-style: multi-query (one KV head cached whatever num_kv_heads says), parallel attention
+    "Falcon": ("FalconConfig", "FalconForCausalLM", {"vocab_size": 96, "hidden_size": 64, "num_hidden_layers": 2,
+                                                     "num_attention_heads": 4, "max_position_embeddings": 256,
+                                                     "bos_token_id": 1, "eos_token_id": 2}),
 }
 
 
@@ -134,7 +138,7 @@ def tiny_decoder(folder: Path, family: str, *, tokenizer: bool = True, dtype: st
     shared = {"vocab_size": 96, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
               "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
               "bos_token_id": 1, "eos_token_id": 2}
-    base = {} if family == "GPT2" else shared  # its config takes other names, and no KV-head count
+    base = {} if family in ("GPT2", "Falcon") else shared  # their configs take other names, no KV-head count
     config = getattr(transformers, config_class)(**{**base, **extra, **settings})
     model = getattr(transformers, model_class)(config).eval().to(getattr(torch, dtype))
     model.save_pretrained(folder, **({"max_shard_size": shard} if shard else {}))

@@ -120,7 +120,7 @@ def load_causal_lm(source: str | os.PathLike, *, allow_pickle: bool = False) -> 
             raise UnsupportedModelError(f"{path}: no usable tokenizer ({reason(exc)}); export needs one to verify "
                                         "the model as a text generator") from None
     if getattr(model.config, "num_key_value_heads", None) is None:
-        model.config.num_key_value_heads = model.config.num_attention_heads
+        model.config.num_key_value_heads = _kv_heads(model.config)
     experts = getattr(model.config, "num_experts", None) or getattr(model.config, "num_local_experts", None)
     if experts and hasattr(model, "set_experts_implementation"):
         # The default grouped_mm experts become a custom op no ONNX exporter translates.
@@ -128,6 +128,16 @@ def load_causal_lm(source: str | os.PathLike, *, allow_pickle: bool = False) -> 
     logger.info("loaded %s (%s, %d layers) in %.1fs", path.name, type(model).__name__,
                 model.config.num_hidden_layers, time.perf_counter() - started)
     return CausalLM(model, tokenizer, path)
+
+
+def _kv_heads(config: Any) -> int:
+    """The KV heads a cache layer holds when the config names no ``num_key_value_heads``: Falcon's
+    ``num_kv_heads`` (one, for multi-query on its original layout), else every attention head."""
+    if hasattr(config, "num_kv_heads") and hasattr(config, "multi_query"):
+        if getattr(config, "new_decoder_architecture", False) or not config.multi_query:
+            return config.num_kv_heads
+        return 1
+    return config.num_attention_heads
 
 
 def _causal(architecture: str) -> bool:
