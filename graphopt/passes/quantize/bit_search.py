@@ -95,8 +95,9 @@ def search_bits(model: ir.Model, layers: list[Any], nodes: dict[int, Encoded], r
 
 def _within_size(ladder: BitLadder, search: BitSearch, bits: int, levels: dict[int, int],
                  size_target: float) -> BitSearch:
-    """The most faithful model within ``size_target``: every rung the size allows, the float
-    compute rungs (no bytes) first. Judged there and at rung 0, the two ends of the frontier."""
+    """The most faithful model within ``size_target``: every rung the size allows (8 bits, then
+    float weights; not float compute, which costs time rather than bytes). Judged there and at
+    rung 0, the two ends of the frontier."""
     lowered = ""
     if ladder.size_ratio(0) > size_target and bits == 4 and ladder.lower_heads():
         lowered = ", LM head and table too"  # below the recipe's head_bits only when the size asks for it
@@ -106,7 +107,8 @@ def _within_size(ladder: BitLadder, search: BitSearch, bits: int, levels: dict[i
                             f"{lowered} is {ladder.size_ratio(0):.4f} of the original")
         ladder.settle(0)
         return search
-    ladder.add_quantized_rungs(bits, levels)
+    # float compute costs no byte but time (the slower kernel on this CPU): not taken for a size
+    ladder.add_quantized_rungs(bits, levels, float_compute=False)
     ladder.rungs += [("float", layer) for layer in ladder.by_loss_per_byte()]
     search.rungs = len(ladder.rungs)
     search.taken = max(n for n, ratio in enumerate(ladder.size_ratios()) if ratio <= size_target)  # rung 0 fits
@@ -176,10 +178,10 @@ class BitLadder:
             self.rung0_bytes -= before - self._count_bytes(layer, 4)
         return bool(heads)
 
-    def add_quantized_rungs(self, bits: int, levels: dict[int, int]) -> None:
-        """The float-compute rungs (4 bits on int8 activations only), then 8 bits per layer, the
-        most sensitive first."""
-        if bits == 4 and levels[4] == 4:
+    def add_quantized_rungs(self, bits: int, levels: dict[int, int], *, float_compute: bool = True) -> None:
+        """The float-compute rungs (4 bits on int8 activations only; with ``float_compute``), then
+        8 bits per layer, the most sensitive first."""
+        if float_compute and bits == 4 and levels[4] == 4:
             self.rank_shapes()
         self.rungs += [("bits", layer) for layer in
                        sorted((layer for layer in self.linear if layer.bits != 8), key=lambda layer: -layer.sensitivity)]
