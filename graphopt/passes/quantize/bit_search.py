@@ -7,8 +7,9 @@ The ladder, from the most compressed model back towards the original:
 0. every layer at the pass's ``bits``, with the faster compute type for its width on this CPU
    (``accuracy_level``: int8 activations or float, measured once per machine);
 1. float compute for the layers of one weight shape (4 bits with int8 activations only): the
-   shapes whose int8 activations cost the most, measured one shape at a time, first; a shape
-   whose float compute gains nothing is no rung;
+   shapes whose int8 activations cost the most, measured one shape at a time, first, every shape
+   a rung (alone, a shape's gain can be lost in the noise; together they are the 4-bit model on
+   float activations: for weights on the grid, such as a GGUF's, that is the exact one);
 2. 8 bits for one layer, the most sensitive first (GPTQ's output loss where measured);
 3. float weights for one layer (its MatMul as it was), the largest output loss at 8 bits per
    byte it costs first: the end of the ladder is the original's linear layers, so a budget that
@@ -188,7 +189,7 @@ class BitLadder:
 
     def rank_shapes(self) -> None:
         """The float-compute rungs: each shape's layers in float compute alone, judged once; the
-        shapes whose agreement gained more than their perplexity ratio lost, most first."""
+        shapes whose agreement gained most against what their perplexity ratio lost first."""
         groups: dict[tuple[int, int], list[Any]] = {}
         for layer in self.linear:
             groups.setdefault(layer.shape, []).append(layer)
@@ -199,7 +200,7 @@ class BitLadder:
             trial = self.judge(1, f"float compute for the {len(group)} layers of shape {shape[0]}x{shape[1]}")
             gains.append((trial.scores.token_agreement - base.token_agreement
                           - (trial.scores.ppl_ratio - base.ppl_ratio), shape))
-        self.rungs = [("level", groups[shape]) for gain, shape in sorted(gains, reverse=True) if gain > 0]
+        self.rungs = [("level", groups[shape]) for gain, shape in sorted(gains, reverse=True)]
         self.take(0)
 
     def size_ratios(self, rungs: int | None = None) -> list[float]:
