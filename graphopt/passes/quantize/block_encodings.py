@@ -66,10 +66,9 @@ def drop_zero_terms(graph: ir.Graph, encoded: Encoded) -> None:
             graph.initializers.pop(encoded.zero_points.name, None)
         encoded.zero_points = None
     if encoded.offsets is not None:
-        last = encoded.added[-1]
-        take_over(graph, last, node.outputs[0])
         inputs = {id(v): v for n in encoded.added[1:] for v in n.inputs if v is not None and v.is_initializer()}
-        for extra in reversed(encoded.added[1:]):
+        take_over(graph, encoded.added[-1], node.outputs[0])  # removes the Add that gave the result
+        for extra in reversed(encoded.added[1:-1]):
             graph.remove(extra, safe=True)
         for value in inputs.values():
             if not value.uses():

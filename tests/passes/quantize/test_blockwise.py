@@ -420,3 +420,27 @@ def test_auto_zero_points_are_integer_off_the_grid_and_8_bit_codes_symmetric(rng
         x = rng.standard_normal((3, k)).astype(np.float32)
         bound = 0.1 if bits == 4 else 0.01
         assert np.abs(run(model, {"X": x})[0] - x @ weight).max() < bound * np.abs(x @ weight).max()
+
+
+def test_a_layer_settled_at_8_bits_drops_its_offset_term(rng):
+    """A Q4_1 layer encoded with an offset term, then given symmetric 8-bit codes (what a search
+    does in place): the zero offsets and their nodes leave the graph, and what runs is exactly
+    the 8-bit codes."""
+    from graphopt.passes.quantize.block_encodings import drop_zero_terms, encode_matmul
+    from graphopt.passes.weights import weight_uses
+
+    k, n = 96, 16
+    weight = q4_1_weight(rng, k, n)
+    model = ir.serde.deserialize_model(matmul_model(weight))
+    (use,), _ = weight_uses(model.graph, ("MatMul",), 16, ())
+    encoded = encode_matmul(model.graph, use, quantize_blocks(weight, bits=4, block_size=32, form="float"), 0,
+                            "offset")
+    assert op_histogram(model) == {"MatMulNBits": 1, "MatMul": 2, "Cast": 1, "Add": 1}
+    eight = quantize_blocks(weight, bits=8, block_size=16, form="symmetric")
+    encoded.swap(eight, 0)
+    drop_zero_terms(model.graph, encoded)
+    assert op_histogram(model) == {"MatMulNBits": 1}
+    assert not any(name.endswith(("_offsets", "blockwise_sums_96x32")) for name in model.graph.initializers)
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    np.testing.assert_allclose(run(model, {"X": x})[0], x @ eight.dequantize(), rtol=1e-4,
+                               atol=1e-4 * np.abs(x @ weight).max())
