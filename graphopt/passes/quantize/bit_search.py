@@ -18,8 +18,10 @@ The ladder, from the most compressed model back towards the original:
 A size target that rung 0 misses takes the LM head and embedding table from 8 to 4 bits first
 (only then: their 8 bits are the recipe's choice for fidelity).
 
-The fewest rungs meeting the target are taken (bisection: the ladder is taken to be monotone);
-each retreat halves the rungs left. Float weights are restored on a copy of the model for each
+The top of each part (1, 2, 3) is judged in turn, and the fewest rungs meeting the target are
+taken within the first part whose top meets it (bisection: a part is taken to be monotone; across
+parts it need not be: 8-bit codes lose the exact 4-bit grid of a GGUF import that float compute
+keeps); each retreat halves the rungs left. Float weights are restored on a copy of the model for each
 trial (tensors shared) and in place once chosen.
 """
 
@@ -73,12 +75,24 @@ def search_bits(model: ir.Model, layers: list[Any], nodes: dict[int, Encoded], r
     if first.meets_target:
         return search
     ladder.add_quantized_rungs(bits, levels)
-    low = 0  # rung 0 missed
-    top = ladder.judge(len(ladder.rungs), "every layer at 8 bits") if ladder.rungs else first
+    # The top of each part of the ladder in turn (float compute, 8 bits, float weights), and the
+    # fewest rungs within the first part whose top meets the target: across parts the ladder need
+    # not be monotone (8-bit codes lose a GGUF's exact 4-bit grid that float compute keeps).
+    shapes = sum(kind == "level" for kind, _ in ladder.rungs)
+    ends = [(shapes, f"all {bits}-bit, float compute for every shape")] if shapes else []
+    ends.append((len(ladder.rungs), "every layer at 8 bits"))
+    low, high, top = 0, 0, first  # rung 0 missed
+    for end, step in ends:
+        if end > low:
+            high, top = end, ladder.judge(end, step)
+            if top.meets_target:
+                break
+            low = end
     if not top.meets_target:  # float weights: the rest of the ladder
         low = len(ladder.rungs)
         ladder.rungs += [("float", layer) for layer in ladder.by_loss_per_byte()]
-        top = ladder.judge(len(ladder.rungs), "every linear layer in float")
+        high = len(ladder.rungs)
+        top = ladder.judge(high, "every linear layer in float")
     total = search.rungs = len(ladder.rungs)
     if not top.meets_target:  # the end of the ladder: the final verification decides
         best = max(ladder.trials, key=lambda t: t.token_agreement - t.ppl_ratio)
@@ -88,7 +102,7 @@ def search_bits(model: ir.Model, layers: list[Any], nodes: dict[int, Encoded], r
             f"{best.token_agreement:.4f} (target {_shown(search.target_token_agree)}) with {best.step}")
         search.taken = total
     else:
-        taken, _ = fewest_rungs(lambda n: ladder.judge(n), low, total, top)
+        taken, _ = fewest_rungs(lambda n: ladder.judge(n), low, high, top)
         search.taken = retreat(taken, total, context.retreat)
     ladder.settle(search.taken)
     return search
