@@ -304,11 +304,11 @@ def smoothing_scales(weights: list[np.ndarray], rows: np.ndarray, absmax: np.nda
 
     energy = sum(float(np.square(y).sum()) for y in products[id(rows)])
 
-    def errors(sample: np.ndarray, scales: np.ndarray | None) -> list[float]:
+    def errors(sample: np.ndarray, scales: np.ndarray | None, *, activations: bool = True) -> list[float]:
         inputs = sample if scales is None else sample / scales
         found = []
         for bits, int8, form, block_size in widths:
-            x = int8_activations(inputs, block_size) if int8 else inputs
+            x = int8_activations(inputs, block_size) if int8 and activations else inputs
             found.append(sum(float(np.square(x @ quantize_blocks(w, bits=bits, block_size=block_size, form=form,
                                                                   input_scales=scales).dequantize(effective=False)
                                              - y).sum()) for w, y in zip(weights, products[id(sample)])))
@@ -317,9 +317,9 @@ def smoothing_scales(weights: list[np.ndarray], rows: np.ndarray, absmax: np.nda
     def loss(sample: np.ndarray, scales: np.ndarray | None) -> float:
         return float(sum(np.log(error + 1e-30) for error in errors(sample, scales)))
 
+    if min(errors(rows, None, activations=False)) <= 1e-10 * energy:
+        return None, 0.0  # a width rebuilds these weights exactly (on its grid): keep them there
     plain = errors(rows, None)
-    if min(plain) <= 1e-10 * energy:  # a width rebuilds these weights exactly (on its grid): keep them there
-        return None, 0.0
     best: tuple[np.ndarray | None, float, float] = (None, 0.0, float(sum(np.log(e + 1e-30) for e in plain)))
     floor = np.maximum(absmax, absmax[absmax > 0].min() if np.any(absmax > 0) else 1.0)
     weight_floor = np.maximum(peak, peak[peak > 0].min() if np.any(peak > 0) else 1.0)

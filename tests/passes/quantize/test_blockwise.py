@@ -377,8 +377,10 @@ def test_smoothing_leaves_weights_on_their_4_bit_grid(rng):
 
     weight = on_grid(rng, 128, 64, bits=4, block_size=32)
     rows = _outlier_inputs(rng, 256, 128)
-    scales, alpha = smoothing_scales([weight], rows, np.abs(rows).max(axis=0), widths=[(4, False, "symmetric", 32), (8, True, "symmetric", 32)])
-    assert scales is None and alpha == 0.0
+    for widths in ([(4, False, "symmetric", 32), (8, True, "symmetric", 32)],
+                   [(4, True, "symmetric", 32), (8, True, "symmetric", 32)]):  # 4 bits on int8 activations too
+        scales, alpha = smoothing_scales([weight], rows, np.abs(rows).max(axis=0), widths=widths)
+        assert scales is None and alpha == 0.0
 
 
 def test_smoothing_folds_into_the_norm_under_int8_activations_only(rng):
