@@ -394,21 +394,12 @@ class QuantizeBlockwisePass(GraphoptPass, name="quantize-blockwise",
         divided out by a Mul."""
         if sample.rows is None or sample.rows.rows is None or not any(width[1] for width in widths):
             return
-        first = group[0]
         weights = [layer.weight for layer in group]
         held_out = sample.held_out.rows if sample.held_out is not None else None
         scales, alpha = smoothing_scales(weights, sample.rows.rows, sample.rows.absmax, widths=widths,
                                          held_out=held_out)
         weights.clear()
-        for layer in group:
-            layer.release()
-        if scales is None:
-            return
-        for layer in group:
-            layer.input_scales, layer.alpha = scales, alpha
-            layer.smoothed = True
-        readers = list(first.heads) if first.role == "tied" else [layer.use.node for layer in group]
-        divide_input(graph, _input(first), readers, scales)
+        _take_scales(graph, group, scales, alpha, smoothed=True)
 
     def _scale_inputs(self, graph: ir.Graph, group: list[_Layer]) -> None:
         """AWQ: the input scales shared by the layers reading one input, chosen on the calibration
@@ -429,13 +420,7 @@ class QuantizeBlockwisePass(GraphoptPass, name="quantize-blockwise",
             if held_out(scales) >= held_out(None):
                 scales, alpha = None, 0.0
         weights.clear()
-        for layer in group:
-            layer.release()
-        if scales is None:
-            return
-        for layer in group:
-            layer.input_scales, layer.alpha = scales, alpha
-        divide_input(graph, first.use.node.inputs[0], [layer.use.node for layer in group], scales)
+        _take_scales(graph, group, scales, alpha, smoothed=False)
 
 
 # -- measurements ------------------------------------------------------------------------------
@@ -461,6 +446,22 @@ class _Snapshots:
 
     def close(self) -> None:
         self._folder.cleanup()
+
+
+def _take_scales(graph: ir.Graph, group: list[_Layer], scales: np.ndarray | None, alpha: float, *,
+                 smoothed: bool) -> None:
+    """The layers of ``group`` (their weights read and released) take the input scales chosen for
+    them, if any: their codes will be of diag(s)·W, and the input they share comes divided by s
+    (folded into the norm writing it, else a Mul; a tied table's head reads it)."""
+    for layer in group:
+        layer.release()
+    if scales is None:
+        return
+    for layer in group:
+        layer.input_scales, layer.alpha, layer.smoothed = scales, alpha, smoothed
+    first = group[0]
+    readers = list(first.heads) if first.role == "tied" else [layer.use.node for layer in group]
+    divide_input(graph, _input(first), readers, scales)
 
 
 def _input(layer: _Layer) -> ir.Value | None:
