@@ -523,7 +523,7 @@ def test_families_beyond_llama_export_verified(family, tmp_path):
     """A sliding-window cache (Mistral, window 8 shorter than the prompts), mixture-of-experts layers
     (Qwen3-MoE), a class not named *ForCausalLM whose fused graph onnxruntime cannot run (GPT-2:
     left unfused, with a note) and a multi-query cache of one KV head that its config does not
-    name (Falcon; its attention stays unfused): each exports and matches torch."""
+    name (Falcon): each exports and matches torch."""
     from tests.conftest import tiny_decoder
 
     source = tiny_decoder(tmp_path / "hf", family)
@@ -534,4 +534,5 @@ def test_families_beyond_llama_export_verified(family, tmp_path):
     parity = report["parity"]
     assert parity["prefill_max_abs"] < 1e-4 and parity["decode_max_abs"] < 1e-4 and parity["forks"] == []
     fused = report["fusion"]["changes"].get("GroupQueryAttention nodes", 0)
-    assert fused == (0 if family in ("GPT2", "Falcon") else 2)
+    # Falcon's attention graph matches the fusion with transformers 5.25, not with 5.24: either is verified
+    assert fused in ({0, 2} if family == "Falcon" else {0} if family == "GPT2" else {2})
