@@ -290,18 +290,18 @@ def smoothing_scales(weights: list[np.ndarray], rows: np.ndarray, absmax: np.nda
                      alphas: tuple[float, ...] = SMOOTHING_ALPHAS) -> tuple[np.ndarray | None, float]:
     """Input scales s [K] for layers ``weights`` (each [K, N]) that read one input, so that the
     codes of diag(s)·W against x / s lose least: SmoothQuant's s = max|x|^α / max|W|^(1−α), α from
-    ``alphas`` or none. Each of ``widths`` — (bits, whether the kernel reads int8 activations, the
-    grid's form, its block along K), every form the layers may take — gives an output error on ``rows`` (a sample of the
-    calibration input; ``absmax`` its channels' largest |x| over all of it); the scales with the
-    least product of those errors win, kept only if they also beat no scales on ``held_out``
-    rows. (s, α); s is None when no scales win (weights already on a grid stay on it)."""
+    ``alphas`` or none. Each of ``widths`` (bits, whether the kernel reads int8 activations, the
+    grid's form, its block along K: every form the layers may take) gives an output error on
+    ``rows`` (a sample of the calibration input; ``absmax`` its channels' largest |x| over all of
+    it); the scales with the least product of those errors win, kept only if they also beat no
+    scales on ``held_out`` rows. (s, α); s is None when no scales win, and always for weights a
+    width rebuilds exactly (on its grid already)."""
     peak = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
     # at most ~2^31 multiply-adds per trial: a wide layer (an LM head) is judged on fewer rows
     keep = max(32, (1 << 31) // max(1, rows.shape[1] * sum(w.shape[1] for w in weights)))
     rows = rows[::-(-len(rows) // keep)]
     held_out = held_out[::-(-len(held_out) // keep)] if held_out is not None and len(held_out) else None
     products = {id(sample): [sample @ w for w in weights] for sample in (rows, held_out) if sample is not None}
-
     energy = sum(float(np.square(y).sum()) for y in products[id(rows)])
 
     def errors(sample: np.ndarray, scales: np.ndarray | None, *, activations: bool = True) -> list[float]:
@@ -319,8 +319,7 @@ def smoothing_scales(weights: list[np.ndarray], rows: np.ndarray, absmax: np.nda
 
     if min(errors(rows, None, activations=False)) <= 1e-10 * energy:
         return None, 0.0  # a width rebuilds these weights exactly (on its grid): keep them there
-    plain = errors(rows, None)
-    best: tuple[np.ndarray | None, float, float] = (None, 0.0, float(sum(np.log(e + 1e-30) for e in plain)))
+    best: tuple[np.ndarray | None, float, float] = (None, 0.0, loss(rows, None))
     floor = np.maximum(absmax, absmax[absmax > 0].min() if np.any(absmax > 0) else 1.0)
     weight_floor = np.maximum(peak, peak[peak > 0].min() if np.any(peak > 0) else 1.0)
     for alpha in alphas:

@@ -529,8 +529,11 @@ def _measure_inputs(model: ir.Model, layers: list[_Layer], context: PassContext,
             layer.hessian = None if value is None else value.astype(np.float64)
             value = judged[0][_input(layer).name].value
             layer.held_out_hessian = None if value is None else value.astype(np.float64)
-    return {name: _InputSample(fitted[1].get(name), judged[1].get(name) if judged[1].get(name) is not None
-                               and judged[1][name].rows is not None else None) for name in names}
+    def held_out(name: str) -> Any:  # no judging windows (tensor calibration): no rows held out
+        sample = judged[1].get(name)
+        return sample if sample is not None and sample.rows is not None else None
+
+    return {name: _InputSample(fitted[1].get(name), held_out(name)) for name in names}
 
 
 def _accuracy_levels(context: PassContext, block_size: int) -> dict[int, int]:
