@@ -36,6 +36,7 @@ import numpy as np
 
 from benchmarks.common import BENCH_DIR, THREADS, markdown_table, one_line
 from benchmarks.llm_export import build, prefill_and_decode
+from graphopt.io import model_bytes
 
 WINDOWS = 64
 WINDOW = 128
@@ -149,14 +150,6 @@ def graphopt_builds(base: Path, out: Path, held: Path, calibration: Path, only: 
         model.update(tool="graphopt", settings=chosen if chosen == "int4" else f"quantize-blockwise {Path(chosen).stem}")
         models.append(model)
     return models
-
-
-def model_bytes(path: Path) -> int:
-    """Bytes of a model (a folder's model, or a model file) and its external data."""
-    from graphopt.io import external_files, model_file
-
-    model = model_file(path)
-    return model.stat().st_size + sum(f.stat().st_size for f in external_files(model))
 
 
 def prebuilt(name: str, path: Path) -> dict[str, Any]:

@@ -95,6 +95,12 @@ def external_files(model: Path) -> list[Path]:
                    for entry in tensor.external_data if entry.key == "location"})
 
 
+def model_bytes(path: str | os.PathLike) -> int:
+    """Bytes on disk of a model (a model file, or a folder's model) and the external data it reads."""
+    model = model_file(path)
+    return model.stat().st_size + sum(f.stat().st_size for f in external_files(model))
+
+
 def load_model(path: str | os.PathLike) -> LoadedModel:
     """Load a model (a file, or a model folder's model) from a stranger safely; raise
     InvalidModelError/UnsafeModelError otherwise."""

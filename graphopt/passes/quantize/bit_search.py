@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import onnx_ir as ir
 
-from graphopt.io import weights_nbytes
+from graphopt.io import model_bytes, weights_nbytes
 from graphopt.passes.base import PassContext
 from graphopt.passes.quantize.block_encodings import Encoded, drop_zero_terms, restore_float
 from graphopt.passes.quantize.blocks import BlockQuantized, relative_loss
@@ -62,7 +62,7 @@ def search_bits(model: ir.Model, layers: list[Any], nodes: dict[int, Encoded], r
         return None
     judge = TextJudge(reference, text.judge_windows, thresholds=thresholds, threads=context.threads)
     ladder = BitLadder(model, layers, nodes, judge, write=write, encode=encode, levels=levels,
-                       reference_file_bytes=_file_bytes(reference))
+                       reference_file_bytes=model_bytes(reference))
     search = BitSearch(windows=len(text.judge_windows),
                        target_ppl_ratio=None if thresholds.max_ppl_ratio is None
                        else 1 + (thresholds.max_ppl_ratio - 1) * judge.allowed,
@@ -131,14 +131,6 @@ def _within_size(ladder: BitLadder, search: BitSearch, bits: int, levels: dict[i
         ladder.judge(search.taken, f"the most rungs within size {size_target:g}")
     ladder.settle(search.taken)
     return search
-
-
-def _file_bytes(path: str) -> int:
-    """A model's bytes on disk: its file and the external data file beside it."""
-    import os
-
-    data = path + ".data"
-    return os.path.getsize(path) + (os.path.getsize(data) if os.path.exists(data) else 0)
 
 
 def _shown(value: float | None) -> str:
