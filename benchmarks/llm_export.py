@@ -90,7 +90,7 @@ def folder_size(folder: Path) -> int:
 def prefill_and_decode(decoder: Any, prompt: np.ndarray, tokens: int) -> tuple[float, float]:
     """(seconds to prefill ``prompt``, seconds per greedy token for ``tokens`` cached steps after it)."""
     start = time.perf_counter()
-    logits, cache = decoder.step(prompt, decoder.empty_cache())
+    logits, cache = decoder.step(prompt, decoder.empty_cache(), last=True)
     prefill = time.perf_counter() - start
     token = np.asarray([[int(np.argmax(logits[0, -1]))]], np.int64)
     start = time.perf_counter()

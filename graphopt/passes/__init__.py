@@ -5,7 +5,7 @@ from graphopt.passes import fuse_attention, fuse_decoder  # noqa: F401  (registr
 from graphopt.passes import lowrank  # noqa: F401  (registration)
 from graphopt.passes import prune  # noqa: F401  (registration)
 from graphopt.passes import fix_shapes  # noqa: F401  (registration)
-from graphopt.passes import remove_no_ops  # noqa: F401  (registration)
+from graphopt.passes import keep_logits, remove_no_ops  # noqa: F401  (registration)
 from graphopt.passes.base import GraphoptPass, PassResult
 from graphopt.passes.pipeline import Pipeline, PipelineResult, StepRecord
 from graphopt.passes.registry import available_passes, get_pass, register

@@ -48,6 +48,13 @@ class SimplifyPass(GraphoptPass, name="simplify",
 
         proto = ir.serde.serialize_model(model)
         before = proto.SerializeToString(deterministic=True)
+        # From IR 4 on, an initializer that is also a graph input is a default the caller may
+        # override (keep-logits' logits_to_keep): onnxsim must see it as an input, not fold it.
+        defaults = {t.name: t for t in proto.graph.initializer} if (model.ir_version or 0) >= 4 else {}
+        defaults = {value.name: defaults[value.name] for value in proto.graph.input if value.name in defaults}
+        kept = [t for t in proto.graph.initializer if t.name not in defaults]
+        del proto.graph.initializer[:]
+        proto.graph.initializer.extend(kept)
         try:
             with _quiet():
                 simplified, _ = onnxsim.simplify(
@@ -58,6 +65,9 @@ class SimplifyPass(GraphoptPass, name="simplify",
                 )
         except Exception as exc:  # onnxsim raises many types, all mean "could not simplify"
             return self._skipped(model, f"onnxsim failed ({reason(exc, 200)}); step skipped")
+        proto.graph.initializer.extend(defaults.values())
+        simplified.graph.initializer.extend(
+            tensor for name, tensor in defaults.items() if any(value.name == name for value in simplified.graph.input))
         _drop_onnxsim_metadata(simplified)
         old_bytes, new_bytes = _without_value_info(proto), _without_value_info(simplified)
         if new_bytes == old_bytes:

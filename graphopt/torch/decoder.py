@@ -242,6 +242,15 @@ def _fuse(model: Any, threads: int | None) -> tuple[Any, dict[str, Any]]:
     return result.model, {"modified": result.modified, "changes": result.changes, "notes": result.notes}
 
 
+def _keep_logits(model: Any) -> Any:
+    """The model with the optional ``logits_to_keep`` input (``keep-logits``): a generation's
+    prefill computes the LM head for its last position only."""
+    from graphopt.passes.base import PassContext
+    from graphopt.passes.keep_logits import KeepLogitsPass
+
+    return KeepLogitsPass()(model, PassContext()).model
+
+
 # -- verification against torch --------------------------------------------------------------
 
 
@@ -394,6 +403,7 @@ def export_decoder(source: str | os.PathLike, output: str | os.PathLike,
         fusion: dict[str, Any] = {"modified": False, "changes": {}, "notes": []}
         if options.fuse:
             exported, fusion = _fuse(exported, options.threads)
+        exported = _keep_logits(exported)
         ir.save(exported, target, external_data=target.name + ".data")
         del exported
         logger.info("verifying against torch: %d prompts, prefill and %d cached steps each",

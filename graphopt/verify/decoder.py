@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from graphopt.errors import DataError, UnsupportedModelError, UsageError, require_extra
-from graphopt.verify.layout import LOGITS, PAST, REQUIRED_INPUTS, present_for, sorted_past
+from graphopt.verify.layout import LOGITS, LOGITS_TO_KEEP, PAST, REQUIRED_INPUTS, present_for, sorted_past
 
 
 
@@ -84,16 +84,23 @@ class OrtDecoder:
         self.signature = decoder_signature(self.session, name or (str(model) if not isinstance(model, bytes) else "model"),
                                            config)
         self._outputs = [LOGITS, *self.signature.present_names]
+        # keep-logits: the head limited to the last positions on request (a generation's prefill)
+        self.keeps_logits = any(i.name == LOGITS_TO_KEEP for i in self.session.get_overridable_initializers())
 
     def empty_cache(self, batch: int = 1) -> list[np.ndarray]:
         empty = np.zeros((batch, self.signature.kv_heads, 0, self.signature.head_size), self.signature.float_type)
         return [empty] * len(self.signature.past_names)
 
     def step(self, input_ids: np.ndarray, cache: Sequence[np.ndarray],
-             attention_mask: np.ndarray | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
+             attention_mask: np.ndarray | None = None, *, last: bool = False) -> tuple[np.ndarray, list[np.ndarray]]:
         """Logits of ``input_ids`` [batch, sequence] after ``cache`` (past length from it), and the
-        cache that includes them. Without a mask every position is attended."""
-        logits, *present = self.session.run(self._outputs, self.feed(input_ids, cache, attention_mask))
+        cache that includes them. Without a mask every position is attended. ``last``: only the
+        last position's logits are needed ([batch, 1, vocab] where the model can limit its head,
+        else every position's)."""
+        feed = self.feed(input_ids, cache, attention_mask)
+        if last and self.keeps_logits:
+            feed[LOGITS_TO_KEEP] = np.asarray(1, np.int64)
+        logits, *present = self.session.run(self._outputs, feed)
         return logits, present
 
     def feed(self, input_ids: np.ndarray, cache: Sequence[np.ndarray],
@@ -113,7 +120,7 @@ class OrtDecoder:
 
     def greedy(self, prompt: Sequence[int], new_tokens: int, *, stop: Sequence[int] = ()) -> Iterator[int]:
         """Greedy continuation of ``prompt`` (token ids), one token at a time, with the cache."""
-        logits, cache = self.step(np.asarray([list(prompt)], np.int64), self.empty_cache())
+        logits, cache = self.step(np.asarray([list(prompt)], np.int64), self.empty_cache(), last=True)
         for _ in range(new_tokens):
             token = int(np.argmax(logits[0, -1]))
             yield token
@@ -124,7 +131,7 @@ class OrtDecoder:
     def teacher_forced(self, prompt: Sequence[int], continuation: Sequence[int]) -> list[np.ndarray]:
         """Last-position logits after the prompt (prefill) and after each token of
         ``continuation`` fed one at a time with the cache: len(continuation) + 1 vectors."""
-        logits, cache = self.step(np.asarray([list(prompt)], np.int64), self.empty_cache())
+        logits, cache = self.step(np.asarray([list(prompt)], np.int64), self.empty_cache(), last=True)
         rows = [logits[0, -1]]
         for token in continuation:
             logits, cache = self.step(np.asarray([[token]], np.int64), cache)

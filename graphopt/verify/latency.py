@@ -182,7 +182,7 @@ def interleaved_latency(base: Any, candidate: Any, prompt: Sequence[int], *, dec
             state: dict[str, Any] = {}
 
             def prefill(decoder: Any = decoder, state: dict[str, Any] = state) -> None:
-                state["logits"], state["cache"] = decoder.step(ids, decoder.empty_cache())
+                state["logits"], state["cache"] = decoder.step(ids, decoder.empty_cache(), last=True)
 
             prefill_ms = _timed(prefill)
 

@@ -17,6 +17,8 @@ PAST = "past_key_values"
 PRESENT = "present"
 REQUIRED_INPUTS = ("input_ids", "attention_mask")
 LOGITS = "logits"
+# optional (an initializer, default 0: every position): logits of the last N positions only
+LOGITS_TO_KEEP = "logits_to_keep"
 
 Cache = Literal["past_key_values", "present"]
 Part = Literal["key", "value"]

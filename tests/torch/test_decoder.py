@@ -71,6 +71,23 @@ def test_cached_decoding_equals_recomputing_the_whole_sequence(exported):
         assert present[0].shape == (1, 2, end, 8)
 
 
+def test_a_prefill_for_generation_computes_the_last_positions_logits_only(exported):
+    """The export's optional logits_to_keep: a generation's prefill gets [batch, 1, vocab], equal
+    to the last row of the every-position logits (what perplexity reads, the default)."""
+    from graphopt.verify.decoder import OrtDecoder
+
+    _, out, _ = exported
+    decoder = OrtDecoder(out / "model.onnx", threads=1)
+    assert decoder.keeps_logits
+    ids = np.asarray([[5, 17, 30, 9, 44, 12], [7, 7, 1, 2, 3, 4]])
+    every, cache = decoder.step(ids, decoder.empty_cache(2))
+    last, last_cache = decoder.step(ids, decoder.empty_cache(2), last=True)
+    assert every.shape == (2, 6, 96) and last.shape == (2, 1, 96)
+    np.testing.assert_allclose(last, every[:, -1:], atol=1e-6)
+    for a, b in zip(cache, last_cache):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_a_batch_with_left_padding_matches_each_row_alone(exported):
     from graphopt.verify.decoder import OrtDecoder
 
