@@ -112,7 +112,9 @@ def _add_decoder_gate(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-ppl-ratio", type=float, help="candidate/base perplexity on the text, at most")
     group.add_argument("--min-token-agree", type=float, help="teacher-forced next-token agreement, at least")
     group.add_argument("--min-greedy-agree", type=float, help="greedy continuation token agreement, at least")
-    group.add_argument("--max-decode-ratio", type=float, help="candidate/base decode ms per token, at most")
+    group.add_argument("--max-decode-ratio", type=float,
+                       help="candidate/base decode ms per token, at most (a decoder recipe without a text bound: "
+                            "the most faithful model within it)")
     group.add_argument("--max-prefill-ratio", type=float, help="candidate/base prefill ms, at most")
 
 

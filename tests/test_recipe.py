@@ -30,7 +30,7 @@ def test_recipe_file_with_options(tmp_path):
     [
         ({"steps": [{"pass": "simplify", "chek_n": 1}]},
          "step 1 (simplify): unknown key chek_n; valid keys: pass, check_n, fuse_bn, max_growth, tolerance"),
-        ({"steps": [{"pass": "quantise"}]}, "unknown pass 'quantise'; available: cleanup, fix-input-shapes, fuse-attention, fuse-decoder, lift-constants"),
+        ({"steps": [{"pass": "quantise"}]}, "unknown pass 'quantise'; available: cleanup, fix-input-shapes, fuse-attention, fuse-decoder, keep-logits, lift-constants"),
         ({"steps": [{"pass": "simplify", "check_n": "two"}]}, "'check_n' must be int, got 'two'"),
         ({"steps": [{"pass": "cleanup", "keep_value_info": 1}]}, "'keep_value_info' must be bool, got 1"),
         ({"steps": []}, "needs at least one [[steps]] table"),

@@ -119,8 +119,8 @@ def _blockwise_rows(table: BlockwiseTable) -> list[list[str]]:
              layer.method, _fmt(layer.relative_error, 3), _fmt(layer.sensitivity, 3)] for layer in table.layers]
 
 
-_SEARCH_COLUMNS = ("search step", "8-bit layers", "float-compute layers", "float layers", "size ×", "perplexity ×",
-                   "token agreement", "meets")
+_SEARCH_COLUMNS = ("search step", "8-bit layers", "float-compute layers", "float layers", "size ×", "decode ×",
+                   "perplexity ×", "token agreement", "meets")
 
 
 def _search_rows(table: BlockwiseTable) -> list[list[str]]:
@@ -131,7 +131,7 @@ def _search_rows(table: BlockwiseTable) -> list[list[str]]:
     chosen = max((i for i, t in enumerate(trials) if t.rungs == search.taken), default=None) if search else None
     return [[trial.step + (" ← chosen" if i == chosen else ""), str(trial.eight_bit_layers),
              str(trial.float_compute_layers), str(trial.float_layers), _fmt(trial.size_ratio, 3),
-             f"{trial.ppl_ratio:.4f}", f"{trial.token_agreement:.4f}", "yes" if trial.meets else "no"]
+             _fmt(trial.decode_ratio, 3), f"{trial.ppl_ratio:.4f}", f"{trial.token_agreement:.4f}", "yes" if trial.meets else "no"]
             for i, trial in enumerate(trials)]
 
 
@@ -142,7 +142,8 @@ def _blockwise_intro(table: BlockwiseTable) -> str:
         text += (f" Searched on {search.windows} calibration windows for perplexity ratio ≤ "
                  f"{_fmt(search.target_ppl_ratio)} and token agreement ≥ {_fmt(search.target_token_agree)}"
                  + (f", the most faithful model within size {search.max_size_ratio:g}" if search.max_size_ratio else "")
-                 + ".")
+                 + (f", the most faithful model decoding within {search.max_decode_ratio:g}× the original's time"
+                    if search.max_decode_ratio else "") + ".")
     return text
 
 

@@ -344,9 +344,10 @@ def text_budget(model_path: Path, is_decoder: bool, text: DecoderText | None, ca
     calibration text its passes get (``calib``, a .txt, else ``corpus``'s first windows). Without
     a tokenizer beside the model: (``text``, None), judged by the recipe's logit parity.
 
-    A ``size_target`` (the output's size over the input's) with no perplexity or agreement bound
-    stated asks for the most faithful model within that size: the recipe's text budget is not
-    applied, and the passes' searches read the target from the calibration's thresholds."""
+    A ``size_target`` (the output's size over the input's), or else a decode-speed bound in
+    ``text`` (``max_decode_ratio``), with no perplexity or agreement bound stated asks for the most
+    faithful model within it: the recipe's text budget is not applied, and the passes' searches
+    read the target from the calibration's thresholds."""
     from graphopt.verify.decoder import open_folder
 
     if not is_decoder:
@@ -361,9 +362,13 @@ def text_budget(model_path: Path, is_decoder: bool, text: DecoderText | None, ca
         raise DataError(f"{calib}: a decoder is calibrated on prose: give --calib PROSE.txt")
     text = text or DecoderText(data=corpus)
     stated = text.thresholds or DecoderThresholds()
-    if size_target is not None and stated.max_ppl_ratio is None and stated.min_token_agree is None:
+    if stated.max_ppl_ratio is None and stated.min_token_agree is None and size_target is not None:
         defaults = DecoderThresholds()  # the most faithful model within the size, not a fixed budget
         logger.info("size target %.3g: the most faithful model within it, judged on text", size_target)
+    elif stated.max_ppl_ratio is None and stated.min_token_agree is None and stated.max_decode_ratio is not None:
+        defaults = DecoderThresholds()  # likewise within a decode speed
+        logger.info("decode target %.3g: the most faithful model decoding within it, judged on text",
+                    stated.max_decode_ratio)
     thresholds = dataclasses.replace(
         stated, max_ppl_ratio=stated.max_ppl_ratio if stated.max_ppl_ratio is not None else defaults.max_ppl_ratio,
         min_token_agree=stated.min_token_agree if stated.min_token_agree is not None else defaults.min_token_agree)

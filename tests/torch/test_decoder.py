@@ -481,6 +481,33 @@ def test_a_size_target_gives_the_most_faithful_model_within_it(exported, tmp_pat
     assert not any(node.name.endswith("_plus_offsets") and node.inputs[0].producer() in eight for node in model.graph)
 
 
+def test_a_decode_target_gives_the_most_faithful_model_within_it_and_refuses_an_unreachable_one(
+        exported, tmp_path, capsys):
+    """--max-decode-ratio without a text bound: the decode ratio is measured per probe; a target
+    every rung meets takes the whole ladder (every linear layer as it was), one that even every
+    layer in 4 bits misses is exit 1, the timing named, nothing written. (Timing-proof bounds:
+    100× and 0.001× the original's time.)"""
+    _, out, _ = exported
+    prose = _prose(tmp_path / "prose.txt")
+    common = ["--recipe", "int4", "--data", str(prose), "--window", "16", "--windows", "4", "--threads", "1", "-q"]
+    assert main(["optimize", str(out), "-o", str(tmp_path / "fast"), "--max-decode-ratio", "100",
+                 "--report", str(tmp_path / "r.json"), *common]) == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "r.json").read_text())
+    search = next(s for s in report["steps"] if s["name"] == "quantize-blockwise")["details"]["search"]
+    assert search["max_decode_ratio"] == 100 and search["taken"] == search["rungs"] > 0
+    assert [t["step"] for t in search["trials"]] == ["all 4-bit", "the most rungs decoding within 100"]
+    assert all(t["decode_ratio"] > 0 for t in search["trials"])
+    assert search["trials"][-1]["float_layers"] == sum(1 for row in next(
+        s for s in report["steps"] if s["name"] == "quantize-blockwise")["details"]["layers"] if row["role"] == "linear")
+    assert {c["name"] for c in report["verification"]["checks"]} >= {"max_decode_ratio"}
+    assert "max_ppl_ratio" not in {c["name"] for c in report["verification"]["checks"]}
+    capsys.readouterr()
+    assert main(["optimize", str(out), "-o", str(tmp_path / "never"), "--max-decode-ratio", "0.001", *common]) == 1
+    err = capsys.readouterr().err
+    assert "no model reaches the decode target 0.001: every layer at 4 bits decodes at" in err
+    assert not (tmp_path / "never").exists()
+
+
 def test_int4_recipe_on_a_model_that_is_not_a_decoder_is_refused(tmp_path, capsys):
     from tests.conftest import make_model, tensor
 

@@ -57,8 +57,9 @@ def search_bits(model: ir.Model, layers: list[Any], nodes: dict[int, Encoded], r
 
     text = context.text
     thresholds = text.thresholds
-    size_target = thresholds.max_size_ratio
-    if thresholds.max_ppl_ratio is None and thresholds.min_token_agree is None and size_target is None:
+    size_target, decode_target = thresholds.max_size_ratio, thresholds.max_decode_ratio
+    budget = thresholds.max_ppl_ratio is not None or thresholds.min_token_agree is not None
+    if not budget and size_target is None and decode_target is None:
         return None
     judge = TextJudge(reference, text.judge_windows, thresholds=thresholds, threads=context.threads)
     ladder = BitLadder(model, layers, nodes, judge, write=write, encode=encode, levels=levels,
@@ -68,9 +69,12 @@ def search_bits(model: ir.Model, layers: list[Any], nodes: dict[int, Encoded], r
                        else 1 + (thresholds.max_ppl_ratio - 1) * judge.allowed,
                        target_token_agree=None if thresholds.min_token_agree is None
                        else 1 - (1 - thresholds.min_token_agree) * judge.allowed, trials=ladder.trials,
-                       max_size_ratio=size_target)
+                       max_size_ratio=size_target, max_decode_ratio=None if budget else decode_target)
     if size_target is not None:
         return _within_size(ladder, search, bits, levels, size_target)
+    if search.max_decode_ratio is not None:  # no text budget: the most faithful model within the speed
+        return _within_decode(ladder, search, bits, levels, search.max_decode_ratio,
+                              _DecodeTimer(reference, text.judge_windows[0], context.threads))
     first = ladder.judge(0, f"all {bits}-bit")
     if first.meets_target:
         return search
@@ -133,6 +137,66 @@ def _within_size(ladder: BitLadder, search: BitSearch, bits: int, levels: dict[i
     return search
 
 
+def _within_decode(ladder: BitLadder, search: BitSearch, bits: int, levels: dict[int, int], target: float,
+                   timer: _DecodeTimer) -> BitSearch:
+    """The most faithful model whose decode ms/token stays within ``target`` times the
+    original's, measured: rung 0, then 8 bits per layer and float weights per layer (float
+    compute is left out: where 4 bits read int8 activations it is the slower kernel). Each rung
+    adds work per token, so the most rungs within the target (less ``SPEED_RESERVE`` for the
+    timing noise the final check meets) are found by bisection; rung 0 and the rung taken are
+    judged on text."""
+    within = target * (1 - SPEED_RESERVE)
+    speed = timer(ladder.written(0))
+    ladder.judge(0, f"all {bits}-bit", decode_ratio=speed)
+    if speed > within:
+        search.exhausted = (f"no model reaches the decode target {target:g}: every layer at {bits} bits decodes "
+                            f"at {speed:.3f}x the original's time per token")
+        ladder.settle(0)
+        return search
+    ladder.add_quantized_rungs(bits, levels, float_compute=False)
+    ladder.rungs += [("float", layer) for layer in ladder.by_loss_per_byte()]
+    search.rungs = top = len(ladder.rungs)
+    measured = {0: speed}
+
+    def decode_ratio(rungs: int) -> float:
+        measured[rungs] = timer(ladder.written(rungs))
+        logger.info("blockwise search: %d of %d rungs decode at %.3fx the original's time (target %.3g)", rungs,
+                    top, measured[rungs], within)
+        return measured[rungs]
+
+    low, high = (top, top) if decode_ratio(top) <= within else (0, top)
+    while high - low > 1:  # the most rungs within the target: each rung adds work per token
+        middle = (low + high) // 2
+        low, high = (middle, high) if decode_ratio(middle) <= within else (low, middle)
+    search.taken = low
+    if low:
+        ladder.judge(low, f"the most rungs decoding within {target:g}", decode_ratio=measured[low])
+    ladder.settle(low)
+    return search
+
+
+# What the decode-speed search keeps of the target for the timing noise between its measurement
+# and the final check's (interleaved medians on a quiet machine still vary by a few percent).
+SPEED_RESERVE = 0.05
+
+
+class _DecodeTimer:
+    """Decode ms/token of a model file over the reference's: interleaved, median of rounds
+    (``verify.latency.interleaved_latency``), after a prefill of ``prompt``."""
+
+    def __init__(self, reference: str, prompt: Any, threads: int | None) -> None:
+        from graphopt.verify.decoder import OrtDecoder
+
+        self.base, self.prompt, self.threads = OrtDecoder(reference, threads=threads), list(prompt), threads
+
+    def __call__(self, path: str) -> float:
+        from graphopt.verify.decoder import OrtDecoder
+        from graphopt.verify.latency import interleaved_latency
+
+        candidate = OrtDecoder(path, threads=self.threads)
+        return interleaved_latency(self.base, candidate, self.prompt, decode_tokens=16, rounds=5).decode_ratio
+
+
 def _shown(value: float | None) -> str:
     return "none" if value is None else f"{value:.4f}"
 
@@ -160,16 +224,22 @@ class BitLadder:
         overhead = max(0, reference_file_bytes - reference)
         self.rung0_bytes, self.reference_bytes = params + overhead, reference + overhead
 
-    def judge(self, rungs: int, step: str | None = None) -> TextVerdict:
+    def written(self, rungs: int) -> str:
+        """The model with the first ``rungs`` rungs taken, written where onnxruntime reads it."""
         self.take(rungs)
-        verdict = self.judge_.verdict(self.write(self._with_floats(self.model.clone()) if self.floats else self.model))
+        return self.write(self._with_floats(self.model.clone()) if self.floats else self.model)
+
+    def judge(self, rungs: int, step: str | None = None, *, decode_ratio: float | None = None) -> TextVerdict:
+        """The model at ``rungs`` judged on text (a trial; ``decode_ratio`` where it was timed)."""
+        verdict = self.judge_.verdict(self.written(rungs))
         step = step or f"{rungs} of {len(self.rungs)} rungs"
         scores = verdict.scores
         self.trials.append(BitTrial(
             step=step, rungs=rungs, eight_bit_layers=sum(layer.bits == 8 for layer in self.linear),
             float_compute_layers=sum(layer.level == 1 for layer in self.linear), float_layers=len(self.floats),
             ppl_ratio=scores.ppl_ratio, token_agreement=scores.token_agreement, budget_used=verdict.error,
-            noise=verdict.noise, meets=verdict.meets_target, size_ratio=self.size_ratio(rungs)))
+            noise=verdict.noise, meets=verdict.meets_target, size_ratio=self.size_ratio(rungs),
+            decode_ratio=decode_ratio))
         logger.info("blockwise search: %s: perplexity ratio %.4f, agreement %.4f%s", step, scores.ppl_ratio,
                     scores.token_agreement, "" if verdict.meets_target else " (misses)")
         return verdict

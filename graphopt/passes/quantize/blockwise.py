@@ -157,6 +157,9 @@ class QuantizeBlockwisePass(GraphoptPass, name="quantize-blockwise",
         kind of text: calibrate on the text the model will read."""
         head_bits: Literal[0, 4, 8] = 8
         """The LM head and the embedding table (shared codes when tied): 8, 4, or 0 to keep them float."""
+        head_block_size: Literal[0, 16, 32, 64, 128, 256] = 0
+        """Their block (0: that of their width): the head is the weight whose rounding text feels
+        most, and once a generation's prefill computes one row of logits it costs little time."""
         search: bool = True
         """With calibration text and a text budget: 8 bits for the layers that need it, fewest first."""
         eight_bit: tuple[str, ...] = ()
@@ -313,10 +316,10 @@ class QuantizeBlockwisePass(GraphoptPass, name="quantize-blockwise",
                     continue
                 if any(layer.use.weight is use.weight for layer in layers):
                     continue  # a table read by two Gathers is encoded once
-                block = table_block(table.shape[1], self._block(o.head_bits))
+                block = table_block(table.shape[1], o.head_block_size or self._block(o.head_bits))
                 if block is None:
                     skipped[use.name] = (f"table width {table.shape[1]} has no power-of-two block from 16 to "
-                                         f"{self._block(o.head_bits)}")
+                                         f"{o.head_block_size or self._block(o.head_bits)}")
                     continue
                 layers.append(_Layer(use.name, use, table, "tied" if tied else "embedding", o.head_bits, heads=tied,
                                      block_size=block))
@@ -332,7 +335,8 @@ class QuantizeBlockwisePass(GraphoptPass, name="quantize-blockwise",
                 skipped[use.name] = "LM head kept float (head_bits = 0)"
                 continue
             bits = o.head_bits if head else (8 if use.node.name in eight else o.bits)
-            layers.append(_Layer(use.name, use, table, "head" if head else "linear", bits))
+            layers.append(_Layer(use.name, use, table, "head" if head else "linear", bits,
+                                 block_size=o.head_block_size or None if head else None))
         return layers, skipped
 
     def _encode_layer(self, layer: _Layer, bits: int, method: str) -> BlockQuantized:

@@ -49,6 +49,7 @@ class BitTrial:
     noise: float
     meets: bool
     size_ratio: float | None = None  # the model's bytes over the float model's at this rung
+    decode_ratio: float | None = None  # decode ms/token over the float model's, where measured
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -72,6 +73,7 @@ class BitSearch:
     taken: int = 0  # rungs taken (after any retreat)
     exhausted: str | None = None  # the budget is out of reach on the calibration windows
     max_size_ratio: float | None = None  # a size target: the most faithful model within it
+    max_decode_ratio: float | None = None  # a decode-speed target: the most faithful model within it
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -86,7 +88,7 @@ class BitSearch:
                    target_token_agree=data.get("target_token_agree"),
                    trials=[BitTrial.from_dict(t) for t in data.get("trials", [])], rungs=data.get("rungs", 0),
                    taken=data.get("taken", 0), exhausted=data.get("exhausted"),
-                   max_size_ratio=data.get("max_size_ratio"))
+                   max_size_ratio=data.get("max_size_ratio"), max_decode_ratio=data.get("max_decode_ratio"))
 
 
 __all__ = ["BitSearch", "BitTrial", "BlockLayer"]

@@ -163,6 +163,31 @@ def test_a_tied_table_and_head_share_one_set_of_8_bit_codes(rng):
     np.testing.assert_allclose(logits, h @ table.T, atol=1e-5 * np.abs(h @ table.T).max())
 
 
+def test_the_head_and_table_take_their_own_block(rng):
+    """head_block_size: a tied table and head in blocks of 16 while the layers use 32 (both the
+    Gather's and the head's codes), reported per layer; an untied head too."""
+    vocab, width = 64, 64
+    table = rng.standard_normal((vocab, width)).astype(np.float32)
+    head = helper.make_node("FusedMatMul", ["h", "E"], ["logits"], domain="com.microsoft", transB=1, name="head")
+    graph = helper.make_graph([helper.make_node("Gather", ["E", "ids"], ["e"], name="embed"), head], "tied",
+                              [tensor("ids", ["N"], 7), tensor("h", ["N", width])],
+                              [tensor("e", ["N", width]), tensor("logits", ["N", vocab])],
+                              [numpy_helper.from_array(table, "E")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    model = ir.serde.deserialize_model(proto)
+    result = get_pass("quantize-blockwise")(min_elements=16, bits=8, head_block_size=16, **FAST)(model)
+    assert [(row["role"], row["block_size"]) for row in result.details["layers"]] == [("tied", 16)]
+    nodes = {node.op_type: node for node in model.graph}
+    assert nodes["GatherBlockQuantized"].attributes["block_size"].value == 16
+    assert nodes["MatMulNBits"].attributes["block_size"].value == 16
+    weight = rng.standard_normal((64, 64)).astype(np.float32)
+    untied = ir.serde.deserialize_model(make_model([helper.make_node("MatMul", ["h", "W"], ["logits"], name="head")],
+                                                   [tensor("h", ["N", 64])], [tensor("logits", ["N", 64])],
+                                                   [weight], names=["W"]))
+    result = get_pass("quantize-blockwise")(min_elements=16, head_block_size=16, **FAST)(untied)
+    assert [(row["role"], row["block_size"]) for row in result.details["layers"]] == [("head", 16)]
+
+
 def test_gptq_and_hqq_lower_what_they_minimise(rng):
     """GPTQ: the output error tr(Eᵀ H E) on correlated inputs with outlier channels; HQQ: the
     blocks' |error|^0.7 (float grid) and squared error (integer grid) — each below round-to-nearest."""
