@@ -194,7 +194,7 @@ class _DecodeTimer:
         from graphopt.verify.latency import interleaved_latency
 
         candidate = OrtDecoder(path, threads=self.threads)
-        return interleaved_latency(self.base, candidate, self.prompt, decode_tokens=16, rounds=5).decode_ratio
+        return interleaved_latency(self.base, candidate, self.prompt, decode_tokens=32, rounds=7).decode_ratio
 
 
 def _shown(value: float | None) -> str:
