@@ -40,6 +40,21 @@ def fewest_rungs(judge: Callable[[int], V], low: int, high: int, top: V | None =
     return best
 
 
+def most_rungs(fits: Callable[[int], bool], low: int, high: int) -> int:
+    """The most rungs n in [``low``, ``high``] for which ``fits(n)`` holds (a limit each rung
+    takes more of, such as time per token; ``low`` taken to fit): ``high`` is tried first, then
+    bisection below it."""
+    if fits(high):
+        return high
+    while high - low > 1:
+        middle = (low + high) // 2
+        if fits(middle):
+            low = middle
+        else:
+            high = middle
+    return low
+
+
 def retreat(rungs: int, total: int, times: int) -> int:
     """The rung ``times`` retreats take a search's result to: each halves the compression left,
     the ``total - rungs`` rungs not taken (rounded towards keeping more)."""
@@ -48,4 +63,4 @@ def retreat(rungs: int, total: int, times: int) -> int:
     return total - (total - rungs) // 2**times
 
 
-__all__ = ["fewest_rungs", "retreat"]
+__all__ = ["fewest_rungs", "most_rungs", "retreat"]

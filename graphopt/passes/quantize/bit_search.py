@@ -38,7 +38,7 @@ from graphopt.passes.base import PassContext
 from graphopt.passes.quantize.block_encodings import Encoded, drop_zero_terms, restore_float
 from graphopt.passes.quantize.blocks import BlockQuantized, relative_loss
 from graphopt.passes.quantize.precision import BitSearch, BitTrial
-from graphopt.verify.search import fewest_rungs, retreat
+from graphopt.verify.search import fewest_rungs, most_rungs, retreat
 
 if TYPE_CHECKING:
     from graphopt.verify.text import TextJudge, TextVerdict
@@ -164,11 +164,7 @@ def _within_decode(ladder: BitLadder, search: BitSearch, bits: int, levels: dict
                     top, measured[rungs], within)
         return measured[rungs]
 
-    low, high = (top, top) if decode_ratio(top) <= within else (0, top)
-    while high - low > 1:  # the most rungs within the target: each rung adds work per token
-        middle = (low + high) // 2
-        low, high = (middle, high) if decode_ratio(middle) <= within else (low, middle)
-    search.taken = low
+    low = search.taken = most_rungs(lambda rungs: decode_ratio(rungs) <= within, 0, top)
     if low:
         ladder.judge(low, f"the most rungs decoding within {target:g}", decode_ratio=measured[low])
     ladder.settle(low)
