@@ -18,6 +18,9 @@ The ladder, from the most compressed model back towards the original:
 A size target that rung 0 misses takes the LM head and embedding table from 8 to 4 bits first
 (only then: their 8 bits are the recipe's choice for fidelity).
 
+A decode-speed target (``max_decode_ratio`` with no text bound) times rung 0 and then the 8-bit
+and float-weight rungs against the float model, and takes the most rungs within it.
+
 The top of each part (1, 2, 3) is judged in turn, and the fewest rungs meeting the target are
 taken within the first part whose top meets it (bisection: a part is taken to be monotone; across
 parts it need not be: 8-bit codes lose the exact 4-bit grid of a GGUF import that float compute
@@ -46,6 +49,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 Encode = Callable[[Any, int], BlockQuantized]  # (layer, bits) → its codes at that width
+
+# What a decode-speed target keeps of itself for the timing noise between the search's
+# measurement and the final check's (interleaved medians on a quiet machine vary by ~5–10%).
+SPEED_RESERVE = 0.05
 
 
 def search_bits(model: ir.Model, layers: list[Any], nodes: dict[int, Encoded], reference: str, context: PassContext,
@@ -126,10 +133,7 @@ def _within_size(ladder: BitLadder, search: BitSearch, bits: int, levels: dict[i
                             f"{lowered} is {ladder.size_ratio(0):.4f} of the original")
         ladder.settle(0)
         return search
-    # float compute costs no byte but time (the slower kernel on this CPU): not taken for a size
-    ladder.add_quantized_rungs(bits, levels, float_compute=False)
-    ladder.rungs += [("float", layer) for layer in ladder.by_loss_per_byte()]
-    search.rungs = len(ladder.rungs)
+    search.rungs = ladder.add_target_rungs(bits, levels)
     search.taken = max(n for n, ratio in enumerate(ladder.size_ratios()) if ratio <= size_target)  # rung 0 fits
     if search.taken:  # rung 0 is judged already
         ladder.judge(search.taken, f"the most rungs within size {size_target:g}")
@@ -140,8 +144,7 @@ def _within_size(ladder: BitLadder, search: BitSearch, bits: int, levels: dict[i
 def _within_decode(ladder: BitLadder, search: BitSearch, bits: int, levels: dict[int, int], target: float,
                    timer: _DecodeTimer) -> BitSearch:
     """The most faithful model whose decode ms/token stays within ``target`` times the
-    original's, measured: rung 0, then 8 bits per layer and float weights per layer (float
-    compute is left out: where 4 bits read int8 activations it is the slower kernel). Each rung
+    original's, measured: rung 0, then the target rungs (``add_target_rungs``). Each rung
     adds work per token, so the most rungs within the target (less ``SPEED_RESERVE`` for the
     timing noise the final check meets) are found by bisection; rung 0 and the rung taken are
     judged on text."""
@@ -153,9 +156,7 @@ def _within_decode(ladder: BitLadder, search: BitSearch, bits: int, levels: dict
                             f"at {speed:.3f}x the original's time per token")
         ladder.settle(0)
         return search
-    ladder.add_quantized_rungs(bits, levels, float_compute=False)
-    ladder.rungs += [("float", layer) for layer in ladder.by_loss_per_byte()]
-    search.rungs = top = len(ladder.rungs)
+    search.rungs = top = ladder.add_target_rungs(bits, levels)
     measured = {0: speed}
 
     def decode_ratio(rungs: int) -> float:
@@ -169,11 +170,6 @@ def _within_decode(ladder: BitLadder, search: BitSearch, bits: int, levels: dict
         ladder.judge(low, f"the most rungs decoding within {target:g}", decode_ratio=measured[low])
     ladder.settle(low)
     return search
-
-
-# What the decode-speed search keeps of the target for the timing noise between its measurement
-# and the final check's (interleaved medians on a quiet machine still vary by a few percent).
-SPEED_RESERVE = 0.05
 
 
 class _DecodeTimer:
@@ -258,6 +254,14 @@ class BitLadder:
             self.rank_shapes()
         self.rungs += [("bits", layer) for layer in
                        sorted((layer for layer in self.linear if layer.bits != 8), key=lambda layer: -layer.sensitivity)]
+
+    def add_target_rungs(self, bits: int, levels: dict[int, int]) -> int:
+        """The rungs a size or speed target climbs: 8 bits per layer, then float weights per
+        layer (no float compute: it costs time, not bytes, and is the slower kernel where 4 bits
+        read int8 activations). Returns the ladder's length."""
+        self.add_quantized_rungs(bits, levels, float_compute=False)
+        self.rungs += [("float", layer) for layer in self.by_loss_per_byte()]
+        return len(self.rungs)
 
     def rank_shapes(self) -> None:
         """The float-compute rungs: each shape's layers in float compute alone, judged once; the
