@@ -116,6 +116,9 @@ TINY_FAMILIES: dict[str, tuple[str, str, dict]] = {
     "Mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 8}),  # the prompts exceed the window
     "Qwen3Moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", {"head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2,
                                                            "moe_intermediate_size": 32, "mlp_only_layers": []}),
+    # soft-capped attention logits (a cap small enough to matter on random weights), sliding window
+    "Gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 16, "sliding_window": 8,
+                                                     "attn_logit_softcapping": 2.0, "initializer_range": 0.3}),
     "GPT2": ("GPT2Config", "GPT2LMHeadModel", {"vocab_size": 96, "n_embd": 64, "n_layer": 2, "n_head": 4,
                                                "n_positions": 256, "bos_token_id": 1, "eos_token_id": 2}),
     # 7B-style: multi-query (one KV head cached whatever num_kv_heads says), parallel attention

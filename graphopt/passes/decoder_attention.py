@@ -12,6 +12,13 @@ One case is allowed that onnxruntime's CPU kernel serves for a batch of 1 only, 
 several new tokens at once: a decoder driven as onnxruntime-genai drives it never asks for it (a
 batch above 1 only for a prefill with an empty past, or one token at a time), and onnxruntime
 refuses it loudly ("batch_size must be 1 …"), never silently wrong.
+
+Soft-capped attention (Gemma 2: ``scores = tanh(scores / cap) * cap`` between the scaled scores
+and the mask) is taken apart first (``lift_soft_caps``): the cap comes out of the scores, so that
+onnxscript's attention fusion matches, and the GroupQueryAttention over that layer's cache puts
+it back (its ``softcap`` attribute: onnxruntime caps the scaled scores before it adds the bias, as
+the model does). A cap no GroupQueryAttention took is written back where it was
+(``restore_soft_caps``), or the graph refused if its attention was fused otherwise.
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ import logging
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as ir_common
+
+from graphopt.errors import UnsupportedModelError
 
 logger = logging.getLogger(__name__)
 
@@ -249,7 +258,125 @@ def _take_over(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
         old.name, new.name = f"{name}_unfused", name
 
 
-def _replace(graph: ir.Graph, plan: _Plan) -> None:
+class SoftCapNotFusedError(UnsupportedModelError):
+    """A soft-capped attention was fused into a kernel without its cap (MultiHeadAttention): the
+    graph is wrong; fuse again without lifting the caps (``fuse_decoder_graph(soft_caps=False)``)."""
+
+
+@dataclasses.dataclass
+class SoftCap:
+    """``tanh(scores / cap) * cap`` taken out of an attention's scaled scores: ``scores`` now stand
+    for the capped scores their ``readers`` (node, input index) read."""
+
+    cap: float
+    scores: ir.Value
+    readers: list[tuple[ir.Node, int]]
+
+
+def _scalar(value: ir.Value | None) -> float | None:
+    tensor = value.const_value if value is not None else None
+    if tensor is None or tensor.size != 1 or not tensor.dtype.is_floating_point():
+        return None
+    return float(tensor.numpy().reshape(-1)[0])
+
+
+def _unscaled(value: ir.Value | None) -> ir.Value | None:
+    """What ``value`` is a ``Mul`` or ``Div`` of by a constant, or ``value``."""
+    node = value.producer() if value is not None else None
+    if node is None or node.op_type not in ("Mul", "Div") or node.domain != "" or _scalar(node.inputs[1]) is None:
+        return value
+    return node.inputs[0]
+
+
+def _scores_cache(scores: ir.Value) -> ir.Value | None:
+    """The key cache append (``present``) that ``scores`` are the scaled dot products with:
+    ``MatMul(query, Transpose(keys, [0, 1, 3, 2]))``, the product or the transposed keys scaled
+    (``Mul`` or ``Div`` by a constant) or not, the keys the cache's heads (repeated for their groups
+    or not)."""
+    matmul = producer(_unscaled(scores), "MatMul")
+    transpose = producer(_unscaled(matmul.inputs[1]), "Transpose") if matmul is not None else None
+    if transpose is None or _perm(transpose) != [0, 1, 3, 2]:
+        return None
+    concat = producer(_unrepeated(transpose.inputs[0]), "Concat")
+    if concat is None or concat.attributes.get_int("axis") not in (2, -2) or len(concat.inputs) != 2:
+        return None
+    return concat.outputs[0]
+
+
+def _read_by_softmax(value: ir.Value) -> bool:
+    """``value`` is read by a Softmax only, directly or through the Add of a mask."""
+    readers = [user for user, _ in value.uses()]
+    if not readers or value.is_graph_output():
+        return False
+    for user in readers:
+        if user.op_type == "Add" and user.domain == "" and not user.outputs[0].is_graph_output():
+            if any(after.op_type != "Softmax" or after.domain != "" for after, _ in user.outputs[0].uses()):
+                return False
+        elif user.op_type != "Softmax" or user.domain != "":
+            return False
+    return True
+
+
+def _soft_cap(tanh: ir.Node) -> tuple[float, ir.Value, ir.Value] | None:
+    """``(cap, scores, capped)`` if ``tanh`` computes ``capped = Mul(Tanh(Div(scores, cap)), cap)``,
+    or ``capped = Tanh(scores)``, a cap of 1 (the exporter drops a division and a product by 1)."""
+    divide = producer(tanh.inputs[0], "Div")
+    users = list(tanh.outputs[0].uses())
+    multiply, index = users[0] if len(users) == 1 else (None, 0)
+    if multiply is not None and (multiply.op_type != "Mul" or multiply.domain != ""):
+        multiply = None
+    if divide is None and multiply is None:
+        return 1.0, tanh.inputs[0], tanh.outputs[0]
+    cap = _scalar(divide.inputs[1]) if divide is not None else None
+    if multiply is None or cap is None or cap <= 0 or _scalar(multiply.inputs[1 - index]) != cap:
+        return None
+    return cap, divide.inputs[0], multiply.outputs[0]
+
+
+def lift_soft_caps(model: ir.Model) -> dict[ir.Value, SoftCap]:
+    """Each attention's logit soft-cap, ``Mul(Tanh(Div(scores, cap)), cap)`` between its scaled
+    scores and its mask, taken out (its readers read the uncapped scores), keyed by the key
+    cache append of its attention: a graph onnxscript's attention fusion matches, wrong until
+    ``fuse_group_query_attention`` caps again, or ``restore_soft_caps`` writes the caps back."""
+    caps: dict[ir.Value, SoftCap] = {}
+    for tanh in [node for node in model.graph if node.op_type == "Tanh" and node.domain == ""]:
+        found = _soft_cap(tanh)
+        if found is None:
+            continue
+        cap, scores, capped = found
+        present = _scores_cache(scores)
+        if present is None or present in caps or not _read_by_softmax(capped):
+            continue
+        caps[present] = SoftCap(cap, scores, list(capped.uses()))
+        capped.replace_all_uses_with(scores)
+    return caps
+
+
+def restore_soft_caps(model: ir.Model, caps: dict[ir.Value, SoftCap]) -> int:
+    """The caps ``lift_soft_caps`` took out that no GroupQueryAttention took, written back before
+    the readers of their scores; how many. Raises ``UnsupportedModelError`` when a cap's readers
+    are gone (its attention fused into a kernel without the cap): ``SoftCapNotFusedError``."""
+    graph = model.graph
+    for soft_cap in caps.values():
+        if any(reader.graph is not graph or reader.inputs[index] is not soft_cap.scores
+               for reader, index in soft_cap.readers):
+            raise SoftCapNotFusedError("a soft-capped attention fused into MultiHeadAttention, which has no cap, "
+                                       "not into GroupQueryAttention")
+        tape = ir.tape.Tape()
+        cap = _constant(tape, soft_cap.cap, soft_cap.scores.dtype.numpy())
+        capped = tape.op("Mul", [tape.op("Tanh", [tape.op("Div", [soft_cap.scores, cap])]), cap])
+        capped.dtype, capped.shape = soft_cap.scores.dtype, soft_cap.scores.shape
+        order = {id(node): position for position, node in enumerate(graph)}
+        graph.insert_before(min((reader for reader, _ in soft_cap.readers), key=lambda node: order[id(node)]),
+                            tape.nodes)
+        for reader, index in soft_cap.readers:
+            reader.replace_input_with(index, capped)
+    restored = len(caps)
+    caps.clear()
+    return restored
+
+
+def _replace(graph: ir.Graph, plan: _Plan, caps: dict[ir.Value, SoftCap]) -> None:
     attention, tape = plan.attention, ir.tape.Tape()
     total, seqlens_k, total_length = _lengths(tape, plan)
     rotary: list[ir.Value | None] = [None, None, None]
@@ -259,6 +386,8 @@ def _replace(graph: ir.Graph, plan: _Plan) -> None:
         attributes.update(do_rotary=1, rotary_interleaved=plan.rotation.interleaved)
     if "scale" in attention.attributes:
         attributes["scale"] = attention.attributes.get_float("scale")
+    if (soft_cap := caps.pop(plan.key.present, None)) is not None:
+        attributes["softcap"] = soft_cap.cap  # onnxruntime caps the scaled scores, then adds the bias
     inputs = [_merged_heads(tape, plan.query_states), _merged_heads(tape, plan.key_states),
               _merged_heads(tape, plan.value.new), plan.key.past, plan.value.past, seqlens_k, total_length,
               *rotary, plan.bias]
@@ -271,16 +400,18 @@ def _replace(graph: ir.Graph, plan: _Plan) -> None:
     _take_over(graph, plan.value.present, present_value)
 
 
-def fuse_group_query_attention(model: ir.Model) -> int:
+def fuse_group_query_attention(model: ir.Model, caps: dict[ir.Value, SoftCap] | None = None) -> int:
     """Each MultiHeadAttention over an appended KV cache → GroupQueryAttention, in place; the
-    number fused (the others are logged, with the reason)."""
+    number fused (the others are logged, with the reason). ``caps`` (``lift_soft_caps``): the
+    soft-cap of the attention over each cache, taken out of ``caps`` by the one that applies it."""
+    caps = {} if caps is None else caps
     graph, fused = model.graph, 0
     for attention in [node for node in graph if node.op_type == "MultiHeadAttention" and node.domain == MICROSOFT]:
         plan = _plan(attention)
         if isinstance(plan, str):
             logger.debug("%s left MultiHeadAttention: %s", attention.name, plan)
             continue
-        _replace(graph, plan)
+        _replace(graph, plan, caps)
         fused += 1
     if fused:
         ir_common.RemoveUnusedNodesPass()(model)

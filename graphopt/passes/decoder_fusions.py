@@ -8,8 +8,10 @@ what it replaces; ``fuse_decoder_graph`` runs them in order, each preparing the 
    ``rotary_from_angles_rules`` turns each into onnxruntime's RotaryEmbedding when cos and sin
    are computed from the rotation angles (``positions × inv_freq``), as the exporter writes them.
 3. onnxscript's onnxruntime fusions (``optimize_for_ort``, its public entry): RMS and skip
-   norms, scaled dot-product attention → MultiHeadAttention, GELU, transposed MatMuls.
-4. GroupQueryAttention over the appended KV cache (``decoder_attention``), the rotation folded in.
+   norms, scaled dot-product attention → MultiHeadAttention, GELU, transposed MatMuls. An
+   attention's logit soft-cap (Gemma 2) is taken out of its scores first, for the match.
+4. GroupQueryAttention over the appended KV cache (``decoder_attention``), the rotation folded in
+   and the soft-cap put back (``softcap``); a cap no GroupQueryAttention took is written back.
 5. ``pack_sibling_matmuls``: the MatMuls reading one input with constant weights (query, key and
    value projections; gate and up) become one; a GroupQueryAttention reads its packed QKV.
 6. ``merge_equal_computations``: what every layer computes alike (its mask's parts, its rotary
@@ -32,8 +34,8 @@ import onnx_ir as ir
 import onnx_ir.passes.common as ir_common
 
 from graphopt.errors import UnsupportedModelError
-from graphopt.passes.decoder_attention import (MICROSOFT, fuse_group_query_attention, pack_attention_inputs, producer,
-                                               same_dim)
+from graphopt.passes.decoder_attention import (MICROSOFT, fuse_group_query_attention, lift_soft_caps,
+                                               pack_attention_inputs, producer, restore_soft_caps, same_dim)
 from graphopt.passes.naming import unique_value_name
 
 logger = logging.getLogger(__name__)
@@ -41,9 +43,13 @@ logger = logging.getLogger(__name__)
 _FUSION_DOMAIN = "ai.onnxruntime._fusion"  # onnxscript's intermediate ops
 
 
-def fuse_decoder_graph(model: ir.Model, *, group_query_attention: bool = True) -> dict[str, int]:
+def fuse_decoder_graph(model: ir.Model, *, group_query_attention: bool = True,
+                       soft_caps: bool = True) -> dict[str, int]:
     """Every fusion, in order, in place; how many times each step rewrote the graph.
-    ``group_query_attention=False`` leaves attention as onnxscript fuses it (MultiHeadAttention)."""
+    ``group_query_attention=False`` leaves attention as onnxscript fuses it (MultiHeadAttention);
+    ``soft_caps=False`` (or ``group_query_attention=False``) leaves soft-capped attention unfused.
+    Raises ``SoftCapNotFusedError`` (the graph then wrong) when a soft-capped attention fuses
+    into MultiHeadAttention but not into GroupQueryAttention."""
     from onnxscript.rewriter.ort_fusions import optimize_for_ort
     from onnxscript.rewriter.ort_fusions.rotary_embedding import fuse_rotary_embedding
 
@@ -51,11 +57,15 @@ def fuse_decoder_graph(model: ir.Model, *, group_query_attention: bool = True) -
               "rotations matched": fuse_rotary_embedding(model)}
     counts["rotary embeddings"] = rotary_from_angles_rules().apply_to_model(model)
     attentions = _count(model, "GroupQueryAttention")
+    # only GroupQueryAttention has a soft-cap: without it, a soft-capped attention stays unfused
+    caps = lift_soft_caps(model) if group_query_attention and soft_caps else {}
+    counts["soft-capped attentions"] = len(caps)
     optimize_for_ort(model)
     if _count(model, "GroupQueryAttention") != attentions:
         raise UnsupportedModelError("onnxscript's own GroupQueryAttention fusion matched (it drops the attention "
                                     "mask and reads the lengths off the rotary positions)")
-    counts["group query attentions"] = fuse_group_query_attention(model) if group_query_attention else 0
+    counts["group query attentions"] = fuse_group_query_attention(model, caps) if group_query_attention else 0
+    counts["soft-caps restored"] = restore_soft_caps(model, caps)
     counts["packed matmuls"] = pack_sibling_matmuls(model)
     counts["packed attention inputs"] = pack_attention_inputs(model)
     merge_equal_computations(model)

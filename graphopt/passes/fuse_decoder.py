@@ -25,6 +25,7 @@ import onnx_ir as ir
 from graphopt.errors import GraphoptError, UnsupportedModelError
 from graphopt.verify.layout import is_past
 from graphopt.passes.base import GraphoptPass, PassContext, PassResult
+from graphopt.passes.decoder_attention import SoftCapNotFusedError
 from graphopt.passes.decoder_fusions import fuse_decoder_graph
 from graphopt.passes.registry import register
 from graphopt.passes.weights import weights_on_disk
@@ -68,7 +69,8 @@ class FuseDecoderPass(GraphoptPass, name="fuse-decoder",
     class Options:
         group_query_attention: bool = True
         """Fuse attention into GroupQueryAttention (the rotary embedding folds into it); False leaves
-        it onnxruntime's MultiHeadAttention (any batch with any past, the cache appended apart)."""
+        it onnxruntime's MultiHeadAttention (any batch with any past, the cache appended apart), and
+        soft-capped attention (Gemma 2; only GroupQueryAttention caps) unfused."""
         max_abs: float = 1e-4
         """Largest logit or cache difference the fused graph may show, relative to the logits' range."""
 
@@ -82,9 +84,13 @@ class FuseDecoderPass(GraphoptPass, name="fuse-decoder",
             return PassResult(model.clone(), modified=False, notes=["weights too large to load (left in external "
                                                                     "data): not fused (graphopt export fuses while "
                                                                     "exporting)"])
-        fused = model.clone()
+        fused, notes = model.clone(), []
         try:
-            fuse_decoder_graph(fused, group_query_attention=self.options.group_query_attention)
+            try:
+                fuse_decoder_graph(fused, group_query_attention=self.options.group_query_attention)
+            except SoftCapNotFusedError as exc:  # that copy is wrong: fuse again, the caps left as they are
+                fused, notes = model.clone(), [f"soft-capped attention left unfused ({exc})"]
+                fuse_decoder_graph(fused, group_query_attention=self.options.group_query_attention, soft_caps=False)
         except UnsupportedModelError as exc:
             return PassResult(model.clone(), modified=False, notes=[f"not fused: {exc}"])
         present = fused_counts(model)
@@ -93,7 +99,7 @@ class FuseDecoderPass(GraphoptPass, name="fuse-decoder",
             # an exported decoder comes fused: say what it has, not that nothing matched
             return PassResult(model.clone(), modified=False, changes={f"{op} nodes (already fused)": n
                                                                       for op, n in present.items()},
-                              notes=[] if present else ["no attention, rotary or norm pattern matched"])
+                              notes=notes + ([] if present else ["no attention, rotary or norm pattern matched"]))
         try:
             worst = _fusion_error(model, fused, context.threads)
         except GraphoptError as exc:  # a fusion wrote a graph onnxruntime cannot load or run (GPT-2's Gemm)
@@ -104,4 +110,5 @@ class FuseDecoderPass(GraphoptPass, name="fuse-decoder",
                 f"fusion changed the outputs (max abs {worst:.2e} of the output's range > {self.options.max_abs}): "
                 "left unfused"])
         changes = {f"{op} nodes": n for op, n in counts.items()}
-        return PassResult(fused, modified=True, changes=changes, details={"fused": counts, "relative_max_abs": worst})
+        return PassResult(fused, modified=True, changes=changes, notes=notes,
+                          details={"fused": counts, "relative_max_abs": worst})

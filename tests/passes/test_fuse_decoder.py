@@ -233,9 +233,13 @@ def _mask(causal: bool) -> list[onnx.NodeProto]:
     return nodes
 
 
-def _attention(heads: int) -> list[onnx.NodeProto]:
+def _attention(heads: int, softcap: float | None = None) -> list[onnx.NodeProto]:
     """Append to the cache, repeat the key and value heads for the query's, attend (scores
-    scaled on both sides, the mask as a bias, the NaN guard), merge the heads back."""
+    scaled on both sides, ``softcap``: soft-capped as Gemma 2 exports, ``tanh(scores / cap) * cap``,
+    the mask as a bias, the NaN guard), merge the heads back."""
+    capped = [helper.make_node("Div", ["scores", "cap"], ["scores_over_cap"]),
+              helper.make_node("Tanh", ["scores_over_cap"], ["scores_tanh"]),
+              helper.make_node("Mul", ["scores_tanh", "cap"], ["scores_capped"])] if softcap else []
     nodes = [helper.make_node("Concat", ["past_key_values.0.key", "k_rot"], ["present.0.key"], axis=-2),
              helper.make_node("Concat", ["past_key_values.0.value", "v_bhsd"], ["present.0.value"], axis=-2)]
     for name in ("key", "value"):
@@ -248,7 +252,8 @@ def _attention(heads: int) -> list[onnx.NodeProto]:
         helper.make_node("Mul", ["key_t", "sqrt_scale"], ["k_scaled"]),
         helper.make_node("MatMul", ["q_scaled", "k_scaled"], ["scores"]),
         helper.make_node("Where", ["allowed", "fill_zero", "fill_min"], ["bias"]),
-        helper.make_node("Add", ["scores", "bias"], ["masked"]),
+        *capped,
+        helper.make_node("Add", ["scores_capped" if softcap else "scores", "bias"], ["masked"]),
         helper.make_node("Softmax", ["masked"], ["probs"], axis=-1),
         helper.make_node("IsNaN", ["probs"], ["probs_nan"]),
         helper.make_node("Where", ["probs_nan", "fill_zero", "probs"], ["probs_safe"]),
@@ -258,10 +263,11 @@ def _attention(heads: int) -> list[onnx.NodeProto]:
         helper.make_node("MatMul", ["context_bsd", "Wo"], ["logits"])]
 
 
-def decoder_layer(rng, *, head: int = HEAD, causal: bool = True) -> onnx.ModelProto:
+def decoder_layer(rng, *, head: int = HEAD, causal: bool = True, softcap: float | None = None) -> onnx.ModelProto:
     """One decoder attention layer as the exporter writes it, onnxruntime-genai's inputs and
     outputs: embedding → Q/K/V projections → heads → rotary (cos/sin from positions × inv_freq)
-    → cache append → grouped-query attention (2 query heads, 1 KV head) → output projection."""
+    → cache append → grouped-query attention (2 query heads, 1 KV head; ``softcap``: its scores
+    soft-capped) → output projection."""
     hidden, half = HEADS * head, head // 2
     nodes = [helper.make_node("Gather", ["embed", "input_ids"], ["X"], axis=0), *_mask(causal)]
     for name, heads in (("q", HEADS), ("k", KV_HEADS), ("v", KV_HEADS)):
@@ -275,7 +281,7 @@ def decoder_layer(rng, *, head: int = HEAD, causal: bool = True) -> onnx.ModelPr
               helper.make_node("Cos", ["both"], ["cos_3d"]), helper.make_node("Sin", ["both"], ["sin_3d"]),
               helper.make_node("Unsqueeze", ["cos_3d", "axis_one"], ["cos"]),
               helper.make_node("Unsqueeze", ["sin_3d", "axis_one"], ["sin"]),
-              *_rotated("q", "q_bhsd"), *_rotated("k", "k_bhsd"), *_attention(HEADS)]
+              *_rotated("q", "q_bhsd"), *_rotated("k", "k_bhsd"), *_attention(HEADS, softcap)]
     weight = lambda *shape: (rng.standard_normal(shape) * 0.3).astype(np.float32)  # noqa: E731
     constants = {
         "embed": weight(96, HIDDEN), "Wq": weight(HIDDEN, hidden), "Wk": weight(HIDDEN, KV_HEADS * head),
@@ -289,6 +295,8 @@ def decoder_layer(rng, *, head: int = HEAD, causal: bool = True) -> onnx.ModelPr
         "all_heads": ints([0, HEADS, -1, head]), "merge": ints([0, 0, hidden]),
         "sqrt_scale": np.array(head ** -0.25, np.float32), "fill_zero": np.array(0.0, np.float32),
         "fill_min": np.array(np.finfo(np.float32).min, np.float32)}
+    if softcap:
+        constants["cap"] = np.array(softcap, np.float32)
     cache = ["batch", KV_HEADS, "past_sequence_length", head]
     inputs = [tensor("input_ids", ["batch", "sequence_length"], TensorProto.INT64),
               tensor("attention_mask", ["batch", "total_sequence_length"], TensorProto.INT64),
@@ -355,6 +363,72 @@ def test_attention_the_kernel_cannot_take_stays_multi_head_attention(rng):
     feeds = decoder_feeds(rng, batch=2, past=5, length=1, head=12)
     for got, expected in zip(run(model, feeds), run(proto, feeds)):
         np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+
+
+# -- soft-capped attention (Gemma 2) -------------------------------------------------------------------
+
+CAP = 0.5  # small enough to bite: the scores of this layer's weights reach several units
+
+
+def test_soft_capped_attention_becomes_group_query_attention_with_its_cap(rng):
+    """``tanh(scores / cap) * cap`` between the scaled scores and the mask: taken out for
+    onnxscript's attention fusion, put back as GroupQueryAttention's ``softcap`` (onnxruntime caps
+    the scaled scores, then adds the bias: the model's order), exact on every step."""
+    proto = decoder_layer(rng, softcap=CAP)
+    model = to_ir(proto)
+    counts = fuse_decoder_graph(model)
+    assert counts["soft-capped attentions"] == 1 and counts["group query attentions"] == 1
+    assert counts["soft-caps restored"] == 0
+    assert not any(op in ops(model) for op in ("Softmax", "Tanh", "com.microsoft:MultiHeadAttention"))
+    attention = next(n for n in model.graph if n.op_type == "GroupQueryAttention")
+    assert attention.attributes.get_float("softcap") == CAP
+    assert attention.inputs[10] is not None  # the mask still the bias, added after the cap
+    for step in STEPS:
+        feeds = decoder_feeds(rng, **step)
+        for got, expected in zip(run(model, feeds), run(proto, feeds)):
+            np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+    # the cap matters here: the same kernel without it is far off
+    feeds = decoder_feeds(rng, batch=2, past=0, length=5)
+    attention.attributes.pop("softcap")
+    assert np.abs(run(model, feeds)[0] - run(proto, feeds)[0]).max() > 1e-2
+
+
+def test_a_cap_no_attention_fusion_took_is_written_back(rng, monkeypatch):
+    """Should onnxscript's attention fusion not match the uncapped attention, the cap goes back
+    where it was: the graph computes what it did."""
+    import onnxscript.rewriter.ort_fusions as ort_fusions
+
+    monkeypatch.setattr(ort_fusions, "optimize_for_ort", lambda model: None)
+    proto = decoder_layer(rng, softcap=CAP)
+    model = to_ir(proto)
+    counts = fuse_decoder_graph(model)
+    assert counts["soft-capped attentions"] == 1 and counts["soft-caps restored"] == 1
+    assert counts["group query attentions"] == 0 and ops(model)["Tanh"] == 1
+    feeds = decoder_feeds(rng, batch=2, past=5, length=1)
+    for got, expected in zip(run(model, feeds), run(proto, feeds)):
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+
+
+def test_soft_capped_attention_the_kernel_cannot_take_stays_unfused(rng):
+    """Head size 12: the attention fuses into MultiHeadAttention, which has no cap, and not on into
+    GroupQueryAttention; fuse_decoder_graph says so, and the pass fuses again, the cap left alone."""
+    from graphopt.passes.decoder_attention import SoftCapNotFusedError
+
+    with pytest.raises(SoftCapNotFusedError):
+        fuse_decoder_graph(to_ir(decoder_layer(rng, head=12, softcap=CAP)))
+    assert not fuse_decoder_graph(to_ir(decoder_layer(rng, head=12, softcap=CAP)), soft_caps=False)[
+        "soft-capped attentions"]
+    result = FuseDecoderPass()(to_ir(decoder_layer(rng, head=12, softcap=CAP)), PassContext(threads=1))
+    assert result.modified and result.changes == {"RotaryEmbedding nodes": 2}
+    assert ops(result.model)["Tanh"] == 1 and not ops(result.model)["com.microsoft:MultiHeadAttention"]
+    assert result.notes[0].startswith("soft-capped attention left unfused")
+
+
+def test_without_group_query_attention_soft_capped_attention_stays_unfused(rng):
+    model = to_ir(decoder_layer(rng, softcap=CAP))
+    counts = fuse_decoder_graph(model, group_query_attention=False)
+    assert counts["soft-capped attentions"] == 0
+    assert ops(model)["Tanh"] == 1 and not ops(model)["com.microsoft:MultiHeadAttention"]
 
 
 # -- the pass -----------------------------------------------------------------------------------------

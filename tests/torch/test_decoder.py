@@ -562,12 +562,13 @@ def test_a_sharded_bf16_checkpoint_exports_with_the_same_parity(tmp_path):
     assert parity["prefill_max_abs"] < 1e-4 and parity["decode_max_abs"] < 1e-4 and parity["forks"] == []
 
 
-@pytest.mark.parametrize("family", ["Mistral", "Qwen3Moe", "GPT2", "Falcon"])
+@pytest.mark.parametrize("family", ["Mistral", "Qwen3Moe", "GPT2", "Falcon", "Gemma2"])
 def test_families_beyond_llama_export_verified(family, tmp_path):
     """A sliding-window cache (Mistral, window 8 shorter than the prompts), mixture-of-experts layers
     (Qwen3-MoE), a class not named *ForCausalLM whose fused graph onnxruntime cannot run (GPT-2:
-    left unfused, with a note) and a multi-query cache of one KV head that its config does not
-    name (Falcon): each exports and matches torch."""
+    left unfused, with a note), a multi-query cache of one KV head that its config does not
+    name (Falcon) and soft-capped attention logits (Gemma 2: GroupQueryAttention's softcap): each
+    exports and matches torch."""
     from tests.conftest import tiny_decoder
 
     source = tiny_decoder(tmp_path / "hf", family)
@@ -580,3 +581,10 @@ def test_families_beyond_llama_export_verified(family, tmp_path):
     fused = report["fusion"]["changes"].get("GroupQueryAttention nodes", 0)
     # Falcon's attention graph matches the fusion with transformers 5.25, not with 5.24: either is verified
     assert fused in ({0, 2} if family == "Falcon" else {0} if family == "GPT2" else {2})
+    if family == "Gemma2":  # each layer's cap carried into its kernel
+        import onnx_ir as ir
+
+        attentions = [node for node in ir.load(out / "model.onnx").graph if node.op_type == "GroupQueryAttention"]
+        assert [node.attributes["softcap"].value for node in attentions] == [2.0, 2.0]
+        # keep-logits found the head behind the final logit soft-cap
+        assert "logits_to_keep" in ir.load(out / "model.onnx").graph.initializers
