@@ -263,11 +263,12 @@ def awq_scales(weights: list[np.ndarray], hessian: np.ndarray, *, bits: int, blo
     return best
 
 
-def on_float_grid(weight: np.ndarray, bits: int, block_size: int) -> bool:
-    """Whether ``weight`` [K, N] lies on a ``bits`` grid of ``block_size`` blocks with float zero
-    points (a GGUF Q4_1 import's does; a float checkpoint's does not): rounding to it changes
-    nothing beyond float32 noise."""
-    error, total = output_error(quantize_blocks(weight, bits=bits, block_size=block_size, form="float"), weight)
+def on_grid(weight: np.ndarray, bits: int, block_size: int, form: str = "float") -> bool:
+    """Whether ``weight`` [K, N] lies on a ``bits`` grid of ``block_size`` blocks of ``form``
+    already: rounding to it changes nothing beyond float32 noise. A GGUF Q4_0 import's weights lie
+    on the symmetric 4-bit grid (llama.cpp also gives the block's largest |w| the 8 steps, with the
+    sign of that value), a Q4_1 import's on the float one; a float checkpoint's on neither."""
+    error, total = output_error(quantize_blocks(weight, bits=bits, block_size=block_size, form=form), weight)
     return error <= 1e-10 * max(total, 1e-30)
 
 

@@ -33,8 +33,9 @@ E·diag(s) and each row the Gather reads is divided back by s (one Mul).
   (the runtime widens it once, at load). Costs 2 bytes per block and two small MatMuls;
 * ``float``: the float zero points as the kernel's own input (onnxruntime has no fast path for
   it: several times slower per token; kept for runtimes that have one);
-* ``auto``: ``offset`` for the weights that lie on a float-zero-point grid already (a GGUF Q4_1
-  import: rebuilt exactly), ``integer`` for the rest (a float checkpoint's).
+* ``auto``: each weight kept on the grid it lies on already, rebuilt exactly: the symmetric one
+  (a GGUF Q4_0 import: no zero point, no offset term), else float zero points as ``offset`` (a
+  Q4_1 import); ``integer`` for the rest (a float checkpoint's).
 
 At 8 bits the codes are symmetric whatever ``zero_points`` says (a zero point buys under one bit
 of 256 levels; the int8 kernel then needs no offset term), in blocks of ``eight_bit_block_size``
@@ -67,7 +68,7 @@ from graphopt.passes.base import GraphoptPass, PassContext, PassResult
 from graphopt.passes.quantize.block_encodings import (Encoded, divide_input, encode_matmul, encode_standard,
                                                       encode_table, logits_producers, reads_transposed, table_block)
 from graphopt.passes.quantize.bit_search import search_bits
-from graphopt.passes.quantize.blocks import (BlockQuantized, awq_scales, on_float_grid, output_error, quantize_blocks,
+from graphopt.passes.quantize.blocks import (BlockQuantized, awq_scales, on_grid, output_error, quantize_blocks,
                                              relative_loss, smoothing_scales)
 from graphopt.passes.quantize.precision import BlockLayer
 from graphopt.passes.registry import register
@@ -102,7 +103,7 @@ class _Layer:
     block_size: int | None = None  # a table's own block (it must divide the table's width), else the pass's
     kept_float: bool = False  # the search kept its float weight (the end of the ladder)
     smoothed: bool = False  # input_scales are SmoothQuant's (int8 activations), not AWQ's
-    on_float_grid: bool | None = None  # zero_points 'auto': the weight lies on a float-zero-point grid
+    grid: str | None = None  # zero_points 'auto': the form whose grid the weight lies on already ('' none)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -142,8 +143,9 @@ class QuantizeBlockwisePass(GraphoptPass, name="quantize-blockwise",
         """A zero point of 2^(bits-1) for every block (none stored) instead of one fitted per block."""
         zero_points: Literal["integer", "offset", "float", "auto"] = "integer"
         """Asymmetric only: 'integer' (packed), 'offset' (float, served by a separate term),
-        'float' (the kernel's float input: slow on onnxruntime's CPU), or 'auto': 'offset' for the
-        layers whose weights lie on such a grid already (a GGUF Q4_1 import), else 'integer'.
+        'float' (the kernel's float input: slow on onnxruntime's CPU), or 'auto': the grid a layer's
+        weights lie on already, rebuilt exactly (symmetric: a GGUF Q4_0 import; 'offset': Q4_1),
+        else 'integer'.
         8-bit layers are symmetric whatever this says."""
         operators: Literal["onnxruntime", "standard"] = "onnxruntime"
         """'onnxruntime' (MatMulNBits, GatherBlockQuantized) or 'standard': DequantizeLinear with
@@ -159,7 +161,8 @@ class QuantizeBlockwisePass(GraphoptPass, name="quantize-blockwise",
         """The LM head and the embedding table (shared codes when tied): 8, 4, or 0 to keep them float."""
         head_block_size: Literal[0, 16, 32, 64, 128, 256] = 0
         """Their block (0: that of their width): the head is the weight whose rounding text feels
-        most, and once a generation's prefill computes one row of logits it costs little time."""
+        most, and once a generation's prefill computes one row of logits it costs little time. With
+        ``zero_points`` 'auto', a table on its width's grid already (a GGUF's Q8_0) keeps it."""
         search: bool = True
         """With calibration text and a text budget: 8 bits for the layers that need it, fewest first."""
         eight_bit: tuple[str, ...] = ()
@@ -316,10 +319,15 @@ class QuantizeBlockwisePass(GraphoptPass, name="quantize-blockwise",
                     continue
                 if any(layer.use.weight is use.weight for layer in layers):
                     continue  # a table read by two Gathers is encoded once
-                block = table_block(table.shape[1], o.head_block_size or self._block(o.head_bits))
+                table_wanted = o.head_block_size or self._block(o.head_bits)
+                native = table_block(table.shape[1], self._block(o.head_bits))
+                if table_wanted != self._block(o.head_bits) and native and o.zero_points == "auto" and on_grid(
+                        np.asarray(table.numpy(), np.float32).T, o.head_bits, native, "symmetric"):
+                    table_wanted = native  # an import's own grid (GGUF Q8_0 at 32): kept exactly
+                block = table_block(table.shape[1], table_wanted)
                 if block is None:
                     skipped[use.name] = (f"table width {table.shape[1]} has no power-of-two block from 16 to "
-                                         f"{o.head_block_size or self._block(o.head_bits)}")
+                                         f"{table_wanted}")
                     continue
                 layers.append(_Layer(use.name, use, table, "tied" if tied else "embedding", o.head_bits, heads=tied,
                                      block_size=block))
@@ -380,15 +388,16 @@ class QuantizeBlockwisePass(GraphoptPass, name="quantize-blockwise",
     def _form(self, layer: _Layer, bits: int) -> str:
         """The grid of ``layer`` at ``bits``: symmetric when asked, for tables, and at 8 bits
         (a zero point buys under one bit of 256 levels, and the int8 kernel then needs no
-        offset term); else integer or float zero points as ``zero_points`` says ('auto': float
-        only where the weights lie on a float-zero-point grid, as a GGUF Q4_1 import's do)."""
+        offset term); else integer or float zero points as ``zero_points`` says ('auto': the grid
+        the weights lie on already, symmetric or float, as a GGUF Q4_0 or Q4_1 import's do)."""
         o = self.options
         if o.symmetric or layer.role in ("tied", "embedding") or bits == 8:
             return "symmetric"
         if o.zero_points == "auto":
-            if layer.on_float_grid is None:
-                layer.on_float_grid = on_float_grid(layer.weight, bits, layer.block_size or self._block(bits))
-            return "float" if layer.on_float_grid else "integer"
+            if layer.grid is None:  # a GGUF import's own grid (Q4_0: symmetric, Q4_1: float), kept exactly
+                weight, block = layer.weight, layer.block_size or self._block(bits)
+                layer.grid = next((form for form in ("symmetric", "float") if on_grid(weight, bits, block, form)), "")
+            return layer.grid or "integer"
         return "integer" if o.zero_points == "integer" else "float"
 
     def _smooth_inputs(self, graph: ir.Graph, group: list[_Layer], sample: _InputSample,

@@ -150,8 +150,10 @@ def test_a_tied_table_and_head_share_one_set_of_8_bit_codes(rng):
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
     model = ir.serde.deserialize_model(proto)
     # bits = 8: the stated float compute is the head's too (else 8-bit layers take this CPU's faster)
-    result = get_pass("quantize-blockwise")(min_elements=16, bits=8, **FAST)(model)
-    assert [(row["role"], row["bits"]) for row in result.details["layers"]] == [("tied", 8)]
+    # head_block_size 16 gives way to the table's own Q8_0 grid at 32 (zero_points 'auto')
+    result = get_pass("quantize-blockwise")(min_elements=16, bits=8, head_block_size=16, symmetric=False,
+                                            zero_points="auto", **FAST)(model)
+    assert [(row["role"], row["bits"], row["block_size"]) for row in result.details["layers"]] == [("tied", 8, 32)]
     assert op_histogram(model) == {"Reshape": 1, "GatherBlockQuantized": 1, "MatMulNBits": 1}
     readers = {node.op_type: node for node in model.graph}
     shared = readers["MatMulNBits"].inputs[1]
@@ -447,6 +449,27 @@ def test_auto_zero_points_are_integer_off_the_grid_and_8_bit_codes_symmetric(rng
         x = rng.standard_normal((3, k)).astype(np.float32)
         bound = 0.1 if bits == 4 else 0.01
         assert np.abs(run(model, {"X": x})[0] - x @ weight).max() < bound * np.abs(x @ weight).max()
+
+
+def test_auto_keeps_a_q4_0_import_on_its_symmetric_grid_exactly(rng):
+    """Weights as llama.cpp's Q4_0 writes them (per block of 32, d = the signed largest value / -8,
+    q = min(15, floor(w / d + 8.5))): 'auto' finds them on the symmetric 4-bit grid, so the layer
+    is rebuilt exactly with no zero points and no offset term (onnxruntime's plain 4-bit kernel)."""
+    k, n = 96, 16
+    raw = (rng.standard_normal((k, n)) * 0.1).astype(np.float32)
+    blocks = raw.T.reshape(n, k // 32, 32)
+    extreme = np.take_along_axis(blocks, np.abs(blocks).argmax(axis=2)[..., None], axis=2)
+    d = extreme / -8.0
+    codes = np.clip(np.floor(blocks / d + 8.5), 0, 15)
+    weight = ((codes - 8) * d).reshape(n, k).T.astype(np.float32)
+    model = ir.serde.deserialize_model(matmul_model(weight))
+    result = get_pass("quantize-blockwise")(symmetric=False, zero_points="auto", min_elements=16, **FAST)(model)
+    assert op_histogram(model) == {"MatMulNBits": 1}
+    node = next(iter(model.graph))
+    assert len(node.inputs) == 3  # no zero points
+    assert result.details["layers"][0]["relative_error"] < 1e-6
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    np.testing.assert_allclose(run(model, {"X": x})[0], x @ weight, atol=1e-5 * np.abs(x @ weight).max())
 
 
 def test_a_layer_settled_at_8_bits_drops_its_offset_term(rng):
