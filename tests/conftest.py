@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -156,19 +157,23 @@ def tiny_decoder(folder: Path, family: str, *, tokenizer: bool = True, dtype: st
     return folder
 
 
+_GRAPHOPT_LOGGER = logging.getLogger("graphopt")
+# as the tests found it, before any fixture ran ``main``: a module-scoped fixture that does (the
+# exported decoder) runs before a test's own fixtures, so a state saved per test would be its
+_LOGGER_BASELINE = (list(_GRAPHOPT_LOGGER.handlers), _GRAPHOPT_LOGGER.propagate, _GRAPHOPT_LOGGER.level)
+
+
 @pytest.fixture(autouse=True)
 def _graphopt_logger_restored():
     """The CLI sets up the 'graphopt' logger for a terminal (its own handler, no propagation);
-    a test that runs ``main`` must not leave that to the tests after it (caplog reads through
-    propagation). A library configuring logging with ``dictConfig`` (the torch exporters) also
-    disables every logger that exists by then: graphopt's are enabled again."""
-    import logging
-
-    logger = logging.getLogger("graphopt")
-    saved = (list(logger.handlers), logger.propagate, logger.level)
+    a test that runs ``main`` (or a fixture that does) must not leave that to the tests after it
+    (caplog reads through propagation): restored to the state before any test. A library
+    configuring logging with ``dictConfig`` (the torch exporters) also disables every logger that
+    exists by then: graphopt's are enabled again."""
+    logger = _GRAPHOPT_LOGGER
     yield
-    logger.handlers[:] = saved[0]
-    logger.propagate, logger.level = saved[1], saved[2]
+    logger.handlers[:] = _LOGGER_BASELINE[0]
+    logger.propagate, logger.level = _LOGGER_BASELINE[1], _LOGGER_BASELINE[2]
     for name, child in logging.root.manager.loggerDict.items():
         if name.startswith("graphopt") and isinstance(child, logging.Logger):
             child.disabled = False
