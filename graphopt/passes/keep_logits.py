@@ -10,9 +10,8 @@ scalar initializer (default 0) the caller may override, so every runner that doe
 onnxruntime-genai, perplexity over a window — gets the model's outputs as before; graphopt's
 prefill in generation, greedy checks and latency feeds 1.
 
-The head is the MatMul-like node (MatMul, FusedMatMul, MatMulNBits, Gemm) reached from the
-``logits`` output back through elementwise ops (a final soft-capping ``tanh``); the output must
-be declared [batch, sequence, vocab].
+The head is ``passes.weights.lm_head``'s; the ``logits`` output must be declared [batch,
+sequence, vocab].
 """
 
 from __future__ import annotations
@@ -22,26 +21,10 @@ import onnx_ir as ir
 
 from graphopt.passes.base import GraphoptPass, PassContext, PassResult
 from graphopt.passes.registry import register
+from graphopt.passes.weights import lm_head
 from graphopt.verify.layout import LOGITS, LOGITS_TO_KEEP
 
-_HEADS = {"MatMul", "FusedMatMul", "MatMulNBits", "Gemm"}
-# Ops between the head and the logits output that act on each position alone.
-_ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Tanh", "Cast", "Softcap", "Identity"}
 _INT64_MAX = np.iinfo(np.int64).max
-
-
-def lm_head(graph: ir.Graph) -> ir.Node | None:
-    """The node computing the logits from hidden states (see the module), or None."""
-    output = next((value for value in graph.outputs if value.name == LOGITS), None)
-    node = output.producer() if output is not None else None
-    while node is not None and node.op_type not in _HEADS:
-        if node.op_type not in _ELEMENTWISE:
-            return None
-        # follow the input that carries the positions (the other is a constant)
-        sources = [value for value in node.inputs if value is not None and value.const_value is None
-                   and value.producer() is not None]
-        node = sources[0].producer() if len(sources) == 1 else None
-    return node
 
 
 @register

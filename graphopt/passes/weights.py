@@ -13,6 +13,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphopt.passes.naming import unique_value_name
+from graphopt.verify.layout import LOGITS
 
 RECURRENT_OPS = ("LSTM", "GRU", "RNN")
 WEIGHT_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "Gather", *RECURRENT_OPS)
@@ -202,3 +203,24 @@ def replace_output(graph: ir.Graph, node: ir.Node, result: ir.Value, old_suffix:
     result.name = name
     if result.is_graph_output():
         result.type, result.shape = old_output.type, old_output.shape
+
+
+_HEADS = {"MatMul", "FusedMatMul", "MatMulNBits", "Gemm"}
+# Ops between the head and the logits output that act on each position alone.
+_ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Tanh", "Cast", "Softcap", "Identity"}
+
+
+def lm_head(graph: ir.Graph) -> ir.Node | None:
+    """The LM head: the MatMul-like node (MatMul, FusedMatMul, MatMulNBits, Gemm) that computes
+    the ``logits`` output, reached back from it through ops acting on each position alone (a
+    bias, a logit scale, a final soft-capping tanh); None when there is none."""
+    output = next((value for value in graph.outputs if value.name == LOGITS), None)
+    node = output.producer() if output is not None else None
+    while node is not None and node.op_type not in _HEADS:
+        if node.op_type not in _ELEMENTWISE:
+            return None
+        # follow the input that carries the positions (the other is a constant)
+        sources = [value for value in node.inputs if value is not None and value.const_value is None
+                   and value.producer() is not None]
+        node = sources[0].producer() if len(sources) == 1 else None
+    return node

@@ -8,7 +8,8 @@ import pytest
 from onnx import TensorProto, helper
 
 from graphopt.passes.base import PassContext
-from graphopt.passes.keep_logits import KeepLogitsPass, lm_head
+from graphopt.passes.keep_logits import KeepLogitsPass
+from graphopt.passes.weights import lm_head
 from tests.conftest import make_model, run, tensor
 
 VOCAB, HIDDEN = 11, 8

@@ -225,11 +225,6 @@ def reads_transposed(node: ir.Node) -> bool:
             and attrs.get_float("alpha", 1.0) == 1.0)
 
 
-def logits_producers(graph: ir.Graph) -> list[ir.Node]:
-    return [output.producer() for output in graph.outputs
-            if output.name == "logits" and output.producer() is not None]
-
-
 def divide_input(graph: ir.Graph, value: ir.Value, nodes: list[ir.Node], scales: np.ndarray) -> None:
     """Make ``nodes`` read ``value`` / ``scales`` (along its last axis): the norm that writes it
     takes the division into its weight (and bias) when it feeds nothing else; else a Mul by 1/s."""

@@ -45,8 +45,8 @@ leaves its zero points and offset term behind once settled.
 **The LM head and the embedding table.** A table read by a Gather and, transposed, by the head's
 (Fused)MatMul is one set of codes: ``GatherBlockQuantized`` and ``MatMulNBits`` both read it (the
 table's [V, H] is the head's [N, K]), at ``head_bits`` (8 by default: never silently 4-bit).
-An untied embedding table gets ``head_bits`` too; an untied head (the MatMul writing ``logits``)
-likewise.
+An untied embedding table gets ``head_bits`` too; an untied head likewise (the MatMul computing
+``logits``, behind a bias, a logit scale or a soft-cap: ``passes.weights.lm_head``).
 
 **Bits per layer** (``search``): with calibration text (``PassContext.text``) and a text budget,
 every layer starts at ``bits``; if the calibration windows set aside for judging miss the budget,
@@ -66,13 +66,13 @@ import onnx_ir as ir
 
 from graphopt.passes.base import GraphoptPass, PassContext, PassResult
 from graphopt.passes.quantize.block_encodings import (Encoded, divide_input, encode_matmul, encode_standard,
-                                                      encode_table, logits_producers, reads_transposed, table_block)
+                                                      encode_table, reads_transposed, table_block)
 from graphopt.passes.quantize.bit_search import search_bits
 from graphopt.passes.quantize.blocks import (BlockQuantized, awq_scales, on_grid, output_error, quantize_blocks,
                                              relative_loss, smoothing_scales)
 from graphopt.passes.quantize.precision import BlockLayer
 from graphopt.passes.registry import register
-from graphopt.passes.weights import WeightUse, weight_uses
+from graphopt.passes.weights import WeightUse, lm_head, weight_uses
 
 logger = logging.getLogger(__name__)
 
@@ -305,7 +305,7 @@ class QuantizeBlockwisePass(GraphoptPass, name="quantize-blockwise",
         uses, skipped = weight_uses(graph, ("MatMul", "Gather"), o.min_elements, context.exclude)
         wanted, eight = set(o.nodes), set(o.eight_bit)
         layers: list[_Layer] = []
-        heads = {id(node): node for node in logits_producers(graph)}
+        head_node = lm_head(graph)
         for use in uses:
             if wanted and use.node.name not in wanted:
                 skipped[use.name] = "not selected"
@@ -334,7 +334,7 @@ class QuantizeBlockwisePass(GraphoptPass, name="quantize-blockwise",
             if use.input_index != 1 or len(table.shape) != 2:
                 skipped[use.name] = "weight is not a 2-D right-hand MatMul input"
                 continue
-            head = id(use.node) in heads
+            head = use.node is head_node
             if head and o.head_bits == 0:
                 skipped[use.name] = "LM head kept float (head_bits = 0)"
                 continue

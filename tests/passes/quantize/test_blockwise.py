@@ -134,6 +134,18 @@ def test_float_zero_points_reproduce_a_q4_1_grid_through_onnxruntime(rng, zero_p
     np.testing.assert_allclose(run(model, {"X": x})[0], x @ weight, atol=1e-3)  # offsets are float16
 
 
+def tied_model(table: np.ndarray) -> ir.Model:
+    """ids → Gather(E) and h → FusedMatMul(h, E, transB=1): a table [vocab, width] and its tied LM head."""
+    vocab, width = table.shape
+    head = helper.make_node("FusedMatMul", ["h", "E"], ["logits"], domain="com.microsoft", transB=1, name="head")
+    graph = helper.make_graph([helper.make_node("Gather", ["E", "ids"], ["e"], name="embed"), head], "tied",
+                              [tensor("ids", ["N"], 7), tensor("h", ["N", width])],
+                              [tensor("e", ["N", width]), tensor("logits", ["N", vocab])],
+                              [numpy_helper.from_array(table, "E")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    return ir.serde.deserialize_model(proto)
+
+
 def test_a_tied_table_and_head_share_one_set_of_8_bit_codes(rng):
     """ids → Gather(E) and h → FusedMatMul(h, E, transB=1) (the tied LM head): one codes tensor
     read by GatherBlockQuantized and MatMulNBits; a table on a Q8_0 grid comes back exactly."""
@@ -142,13 +154,7 @@ def test_a_tied_table_and_head_share_one_set_of_8_bit_codes(rng):
     codes = rng.integers(-127, 128, (vocab, width))
     codes[:, ::32] = 127  # each block reaches its end code, so max / 127 is its scale
     table = (codes * np.repeat(scales, 32, axis=1)).astype(np.float32)
-    head = helper.make_node("FusedMatMul", ["h", "E"], ["logits"], domain="com.microsoft", transB=1, name="head")
-    graph = helper.make_graph([helper.make_node("Gather", ["E", "ids"], ["e"], name="embed"), head], "tied",
-                              [tensor("ids", ["N"], 7), tensor("h", ["N", width])],
-                              [tensor("e", ["N", width]), tensor("logits", ["N", vocab])],
-                              [numpy_helper.from_array(table, "E")])
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
-    model = ir.serde.deserialize_model(proto)
+    model = tied_model(table)
     # bits = 8: the stated float compute is the head's too (else 8-bit layers take this CPU's faster)
     result = get_pass("quantize-blockwise")(min_elements=16, bits=8, **FAST)(model)
     assert [(row["role"], row["bits"]) for row in result.details["layers"]] == [("tied", 8)]
@@ -165,27 +171,20 @@ def test_a_tied_table_and_head_share_one_set_of_8_bit_codes(rng):
 
 def test_the_head_and_table_take_their_own_block(rng):
     """head_block_size: a tied table and head in blocks of 16 while the layers use 32 (both the
-    Gather's and the head's codes), reported per layer; an untied head too."""
-    vocab, width = 64, 64
-    table = rng.standard_normal((vocab, width)).astype(np.float32)
-    head = helper.make_node("FusedMatMul", ["h", "E"], ["logits"], domain="com.microsoft", transB=1, name="head")
-    graph = helper.make_graph([helper.make_node("Gather", ["E", "ids"], ["e"], name="embed"), head], "tied",
-                              [tensor("ids", ["N"], 7), tensor("h", ["N", width])],
-                              [tensor("e", ["N", width]), tensor("logits", ["N", vocab])],
-                              [numpy_helper.from_array(table, "E")])
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
-    model = ir.serde.deserialize_model(proto)
+    Gather's and the head's codes), reported per layer; an untied head too, found behind its bias
+    (and kept at head_bits while the layers take 4)."""
+    model = tied_model(rng.standard_normal((64, 64)).astype(np.float32))
     result = get_pass("quantize-blockwise")(min_elements=16, bits=8, head_block_size=16, **FAST)(model)
     assert [(row["role"], row["block_size"]) for row in result.details["layers"]] == [("tied", 16)]
     nodes = {node.op_type: node for node in model.graph}
     assert nodes["GatherBlockQuantized"].attributes["block_size"].value == 16
     assert nodes["MatMulNBits"].attributes["block_size"].value == 16
-    weight = rng.standard_normal((64, 64)).astype(np.float32)
-    untied = ir.serde.deserialize_model(make_model([helper.make_node("MatMul", ["h", "W"], ["logits"], name="head")],
-                                                   [tensor("h", ["N", 64])], [tensor("logits", ["N", 64])],
-                                                   [weight], names=["W"]))
+    weight, bias = rng.standard_normal((64, 64)).astype(np.float32), rng.standard_normal(64).astype(np.float32)
+    untied = ir.serde.deserialize_model(make_model(
+        [helper.make_node("MatMul", ["h", "W"], ["raw"], name="head"), helper.make_node("Add", ["raw", "b"], ["logits"])],
+        [tensor("h", ["N", 64])], [tensor("logits", ["N", 64])], [weight, bias], names=["W", "b"]))
     result = get_pass("quantize-blockwise")(min_elements=16, head_block_size=16, **FAST)(untied)
-    assert [(row["role"], row["block_size"]) for row in result.details["layers"]] == [("head", 16)]
+    assert [(row["role"], row["bits"], row["block_size"]) for row in result.details["layers"]] == [("head", 8, 16)]
 
 
 def test_gptq_and_hqq_lower_what_they_minimise(rng):
