@@ -111,6 +111,73 @@ def tiny_llama(folder: Path, *, tokenizer: bool = True, dtype: str = "float32", 
                         intermediate_size=64, tie_word_embeddings=True)
 
 
+TINY_GGUF_TYPES = {"attn_q": "Q4_K", "attn_k": "Q5_K", "attn_v": "Q6_K", "attn_output": "Q4_0",
+                   "ffn_gate": "Q4_1", "ffn_up": "Q5_0", "ffn_down": "Q6_K", "token_embd": "Q8_0"}
+"""What ``tiny_gguf`` writes each weight as: the K-quants and the legacy block types a GGUF mixes."""
+
+
+def tiny_gguf(path: Path, *, types: dict[str, str] = TINY_GGUF_TYPES, seed: int = 0) -> Path:
+    """A randomly initialised 2-layer Llama written as llama.cpp writes one (``path``, a .gguf):
+    hidden 256 and feed-forward 512 (K-quants need rows of a multiple of 256), GQA 4/2 heads,
+    tied embeddings, a byte-level BPE vocabulary in the file, each weight in ``types``' type
+    (K types by ``benchmarks.gguf_kquants``, the others by gguf-py), norms in F32."""
+    import gguf
+
+    from benchmarks import gguf_kquants
+
+    rng = np.random.default_rng(seed)
+    hidden, ffn, layers, heads, kv_heads = 256, 512, 2, 4, 2
+    # byte-level BPE: printable ASCII as GPT-2 spells it (space is "Ġ"), a few merges
+    chars = ["Ġ" if c == " " else c for c in map(chr, range(32, 127))]
+    merged = ["th", "he", "the", "Ġt", "in"]
+    tokens = ["<|endoftext|>", "<s>", "</s>", *chars, *merged]
+    merges = ["t h", "h e", "th e", "Ġ t", "i n"]
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(layers)
+    writer.add_context_length(256)
+    writer.add_embedding_length(hidden)
+    writer.add_feed_forward_length(ffn)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_dimension_count(hidden // heads)
+    writer.add_vocab_size(len(tokens))
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3, 3, 3] + [1] * (len(tokens) - 3))
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_add_bos_token(False)
+
+    def add(name: str, shape: tuple[int, ...], kind: str | None, scale: float = 0.05) -> None:
+        values = (rng.standard_normal(shape) * scale).astype(np.float32)
+        if kind is None:
+            writer.add_tensor(name, values)
+            return
+        qtype = gguf.GGMLQuantizationType[kind]
+        data = (gguf_kquants.quantize(values, kind) if kind in gguf_kquants.ENCODERS
+                else gguf.quants.quantize(values, qtype))
+        writer.add_tensor(name, data, raw_shape=data.shape, raw_dtype=qtype)
+
+    add("token_embd.weight", (len(tokens), hidden), types["token_embd"], 0.5)
+    head = hidden // heads
+    outputs = {"attn_q": heads * head, "attn_k": kv_heads * head, "attn_v": kv_heads * head, "attn_output": hidden,
+               "ffn_gate": ffn, "ffn_up": ffn, "ffn_down": hidden}
+    for layer in range(layers):
+        for part in ("attn_norm", "ffn_norm"):
+            writer.add_tensor(f"blk.{layer}.{part}.weight", (1 + 0.1 * rng.standard_normal(hidden)).astype(np.float32))
+        for part, rows in outputs.items():
+            add(f"blk.{layer}.{part}.weight", (rows, ffn if part == "ffn_down" else hidden), types[part])
+    writer.add_tensor("output_norm.weight", np.ones(hidden, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
 # Per family: (config class, model class, settings beyond the shared small ones; GPT-2 names its own).
 TINY_FAMILIES: dict[str, tuple[str, str, dict]] = {
     "Llama": ("LlamaConfig", "LlamaForCausalLM", {}),
