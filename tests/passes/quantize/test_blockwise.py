@@ -187,6 +187,25 @@ def test_the_head_and_table_take_their_own_block(rng):
     assert [(row["role"], row["bits"], row["block_size"]) for row in result.details["layers"]] == [("head", 8, 16)]
 
 
+def test_a_table_on_its_own_8_bit_grid_keeps_its_block(rng):
+    """zero_points = 'auto': a table on the Q8_0 grid of 32-blocks (a GGUF's) is rebuilt exactly at
+    32 although head_block_size asks 16; a float table, and the Q8_0 one under 'integer', take 16."""
+    vocab, width = 64, 64
+    codes = rng.integers(-127, 128, (vocab, width))
+    codes[:, ::32] = 127
+    q8 = (codes * np.repeat(2.0 ** -rng.integers(3, 8, (vocab, width // 32)), 32, axis=1)).astype(np.float32)
+    cases = [(q8, "auto", 32), (q8, "integer", 16), (rng.standard_normal((vocab, width)).astype(np.float32), "auto", 16)]
+    for table, zero_points, block in cases:
+        model = tied_model(table)
+        result = get_pass("quantize-blockwise")(min_elements=16, bits=4, head_block_size=16, zero_points=zero_points,
+                                                **FAST)(model)
+        assert [(row["role"], row["block_size"]) for row in result.details["layers"]] == [("tied", block)]
+        if block == 32:
+            ids = np.arange(vocab, dtype=np.int64)
+            embedded, _ = run(model, {"ids": ids, "h": np.zeros((1, width), np.float32)})
+            np.testing.assert_array_equal(embedded, table)
+
+
 def test_gptq_and_hqq_lower_what_they_minimise(rng):
     """GPTQ: the output error tr(Eᵀ H E) on correlated inputs with outlier channels; HQQ: the
     blocks' |error|^0.7 (float grid) and squared error (integer grid) — each below round-to-nearest."""
