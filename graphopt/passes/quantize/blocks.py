@@ -272,6 +272,20 @@ def on_grid(weight: np.ndarray, bits: int, block_size: int, form: str = "float")
     return error <= 1e-10 * max(total, 1e-30)
 
 
+def activation_loss(quantized: BlockQuantized, rows: np.ndarray, block_size: int,
+                    input_scales: np.ndarray | None = None) -> float:
+    """What int8 activations (accuracy level 4, blocks of ``block_size``) cost the layer on
+    ``rows`` [T, K] of its input: ‖(int8(x) − x)·Ŵ‖² / ‖x·Ŵ‖², Ŵ its codes dequantized (with
+    ``input_scales``, the codes are of diag(s)·W and the kernel reads x / s)."""
+    x = np.asarray(rows, np.float32)
+    if input_scales is not None:
+        x = x / input_scales.astype(np.float32)
+    codes = quantized.dequantize()
+    error = (int8_activations(x, block_size) - x) @ codes
+    total = x @ codes
+    return float(np.einsum("ij,ij->", error, error) / max(float(np.einsum("ij,ij->", total, total)), 1e-30))
+
+
 SMOOTHING_ALPHAS = (0.2, 0.35, 0.5, 0.65, 0.8, 0.9, 1.0)
 
 

@@ -68,8 +68,8 @@ from graphopt.passes.base import GraphoptPass, PassContext, PassResult
 from graphopt.passes.quantize.block_encodings import (Encoded, divide_input, encode_matmul, encode_standard,
                                                       encode_table, reads_transposed, table_block)
 from graphopt.passes.quantize.bit_search import search_bits
-from graphopt.passes.quantize.blocks import (BlockQuantized, awq_scales, on_grid, output_error, quantize_blocks,
-                                             relative_loss, smoothing_scales)
+from graphopt.passes.quantize.blocks import (BlockQuantized, activation_loss, awq_scales, on_grid, output_error,
+                                             quantize_blocks, relative_loss, smoothing_scales)
 from graphopt.passes.quantize.precision import BlockLayer
 from graphopt.passes.registry import register
 from graphopt.passes.weights import WeightUse, lm_head, weight_uses
@@ -97,6 +97,7 @@ class _Layer:
     heads: tuple[ir.Node, ...] = ()  # tied: the FusedMatMul nodes reading the table transposed
     encoded: dict[int, BlockQuantized] = dataclasses.field(default_factory=dict)
     sensitivity: float = 0.0
+    activation_loss: float = 0.0  # what int8 activations cost its output on calibration rows (measured with rows)
     level: int | None = None  # accuracy_level chosen by the search (None: the fastest for its bits)
     methods: dict[int, str] = dataclasses.field(default_factory=dict)  # per bit width, the method that won
     relative_error: float = 0.0
@@ -265,6 +266,10 @@ class QuantizeBlockwisePass(GraphoptPass, name="quantize-blockwise",
             weight = layer.weight
             # the output loss on the calibration inputs when measured (else the weight's own error)
             layer.sensitivity = relative_loss(quantized, weight, layer.hessian)
+            sample = samples.get(source.name) if source is not None and layer.role == "linear" else None
+            if sample is not None and sample.rows is not None and sample.rows.rows is not None and quantized.bits == 4:
+                layer.activation_loss = activation_loss(quantized, sample.rows.rows, quantized.block_size,
+                                                        layer.input_scales)
             error, total = output_error(quantized, weight)
             layer.relative_error = float(np.sqrt(error / max(total, 1e-30)))
             del weight

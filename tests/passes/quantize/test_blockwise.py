@@ -510,3 +510,24 @@ def test_a_layer_settled_at_8_bits_drops_its_offset_term(rng):
     x = rng.standard_normal((3, k)).astype(np.float32)
     np.testing.assert_allclose(run(model, {"X": x})[0], x @ eight.dequantize(), rtol=1e-4,
                                atol=1e-4 * np.abs(x @ weight).max())
+
+
+def test_activation_loss_measures_what_int8_activations_cost_a_layer(rng):
+    """Outlier channels make a block's int8 step coarse for the rest: such inputs cost a layer
+    more than plain ones; inputs already on the int8 grid of their blocks cost nothing; input
+    scales (smoothing) are applied before the rounding, as the kernel reads x / s."""
+    from graphopt.passes.quantize.blocks import activation_loss
+
+    weight = (rng.standard_normal((64, 16)) * 0.05).astype(np.float32)
+    quantized = quantize_blocks(weight, bits=4, block_size=32)
+    plain = rng.standard_normal((256, 64)).astype(np.float32)
+    skewed = plain.copy()
+    skewed[:, [3, 40]] *= 50
+    assert activation_loss(quantized, skewed, 32) > 3 * activation_loss(quantized, plain, 32) > 0
+    on_int8 = np.repeat(rng.integers(-127, 128, (256, 2)), 32, axis=1).astype(np.float32) / 127
+    on_int8[:, ::32] = 1.0  # each block's largest |x| is its 127th step
+    assert activation_loss(quantized, on_int8, 32) < 1e-12
+    scales = np.ones(64, np.float32)
+    scales[[3, 40]] = 50
+    # the kernel reads skewed / s = plain: the loss of the plain inputs
+    assert activation_loss(quantized, skewed, 32, scales) == pytest.approx(activation_loss(quantized, plain, 32), rel=1e-4)
