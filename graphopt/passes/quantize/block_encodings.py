@@ -266,3 +266,77 @@ def restore_float(graph: ir.Graph, encoded: Encoded, weight: ir.TensorProtocol, 
     for value in inputs.values():
         if not value.uses():
             graph.initializers.pop(value.name, None)
+
+
+def fold_divisions(graph: ir.Graph) -> int:
+    """Each ``divide_input`` Mul by 1/s whose input is a gated product ``act(gate) · up`` (a SwiGLU's
+    down projection reads one) goes into the layer computing ``up``: its output columns scaled by
+    1/s (a MatMulNBits' block scales and bias, or a float MatMul's weight columns; after a Split
+    of packed gate/up, that part's columns), which is the same function with one op fewer per
+    layer. Left where the producer's columns cannot take it alone (shared, an offset term after
+    it, another reader). Returns how many were folded."""
+    folded = 0
+    for node in list(graph):
+        if node.op_type != "Mul" or node.domain not in ("", "ai.onnx") or not node.name.endswith("_awq_scaled"):
+            continue
+        product, factors = node.inputs
+        gate_up = product.producer() if product is not None else None
+        if (factors is None or factors.const_value is None or gate_up is None or gate_up.op_type != "Mul"
+                or len(product.uses()) != 1):
+            continue
+        for up in gate_up.inputs:
+            if up is not None and len(up.uses()) == 1 and _scale_columns(graph, up, factors.const_value.numpy()):
+                take_over(graph, node, product)  # the Mul goes
+                if not factors.uses():
+                    graph.initializers.pop(factors.name, None)
+                folded += 1
+                break
+    return folded
+
+
+def _scale_columns(graph: ir.Graph, value: ir.Value, factors: np.ndarray) -> bool:
+    """Scale the columns of the linear layer whose output (or a Split part of it) is ``value`` by
+    ``factors`` in place; False, with nothing changed, where that is not one layer's own columns."""
+    producer, start = value.producer(), 0
+    if producer is not None and producer.op_type == "Split" and producer.domain in ("", "ai.onnx"):
+        axis = producer.attributes.get_int("axis", 0)
+        sizes = producer.inputs[1].const_value.numpy() if len(producer.inputs) > 1 and \
+            producer.inputs[1] is not None and producer.inputs[1].const_value is not None else \
+            np.asarray(producer.attributes.get_ints("split", ()) or (), np.int64)
+        source = producer.inputs[0]
+        rank = len(source.shape) if source is not None and source.shape is not None else None
+        if not len(sizes) or axis != -1 and (rank is None or axis != rank - 1):
+            return False
+        start = int(sum(sizes[: value.index()]))
+        if int(sizes[value.index()]) != factors.size:
+            return False
+        value, producer = source, source.producer()
+    if producer is None or len(value.uses()) != 1:
+        return False
+    width = slice(start, start + factors.size)
+    if producer.op_type == "MatMulNBits" and producer.domain == "com.microsoft":
+        scales, bias = producer.inputs[2], producer.inputs[5] if len(producer.inputs) > 5 else None
+        n = producer.attributes.get_int("N")
+        if scales is None or scales.const_value is None or len(scales.uses()) != 1 or start + factors.size > n:
+            return False
+        params = [p for p in (scales, bias) if p is not None]
+        if any(p.const_value is None or len(p.uses()) != 1 for p in params):
+            return False
+        for param in params:
+            values = param.const_value.numpy().copy()
+            rows = values.reshape(n, -1)  # [N, blocks] (scales), [N] (bias)
+            rows[width] *= factors.reshape(-1, 1).astype(values.dtype)
+            param.const_value = ir.tensor(values, name=param.name)
+        return True
+    if producer.op_type == "MatMul" and producer.domain in ("", "ai.onnx"):
+        weight = producer.inputs[1]
+        if weight is None or weight.const_value is None or len(weight.uses()) != 1:
+            return False
+        values = weight.const_value.numpy()
+        if values.ndim != 2 or start + factors.size > values.shape[1]:
+            return False
+        values = values.copy()
+        values[:, width] *= factors.astype(values.dtype)
+        weight.const_value = ir.tensor(values, name=weight.name)
+        return True
+    return False

@@ -66,7 +66,7 @@ import onnx_ir as ir
 
 from graphopt.passes.base import GraphoptPass, PassContext, PassResult
 from graphopt.passes.quantize.block_encodings import (Encoded, divide_input, encode_matmul, encode_standard,
-                                                      encode_table, reads_transposed, table_block)
+                                                      encode_table, fold_divisions, reads_transposed, table_block)
 from graphopt.passes.quantize.bit_search import search_bits
 from graphopt.passes.quantize.blocks import (BlockQuantized, activation_loss, awq_scales, on_grid, output_error,
                                              quantize_blocks, relative_loss, smoothing_scales)
@@ -288,6 +288,8 @@ class QuantizeBlockwisePass(GraphoptPass, name="quantize-blockwise",
             search = search_bits(model, layers, nodes, reference, context, bits=o.bits, levels=levels,
                                  encode=lambda layer, bits: self._encode_layer(layer, bits, method),
                                  write=snapshots.write)
+        # the codes are final: an input division behind a gated product goes into its up columns
+        folded = fold_divisions(graph) if o.operators != "standard" else 0
         table = [BlockLayer(node=layer.name, role=layer.role, shape=layer.shape,
                             bits=32 if layer.kept_float else layer.bits,
                             accuracy_level=0 if layer.kept_float else
@@ -301,6 +303,8 @@ class QuantizeBlockwisePass(GraphoptPass, name="quantize-blockwise",
                                                                       for layer in layers)}
         if kept:
             changes["kept float"] = kept
+        if folded:
+            changes["input divisions folded into up columns"] = folded
         exhausted = search.exhausted if search is not None else None
         return PassResult(model, modified=True, changes=changes, notes=[exhausted] if exhausted else [],
                           details={"layers": [row.to_dict() for row in table], "skipped": skipped, "method": method,

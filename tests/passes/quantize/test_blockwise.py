@@ -531,3 +531,46 @@ def test_activation_loss_measures_what_int8_activations_cost_a_layer(rng):
     scales[[3, 40]] = 50
     # the kernel reads skewed / s = plain: the loss of the plain inputs
     assert activation_loss(quantized, skewed, 32, scales) == pytest.approx(activation_loss(quantized, plain, 32), rel=1e-4)
+
+
+def _swiglu_model(rng) -> ir.Model:
+    """x → MatMul(packed gate|up) → Split → SiLU(gate) · up → MatMul(down) → y."""
+    k, inner = 64, 32
+    nodes = [helper.make_node("MatMul", ["x", "Wgu"], ["gu"], name="gate_up"),
+             helper.make_node("Split", ["gu", "sizes"], ["gate", "up"], axis=-1, name="split"),
+             helper.make_node("Sigmoid", ["gate"], ["sig"]), helper.make_node("Mul", ["gate", "sig"], ["silu"]),
+             helper.make_node("Mul", ["silu", "up"], ["h"], name="gated"),
+             helper.make_node("MatMul", ["h", "Wd"], ["y"], name="down")]
+    return ir.serde.deserialize_model(make_model(
+        nodes, [tensor("x", ["N", k])], [tensor("y", ["N", k])],
+        [(rng.standard_normal((k, 2 * inner)) * 0.2).astype(np.float32), np.array([inner, inner], np.int64),
+         (rng.standard_normal((inner, k)) * 0.2).astype(np.float32)], names=["Wgu", "sizes", "Wd"]))
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_an_input_division_behind_a_gated_product_folds_into_the_up_columns(rng, quantized):
+    """SmoothQuant/AWQ's Mul by 1/s on a down projection's input goes into the packed gate/up
+    layer's up columns (a MatMulNBits' block scales, or a float weight): same outputs, one Mul
+    fewer; with another reader of the product it stays."""
+    from graphopt.passes.quantize.block_encodings import divide_input, fold_divisions
+
+    x = {"x": rng.standard_normal((8, 64)).astype(np.float32)}
+    scales = rng.uniform(0.5, 4.0, 32).astype(np.float32)
+    for shared in (False, True):
+        model = _swiglu_model(rng)
+        if quantized:  # the packed gate/up layer only: its codes' block scales take the division
+            get_pass("quantize-blockwise")(min_elements=16, bits=4, nodes=("gate_up",), **FAST)(model)
+        graph = model.graph
+        down = next(node for node in graph if node.name == "down")
+        weight = down.inputs[1].const_value.numpy()  # the division is the function's only with W scaled back
+        down.inputs[1].const_value = ir.tensor(weight * scales[:, None], name=down.inputs[1].name)
+        divide_input(graph, down.inputs[0], [down], scales)
+        if shared:
+            extra = ir.node("Identity", [down.inputs[0].producer().inputs[0]], name="other_reader")
+            graph.append(extra)
+            graph.outputs.append(extra.outputs[0])
+        before = run(ir.serde.serialize_model(model), x)[0]
+        muls = op_histogram(model)["Mul"]
+        assert fold_divisions(graph) == (0 if shared else 1)
+        assert op_histogram(model)["Mul"] == muls - (0 if shared else 1)
+        np.testing.assert_allclose(run(ir.serde.serialize_model(model), x)[0], before, rtol=1e-5, atol=1e-5)
