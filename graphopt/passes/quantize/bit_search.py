@@ -13,6 +13,9 @@ The ladder, from the most compressed model back towards the original:
    1.32's CPU kernels), so each layer left on int8 activations is time saved; all of them
    together are the 4-bit model on float activations: for weights on the grid, such as a GGUF's,
    that is the exact one;
+   Then the LM head and table in ``head_block_size`` blocks where they were kept at a coarser
+   block of their own grid (a GGUF's Q8_0 table at 32): finer int8 activation blocks for the
+   weight text feels most, for a little decode time;
 2. 8 bits for one layer, the most sensitive first (GPTQ's output loss where measured);
 3. float weights for one layer (its MatMul as it was), the largest output loss at 8 bits per
    byte it costs first: the end of the ladder is the original's linear layers, so a budget that
@@ -93,7 +96,10 @@ def search_bits(model: ir.Model, layers: list[Any], nodes: dict[int, Encoded], r
     # fewest rungs within the first part whose top meets the target: across parts the ladder need
     # not be monotone (8-bit codes lose a GGUF's exact 4-bit grid that float compute keeps).
     shapes = sum(kind == "level" for kind, _ in ladder.rungs)
+    heads = sum(kind == "head" for kind, _ in ladder.rungs)
     ends = [(shapes, f"all {bits}-bit, float compute for every shape")] if shapes else []
+    if heads:
+        ends.append((shapes + heads, "the LM head and table in their finer blocks"))
     ends.append((len(ladder.rungs), "every layer at 8 bits"))
     low, high, top = 0, 0, first  # rung 0 missed
     for end, step in ends:
@@ -207,7 +213,9 @@ class BitLadder:
         self.linear = [layer for layer in layers if layer.role == "linear"]
         self.heads = [layer for layer in layers if layer.role != "linear"]
         self.base_bits = {id(layer): layer.bits for layer in self.linear}
-        self.rungs: list[tuple[str, Any]] = []  # ("level", [one layer]), ("bits" | "float", layer)
+        self._natural = {id(layer): layer.block_size for layer in self.heads}  # a head's block at rung 0
+        self._head_codes: dict[int, dict[int, BlockQuantized]] = {}
+        self.rungs: list[tuple[str, Any]] = []  # ("level", [one layer]), ("head" | "bits" | "float", layer)
         self.floats: list[Any] = []  # the layers the rungs taken keep in float
         self.trials: list[BitTrial] = []
         # Sizes are the bytes the initializers hold, rung 0's as encoded and the float model's with
@@ -251,10 +259,13 @@ class BitLadder:
         return bool(heads)
 
     def add_quantized_rungs(self, bits: int, levels: dict[int, int], *, float_compute: bool = True) -> None:
-        """The float-compute rungs (4 bits on int8 activations only; with ``float_compute``), then
-        8 bits per layer, the most sensitive first."""
+        """The float-compute rungs (4 bits on int8 activations only; with ``float_compute``), the
+        head and table at their finer block (with ``float_compute``: a text search's), then 8 bits
+        per layer, the most sensitive first."""
         if float_compute and bits == 4 and levels[4] == 4:
             self.rank_shapes()
+        if float_compute:
+            self.rungs += [("head", layer) for layer in self.heads if layer.finer_block]
         self.rungs += [("bits", layer) for layer in
                        sorted((layer for layer in self.linear if layer.bits != 8), key=lambda layer: -layer.sensitivity)]
 
@@ -295,6 +306,9 @@ class BitLadder:
                 total += self._bytes(layer, 8) - self._bytes(layer, self.base_bits[id(layer)])
             elif kind == "float":
                 total += layer.tensor.nbytes - self._bytes(layer, 8)
+            elif kind == "head":  # more blocks: a float32 scale each
+                elements = layer.shape[0] * layer.shape[1]
+                total += 4 * (elements // layer.finer_block - elements // self._natural[id(layer)])
             ratios.append(total / self.reference_bytes)
         return ratios
 
@@ -335,6 +349,10 @@ class BitLadder:
         """The model with the first ``rungs`` rungs taken and no other (float weights: listed in
         ``floats``, restored on a copy when judged)."""
         taken = self.rungs[:rungs]
+        finer = {id(layer) for kind, layer in taken if kind == "head"}
+        for layer in self.heads:
+            if layer.finer_block:
+                self._set_block(layer, layer.finer_block if id(layer) in finer else self._natural[id(layer)])
         float_compute = {id(layer) for kind, group in taken if kind == "level" for layer in group}
         eight = {id(layer) for kind, layer in taken if kind in ("bits", "float")}
         self.floats = [layer for kind, layer in taken if kind == "float"]
@@ -348,6 +366,20 @@ class BitLadder:
             if layer.level != level:
                 layer.level = level
                 node.set_level(self.levels[layer.bits] if level is None else level)
+
+    def _set_block(self, layer: Any, block: int) -> None:
+        """A head or table re-pointed at its codes in ``block`` (each block's codes made once)."""
+        codes = self._head_codes.setdefault(id(layer), {})
+        if layer.block_size not in codes:
+            codes[layer.block_size] = layer.encoded[layer.bits]
+        if layer.block_size == block:
+            return
+        layer.block_size = block
+        if block not in codes:
+            layer.encoded.pop(layer.bits, None)
+            codes[block] = self.encode(layer, layer.bits)
+        layer.encoded[layer.bits] = codes[block]
+        self.nodes[id(layer)].swap(codes[block], self.levels[layer.bits])
 
     def settle(self, rungs: int) -> None:
         """The chosen rungs, in place: float weights restored in the model itself."""
