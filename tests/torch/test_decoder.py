@@ -437,6 +437,12 @@ def test_smoothing_scales_survive_float_weights_restored_by_the_ladder(exported,
     assert any(row["awq_alpha"] > 0 for row in step["details"]["layers"])  # smoothed (float rows keep their α)
     every = [t for t in step["details"]["search"]["trials"] if t["step"] == "every linear layer in float"]
     assert every and abs(every[0]["ppl_ratio"] - 1) < 1e-4 and every[0]["token_agreement"] == 1.0
+    # a layer restored to float leaves none of its codes, scales or zero points in the file
+    import onnx_ir as ir
+
+    written = ir.load(tmp_path / "mixed")  # a model file given, a model file written
+    assert step["changes"].get("kept float", 0) > 0
+    assert [name for name, value in written.graph.initializers.items() if not value.uses()] == []
 
 
 def test_a_size_target_gives_the_most_faithful_model_within_it(exported, tmp_path, capsys):

@@ -255,12 +255,14 @@ def restore_float(graph: ir.Graph, encoded: Encoded, weight: ir.TensorProtocol, 
     by_name = {node.name: node for node in graph}
     added = [by_name[node.name] for node in encoded.added]
     fused, last = added[0], added[-1]
+    # what only the encoding read (codes, scales, zero points, offsets), before removing its nodes
+    # detaches them from their inputs
+    inputs = {id(v): v for node in added for v in node.inputs if v is not None and v.is_initializer()}
     value = ir.Value(name=unique_value_name(graph, weight_name), const_value=weight)
     graph.register_initializer(value)
     matmul = ir.node("MatMul", [fused.inputs[0], value], name=fused.name)
     graph.insert_before(fused, matmul)
     take_over(graph, last, matmul.outputs[0])
-    inputs = {id(v): v for node in added for v in node.inputs if v is not None and v.is_initializer()}
     for node in reversed(added[:-1]):
         graph.remove(node, safe=True)
     for value in inputs.values():
