@@ -72,7 +72,7 @@ from graphopt.passes.quantize.blocks import (BlockQuantized, activation_loss, aw
                                              quantize_blocks, relative_loss, smoothing_scales)
 from graphopt.passes.quantize.precision import BlockLayer
 from graphopt.passes.registry import register
-from graphopt.passes.weights import WeightUse, lm_head, weight_uses
+from graphopt.passes.weights import WeightUse, initializer, lm_head, weight_uses
 
 logger = logging.getLogger(__name__)
 
@@ -210,16 +210,21 @@ class QuantizeBlockwisePass(GraphoptPass, name="quantize-blockwise",
     def apply(self, model: ir.Model, context: PassContext) -> PassResult:
         o = self.options
         graph = model.graph
+        gemms = _gemms_as_matmuls(graph)
         layers, skipped = self._layers(graph, context)
+        rewritten = {"Gemm as MatMul": gemms} if gemms else {}
         if not layers:
-            return PassResult(model, modified=False, changes={"weights encoded": 0}, details={"skipped": skipped})
+            return PassResult(model, modified=bool(gemms), changes={"weights encoded": 0, **rewritten},
+                              details={"skipped": skipped})
         method = o.method if o.method != "auto" else \
             ("gptq" if context.text is not None or context.calibration else "rtn")
         snapshots = _Snapshots()
         try:
-            return self._run(model, context, layers, skipped, method, snapshots)
+            result = self._run(model, context, layers, skipped, method, snapshots)
         finally:
             snapshots.close()
+        result.changes.update(rewritten)
+        return result
 
     def _run(self, model: ir.Model, context: PassContext, layers: list[_Layer], skipped: dict[str, str], method: str,
              snapshots: _Snapshots) -> PassResult:
@@ -509,6 +514,45 @@ def _take_scales(graph: ir.Graph, group: list[_Layer], scales: np.ndarray | None
     first = group[0]
     readers = list(first.heads) if first.role == "tied" else [layer.use.node for layer in group]
     divide_input(graph, _input(first), readers, scales)
+
+
+def _gemms_as_matmuls(graph: ir.Graph) -> int:
+    """Each Gemm with a constant 2-D weight (GPT-2's Conv1D, a linear layer on a flattened input)
+    as the MatMul it computes, ``MatMul(A, B or Bᵀ)`` plus ``Add(β·C)``, so that its weight is
+    encoded like any other (transA or α ≠ 1: left alone). Returns how many."""
+    from graphopt.passes.quantize.block_encodings import take_over
+
+    count = 0
+    for node in list(graph):
+        if node.op_type != "Gemm" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
+            continue
+        weight = node.inputs[1]
+        if (weight is None or weight.const_value is None or len(weight.const_value.shape) != 2
+                or node.attributes.get_int("transA", 0) or node.attributes.get_float("alpha", 1.0) != 1.0):
+            continue
+        bias = node.inputs[2] if len(node.inputs) > 2 else None
+        beta = node.attributes.get_float("beta", 1.0)
+        if bias is not None and beta != 1.0 and bias.const_value is None:
+            continue
+        name = node.name or weight.name or "gemm"
+        if node.attributes.get_int("transB", 0):
+            values = weight.const_value.numpy().T.copy()
+            weight = initializer(graph, f"{weight.name}_t", values)
+        matmul = ir.node("MatMul", [node.inputs[0], weight], name=name)
+        added, result = [matmul], matmul.outputs[0]
+        if bias is not None:
+            if beta != 1.0:
+                bias = initializer(graph, f"{bias.name}_scaled", (bias.const_value.numpy() * beta).astype(np.float32))
+            add = ir.node("Add", [result, bias], name=f"{name}_bias")
+            added.append(add)
+            result = add.outputs[0]
+        graph.insert_before(node, added)
+        old_weight = node.inputs[1]
+        take_over(graph, node, result)
+        if not old_weight.uses() and not old_weight.is_graph_input():
+            graph.initializers.pop(old_weight.name, None)
+        count += 1
+    return count
 
 
 def _input(layer: _Layer) -> ir.Value | None:

@@ -574,3 +574,22 @@ def test_an_input_division_behind_a_gated_product_folds_into_the_up_columns(rng,
         assert fold_divisions(graph) == (0 if shared else 1)
         assert op_histogram(model)["Mul"] == muls - (0 if shared else 1)
         np.testing.assert_allclose(run(ir.serde.serialize_model(model), x)[0], before, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+def test_a_gemm_layer_is_encoded_as_a_matmul_with_its_bias(rng, trans_b):
+    """GPT-2's linear layers are Gemm (Conv1D on a flattened input): each with a constant weight
+    becomes MatMulNBits plus its bias (β applied), 8-bit codes close to the float result."""
+    k, n = 64, 48
+    weight = (rng.standard_normal((n, k) if trans_b else (k, n)) * 0.1).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32)
+    proto = make_model([helper.make_node("Gemm", ["x", "W", "b"], ["y"], transB=trans_b, beta=0.5, name="fc")],
+                       [tensor("x", ["N", k])], [tensor("y", ["N", n])], [weight, bias], names=["W", "b"])
+    x = {"x": rng.standard_normal((5, k)).astype(np.float32)}
+    expected = run(proto, x)[0]
+    model = ir.serde.deserialize_model(proto)
+    result = get_pass("quantize-blockwise")(min_elements=16, bits=8, **FAST)(model)
+    assert result.changes["Gemm as MatMul"] == 1 and result.changes["weights encoded"] == 1
+    assert op_histogram(model) == {"MatMulNBits": 1, "Add": 1}
+    assert "W" not in model.graph.initializers
+    np.testing.assert_allclose(run(model, x)[0], expected, atol=0.02 * np.abs(expected).max())
