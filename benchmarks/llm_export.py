@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.common import BENCH_DIR, THREADS, markdown_table, one_line
+from graphopt.verify.latency import SESSION_SWITCH_PAUSE
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPT_TOKENS, DECODE_TOKENS, ROUNDS = 128, 32, 5
@@ -121,6 +122,7 @@ def measure(models: list[dict[str, Any]], lm: Any, prompts: list[str]) -> None:
                                                    for name in decoders}
     for round_ in range(ROUNDS + 1):
         for name, decoder in (decoders.items() if round_ % 2 else reversed(list(decoders.items()))):
+            time.sleep(SESSION_SWITCH_PAUSE)  # the previous session's worker threads stop spinning
             prefill, decode = prefill_and_decode(decoder, prompt, DECODE_TOKENS)
             start = time.perf_counter()
             for extra in range(4):  # no cache: the whole sequence every step

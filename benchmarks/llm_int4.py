@@ -29,6 +29,7 @@ import platform
 import re
 import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ import numpy as np
 from benchmarks.common import BENCH_DIR, THREADS, markdown_table, one_line
 from benchmarks.llm_export import build, prefill_and_decode
 from graphopt.io import model_bytes
+from graphopt.verify.latency import SESSION_SWITCH_PAUSE
 
 WINDOWS = 64
 WINDOW = 128
@@ -203,6 +205,7 @@ def measure(models: list[dict[str, Any]], base: Path, held: Path) -> None:
     timings: dict[str, dict[str, list[float]]] = {name: {"prefill": [], "decode": []} for name in decoders}
     for round_ in range(ROUNDS + 1):
         for name, decoder in (decoders.items() if round_ % 2 else reversed(list(decoders.items()))):
+            time.sleep(SESSION_SWITCH_PAUSE)  # the previous session's worker threads stop spinning
             prefill, decode = prefill_and_decode(decoder, prompt, DECODE_TOKENS)
             if round_:
                 timings[name]["prefill"].append(prefill * 1000)

@@ -116,6 +116,13 @@ def compare_files(
             logger.info("measuring latency (interleaved A/B, %d threads)", threads)
             base_session = make_session(base, optimize=True, threads=threads, provider=provider)
             ab = latency_mod.compare_interleaved(base_session, candidate_session, feeds.feeds, threads=threads)
+            bound = thresholds.max_latency_ratio
+            if bound is not None and ab.ratio > bound:
+                # a miss is confirmed before it fails: a shared machine's slow seconds can read two
+                # copies of one model as 1.5x apart; a real regression reads over the bound again
+                logger.info("latency ratio %.3f over %g: measuring again, judged on both", ab.ratio, bound)
+                ab = ab.pooled(latency_mod.compare_interleaved(base_session, candidate_session, feeds.feeds,
+                                                               threads=threads))
     checks = gate_checks(
         thresholds,
         parity,

@@ -46,6 +46,11 @@ class ABLatency:
             return float(np.median(self.pair_ratios))
         return self.b.median_ms / self.a.median_ms if self.a.median_ms > 0 else float("inf")
 
+    def pooled(self, again: ABLatency) -> ABLatency:
+        """This measurement and a second one as one: the pair ratios of both (the ratio is their
+        median), the second's per-model statistics."""
+        return ABLatency(again.a, again.b, again.threads, self.pair_ratios + again.pair_ratios)
+
     def to_dict(self) -> dict[str, Any]:
         return {"a": dataclasses.asdict(self.a), "b": dataclasses.asdict(self.b),
                 "ratio": self.ratio, "threads": self.threads, "mode": "interleaved blocks, median of paired ratios",
@@ -169,10 +174,20 @@ class DecoderLatency:
         return dataclasses.asdict(self)
 
 
+SESSION_SWITCH_PAUSE = 0.1
+"""Seconds to wait before timing a decoder right after another session ran: onnxruntime's idle
+worker threads spin, and on a 2-core machine they take the cores from the next session's first
+run. A generation's prefill *is* a first run, so it cannot be discarded as ``compare_interleaved``
+discards one; measured on SmolLM2's float twin (int4 over fp32, first prefill after the other
+model): 1.108× with no pause, 0.987× after 20 ms, 0.88–0.90× after 100 ms and after 300 ms,
+0.87× for warm prefills back to back."""
+
+
 def interleaved_latency(base: Any, candidate: Any, prompt: Sequence[int], *, decode_tokens: int = 16,
-                        rounds: int = 5) -> DecoderLatency:
+                        rounds: int = 5, pause: float = SESSION_SWITCH_PAUSE) -> DecoderLatency:
     """Two decoders (``verify.decoder.OrtDecoder``): prefill ms of ``prompt`` and decode ms/token
-    after it, base and candidate alternating as ``compare_interleaved`` does for other models."""
+    after it, base and candidate alternating as ``compare_interleaved`` does for other models,
+    each after ``pause`` seconds (``SESSION_SWITCH_PAUSE``)."""
     results: dict[str, dict[str, list[float]]] = {"base": {"prefill": [], "decode": []},
                                                   "candidate": {"prefill": [], "decode": []}}
     ids = np.asarray([list(prompt)], np.int64)
@@ -180,6 +195,7 @@ def interleaved_latency(base: Any, candidate: Any, prompt: Sequence[int], *, dec
         order = (("base", base), ("candidate", candidate)) if round_ % 2 == 0 else (("candidate", candidate), ("base", base))
         for label, decoder in order:
             state: dict[str, Any] = {}
+            time.sleep(pause)  # the other session's worker threads stop spinning
 
             def prefill(decoder: Any = decoder, state: dict[str, Any] = state) -> None:
                 state["logits"], state["cache"] = decoder.step(ids, decoder.empty_cache(), last=True)

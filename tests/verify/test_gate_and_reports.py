@@ -292,3 +292,29 @@ def test_the_latency_ratio_pairs_adjacent_blocks() -> None:
     ab = ABLatency(a, a, 1, pair_ratios=[1.25, 1.25, 1.2, 1.3])
     assert ab.ratio == pytest.approx(1.25)
     assert ABLatency(LatencyStats(2.0, 2.0, 2.0, 6), LatencyStats(3.0, 3.0, 3.0, 6), 1).ratio == 1.5
+
+
+@pytest.mark.parametrize(("readings", "passes", "measured"), [
+    ([[1.6] * 4, [1.0] * 5], True, 2),  # a noisy first reading is measured again, judged on both
+    ([[1.6] * 4, [1.5] * 4], False, 2),  # a real regression reads over the bound again and fails
+    ([[1.0] * 4], True, 1),  # within the bound: measured once
+])
+def test_a_latency_miss_is_measured_again_before_it_fails(tmp_path, monkeypatch, readings, passes, measured) -> None:
+    from graphopt.verify import compare
+    from graphopt.verify.feeds import FeedSet
+
+    path = tmp_path / "m.onnx"
+    onnx.save(linear_model(), path)
+    calls = []
+
+    def fake(a, b, feeds, *, threads, **_):
+        calls.append(1)
+        stats = LatencyStats(1.0, 1.0, 1.0, 6)
+        return ABLatency(stats, stats, threads, pair_ratios=list(readings[len(calls) - 1]))
+
+    monkeypatch.setattr(compare.latency_mod, "compare_interleaved", fake)
+    feeds = FeedSet([{"X": np.ones((2, 4), np.float32)}], "test", False)
+    result = compare.compare_files(path, path, feeds, thresholds=Thresholds(max_latency_ratio=1.3), base_bytes=1,
+                                   candidate_bytes=1, threads=1)
+    (check,) = [c for c in result.checks if c.name == "max_latency_ratio"]
+    assert check.passed is passes and len(calls) == measured
