@@ -13,11 +13,11 @@ The ladder, from the most compressed model back towards the original:
    1.32's CPU kernels), so each layer left on int8 activations is time saved; all of them
    together are the 4-bit model on float activations: for weights on the grid, such as a GGUF's,
    that is the exact one;
-   Then the LM head and table in ``head_block_size`` blocks where they were kept at a coarser
-   block of their own grid (a GGUF's Q8_0 table at 32): finer int8 activation blocks for the
-   weight text feels most, for a little decode time;
-2. 8 bits for one layer, the most sensitive first (GPTQ's output loss where measured);
-3. float weights for one layer (its MatMul as it was), the largest output loss at 8 bits per
+2. the LM head and table in ``head_block_size`` blocks where they were kept at a coarser block of
+   their own grid (a GGUF's Q8_0 table at 32): finer int8 activation blocks for the weight text
+   feels most, for a little decode time;
+3. 8 bits for one layer, the most sensitive first (GPTQ's output loss where measured);
+4. float weights for one layer (its MatMul as it was), the largest output loss at 8 bits per
    byte it costs first: the end of the ladder is the original's linear layers, so a budget that
    any mix can meet is never refused (only the LM head and embedding table stay at ``head_bits``).
 
@@ -27,7 +27,7 @@ A size target that rung 0 misses takes the LM head and embedding table from 8 to
 A decode-speed target (``max_decode_ratio`` with no text bound) times rung 0 and then the 8-bit
 and float-weight rungs against the float model, and takes the most rungs within it.
 
-The top of each part (1, 2, 3) is judged in turn, and the fewest rungs meeting the target are
+The top of each part (1 to 4) is judged in turn, and the fewest rungs meeting the target are
 taken within the first part whose top meets it (bisection: a part is taken to be monotone; across
 parts it need not be: 8-bit codes lose the exact 4-bit grid of a GGUF import that float compute
 keeps); each retreat halves the rungs left. Float weights are restored on a copy of the model for each
@@ -92,7 +92,7 @@ def search_bits(model: ir.Model, layers: list[Any], nodes: dict[int, Encoded], r
     if first.meets_target:
         return search
     ladder.add_quantized_rungs(bits, levels)
-    # The top of each part of the ladder in turn (float compute, 8 bits, float weights), and the
+    # The top of each part of the ladder in turn (float compute, the head's finer block, 8 bits, float weights), and the
     # fewest rungs within the first part whose top meets the target: across parts the ladder need
     # not be monotone (8-bit codes lose a GGUF's exact 4-bit grid that float compute keeps).
     shapes = sum(kind == "level" for kind, _ in ladder.rungs)
