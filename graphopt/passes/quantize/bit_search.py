@@ -92,9 +92,10 @@ def search_bits(model: ir.Model, layers: list[Any], nodes: dict[int, Encoded], r
     if first.meets_target:
         return search
     ladder.add_quantized_rungs(bits, levels)
-    # The top of each part of the ladder in turn (float compute, the head's finer block, 8 bits, float weights), and the
-    # fewest rungs within the first part whose top meets the target: across parts the ladder need
-    # not be monotone (8-bit codes lose a GGUF's exact 4-bit grid that float compute keeps).
+    # The top of each part of the ladder in turn (float compute, the head's finer block, 8 bits,
+    # float weights), and the fewest rungs within the first part whose top meets the target: across
+    # parts the ladder need not be monotone (8-bit codes lose a GGUF's exact 4-bit grid that float
+    # compute keeps).
     shapes = sum(kind == "level" for kind, _ in ladder.rungs)
     heads = sum(kind == "head" for kind, _ in ladder.rungs)
     ends = [(shapes, f"all {bits}-bit, float compute for every shape")] if shapes else []
