@@ -35,7 +35,7 @@ from graphopt.errors import PassFailed, RecipeError
 from graphopt.passes.activations import ActivationCollector, RowFrequency, SecondMoment
 from graphopt.passes.base import GraphoptPass, PassContext, PassResult, check_fractions
 from graphopt.passes.registry import register
-from graphopt.passes.weights import WeightUse, exclusion, initializer, replace_output, weight_use
+from graphopt.passes.weights import WeightUse, exclusion, gemm_bias, initializer, replace_output, weight_use
 from graphopt.verify.judge import HeldOut, Judge, ParityVerdict, hold_out, run_budget
 from graphopt.verify.search import fewest_rungs, retreat
 
@@ -468,13 +468,8 @@ def _factorize(graph: ir.Graph, use: WeightUse, a: np.ndarray, b: np.ndarray) ->
     first.outputs[0].name = f"{name}_lowrank_hidden"
     result = second.outputs[0]
     bias = node.inputs[2] if use.kind == "Gemm" and len(node.inputs) > 2 else None
-    if bias is not None:
-        beta = node.attributes.get_float("beta", 1.0)
-        if beta != 1.0:
-            bias = initializer(graph, f"{name}_bias_scaled", (bias.const_value.numpy() * beta).astype(np.float32))
-        add = ir.node("Add", [result, bias], name=f"{name}_bias")
-        new_nodes.append(add)
-        result = add.outputs[0]
+    added, result = gemm_bias(graph, node, result, name)
+    new_nodes += added
     graph.insert_before(node, new_nodes)
     replace_output(graph, node, result, "dense")
     for value in {id(v): v for v in (weight, *([node.inputs[2]] if bias is not None else []))}.values():

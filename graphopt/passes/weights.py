@@ -148,6 +148,24 @@ def initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     return value
 
 
+def gemm_bias(graph: ir.Graph, node: ir.Node, result: ir.Value, name: str) -> tuple[list[ir.Node], ir.Value]:
+    """What a rewrite of the Gemm ``node`` adds after ``result`` (its A·B): the bias β·C, as
+    ([nodes], their output); ([], ``result``) for a Gemm without C (or another op)."""
+    bias = node.inputs[2] if node.op_type == "Gemm" and len(node.inputs) > 2 else None
+    if bias is None:
+        return [], result
+    nodes = []
+    beta = node.attributes.get_float("beta", 1.0)
+    if beta != 1.0 and bias.const_value is not None:
+        bias = initializer(graph, f"{name}_bias_scaled", (bias.const_value.numpy() * beta).astype(np.float32))
+    elif beta != 1.0:  # a computed bias: scaled where it is read
+        factor = initializer(graph, f"{name}_beta", np.asarray(beta, np.float32))
+        nodes.append(ir.node("Mul", [bias, factor], name=f"{name}_bias_scaled"))
+        bias = nodes[-1].outputs[0]
+    nodes.append(ir.node("Add", [result, bias], name=f"{name}_bias"))
+    return nodes, nodes[-1].outputs[0]
+
+
 def weights_on_disk(graph: ir.Graph) -> bool:
     """Whether some initializer is still in external data (a model loaded without its weights,
     typically too large to hold): whole-model work there should not read every tensor."""

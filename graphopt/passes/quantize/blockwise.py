@@ -72,7 +72,7 @@ from graphopt.passes.quantize.blocks import (BlockQuantized, activation_loss, aw
                                              quantize_blocks, relative_loss, smoothing_scales)
 from graphopt.passes.quantize.precision import BlockLayer
 from graphopt.passes.registry import register
-from graphopt.passes.weights import WeightUse, initializer, lm_head, weight_uses
+from graphopt.passes.weights import WeightUse, gemm_bias, initializer, lm_head, weight_uses
 
 logger = logging.getLogger(__name__)
 
@@ -530,23 +530,13 @@ def _gemms_as_matmuls(graph: ir.Graph) -> int:
         if (weight is None or weight.const_value is None or len(weight.const_value.shape) != 2
                 or node.attributes.get_int("transA", 0) or node.attributes.get_float("alpha", 1.0) != 1.0):
             continue
-        bias = node.inputs[2] if len(node.inputs) > 2 else None
-        beta = node.attributes.get_float("beta", 1.0)
-        if bias is not None and beta != 1.0 and bias.const_value is None:
-            continue
         name = node.name or weight.name or "gemm"
         if node.attributes.get_int("transB", 0):
             values = weight.const_value.numpy().T.copy()
             weight = initializer(graph, f"{weight.name}_t", values)
         matmul = ir.node("MatMul", [node.inputs[0], weight], name=name)
-        added, result = [matmul], matmul.outputs[0]
-        if bias is not None:
-            if beta != 1.0:
-                bias = initializer(graph, f"{bias.name}_scaled", (bias.const_value.numpy() * beta).astype(np.float32))
-            add = ir.node("Add", [result, bias], name=f"{name}_bias")
-            added.append(add)
-            result = add.outputs[0]
-        graph.insert_before(node, added)
+        bias, result = gemm_bias(graph, node, matmul.outputs[0], name)
+        graph.insert_before(node, [matmul, *bias])
         old_weight = node.inputs[1]
         take_over(graph, node, result)
         if not old_weight.uses() and not old_weight.is_graph_input():

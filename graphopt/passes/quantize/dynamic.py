@@ -17,7 +17,8 @@ import onnx_ir as ir
 from graphopt.passes.base import GraphoptPass, PassContext, PassResult
 from graphopt.passes.quantize.numeric import quantize_symmetric, relative_error, stored_weight, weight_max_int
 from graphopt.passes.quantize.recurrent import encode_lstm, float_recurrent_notes, lstm_refusal
-from graphopt.passes.weights import RECURRENT_OPS, WeightUse, initializer, replace_output, select_uses, weight_uses
+from graphopt.passes.weights import (RECURRENT_OPS, WeightUse, gemm_bias, initializer, replace_output, select_uses,
+                                     weight_uses)
 from graphopt.passes.registry import register
 
 
@@ -98,15 +99,8 @@ def encode_dynamic(graph: ir.Graph, use: WeightUse, quantize_activation: _Activa
     rescale = ir.node("Mul", [cast.outputs[0], scales.outputs[0]], name=f"{name}_rescale")
     new_nodes = [scales, matmul, cast, rescale]
     result = rescale.outputs[0]
-    if use.kind == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None:
-        bias = node.inputs[2]
-        beta = node.attributes.get_float("beta", 1.0)
-        if beta != 1.0:
-            bias = initializer(graph, f"{name}_bias_scaled", (bias.const_value.numpy() * beta).astype(np.float32)) \
-                if bias.const_value is not None else bias
-        add = ir.node("Add", [result, bias], name=f"{name}_bias")
-        new_nodes.append(add)
-        result = add.outputs[0]
+    added, result = gemm_bias(graph, node, result, name)
+    new_nodes += added
     graph.insert_before(before, new_nodes)
     replace_output(graph, node, result, "float")
     return {
