@@ -41,6 +41,17 @@ def test_dynamic_gemm_trans_b_bias_beta_and_graph_output(rng):
     assert cosine(reference, run(model, {"X": x})[0]) > 0.999
 
 
+def test_dynamic_gemm_with_a_computed_bias_keeps_its_beta(rng):
+    """β scales a bias that is computed (a graph input here), not only a constant one."""
+    w = rng.standard_normal((64, 32)).astype(np.float32)
+    proto = make_model([helper.make_node("Gemm", ["X", "W", "C"], ["Y"], beta=0.25, name="gemm")],
+                       [tensor("X", [4, 64]), tensor("C", [32])], [tensor("Y", [4, 32])], [w], names=["W"])
+    model = ir.serde.deserialize_model(proto)
+    assert get_pass("quantize-dynamic")()(model).modified
+    x, c = rng.standard_normal((4, 64)).astype(np.float32), 100 * rng.standard_normal(32).astype(np.float32)
+    assert cosine(x @ w + 0.25 * c, run(model, {"X": x, "C": c})[0]) > 0.999
+
+
 def test_shared_activation_is_quantized_once(rng):
     w1, w2 = (rng.standard_normal((64, 32)).astype(np.float32) for _ in range(2))
     proto = make_model(
