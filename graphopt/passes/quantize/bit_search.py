@@ -215,7 +215,7 @@ class BitLadder:
         self.heads = [layer for layer in layers if layer.role != "linear"]
         self.base_bits = {id(layer): layer.bits for layer in self.linear}
         self._natural = {id(layer): layer.block_size for layer in self.heads}  # a head's block at rung 0
-        self._head_codes: dict[int, dict[int, BlockQuantized]] = {}
+        self._head_codes: dict[int, dict[tuple[int, int], BlockQuantized]] = {}  # per head: (bits, block)
         self.rungs: list[tuple[str, Any]] = []  # ("level", [one layer]), ("head" | "bits" | "float", layer)
         self.floats: list[Any] = []  # the layers the rungs taken keep in float
         self.trials: list[BitTrial] = []
@@ -371,16 +371,16 @@ class BitLadder:
     def _set_block(self, layer: Any, block: int) -> None:
         """A head or table re-pointed at its codes in ``block`` (each block's codes made once)."""
         codes = self._head_codes.setdefault(id(layer), {})
-        if layer.block_size not in codes:
-            codes[layer.block_size] = layer.encoded[layer.bits]
+        if (layer.bits, layer.block_size) not in codes:
+            codes[layer.bits, layer.block_size] = layer.encoded[layer.bits]
         if layer.block_size == block:
             return
-        layer.block_size = block
-        if block not in codes:
+        layer.block_size, key = block, (layer.bits, block)
+        if key not in codes:
             layer.encoded.pop(layer.bits, None)
-            codes[block] = self.encode(layer, layer.bits)
-        layer.encoded[layer.bits] = codes[block]
-        self.nodes[id(layer)].swap(codes[block], self.levels[layer.bits])
+            codes[key] = self.encode(layer, layer.bits)
+        layer.encoded[layer.bits] = codes[key]
+        self.nodes[id(layer)].swap(codes[key], self.levels[layer.bits])
 
     def settle(self, rungs: int) -> None:
         """The chosen rungs, in place: float weights restored in the model itself."""

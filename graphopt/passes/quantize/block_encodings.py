@@ -283,8 +283,8 @@ def fold_divisions(graph: ir.Graph) -> int:
             continue
         product, factors = node.inputs
         gate_up = product.producer() if product is not None else None
-        if (factors is None or factors.const_value is None or gate_up is None or gate_up.op_type != "Mul"
-                or len(product.uses()) != 1):
+        if (factors is None or factors.const_value is None or len(factors.const_value.shape) != 1
+                or gate_up is None or gate_up.op_type != "Mul" or len(product.uses()) != 1):
             continue
         for up in gate_up.inputs:
             if up is not None and len(up.uses()) == 1 and _scale_columns(graph, up, factors.const_value.numpy()):
@@ -299,7 +299,7 @@ def fold_divisions(graph: ir.Graph) -> int:
 def _scale_columns(graph: ir.Graph, value: ir.Value, factors: np.ndarray) -> bool:
     """Scale the columns of the linear layer whose output (or a Split part of it) is ``value`` by
     ``factors`` in place; False, with nothing changed, where that is not one layer's own columns."""
-    producer, start = value.producer(), 0
+    producer, start, whole = value.producer(), 0, True
     if producer is not None and producer.op_type == "Split" and producer.domain in ("", "ai.onnx"):
         axis = producer.attributes.get_int("axis", 0)
         sizes = producer.inputs[1].const_value.numpy() if len(producer.inputs) > 1 and \
@@ -312,10 +312,15 @@ def _scale_columns(graph: ir.Graph, value: ir.Value, factors: np.ndarray) -> boo
         start = int(sum(sizes[: value.index()]))
         if int(sizes[value.index()]) != factors.size:
             return False
-        value, producer = source, source.producer()
+        value, producer, whole = source, source.producer(), False
     if producer is None or len(value.uses()) != 1:
         return False
     width = slice(start, start + factors.size)
+    columns = producer.attributes.get_int("N", 0) if producer.op_type == "MatMulNBits" else (
+        producer.inputs[1].const_value.shape[-1] if producer.op_type == "MatMul" and producer.inputs[1] is not None
+        and producer.inputs[1].const_value is not None else 0)
+    if whole and factors.size != columns:  # not a Split part: the factors must cover every column
+        return False
     if producer.op_type == "MatMulNBits" and producer.domain == "com.microsoft":
         scales, bias = producer.inputs[2], producer.inputs[5] if len(producer.inputs) > 5 else None
         n = producer.attributes.get_int("N")

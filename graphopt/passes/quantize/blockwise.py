@@ -210,7 +210,9 @@ class QuantizeBlockwisePass(GraphoptPass, name="quantize-blockwise",
     def apply(self, model: ir.Model, context: PassContext) -> PassResult:
         o = self.options
         graph = model.graph
-        gemms = _gemms_as_matmuls(graph)
+        # the Gemms this pass would encode (selection, exclusions, size as for MatMuls), as MatMuls
+        gemm_uses, _ = weight_uses(graph, ("Gemm",), o.min_elements, context.exclude)
+        gemms = _gemms_as_matmuls(graph, [use.node for use in gemm_uses if not o.nodes or use.node.name in o.nodes])
         layers, skipped = self._layers(graph, context)
         rewritten = {"Gemm as MatMul": gemms} if gemms else {}
         if not layers:
@@ -516,15 +518,15 @@ def _take_scales(graph: ir.Graph, group: list[_Layer], scales: np.ndarray | None
     divide_input(graph, _input(first), readers, scales)
 
 
-def _gemms_as_matmuls(graph: ir.Graph) -> int:
-    """Each Gemm with a constant 2-D weight (GPT-2's Conv1D, a linear layer on a flattened input)
-    as the MatMul it computes, ``MatMul(A, B or Bᵀ)`` plus ``Add(β·C)``, so that its weight is
-    encoded like any other (transA or α ≠ 1: left alone). Returns how many."""
+def _gemms_as_matmuls(graph: ir.Graph, nodes: list[ir.Node]) -> int:
+    """Each of the Gemm ``nodes`` with a constant 2-D weight (GPT-2's Conv1D, a linear layer on a
+    flattened input) as the MatMul it computes, ``MatMul(A, B or Bᵀ)`` plus ``Add(β·C)``, so that
+    its weight is encoded like any other (transA or α ≠ 1: left alone). Returns how many."""
     from graphopt.passes.quantize.block_encodings import take_over
 
     count = 0
-    for node in list(graph):
-        if node.op_type != "Gemm" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
+    for node in nodes:
+        if node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
             continue
         weight = node.inputs[1]
         if (weight is None or weight.const_value is None or len(weight.const_value.shape) != 2

@@ -593,3 +593,30 @@ def test_a_gemm_layer_is_encoded_as_a_matmul_with_its_bias(rng, trans_b):
     assert op_histogram(model) == {"MatMulNBits": 1, "Add": 1}
     assert "W" not in model.graph.initializers
     np.testing.assert_allclose(run(model, x)[0], expected, atol=0.02 * np.abs(expected).max())
+    # an excluded Gemm is left as it is, not rewritten
+    from graphopt.passes.base import PassContext
+
+    kept = ir.serde.deserialize_model(proto)
+    result = get_pass("quantize-blockwise")(min_elements=16, bits=8, **FAST)(kept, PassContext(exclude=("fc",)))
+    assert op_histogram(kept) == {"Gemm": 1} and "Gemm as MatMul" not in result.changes
+
+
+def test_a_division_that_does_not_cover_the_up_columns_stays(rng):
+    """A factor broadcast over the product (one value) is not per column: scaling the columns it
+    would name (up computed alone, no Split to size it) would change the function: not folded."""
+    from graphopt.passes.quantize.block_encodings import fold_divisions
+
+    nodes = [helper.make_node("MatMul", ["x", "Wg"], ["gate"], name="gate"),
+             helper.make_node("MatMul", ["x", "Wu"], ["up"], name="up"),
+             helper.make_node("Sigmoid", ["gate"], ["sig"]), helper.make_node("Mul", ["gate", "sig"], ["silu"]),
+             helper.make_node("Mul", ["silu", "up"], ["h"], name="gated"),
+             helper.make_node("Mul", ["h", "half"], ["h_scaled"], name="h_awq_scaled"),
+             helper.make_node("MatMul", ["h_scaled", "Wd"], ["y"], name="down")]
+    weights = [(rng.standard_normal(shape) * 0.2).astype(np.float32) for shape in ((64, 32), (64, 32), (32, 64))]
+    model = ir.serde.deserialize_model(make_model(
+        nodes, [tensor("x", ["N", 64])], [tensor("y", ["N", 64])], [*weights, np.array([0.5], np.float32)],
+        names=["Wg", "Wu", "Wd", "half"]))
+    x = {"x": rng.standard_normal((8, 64)).astype(np.float32)}
+    before = run(ir.serde.serialize_model(model), x)[0]
+    assert fold_divisions(model.graph) == 0
+    np.testing.assert_array_equal(run(ir.serde.serialize_model(model), x)[0], before)
